@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for Sluice's APIs; generated code only."""

@@ -1,0 +1,47 @@
+"""``sluice serve``: build everything from the settings, serve, drain on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+
+from prometheus_client import start_http_server
+
+from sluice.metrics import Metrics
+from sluice.service import InferenceService
+from sluice.settings import Settings
+from sluice.transport.server import create_server
+
+log = logging.getLogger(__name__)
+
+EXAMPLE_REPOSITORY = Path(__file__).parent / "example_models"
+
+
+async def serve(settings: Settings) -> int:
+    clock = time.monotonic
+    metrics = Metrics()
+    repository = settings.model_repository or EXAMPLE_REPOSITORY
+    service = InferenceService(settings, repository=repository, metrics=metrics, clock=clock)
+    server = await create_server(settings, service, metrics=metrics, clock=clock)
+    http = None
+    if settings.metrics_port is not None:
+        http, _ = start_http_server(settings.metrics_port, settings.host, metrics.registry)
+        log.info("metrics on http://%s:%d/metrics", settings.host, http.server_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    log.info("loading models from %s", repository)
+    await service.load_all()
+    await server.mark_started()
+    log.info("ready: %s", ", ".join(service.model_names()) or "no models")
+    await stop.wait()
+    await server.drain(settings.drain_grace_s)
+    if http is not None:
+        http.shutdown()
+    return 0

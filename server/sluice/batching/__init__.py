@@ -1,0 +1,1 @@
+"""Schedulers that group requests into executor runs."""

@@ -1,0 +1,104 @@
+"""Sluice's own exception tree. The transport maps it to gRPC status codes in one table.
+
+    SluiceError
+    ├── InvalidInputError        bad tensors, shapes, parameters       INVALID_ARGUMENT
+    ├── ModelNotFoundError       unknown model or version              NOT_FOUND
+    ├── UnsupportedError         feature the model or server lacks     UNIMPLEMENTED
+    ├── ConfigError              a model's config.yaml or files        FAILED_PRECONDITION
+    ├── PermissionDeniedError    admin call without the credential    PERMISSION_DENIED
+    ├── QuotaExceededError       a caller's quota is used up           RESOURCE_EXHAUSTED
+    ├── DeadlineExceededError    the call's budget ran out             DEADLINE_EXCEEDED
+    ├── RequestCancelledError    the caller went away                  CANCELLED
+    └── UnavailableError         retry later or elsewhere              UNAVAILABLE
+        ├── ModelNotReadyError   loading, unloading or unhealthy
+        ├── OverloadedError      queue or in-flight limit; carries pushback
+        ├── BreakerOpenError     the backend's circuit breaker is open
+        ├── ExecutorError        the backend failed running a batch (a backend fault)
+        │   └── ExecutorDeadError  the backend cannot run anything any more
+        └── DrainingError        the server is shutting down
+
+Only backend faults (ExecutorError) count against a circuit breaker; only ExecutorDeadError
+turns health NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+
+class SluiceError(Exception):
+    """Base of every error Sluice reports to a caller."""
+
+    #: Errors worth retrying (later, or on another replica) set this.
+    transient: bool = False
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+class InvalidInputError(SluiceError):
+    """The request itself is wrong; retrying it unchanged cannot help."""
+
+
+class ModelNotFoundError(SluiceError):
+    """No such model, or no such version of it."""
+
+
+class UnsupportedError(SluiceError):
+    """The operation exists in the protocol but this model or server does not offer it."""
+
+
+class ConfigError(SluiceError):
+    """A model's configuration or files are invalid; names the file and field."""
+
+
+class PermissionDeniedError(SluiceError):
+    """The caller lacks the credential this operation needs."""
+
+
+class QuotaExceededError(SluiceError):
+    """A quota (per tenant or per model) is used up."""
+
+    def __init__(
+        self, message: str, *, subject: str, retry_after_ms: int | None = None
+    ) -> None:
+        super().__init__(message, retry_after_ms=retry_after_ms)
+        self.subject = subject
+
+
+class DeadlineExceededError(SluiceError):
+    """The call's deadline passed before its work finished."""
+
+
+class RequestCancelledError(SluiceError):
+    """The caller cancelled or disconnected."""
+
+
+class UnavailableError(SluiceError):
+    """The server cannot serve this now; the same call may succeed later or elsewhere."""
+
+    transient = True
+
+
+class ModelNotReadyError(UnavailableError):
+    """The model exists but cannot infer right now."""
+
+
+class OverloadedError(UnavailableError):
+    """A queue or in-flight limit is reached; carries how long to back off."""
+
+
+class BreakerOpenError(UnavailableError):
+    """The backend's circuit breaker is open: failing fast instead of queueing."""
+
+
+class ExecutorError(UnavailableError):
+    """The backend failed while running a batch; counts against its breaker."""
+
+
+class ExecutorDeadError(ExecutorError):
+    """The backend can no longer run anything; turns the model's health NOT_SERVING."""
+
+
+class DrainingError(UnavailableError):
+    """The server is draining for shutdown and takes no new work."""

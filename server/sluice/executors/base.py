@@ -1,0 +1,77 @@
+"""The one small interface every backend implements.
+
+An executor is loaded from one model file, reports the tensors the file declares, runs one
+batch at a time per instance off the event loop, and is closed when its version unloads.
+Library exceptions are translated here into Sluice's error tree, chained with ``from``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from sluice.settings import ExecutorSettings
+from sluice.tensors import Array
+
+
+@dataclass(frozen=True, slots=True)
+class DeclaredTensor:
+    """A tensor as the model file declares it: full shape, -1 for any symbolic dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    instance_count: int
+    settings: ExecutorSettings
+
+
+class Executor(abc.ABC):
+    """Runs batches for one model version."""
+
+    backend: ClassVar[str]
+
+    @property
+    @abc.abstractmethod
+    def inputs(self) -> Sequence[DeclaredTensor]: ...
+
+    @property
+    @abc.abstractmethod
+    def outputs(self) -> Sequence[DeclaredTensor]: ...
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> str:
+        """Where it runs, for logs and the API (e.g. ``cpu``, ``cuda:0``)."""
+
+    @abc.abstractmethod
+    async def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        """Run one batch; returns every output. Raises ``SluiceError`` subclasses only."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the backend's memory; the executor is unusable afterwards."""
+
+
+class ExecutorFactory(abc.ABC):
+    """Knows which files a backend loads and how."""
+
+    backend: ClassVar[str]
+    filenames: ClassVar[tuple[str, ...]]
+
+    def find(self, version_dir: Path) -> Path | None:
+        for name in self.filenames:
+            candidate = version_dir / name
+            if candidate.is_file():
+                return candidate
+        return None
+
+    @abc.abstractmethod
+    def load(self, path: Path, options: LoadOptions) -> Executor:
+        """Load ``path`` (blocking; called in a worker thread)."""

@@ -1,0 +1,162 @@
+"""ONNX Runtime backend: ``model.onnx`` in ``instance_count`` sessions run in threads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnxruntime as ort
+
+from sluice.errors import ConfigError, ExecutorError, InvalidInputError
+from sluice.executors.base import DeclaredTensor, Executor, ExecutorFactory, LoadOptions
+from sluice.tensors import Array
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+# Preferred order when the settings name none: the fastest installed provider first.
+_PROVIDER_LADDER = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+
+def choose_providers(preferred: Sequence[str] | None, available: Sequence[str]) -> list[str]:
+    """The providers to ask for, in order, from what this onnxruntime build offers."""
+    wanted = list(preferred) if preferred else list(_PROVIDER_LADDER)
+    chosen = [name for name in wanted if name in available]
+    if not chosen:
+        raise ConfigError(
+            f"none of the ONNX Runtime providers {wanted} is installed; available: "
+            f"{list(available)}"
+        )
+    return chosen
+
+
+def _declared(args: Sequence[Any], path: Path) -> tuple[DeclaredTensor, ...]:
+    tensors = []
+    for arg in args:
+        datatype = _ORT_TYPES.get(arg.type)
+        if datatype is None:
+            raise ConfigError(f"{path}: tensor '{arg.name}' has type {arg.type}, not supported")
+        shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape)
+        tensors.append(DeclaredTensor(arg.name, datatype, shape))
+    return tuple(tensors)
+
+
+def _to_ort(array: Array) -> Array:
+    """ONNX Runtime reads string tensors only from arrays of ``str``: decode BYTES as UTF-8."""
+    if array.dtype != object:
+        return array
+    try:
+        return np.vectorize(
+            lambda item: item.decode("utf-8") if isinstance(item, bytes) else str(item),
+            otypes=[object],
+        )(array)
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(
+            f"a BYTES element is not valid UTF-8, which ONNX string tensors require: {exc}"
+        ) from exc
+
+
+def _from_ort(array: Array) -> Array:
+    if array.dtype.kind not in "OU":
+        return array
+    return np.vectorize(lambda item: str(item).encode("utf-8"), otypes=[object])(array)
+
+
+class OnnxRuntimeExecutor(Executor):
+    backend: ClassVar[str] = "onnxruntime"
+
+    def __init__(self, sessions: list[ort.InferenceSession], path: Path) -> None:
+        self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        for session in sessions:
+            self._idle.put(session)
+        self._pool = ThreadPoolExecutor(len(sessions), thread_name_prefix=f"ort-{path.parent.name}")
+        self._inputs = _declared(sessions[0].get_inputs(), path)
+        self._outputs = _declared(sessions[0].get_outputs(), path)
+        self._output_names = [tensor.name for tensor in self._outputs]
+        self._providers = sessions[0].get_providers()
+
+    @property
+    def inputs(self) -> Sequence[DeclaredTensor]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> Sequence[DeclaredTensor]:
+        return self._outputs
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self._providers[0] != "CPUExecutionProvider" else "cpu"
+
+    async def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._run_sync, inputs)
+
+    def _run_sync(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        feeds = {name: _to_ort(array) for name, array in inputs.items()}
+        session = self._idle.get()
+        try:
+            results = session.run(self._output_names, feeds)
+        except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
+            raise InvalidInputError(f"the model rejected the inputs: {exc}") from exc
+        except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses
+            raise ExecutorError(f"onnxruntime failed: {exc}") from exc
+        finally:
+            self._idle.put(session)
+        return {
+            name: _from_ort(np.asarray(value))
+            for name, value in zip(self._output_names, results, strict=True)
+        }
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        while not self._idle.empty():
+            self._idle.get()
+
+
+class OnnxRuntimeFactory(ExecutorFactory):
+    backend: ClassVar[str] = "onnxruntime"
+    filenames: ClassVar[tuple[str, ...]] = ("model.onnx",)
+
+    def load(self, path: Path, options: LoadOptions) -> Executor:
+        providers = choose_providers(options.settings.providers, ort.get_available_providers())
+        session_options = ort.SessionOptions()
+        if options.settings.intra_op_threads:
+            session_options.intra_op_num_threads = options.settings.intra_op_threads
+        try:
+            sessions = [
+                ort.InferenceSession(str(path), session_options, providers=providers)
+                for _ in range(options.instance_count)
+            ]
+        except Exception as exc:
+            raise ConfigError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
+        log.info(
+            "onnxruntime session ready",
+            extra={"path": str(path), "providers": sessions[0].get_providers(),
+                   "instances": options.instance_count},
+        )
+        return OnnxRuntimeExecutor(sessions, path)

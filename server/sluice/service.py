@@ -1,0 +1,337 @@
+"""The protocol-neutral core: which models are loaded, and running inference on them.
+
+The service holds, per model version, a batcher that holds an executor. Servicers call it
+with domain requests and get domain results; nothing here knows about protobuf or gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sluice.batching.dynamic import Clock, DynamicBatcher
+from sluice.breaker import BackendBreaker
+from sluice.errors import (
+    BreakerOpenError,
+    ConfigError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    SluiceError,
+)
+from sluice.executors.base import Executor, LoadOptions
+from sluice.executors.registry import BackendRegistry
+from sluice.metrics import Metrics
+from sluice.repository import (
+    ModelSpec,
+    list_models,
+    list_versions,
+    read_config,
+    resolve_batching,
+    resolve_io,
+)
+from sluice.settings import Settings
+from sluice.stats import ModelStats
+from sluice.tensors import (
+    InferRequest,
+    InferResult,
+    OutputTensor,
+    check_requested_outputs,
+    decode_inputs,
+)
+
+log = logging.getLogger(__name__)
+
+READY = "READY"
+UNAVAILABLE = "UNAVAILABLE"
+
+#: Called with (model name, serving) whenever a model's readiness changes.
+ReadinessListener = Callable[[str, bool], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    spec: ModelSpec
+    executor: Executor
+    batcher: DynamicBatcher
+    breaker: BackendBreaker
+    stats: ModelStats
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    name: str
+    versions: dict[str, ModelVersion] = field(default_factory=dict)
+    #: Why the model or one of its versions failed to load ("" key: the model as a whole).
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.versions)
+
+    def default_version(self) -> ModelVersion:
+        return self.versions[max(self.versions, key=int)]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+class InferenceService:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        repository: Path,
+        metrics: Metrics,
+        backends: BackendRegistry | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._repository = repository
+        self._metrics = metrics
+        self._backends = backends or BackendRegistry.default()
+        self._clock = clock
+        self._models: dict[str, ModelEntry] = {}
+        self._listeners: list[ReadinessListener] = []
+        self._lock = asyncio.Lock()
+        self.started = False
+
+    @property
+    def repository(self) -> Path:
+        return self._repository
+
+    def add_readiness_listener(self, listener: ReadinessListener) -> None:
+        self._listeners.append(listener)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        """Load every model in the repository; one failure never stops the others."""
+        for name in list_models(self._repository):
+            try:
+                await self.load(name)
+            except SluiceError as exc:
+                log.error("model %s failed to load: %s", name, exc.message)
+        self.started = True
+
+    async def load(self, name: str) -> None:
+        """(Re)load a model from the repository: every version its policy selects."""
+        async with self._lock:
+            model_dir = self._repository / name
+            if not model_dir.is_dir():
+                raise ModelNotFoundError(
+                    f"model '{name}' is not in the repository {self._repository}"
+                )
+            entry = ModelEntry(name)
+            try:
+                config = read_config(model_dir)
+                versions = list_versions(model_dir, config.version_policy)
+            except ConfigError as exc:
+                entry.failures[""] = exc.message
+                await self._replace(name, entry)
+                raise
+            for version in versions:
+                try:
+                    entry.versions[version] = await self._load_version(name, version)
+                except SluiceError as exc:
+                    entry.failures[version] = exc.message
+                    log.error("model %s version %s failed to load: %s", name, version, exc)
+            await self._replace(name, entry)
+            if not entry.versions:
+                raise ConfigError(
+                    f"model '{name}' has no loadable version: "
+                    + "; ".join(f"{v}: {why}" for v, why in entry.failures.items())
+                )
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            if name not in self._models:
+                raise ModelNotFoundError(f"model '{name}' is not loaded")
+            old = self._models.pop(name)
+            await self._notify(name, False)
+            await self._close_entry(old)
+
+    async def close(self) -> None:
+        """Unload everything (the last step of a drain)."""
+        for name in list(self._models):
+            await self.unload(name)
+
+    async def _replace(self, name: str, entry: ModelEntry) -> None:
+        old = self._models.get(name)
+        self._models[name] = entry
+        await self._notify(name, entry.ready)
+        if old is not None:
+            await self._close_entry(old)
+
+    async def _close_entry(self, entry: ModelEntry) -> None:
+        for version in entry.versions.values():
+            await version.batcher.close()
+            await version.executor.close()
+            self._metrics.model_ready.labels(entry.name, version.spec.version).set(0)
+
+    async def _notify(self, name: str, ready: bool) -> None:
+        for listener in self._listeners:
+            await listener(name, ready)
+
+    async def _load_version(self, name: str, version: str) -> ModelVersion:
+        model_dir = self._repository / name
+        config = read_config(model_dir)
+        factory, path = self._backends.select(model_dir / version, forced=config.backend)
+        options = LoadOptions(instance_count=config.instance_count, settings=self._settings.executor)
+        executor = await asyncio.to_thread(factory.load, path, options)
+        try:
+            io = resolve_io(
+                config, tuple(executor.inputs), tuple(executor.outputs),
+                where=model_dir / "config.yaml",
+                default_max_batch=self._settings.batching.max_batch_size,
+            )
+        except ConfigError:
+            await executor.close()
+            raise
+        spec = ModelSpec(
+            name=name, version=version, backend=factory.backend, path=path, io=io,
+            batching=resolve_batching(config, io, self._settings.batching),
+            instance_count=config.instance_count,
+            auto_configured=config.inputs is None,
+        )
+        log.info(
+            "loaded model %s version %s: backend %s on %s, max_batch_size %d%s",
+            name, version, spec.backend, executor.device, io.max_batch_size,
+            " (dynamic batching from the file's dynamic first dimension)"
+            if spec.auto_configured and io.batched else "",
+        )
+        return self._assemble(spec, executor)
+
+    def _assemble(self, spec: ModelSpec, executor: Executor) -> ModelVersion:
+        label = f"{spec.name}/{spec.version}/{spec.backend}"
+
+        def on_change(_old: str, new: str) -> None:
+            self._metrics.set_breaker_state(spec.name, spec.version, spec.backend, new)
+
+        breaker = BackendBreaker(label, self._settings.breaker, clock=self._clock,
+                                 on_change=on_change)
+        self._metrics.set_breaker_state(spec.name, spec.version, spec.backend, breaker.state)
+        stats = ModelStats()
+        batcher = DynamicBatcher(
+            name=f"{spec.name}/{spec.version}", executor=executor, policy=spec.batching,
+            batched=spec.io.batched, breaker=breaker, stats=stats,
+            observer=self._metrics.batch_observer(spec.name, spec.version),
+            instance_count=spec.instance_count,
+            pushback_ms=self._settings.admission.pushback_ms, clock=self._clock,
+        )
+        batcher.start()
+        self._metrics.model_ready.labels(spec.name, spec.version).set(1)
+        return ModelVersion(spec=spec, executor=executor, batcher=batcher, breaker=breaker,
+                            stats=stats)
+
+    # -- lookups --------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Start-up loading finished and at least one model can infer."""
+        return self.started and any(entry.ready for entry in self._models.values())
+
+    def model_names(self) -> list[str]:
+        return sorted(self._models)
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"unknown model '{name}'; loaded: {', '.join(self.model_names()) or 'none'}")
+        if not version:
+            if not entry.ready:
+                raise ModelNotReadyError(
+                    f"model '{name}' is not ready: {self._failure_text(entry)}"
+                )
+            return entry.default_version()
+        found = entry.versions.get(version)
+        if found is None:
+            if version in entry.failures:
+                raise ModelNotReadyError(
+                    f"model '{name}' version {version} failed to load: {entry.failures[version]}"
+                )
+            raise ModelNotFoundError(
+                f"model '{name}' has no version '{version}'; loaded versions: "
+                f"{', '.join(sorted(entry.versions, key=int)) or 'none'}"
+            )
+        return found
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+        except SluiceError:
+            return False
+        return True
+
+    def ensure_can_serve(self, name: str, version: str = "") -> None:
+        """Fail fast when the model's backend breaker is open (before any queueing)."""
+        model = self.get(name, version)
+        if model.breaker.is_open():
+            raise BreakerOpenError(
+                f"model '{name}' version {model.spec.version}: backend {model.spec.backend} "
+                "is failing and its circuit breaker is open; retry later"
+            )
+
+    def index(self) -> list[IndexEntry]:
+        rows: list[IndexEntry] = []
+        for name in list_models(self._repository):
+            entry = self._models.get(name)
+            if entry is None:
+                rows.append(IndexEntry(name, "", UNAVAILABLE, "unloaded"))
+                continue
+            for version in sorted(entry.versions, key=int):
+                rows.append(IndexEntry(name, version, READY, ""))
+            for version, why in sorted(entry.failures.items()):
+                rows.append(IndexEntry(name, version, UNAVAILABLE, why))
+        return rows
+
+    def statistics(self, name: str = "", version: str = "") -> list[tuple[str, str, ModelStats]]:
+        if name:
+            if version:
+                return [(name, version, self.get(name, version).stats)]
+            entry = self._models.get(name)
+            if entry is None:
+                raise ModelNotFoundError(f"unknown model '{name}'")
+            entries = [entry]
+        else:
+            entries = [self._models[n] for n in self.model_names()]
+        return [
+            (entry.name, v, entry.versions[v].stats)
+            for entry in entries
+            for v in sorted(entry.versions, key=int)
+        ]
+
+    @staticmethod
+    def _failure_text(entry: ModelEntry) -> str:
+        return "; ".join(f"{v or 'config'}: {why}" for v, why in entry.failures.items()) or "no version loaded"
+
+    # -- inference ------------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest, *, deadline: float | None) -> InferResult:
+        """Validate, queue, run and return one request; ``deadline`` is on the service clock."""
+        model = self.get(request.model, request.version)
+        io = model.spec.io
+        inputs = decode_inputs(request, io)
+        wanted = check_requested_outputs(request, io)
+        started = self._clock()
+        try:
+            outputs = await model.batcher.infer(inputs, deadline=deadline)
+        except BaseException:
+            model.stats.record_end(ok=False, seconds=self._clock() - started)
+            raise
+        model.stats.record_end(ok=True, seconds=self._clock() - started)
+        datatypes = {spec.name: spec.datatype for spec in io.outputs}
+        return InferResult(
+            model=model.spec.name,
+            version=model.spec.version,
+            id=request.id,
+            outputs=[OutputTensor(name, datatypes[name], outputs[name]) for name in wanted],
+        )

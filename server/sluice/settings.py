@@ -1,0 +1,128 @@
+"""One settings tree for the whole server, built once in ``main`` and passed down.
+
+Sources, strongest first: command-line flags, ``SLUICE_*`` environment variables (nested
+sections with ``__``, e.g. ``SLUICE_ADMISSION__MAX_INFLIGHT_REQUESTS``), the YAML file given
+by ``--config`` / ``SLUICE_CONFIG``, then the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class DeadlineSettings(_Section):
+    default_deadline_s: float = Field(30.0, gt=0)
+    """Budget given to a call whose client set no deadline."""
+    max_deadline_s: float = Field(300.0, gt=0)
+    """Longest budget any call gets, whatever the client asked for."""
+
+
+class AdmissionSettings(_Section):
+    max_inflight_requests: int = Field(1024, ge=1)
+    """Calls admitted at once across the server; more are shed with UNAVAILABLE + pushback."""
+    tenant_max_inflight_requests: int = Field(0, ge=0)
+    """Calls one tenant may have in flight (0: no per-tenant quota)."""
+    tenant_metadata_key: str = "x-sluice-tenant"
+    """Request metadata key naming the caller's tenant."""
+    pushback_ms: int = Field(50, ge=0)
+    """Back-off suggested to shed callers in ``grpc-retry-pushback-ms``."""
+
+
+class BreakerSettings(_Section):
+    fail_max: int = Field(5, ge=1)
+    """Consecutive backend failures that open a breaker."""
+    reset_timeout_s: float = Field(30.0, gt=0)
+    """Time an open breaker waits before letting trial calls through (half-open)."""
+    success_threshold: int = Field(1, ge=1)
+    """Successful trial calls that close a half-open breaker."""
+
+
+class BatchingSettings(_Section):
+    max_batch_size: int = Field(32, ge=1)
+    """Largest batch for auto-configured models with a dynamic batch dimension."""
+    max_queue_delay_us: int = Field(0, ge=0)
+    """Longest wait to grow a batch once a request is queued; 0 batches whatever queued
+    up while the executor was busy, which adds no latency when idle."""
+    max_queue_size: int = Field(1024, ge=1)
+    """Requests that may wait in one model version's queue before new ones are shed."""
+
+
+class ExecutorSettings(_Section):
+    intra_op_threads: int = Field(0, ge=0)
+    """Threads one ONNX Runtime session uses inside an operator (0: the runtime's choice)."""
+    providers: list[str] | None = None
+    """ONNX Runtime execution providers in order of preference (None: best installed)."""
+
+
+class StreamSettings(_Section):
+    max_pending_requests: int = Field(256, ge=1)
+    """Requests one ModelStreamInfer stream may have in flight before reading pauses."""
+
+
+class Settings(BaseSettings):
+    """Root of the configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        use_attribute_docstrings=True,
+        frozen=True,
+    )
+
+    host: str = "127.0.0.1"
+    """Address the gRPC and metrics servers bind."""
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    """gRPC port (0: any free port)."""
+    metrics_port: int | None = Field(8002, ge=0, le=65535)
+    """Prometheus metrics port (0: any free port; null: no metrics endpoint)."""
+    model_repository: Path | None = None
+    """Model repository directory (None: the example repository shipped with Sluice)."""
+    max_message_bytes: int = Field(256 * 1024 * 1024, ge=4096)
+    """Largest gRPC message accepted or sent."""
+    drain_grace_s: float = Field(30.0, ge=0)
+    """Time in-flight calls get to finish after SIGTERM before they are cancelled."""
+    log_level: str = "INFO"
+    """Log level name."""
+
+    deadline: DeadlineSettings = DeadlineSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    breaker: BreakerSettings = BreakerSettings()
+    batching: BatchingSettings = BatchingSettings()
+    executor: ExecutorSettings = ExecutorSettings()
+    stream: StreamSettings = StreamSettings()
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings: ``overrides`` (flags) > environment > ``config_file`` > defaults."""
+
+    class _FromSources(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources = [init_settings, env_settings]
+            if config_file is not None:
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+            return tuple(sources)
+
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return Settings.model_validate(_FromSources(**given).model_dump())

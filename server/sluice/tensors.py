@@ -1,0 +1,192 @@
+"""Protocol-neutral requests and results, and the validation of input tensors.
+
+Every check runs against the model's spec before anything is allocated: names, datatypes,
+ranks, dimensions, element counts and byte sizes. Numeric raw contents become zero-copy
+numpy views of the request's bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sluice_client.tensors import DATATYPES, WireFormatError, element_count, from_raw
+
+from sluice.errors import InvalidInputError
+
+Array = npt.NDArray[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A model input or output: ``dims`` excludes the batch dimension; -1 is variable."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+    def shape(self, batched: bool) -> tuple[int, ...]:
+        """The shape as the protocol reports it: ``[-1] + dims`` when the model batches."""
+        return (-1, *self.dims) if batched else self.dims
+
+
+@dataclass(slots=True)
+class InputTensor:
+    """One input as it arrived: raw bytes or typed values, with its claimed type and shape."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw: bytes | None = None
+    values: Sequence[Any] | None = None
+
+
+@dataclass(slots=True)
+class InferRequest:
+    model: str
+    version: str = ""
+    id: str = ""
+    inputs: list[InputTensor] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    array: Array
+
+
+@dataclass(slots=True)
+class InferResult:
+    model: str
+    version: str
+    id: str
+    outputs: list[OutputTensor]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class IOSpec:
+    """What a model version accepts and returns."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+
+    @property
+    def batched(self) -> bool:
+        return self.max_batch_size > 0
+
+
+def decode_inputs(request: InferRequest, io: IOSpec) -> dict[str, Array]:
+    """Validate ``request.inputs`` against ``io`` and decode them into arrays."""
+    specs = {spec.name: spec for spec in io.inputs}
+    seen: set[str] = set()
+    arrays: dict[str, Array] = {}
+    batch: int | None = None
+    for tensor in request.inputs:
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise InvalidInputError(
+                f"unknown input '{tensor.name}' for model '{request.model}'; "
+                f"expected inputs: {', '.join(sorted(specs))}"
+            )
+        if tensor.name in seen:
+            raise InvalidInputError(f"input '{tensor.name}' is given more than once")
+        seen.add(tensor.name)
+        _check_shape(tensor, spec, io)
+        if io.batched:
+            if batch is not None and tensor.shape[0] != batch:
+                raise InvalidInputError(
+                    f"input '{tensor.name}' has batch size {tensor.shape[0]} but another "
+                    f"input has {batch}; all inputs must share the batch dimension"
+                )
+            batch = tensor.shape[0]
+        arrays[tensor.name] = _decode(tensor)
+    missing = sorted(set(specs) - seen)
+    if missing:
+        raise InvalidInputError(
+            f"model '{request.model}' needs input(s) {', '.join(missing)} that the request "
+            "does not carry"
+        )
+    return arrays
+
+
+def check_requested_outputs(request: InferRequest, io: IOSpec) -> list[str]:
+    """The output names to return, in order: the requested ones, or all of them."""
+    known = [spec.name for spec in io.outputs]
+    if not request.outputs:
+        return known
+    unknown = [name for name in request.outputs if name not in known]
+    if unknown:
+        raise InvalidInputError(
+            f"unknown output(s) {', '.join(unknown)} requested from model "
+            f"'{request.model}'; it has: {', '.join(known)}"
+        )
+    return list(request.outputs)
+
+
+def _check_shape(tensor: InputTensor, spec: TensorSpec, io: IOSpec) -> None:
+    if tensor.datatype != spec.datatype:
+        raise InvalidInputError(
+            f"input '{tensor.name}' has datatype {tensor.datatype or '(none)'} but the model "
+            f"expects {spec.datatype}"
+        )
+    expected = spec.shape(io.batched)
+    if len(tensor.shape) != len(expected):
+        raise InvalidInputError(
+            f"input '{tensor.name}' has shape {list(tensor.shape)} (rank {len(tensor.shape)}) "
+            f"but the model expects rank {len(expected)}: {list(expected)}"
+        )
+    for axis, (got, want) in enumerate(zip(tensor.shape, expected, strict=True)):
+        if got < 0 or (want >= 0 and got != want):
+            raise InvalidInputError(
+                f"input '{tensor.name}' has shape {list(tensor.shape)}; dimension {axis} "
+                f"must be {want if want >= 0 else 'a non-negative size'}, got {got} "
+                f"(expected shape {list(expected)}, -1 = any)"
+            )
+    if io.batched and not 1 <= tensor.shape[0] <= io.max_batch_size:
+        raise InvalidInputError(
+            f"input '{tensor.name}' has batch size {tensor.shape[0]}; this model takes "
+            f"1 to {io.max_batch_size} per request"
+        )
+
+
+def _decode(tensor: InputTensor) -> Array:
+    count = element_count(tensor.shape)
+    if tensor.raw is not None and tensor.values:
+        raise InvalidInputError(
+            f"input '{tensor.name}' carries both raw and typed contents; send one of them"
+        )
+    if tensor.raw is not None:
+        try:
+            return from_raw(tensor.raw, tensor.datatype, tensor.shape)
+        except WireFormatError as exc:
+            raise InvalidInputError(f"input '{tensor.name}': {exc}") from exc
+    values = tensor.values if tensor.values is not None else ()
+    if len(values) != count:
+        raise InvalidInputError(
+            f"input '{tensor.name}' has {len(values)} values but shape "
+            f"{list(tensor.shape)} holds {count}"
+        )
+    if tensor.datatype == "BYTES":
+        out = np.empty(count, dtype=object)
+        out[:] = list(values)
+        return out.reshape(tensor.shape)
+    if tensor.datatype in ("FP16", "BF16"):
+        raise InvalidInputError(
+            f"input '{tensor.name}' is {tensor.datatype}, which has no typed contents field; "
+            "send it as raw_input_contents"
+        )
+    try:
+        array = np.asarray(values, dtype=DATATYPES[tensor.datatype].numpy)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidInputError(
+            f"input '{tensor.name}' has values that do not fit {tensor.datatype}: {exc}"
+        ) from exc
+    return array.reshape(tensor.shape)

@@ -1,0 +1,190 @@
+"""Protobuf <-> domain conversions for the inference protocol."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import model_config_pb2 as mc
+from sluice_client.tensors import to_raw
+
+from sluice.errors import InvalidInputError
+from sluice.repository import ModelSpec
+from sluice.service import IndexEntry
+from sluice.stats import Duration, ModelStats
+from sluice.tensors import InferRequest, InferResult, InputTensor
+
+# Which InferTensorContents field carries each datatype (FP16 / BF16 travel raw only).
+_TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_CONFIG_DATATYPE = {
+    name: getattr(mc, "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}")
+    for name in (
+        "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+        "FP16", "FP32", "FP64", "BYTES", "BF16",
+    )
+}
+
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx"}
+
+
+def parameter_value(param: pb.InferParameter) -> Any:
+    kind = param.WhichOneof("parameter_choice")
+    return getattr(param, kind) if kind else None
+
+
+def set_parameter(target: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        target.bool_param = value
+    elif isinstance(value, int):
+        target.int64_param = value
+    elif isinstance(value, float):
+        target.double_param = value
+    else:
+        target.string_param = str(value)
+
+
+def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise InvalidInputError(
+            f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs; "
+            "send one raw entry per input, in input order"
+        )
+    inputs = []
+    for index, tensor in enumerate(msg.inputs):
+        field = _TYPED_FIELD.get(tensor.datatype)
+        typed = getattr(tensor.contents, field) if field and tensor.HasField("contents") else None
+        inputs.append(
+            InputTensor(
+                name=tensor.name,
+                datatype=tensor.datatype,
+                shape=tuple(tensor.shape),
+                raw=raw[index] if raw else None,
+                values=typed,
+            )
+        )
+    return InferRequest(
+        model=msg.model_name,
+        version=msg.model_version,
+        id=msg.id,
+        inputs=inputs,
+        outputs=[output.name for output in msg.outputs],
+        parameters={key: parameter_value(value) for key, value in msg.parameters.items()},
+    )
+
+
+def infer_response(result: InferResult) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=result.model, model_version=result.version, id=result.id
+    )
+    for output in result.outputs:
+        response.outputs.add(
+            name=output.name, datatype=output.datatype, shape=output.array.shape
+        )
+        response.raw_output_contents.append(to_raw(output.array, output.datatype))
+    for key, value in result.parameters.items():
+        set_parameter(response.parameters[key], value)
+    return response
+
+
+def model_metadata(spec: ModelSpec, versions: list[str]) -> pb.ModelMetadataResponse:
+    batched = spec.io.batched
+    return pb.ModelMetadataResponse(
+        name=spec.name,
+        versions=versions,
+        platform=PLATFORMS.get(spec.backend, spec.backend),
+        inputs=[
+            pb.ModelMetadataResponse.TensorMetadata(
+                name=t.name, datatype=t.datatype, shape=t.shape(batched)
+            )
+            for t in spec.io.inputs
+        ],
+        outputs=[
+            pb.ModelMetadataResponse.TensorMetadata(
+                name=t.name, datatype=t.datatype, shape=t.shape(batched)
+            )
+            for t in spec.io.outputs
+        ],
+    )
+
+
+def model_config(spec: ModelSpec) -> mc.ModelConfig:
+    policy = spec.batching
+    config = mc.ModelConfig(
+        name=spec.name,
+        platform=PLATFORMS.get(spec.backend, spec.backend),
+        backend=spec.backend,
+        max_batch_size=spec.io.max_batch_size,
+        input=[
+            mc.ModelInput(name=t.name, data_type=_CONFIG_DATATYPE[t.datatype], dims=t.dims)
+            for t in spec.io.inputs
+        ],
+        output=[
+            mc.ModelOutput(name=t.name, data_type=_CONFIG_DATATYPE[t.datatype], dims=t.dims)
+            for t in spec.io.outputs
+        ],
+        instance_group=[
+            mc.ModelInstanceGroup(count=spec.instance_count, kind=mc.ModelInstanceGroup.KIND_CPU)
+        ],
+    )
+    if spec.io.batched:
+        config.dynamic_batching.CopyFrom(
+            mc.ModelDynamicBatching(
+                preferred_batch_size=policy.preferred_batch_sizes,
+                max_queue_delay_microseconds=policy.max_queue_delay_us,
+                default_queue_policy=mc.ModelQueuePolicy(max_queue_size=policy.max_queue_size),
+            )
+        )
+    if spec.auto_configured:
+        config.parameters["sluice_auto_configured"].string_value = "true"
+    return config
+
+
+def _duration(target: pb.StatisticDuration, source: Duration) -> None:
+    target.count = source.count
+    target.ns = source.ns
+
+
+def model_statistics(name: str, version: str, stats: ModelStats) -> pb.ModelStatistics:
+    out = pb.ModelStatistics(
+        name=name,
+        version=version,
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+    )
+    infer = out.inference_stats
+    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        _duration(getattr(infer, field), getattr(stats, field))
+    for size in sorted(stats.batches):
+        batch = stats.batches[size]
+        row = out.batch_stats.add(batch_size=size)
+        _duration(row.compute_input, batch.compute_input)
+        _duration(row.compute_infer, batch.compute_infer)
+        _duration(row.compute_output, batch.compute_output)
+    return out
+
+
+def repository_index(rows: list[IndexEntry]) -> pb.RepositoryIndexResponse:
+    return pb.RepositoryIndexResponse(
+        models=[
+            pb.RepositoryIndexResponse.ModelIndex(
+                name=row.name, version=row.version, state=row.state, reason=row.reason
+            )
+            for row in rows
+        ]
+    )

@@ -1,0 +1,36 @@
+"""Server interceptors, one concern each. ``build`` is the one place their order is set."""
+
+from __future__ import annotations
+
+import grpc
+
+from sluice.admission import AdmissionController
+from sluice.batching.dynamic import Clock
+from sluice.deadlines import DeadlinePolicy
+from sluice.metrics import Metrics
+from sluice.service import InferenceService
+from sluice.settings import Settings
+from sluice.transport.interceptors.admission import AdmissionInterceptor
+from sluice.transport.interceptors.breaker import BreakerInterceptor
+from sluice.transport.interceptors.deadline import DeadlineInterceptor
+from sluice.transport.interceptors.errors import ErrorInterceptor
+from sluice.transport.interceptors.telemetry import TelemetryInterceptor
+
+
+def build(
+    *,
+    settings: Settings,
+    service: InferenceService,
+    admission: AdmissionController,
+    deadlines: DeadlinePolicy,
+    metrics: Metrics,
+    clock: Clock,
+) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors in execution order, outermost first."""
+    return [
+        TelemetryInterceptor(metrics, service, clock=clock),
+        ErrorInterceptor(),
+        DeadlineInterceptor(deadlines),
+        AdmissionInterceptor(admission, tenant_key=settings.admission.tenant_metadata_key),
+        BreakerInterceptor(service),
+    ]

@@ -1,0 +1,47 @@
+"""Deadlines: a default budget when the client sent none, a cap, early rejection of calls
+that arrive already expired, and the budget handed to the core through ``callctx``.
+
+Client-streaming calls (ModelStreamInfer) carry many requests: each one gets its own
+budget where it is read, so the stream itself gets none here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from sluice.deadlines import DeadlinePolicy
+from sluice.errors import DeadlineExceededError
+from sluice.transport import callctx
+from sluice.transport.interceptors._wrap import CallInfo, Interceptor
+
+
+class DeadlineInterceptor(Interceptor):
+    def __init__(self, policy: DeadlinePolicy) -> None:
+        self._policy = policy
+
+    @contextlib.asynccontextmanager
+    async def around(
+        self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        remaining = context.time_remaining()
+        if call.request is None:
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceededError("the stream's deadline had already passed")
+            yield
+            return
+        budget = self._policy.budget_s(remaining)
+        token = callctx.deadline.set(self._policy.deadline(budget))
+        try:
+            async with asyncio.timeout(budget):
+                yield
+        except TimeoutError as exc:
+            raise DeadlineExceededError(
+                f"the call ran out of its {budget:.3f}s budget before finishing"
+            ) from exc
+        finally:
+            callctx.deadline.reset(token)

@@ -1,0 +1,109 @@
+"""The gRPC server factory: interceptors, servicers, health, reflection, and the drain."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+
+from sluice.admission import AdmissionController
+from sluice.batching.dynamic import Clock
+from sluice.deadlines import DeadlinePolicy
+from sluice.metrics import Metrics
+from sluice.service import InferenceService
+from sluice.settings import Settings
+from sluice.transport import interceptors
+from sluice.transport.servicers.inference import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+MODEL_HEALTH_PREFIX = "sluice.model."
+
+
+def model_health_name(model: str) -> str:
+    return MODEL_HEALTH_PREFIX + model
+
+
+@dataclass(eq=False)
+class SluiceServer:
+    """A started server: its bound port, and the steps of an orderly shutdown."""
+
+    grpc_server: grpc.aio.Server
+    port: int
+    service: InferenceService
+    health: health.aio.HealthServicer
+    admission: AdmissionController
+    servicer: InferenceServicer
+
+    async def mark_started(self) -> None:
+        """After the start-up load: overall health follows whether anything can serve."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.service.ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", INFERENCE_SERVICE):
+            await self.health.set(name, status)
+
+    async def drain(self, grace_s: float) -> None:
+        """NOT_SERVING first, refuse new calls, let in-flight ones finish, then unload."""
+        log.info("draining: health NOT_SERVING, refusing new calls, %.1fs grace", grace_s)
+        await self.health.enter_graceful_shutdown()
+        self.admission.begin_drain()
+        self.servicer.draining = True
+        await self.grpc_server.stop(grace_s)
+        await self.service.close()
+        log.info("drained")
+
+
+async def create_server(
+    settings: Settings,
+    service: InferenceService,
+    *,
+    metrics: Metrics,
+    clock: Clock,
+) -> SluiceServer:
+    """Build, bind and start the server; models load afterwards (health NOT_SERVING)."""
+    admission = AdmissionController(settings.admission, metrics)
+    deadlines = DeadlinePolicy(settings.deadline, clock)
+    server = grpc.aio.server(
+        interceptors=interceptors.build(
+            settings=settings, service=service, admission=admission,
+            deadlines=deadlines, metrics=metrics, clock=clock,
+        ),
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+    )
+    servicer = InferenceServicer(
+        service, settings=settings, admission=admission, deadlines=deadlines
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    for name in ("", INFERENCE_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def on_readiness(model: str, ready: bool) -> None:
+        await health_servicer.set(
+            model_health_name(model),
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
+    service.add_readiness_listener(on_readiness)
+    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    await server.start()
+    log.info("gRPC listening on %s:%d", settings.host, port)
+    return SluiceServer(server, port, service, health_servicer, admission, servicer)

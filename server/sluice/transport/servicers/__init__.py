@@ -1,0 +1,1 @@
+"""Thin servicers: convert in, call the core, convert out, set metadata."""

@@ -1,0 +1,111 @@
+"""inference.GRPCInferenceService: the Open Inference Protocol v2 plus Triton extensions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+
+from sluice import __version__
+from sluice.admission import AdmissionController
+from sluice.deadlines import DeadlinePolicy
+from sluice.service import InferenceService
+from sluice.settings import Settings
+from sluice.transport import callctx, convert
+from sluice.transport.servicers.stream import StreamInferSession
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        service: InferenceService,
+        *,
+        settings: Settings,
+        admission: AdmissionController,
+        deadlines: DeadlinePolicy,
+    ) -> None:
+        self._service = service
+        self._settings = settings
+        self._admission = admission
+        self._deadlines = deadlines
+        self.draining = False
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._service.ready and not self.draining)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        ready = self._service.is_ready(request.name, request.version) and not self.draining
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="sluice", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:
+        model = self._service.get(request.name, request.version)
+        versions = [v for _, v, _ in self._service.statistics(request.name)]
+        return convert.model_metadata(model.spec, versions)
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        model = self._service.get(request.name, request.version)
+        return pb.ModelConfigResponse(config=convert.model_config(model.spec))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        rows = self._service.statistics(request.name, request.version)
+        return pb.ModelStatisticsResponse(
+            model_stats=[convert.model_statistics(name, v, stats) for name, v, stats in rows]
+        )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        domain = convert.infer_request(request)
+        result = await self._service.infer(domain, deadline=callctx.deadline.get())
+        return convert.infer_response(result)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        session = StreamInferSession(
+            self._service, context,
+            admission=self._admission, deadlines=self._deadlines,
+            max_pending=self._settings.stream.max_pending_requests,
+            tenant_key=self._settings.admission.tenant_metadata_key,
+        )
+        async for response in session.run(request_iterator):
+            yield response
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        rows = self._service.index()
+        if request.ready:
+            rows = [row for row in rows if row.state == "READY"]
+        return convert.repository_index(rows)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        await self._service.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._service.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
