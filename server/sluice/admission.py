@@ -16,7 +16,7 @@ from sluice.settings import AdmissionSettings
 class Ticket:
     """One admitted call; ``release`` exactly once when it finishes."""
 
-    __slots__ = ("_controller", "_tenant", "_released")
+    __slots__ = ("_controller", "_released", "_tenant")
 
     def __init__(self, controller: AdmissionController, tenant: str) -> None:
         self._controller = controller

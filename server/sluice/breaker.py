@@ -25,7 +25,7 @@ StateListener = Callable[[str, str], None]
 STATES = ("closed", "half-open", "open")
 
 
-class ClockedStorage(pybreaker.CircuitMemoryStorage):  # type: ignore[misc]
+class ClockedStorage(pybreaker.CircuitMemoryStorage):
     """In-memory breaker state whose ``opened_at`` follows an injected monotonic clock."""
 
     def __init__(self, state: str, clock: Clock) -> None:
@@ -45,7 +45,7 @@ class ClockedStorage(pybreaker.CircuitMemoryStorage):  # type: ignore[misc]
         self._opened_mono = self._clock()
 
 
-class _Listener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+class _Listener(pybreaker.CircuitBreakerListener):
     def __init__(self, name: str, on_change: StateListener | None) -> None:
         self._name = name
         self._on_change = on_change

@@ -16,17 +16,23 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p = sub.add_parser("serve", help="serve a model repository")
     p.add_argument("--host", help="bind address (SLUICE_HOST, default 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, help="gRPC port (SLUICE_GRPC_PORT, default 8001)")
-    p.add_argument("--metrics-port", type=int,
-                   help="Prometheus port (SLUICE_METRICS_PORT, default 8002)")
-    p.add_argument("--model-repository", type=Path,
-                   help="model repository (SLUICE_MODEL_REPOSITORY, default: the examples)")
+    p.add_argument(
+        "--metrics-port", type=int, help="Prometheus port (SLUICE_METRICS_PORT, default 8002)"
+    )
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        help="model repository (SLUICE_MODEL_REPOSITORY, default: the examples)",
+    )
     p.add_argument("--config", type=Path, help="YAML settings file (SLUICE_CONFIG)")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from sluice.app import serve
 
-    config = args.config or (Path(os.environ["SLUICE_CONFIG"]) if os.environ.get("SLUICE_CONFIG") else None)
+    config = args.config or (
+        Path(os.environ["SLUICE_CONFIG"]) if os.environ.get("SLUICE_CONFIG") else None
+    )
     settings = load_settings(
         config,
         host=args.host,

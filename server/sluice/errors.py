@@ -59,9 +59,7 @@ class PermissionDeniedError(SluiceError):
 class QuotaExceededError(SluiceError):
     """A quota (per tenant or per model) is used up."""
 
-    def __init__(
-        self, message: str, *, subject: str, retry_after_ms: int | None = None
-    ) -> None:
+    def __init__(self, message: str, *, subject: str, retry_after_ms: int | None = None) -> None:
         super().__init__(message, retry_after_ms=retry_after_ms)
         self.subject = subject
 

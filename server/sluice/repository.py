@@ -14,12 +14,12 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sluice_client.tensors import DATATYPES
 
 from sluice.errors import ConfigError
 from sluice.executors.base import DeclaredTensor
 from sluice.settings import BatchingSettings
 from sluice.tensors import IOSpec, TensorSpec
+from sluice_client.tensors import DATATYPES
 
 log = logging.getLogger(__name__)
 

@@ -185,11 +185,15 @@ class InferenceService:
         model_dir = self._repository / name
         config = read_config(model_dir)
         factory, path = self._backends.select(model_dir / version, forced=config.backend)
-        options = LoadOptions(instance_count=config.instance_count, settings=self._settings.executor)
+        options = LoadOptions(
+            instance_count=config.instance_count, settings=self._settings.executor
+        )
         executor = await asyncio.to_thread(factory.load, path, options)
         try:
             io = resolve_io(
-                config, tuple(executor.inputs), tuple(executor.outputs),
+                config,
+                tuple(executor.inputs),
+                tuple(executor.outputs),
                 where=model_dir / "config.yaml",
                 default_max_batch=self._settings.batching.max_batch_size,
             )
@@ -197,16 +201,25 @@ class InferenceService:
             await executor.close()
             raise
         spec = ModelSpec(
-            name=name, version=version, backend=factory.backend, path=path, io=io,
+            name=name,
+            version=version,
+            backend=factory.backend,
+            path=path,
+            io=io,
             batching=resolve_batching(config, io, self._settings.batching),
             instance_count=config.instance_count,
             auto_configured=config.inputs is None,
         )
         log.info(
             "loaded model %s version %s: backend %s on %s, max_batch_size %d%s",
-            name, version, spec.backend, executor.device, io.max_batch_size,
+            name,
+            version,
+            spec.backend,
+            executor.device,
+            io.max_batch_size,
             " (dynamic batching from the file's dynamic first dimension)"
-            if spec.auto_configured and io.batched else "",
+            if spec.auto_configured and io.batched
+            else "",
         )
         return self._assemble(spec, executor)
 
@@ -216,21 +229,28 @@ class InferenceService:
         def on_change(_old: str, new: str) -> None:
             self._metrics.set_breaker_state(spec.name, spec.version, spec.backend, new)
 
-        breaker = BackendBreaker(label, self._settings.breaker, clock=self._clock,
-                                 on_change=on_change)
+        breaker = BackendBreaker(
+            label, self._settings.breaker, clock=self._clock, on_change=on_change
+        )
         self._metrics.set_breaker_state(spec.name, spec.version, spec.backend, breaker.state)
         stats = ModelStats()
         batcher = DynamicBatcher(
-            name=f"{spec.name}/{spec.version}", executor=executor, policy=spec.batching,
-            batched=spec.io.batched, breaker=breaker, stats=stats,
+            name=f"{spec.name}/{spec.version}",
+            executor=executor,
+            policy=spec.batching,
+            batched=spec.io.batched,
+            breaker=breaker,
+            stats=stats,
             observer=self._metrics.batch_observer(spec.name, spec.version),
             instance_count=spec.instance_count,
-            pushback_ms=self._settings.admission.pushback_ms, clock=self._clock,
+            pushback_ms=self._settings.admission.pushback_ms,
+            clock=self._clock,
         )
         batcher.start()
         self._metrics.model_ready.labels(spec.name, spec.version).set(1)
-        return ModelVersion(spec=spec, executor=executor, batcher=batcher, breaker=breaker,
-                            stats=stats)
+        return ModelVersion(
+            spec=spec, executor=executor, batcher=batcher, breaker=breaker, stats=stats
+        )
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -245,7 +265,9 @@ class InferenceService:
     def get(self, name: str, version: str = "") -> ModelVersion:
         entry = self._models.get(name)
         if entry is None:
-            raise ModelNotFoundError(f"unknown model '{name}'; loaded: {', '.join(self.model_names()) or 'none'}")
+            raise ModelNotFoundError(
+                f"unknown model '{name}'; loaded: {', '.join(self.model_names()) or 'none'}"
+            )
         if not version:
             if not entry.ready:
                 raise ModelNotReadyError(
@@ -311,7 +333,10 @@ class InferenceService:
 
     @staticmethod
     def _failure_text(entry: ModelEntry) -> str:
-        return "; ".join(f"{v or 'config'}: {why}" for v, why in entry.failures.items()) or "no version loaded"
+        return (
+            "; ".join(f"{v or 'config'}: {why}" for v, why in entry.failures.items())
+            or "no version loaded"
+        )
 
     # -- inference ------------------------------------------------------------------------
 

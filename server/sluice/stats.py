@@ -41,9 +41,7 @@ class ModelStats:
     dropped: int = 0
     batches: dict[int, BatchStats] = field(default_factory=dict)
 
-    def record_batch(
-        self, *, size: int, input_s: float, infer_s: float, output_s: float
-    ) -> None:
+    def record_batch(self, *, size: int, input_s: float, infer_s: float, output_s: float) -> None:
         """One executor run of ``size`` rows; per-request shares are added by the caller."""
         self.execution_count += 1
         batch = self.batches.setdefault(size, BatchStats())

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sluice_client.tensors import DATATYPES, WireFormatError, element_count, from_raw
 
 from sluice.errors import InvalidInputError
+from sluice_client.tensors import DATATYPES, WireFormatError, element_count, from_raw
 
 Array = npt.NDArray[Any]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -20,7 +20,7 @@ class Datatype:
     """One OIP datatype: its wire name, numpy dtype and bytes per element (0 = variable)."""
 
     name: str
-    numpy: np.dtype  # type: ignore[type-arg]
+    numpy: np.dtype[Any]
     itemsize: int
 
 
@@ -82,7 +82,7 @@ def element_count(shape: tuple[int, ...] | list[int]) -> int:
 def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:
     """Length-prefix every element of a BYTES tensor, row-major."""
     parts: list[bytes] = []
-    for item in array.reshape(-1):
+    for item in array.reshape(-1).tolist():
         data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
         parts.append(_LENGTH.pack(len(data)))
         parts.append(data)

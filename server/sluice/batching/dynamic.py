@@ -102,7 +102,9 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    async def infer(self, inputs: Mapping[str, Array], *, deadline: float | None) -> dict[str, Array]:
+    async def infer(
+        self, inputs: Mapping[str, Array], *, deadline: float | None
+    ) -> dict[str, Array]:
         """Queue one request and wait for its outputs (all of them, batch rows sliced)."""
         if len(self._queue) >= self._policy.max_queue_size:
             self._observer.dropped("queue_full")
@@ -134,10 +136,13 @@ class DynamicBatcher:
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         while self._queue:
-            _resolve_error(self._queue.popleft().future, OverloadedError(
-                f"model {self.name} was unloaded before this request ran",
-                retry_after_ms=self._pushback_ms,
-            ))
+            _resolve_error(
+                self._queue.popleft().future,
+                OverloadedError(
+                    f"model {self.name} was unloaded before this request ran",
+                    retry_after_ms=self._pushback_ms,
+                ),
+            )
         self._observer.queue_depth(0)
 
     # -- the loop -------------------------------------------------------------------------
@@ -220,10 +225,12 @@ class DynamicBatcher:
                 self._count_drop("cancelled")
             elif pending.deadline is not None and now >= pending.deadline:
                 self._count_drop("deadline")
-                pending.future.set_exception(DeadlineExceededError(
-                    f"the deadline passed after {now - pending.enqueued_at:.3f}s in "
-                    f"model {self.name}'s queue, before the request could run"
-                ))
+                pending.future.set_exception(
+                    DeadlineExceededError(
+                        f"the deadline passed after {now - pending.enqueued_at:.3f}s in "
+                        f"model {self.name}'s queue, before the request could run"
+                    )
+                )
             else:
                 kept.append(pending)
         if len(kept) != len(self._queue):
@@ -259,7 +266,10 @@ class DynamicBatcher:
         self._stats.record_batch(size=size, input_s=input_s, infer_s=infer_s, output_s=output_s)
         for pending, waited in zip(batch, queue_s, strict=True):
             self._stats.record_request(
-                rows=pending.rows, queue_s=waited, input_s=input_s, infer_s=infer_s,
+                rows=pending.rows,
+                queue_s=waited,
+                input_s=input_s,
+                infer_s=infer_s,
                 output_s=output_s,
             )
         self._observer.batch_done(size=size, queue_s=queue_s, compute_s=infer_s)
@@ -270,8 +280,7 @@ class DynamicBatcher:
             inputs = dict(batch[0].inputs)
         else:
             inputs = {
-                name: np.concatenate([p.inputs[name] for p in batch])
-                for name in batch[0].inputs
+                name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs
             }
         t1 = self._clock()
         with self._breaker.calling():

@@ -71,7 +71,7 @@ def _to_ort(array: Array) -> Array:
     if array.dtype != object:
         return array
     try:
-        return np.vectorize(
+        decoded: Array = np.vectorize(
             lambda item: item.decode("utf-8") if isinstance(item, bytes) else str(item),
             otypes=[object],
         )(array)
@@ -79,12 +79,14 @@ def _to_ort(array: Array) -> Array:
         raise InvalidInputError(
             f"a BYTES element is not valid UTF-8, which ONNX string tensors require: {exc}"
         ) from exc
+    return decoded
 
 
 def _from_ort(array: Array) -> Array:
     if array.dtype.kind not in "OU":
         return array
-    return np.vectorize(lambda item: str(item).encode("utf-8"), otypes=[object])(array)
+    encoded: Array = np.vectorize(lambda item: str(item).encode("utf-8"), otypes=[object])(array)
+    return encoded
 
 
 class OnnxRuntimeExecutor(Executor):
@@ -156,7 +158,10 @@ class OnnxRuntimeFactory(ExecutorFactory):
             raise ConfigError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
         log.info(
             "onnxruntime session ready",
-            extra={"path": str(path), "providers": sessions[0].get_providers(),
-                   "instances": options.instance_count},
+            extra={
+                "path": str(path),
+                "providers": sessions[0].get_providers(),
+                "instances": options.instance_count,
+            },
         )
         return OnnxRuntimeExecutor(sessions, path)

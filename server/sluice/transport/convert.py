@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sluice_api.inference import grpc_service_pb2 as pb
-from sluice_api.inference import model_config_pb2 as mc
-from sluice_client.tensors import to_raw
-
 from sluice.errors import InvalidInputError
 from sluice.repository import ModelSpec
 from sluice.service import IndexEntry
 from sluice.stats import Duration, ModelStats
 from sluice.tensors import InferRequest, InferResult, InputTensor
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import model_config_pb2 as mc
+from sluice_client.tensors import to_raw
 
 # Which InferTensorContents field carries each datatype (FP16 / BF16 travel raw only).
 _TYPED_FIELD = {
@@ -33,8 +32,20 @@ _TYPED_FIELD = {
 _CONFIG_DATATYPE = {
     name: getattr(mc, "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}")
     for name in (
-        "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-        "FP16", "FP32", "FP64", "BYTES", "BF16",
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+        "FP64",
+        "BYTES",
+        "BF16",
     )
 }
 
@@ -92,9 +103,7 @@ def infer_response(result: InferResult) -> pb.ModelInferResponse:
         model_name=result.model, model_version=result.version, id=result.id
     )
     for output in result.outputs:
-        response.outputs.add(
-            name=output.name, datatype=output.datatype, shape=output.array.shape
-        )
+        response.outputs.add(name=output.name, datatype=output.datatype, shape=output.array.shape)
         response.raw_output_contents.append(to_raw(output.array, output.datatype))
     for key, value in result.parameters.items():
         set_parameter(response.parameters[key], value)

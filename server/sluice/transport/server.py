@@ -8,8 +8,6 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from sluice_api.inference import grpc_service_pb2 as pb
-from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 
 from sluice.admission import AdmissionController
 from sluice.batching.dynamic import Clock
@@ -19,6 +17,8 @@ from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.transport import interceptors
 from sluice.transport.servicers.inference import InferenceServicer
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,12 @@ async def create_server(
     deadlines = DeadlinePolicy(settings.deadline, clock)
     server = grpc.aio.server(
         interceptors=interceptors.build(
-            settings=settings, service=service, admission=admission,
-            deadlines=deadlines, metrics=metrics, clock=clock,
+            settings=settings,
+            service=service,
+            admission=admission,
+            deadlines=deadlines,
+            metrics=metrics,
+            clock=clock,
         ),
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -85,7 +89,7 @@ async def create_server(
     servicer = InferenceServicer(
         service, settings=settings, admission=admission, deadlines=deadlines
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -47,17 +47,19 @@ def trailers_for(exc: errors.SluiceError, request_id: str) -> tuple[tuple[str, s
     code = status_for(exc)
     detail = status_pb2.Status(code=code.value[0], message=exc.message)
     retry = error_details_pb2.RetryInfo(
-        retry_delay=duration_pb2.Duration(nanos=(exc.retry_after_ms % 1000) * 1_000_000,
-                                          seconds=exc.retry_after_ms // 1000)
+        retry_delay=duration_pb2.Duration(
+            nanos=(exc.retry_after_ms % 1000) * 1_000_000, seconds=exc.retry_after_ms // 1000
+        )
     )
     detail.details.add().Pack(retry)
     if isinstance(exc, errors.QuotaExceededError):
         quota = error_details_pb2.QuotaFailure(
-            violations=[error_details_pb2.QuotaFailure.Violation(subject=exc.subject,
-                                                                 description=exc.message)]
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(
+                    subject=exc.subject, description=exc.message
+                )
+            ]
         )
         detail.details.add().Pack(quota)
     trailers.append(("grpc-status-details-bin", detail.SerializeToString()))
     return tuple(trailers)
-
-

@@ -36,6 +36,10 @@ class CallInfo:
 
 Around = Callable[[CallInfo, grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
 
+Continuation = Callable[
+    [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+]
+
 _FACTORIES = {
     (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
     (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
@@ -50,7 +54,9 @@ def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
     }
 
 
-def wrap(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails, around: Around) -> grpc.RpcMethodHandler:
+def wrap(
+    handler: grpc.RpcMethodHandler[Any, Any], details: grpc.HandlerCallDetails, around: Around
+) -> grpc.RpcMethodHandler[Any, Any]:
     kind = (handler.request_streaming, handler.response_streaming)
     factory, attribute = _FACTORIES[kind]
     inner = getattr(handler, attribute)
@@ -62,7 +68,9 @@ def wrap(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails, aroun
     behavior: Callable[..., Any]
     if handler.response_streaming and inspect.isasyncgenfunction(inner):
 
-        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def behavior(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             async with around(info(request), context):
                 async for response in inner(request, context):
                     yield response
@@ -81,7 +89,7 @@ def wrap(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails, aroun
     )
 
 
-class Interceptor(grpc.aio.ServerInterceptor, abc.ABC):  # type: ignore[misc]
+class Interceptor(grpc.aio.ServerInterceptor, abc.ABC):
     """Base: wraps every handler with ``around``; operational calls skip it unless
     ``include_operational`` is set."""
 
@@ -89,9 +97,9 @@ class Interceptor(grpc.aio.ServerInterceptor, abc.ABC):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None

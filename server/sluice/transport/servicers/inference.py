@@ -6,8 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from sluice_api.inference import grpc_service_pb2 as pb
-from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 
 from sluice import __version__
 from sluice.admission import AdmissionController
@@ -16,13 +14,15 @@ from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.transport import callctx, convert
 from sluice.transport.servicers.stream import StreamInferSession
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         service: InferenceService,
@@ -37,13 +37,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self._deadlines = deadlines
         self.draining = False
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Context
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Context
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._service.ready and not self.draining)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Context
+    ) -> pb.ModelReadyResponse:
         ready = self._service.is_ready(request.name, request.version) and not self.draining
         return pb.ModelReadyResponse(ready=ready)
 
@@ -59,7 +65,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         versions = [v for _, v, _ in self._service.statistics(request.name)]
         return convert.model_metadata(model.spec, versions)
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Context
+    ) -> pb.ModelConfigResponse:
         model = self._service.get(request.name, request.version)
         return pb.ModelConfigResponse(config=convert.model_config(model.spec))
 
@@ -71,7 +79,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             model_stats=[convert.model_statistics(name, v, stats) for name, v, stats in rows]
         )
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelInferResponse:
         domain = convert.infer_request(request)
         result = await self._service.infer(domain, deadline=callctx.deadline.get())
         return convert.infer_response(result)
@@ -80,8 +90,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         session = StreamInferSession(
-            self._service, context,
-            admission=self._admission, deadlines=self._deadlines,
+            self._service,
+            context,
+            admission=self._admission,
+            deadlines=self._deadlines,
             max_pending=self._settings.stream.max_pending_requests,
             tenant_key=self._settings.admission.tenant_metadata_key,
         )
@@ -107,5 +119,3 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     ) -> pb.RepositoryModelUnloadResponse:
         await self._service.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
-
-

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from sluice_api.inference import grpc_service_pb2 as pb
 
 from sluice.admission import AdmissionController
 from sluice.deadlines import DeadlinePolicy
@@ -25,6 +24,7 @@ from sluice.errors import DeadlineExceededError, SluiceError
 from sluice.service import InferenceService
 from sluice.transport import callctx, convert
 from sluice.transport.status import message_for, status_for, trailers_for
+from sluice_api.inference import grpc_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class StreamInferSession:
                 if isinstance(item, SluiceError):
                     rid = callctx.request_id.get()
                     await self._context.abort(
-                        status_for(item), message_for(item, rid),
+                        status_for(item),
+                        message_for(item, rid),
                         trailing_metadata=trailers_for(item, rid),
                     )
                 assert isinstance(item, pb.ModelStreamInferResponse)
@@ -103,20 +104,25 @@ class StreamInferSession:
             if self._grpc_errors:
                 self._out.put_nowait(exc)
                 return
-            self._out.put_nowait(pb.ModelStreamInferResponse(
-                error_message=message_for(exc, callctx.request_id.get()),
-                infer_response=pb.ModelInferResponse(
-                    id=request.id, model_name=request.model_name,
-                    model_version=request.model_version,
-                ),
-            ))
+            self._out.put_nowait(
+                pb.ModelStreamInferResponse(
+                    error_message=message_for(exc, callctx.request_id.get()),
+                    infer_response=pb.ModelInferResponse(
+                        id=request.id,
+                        model_name=request.model_name,
+                        model_version=request.model_version,
+                    ),
+                )
+            )
             return
         except Exception:
             log.exception("stream request %r failed unexpectedly", request.id)
-            self._out.put_nowait(pb.ModelStreamInferResponse(
-                error_message=f"internal error; quote request id {callctx.request_id.get()}",
-                infer_response=pb.ModelInferResponse(id=request.id),
-            ))
+            self._out.put_nowait(
+                pb.ModelStreamInferResponse(
+                    error_message=f"internal error; quote request id {callctx.request_id.get()}",
+                    infer_response=pb.ModelInferResponse(id=request.id),
+                )
+            )
             return
         response = convert.infer_response(result)
         response.parameters["triton_final_response"].bool_param = True
@@ -133,9 +139,7 @@ class StreamInferSession:
         try:
             self._service.ensure_can_serve(domain.model, domain.version)
             async with asyncio.timeout(budget):
-                return await self._service.infer(
-                    domain, deadline=self._deadlines.deadline(budget)
-                )
+                return await self._service.infer(domain, deadline=self._deadlines.deadline(budget))
         except TimeoutError as exc:
             raise DeadlineExceededError(
                 f"request '{domain.id}' ran out of its {budget:.3f}s budget"

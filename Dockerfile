@@ -1,0 +1,40 @@
+# syntax=docker/dockerfile:1
+# CPU image by default. For GPU hosts:
+#   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
+#                --build-arg ORT_PACKAGE=onnxruntime-gpu -t sluice:cuda .
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG ORT_PACKAGE=onnxruntime
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    VIRTUAL_ENV=/opt/sluice \
+    PATH=/opt/sluice/bin:$PATH
+
+# CUDA bases ship no Python; the slim Python base already has it.
+RUN if ! command -v python3 >/dev/null; then \
+        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3 -m venv "$VIRTUAL_ENV"
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY server ./server
+COPY clients/python ./clients/python
+# The same install as README's quick start (non-editable here), then the ONNX Runtime build
+# that matches the base image.
+RUN pip install . \
+    && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then \
+        pip uninstall -y onnxruntime && pip install "$ORT_PACKAGE"; \
+    fi \
+    && useradd --system --uid 10001 --no-create-home sluice
+
+USER 10001
+WORKDIR /
+ENV SLUICE_HOST=0.0.0.0
+EXPOSE 8001 8002
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
+    CMD ["sluice", "health", "--url", "127.0.0.1:8001"]
+ENTRYPOINT ["sluice"]
+CMD ["serve"]
