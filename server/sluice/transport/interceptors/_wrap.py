@@ -37,7 +37,7 @@ class CallInfo:
 Around = Callable[[CallInfo, grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
 
 Continuation = Callable[
-    [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+    [grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]
 ]
 
 _FACTORIES = {
