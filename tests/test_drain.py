@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import REPO_ROOT
 
 LISTENING = re.compile(rb"gRPC listening on [\d.]+:(\d+)")
+METRICS_URL = re.compile(r"metrics on (http://\S+/metrics)")
 WORKERS = 12
 
 
@@ -63,6 +65,13 @@ async def keep_reading(proc: asyncio.subprocess.Process, log: list[bytes]) -> No
         log.append(line)
 
 
+def scrape(log_text: str) -> str:
+    match = METRICS_URL.search(log_text)
+    assert match, log_text
+    with urllib.request.urlopen(match.group(1), timeout=10) as response:
+        return response.read().decode()
+
+
 def infer_request() -> pb.ModelInferRequest:
     x = np.random.default_rng(0).standard_normal((64, 256), dtype=np.float32)
     return pb.ModelInferRequest(
@@ -103,6 +112,9 @@ async def test_sigterm_drains_in_flight_calls_and_exits_zero(slow_repository: Pa
         workers = [asyncio.create_task(worker()) for _ in range(WORKERS)]
         while outcomes["OK"] < 100:
             await asyncio.sleep(0.01)
+        scraped = await asyncio.to_thread(scrape, b"".join(log).decode())
+        assert 'sluice_requests_total{code="OK",method="ModelInfer",model="mlp"}' in scraped
+        assert "sluice_batch_size_bucket" in scraped
         signalled_at.append(time.monotonic())
         proc.send_signal(signal.SIGTERM)
         after = await watch.read()

@@ -6,6 +6,7 @@ one a moment later, will serve it); over a tenant's quota it gets RESOURCE_EXHAU
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from sluice.errors import DrainingError, OverloadedError, QuotaExceededError
@@ -36,6 +37,9 @@ class AdmissionController:
         self._inflight = 0
         self._by_tenant: Counter[str] = Counter()
         self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._arrived = asyncio.Event()
 
     @property
     def inflight(self) -> int:
@@ -44,8 +48,25 @@ class AdmissionController:
     def begin_drain(self) -> None:
         self._draining = True
 
+    async def wait_quiet(self, quiet_s: float) -> None:
+        """Return once nothing is in flight and no call has arrived for ``quiet_s``.
+
+        Closing the transport while calls still arrive would let gRPC cancel the ones it
+        has read but not dispatched; refusing them here gives a clean, retryable status.
+        """
+        while True:
+            await self._idle.wait()
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(quiet_s):
+                    await self._arrived.wait()
+            except TimeoutError:
+                if not self._inflight:
+                    return
+
     def admit(self, tenant: str = "") -> Ticket:
         """Admit a call or raise; synchronous, so no other call interleaves."""
+        self._arrived.set()
         if self._draining:
             self._metrics.rejected.labels("draining").inc()
             raise DrainingError(
@@ -70,6 +91,7 @@ class AdmissionController:
                 retry_after_ms=self._settings.pushback_ms,
             )
         self._inflight += 1
+        self._idle.clear()
         if tenant:
             self._by_tenant[tenant] += 1
         self._metrics.inflight.set(self._inflight)
@@ -77,6 +99,8 @@ class AdmissionController:
 
     def _release(self, tenant: str) -> None:
         self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
         if tenant:
             self._by_tenant[tenant] -= 1
             if not self._by_tenant[tenant]:

@@ -41,7 +41,7 @@ async def serve(settings: Settings) -> int:
     await server.mark_started()
     log.info("ready: %s", ", ".join(service.model_names()) or "no models")
     await stop.wait()
-    await server.drain(settings.drain_grace_s)
+    await server.drain(settings.drain_grace_s, settings.drain_quiet_s)
     if http is not None:
         http.shutdown()
     return 0

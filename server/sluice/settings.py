@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     """Largest gRPC message accepted or sent."""
     drain_grace_s: float = Field(30.0, ge=0)
     """Time in-flight calls get to finish after SIGTERM before they are cancelled."""
+    drain_quiet_s: float = Field(0.2, ge=0)
+    """After in-flight calls finish, how long no new call must arrive before the transport
+    closes (calls arriving meanwhile are refused with UNAVAILABLE, which clients retry)."""
     log_level: str = "INFO"
     """Log level name."""
 

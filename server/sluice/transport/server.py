@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -51,13 +53,20 @@ class SluiceServer:
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, status)
 
-    async def drain(self, grace_s: float) -> None:
+    async def drain(self, grace_s: float, quiet_s: float = 0.0) -> None:
         """NOT_SERVING first, refuse new calls, let in-flight ones finish, then unload."""
         log.info("draining: health NOT_SERVING, refusing new calls, %.1fs grace", grace_s)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + grace_s
         await self.health.enter_graceful_shutdown()
         self.admission.begin_drain()
         self.servicer.draining = True
-        await self.grpc_server.stop(grace_s)
+        # While admitted calls finish, and until callers stop arriving, new calls get a
+        # clean UNAVAILABLE from admission; only then does the transport close (GOAWAY).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(give_up_at):
+                await self.admission.wait_quiet(quiet_s)
+        await self.grpc_server.stop(max(give_up_at - loop.time(), 0.0))
         await self.service.close()
         log.info("drained")
 

@@ -10,6 +10,7 @@ import grpc
 from sluice import __version__
 from sluice.admission import AdmissionController
 from sluice.deadlines import DeadlinePolicy
+from sluice.errors import UnsupportedError
 from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.transport import callctx, convert
@@ -111,6 +112,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
+        # Triton's "config" (a JSON config override) and "file:<path>" (model files sent
+        # inline) would change what gets loaded; accepting and ignoring them would report
+        # success for a model that is not the one asked for.
+        overrides = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
+        if overrides:
+            raise UnsupportedError(
+                f"RepositoryModelLoad parameter(s) {', '.join(overrides)} are not supported: "
+                f"Sluice loads '{request.model_name}' only from its repository's files; "
+                "change them there and load again"
+            )
         await self._service.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 

@@ -3,9 +3,14 @@
 One reader task takes requests off the stream and starts one task per request (at most
 ``max_pending`` at a time, so a client that does not read cannot make us buffer without
 bound). Every request gets the same admission, deadline and breaker rules as a unary call.
-Responses go out as they finish, each with the request's ``id``. A failed request becomes a
-response with ``error_message`` and the stream stays open, unless the client sent the
-``triton_grpc_error: true`` header: then the first error ends the call with its real status.
+Responses go out in the order the requests arrived, each with the request's ``id``: Triton
+does so for every model that is not decoupled (no Sluice model is), and clients such as
+tritonclient's stream callback, which gets no id with an error, rely on it. Requests still
+run concurrently; one that finishes early waits for those before it, holding its
+``max_pending`` slot until it is written. A failed request becomes a response with
+``error_message`` and the stream stays open, unless the client sent the
+``triton_grpc_error: true`` header: then the first error (in request order) ends the call
+with its real status.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 _END = object()
+
+#: What one request's task produces: its response, or the error that ends the call.
+_Reply = pb.ModelStreamInferResponse | SluiceError
 _TIMEOUT_PARAMETER = "timeout"  # Triton's per-request timeout, in microseconds
 
 
@@ -53,8 +61,9 @@ class StreamInferSession:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         self._grpc_errors = metadata.get("triton_grpc_error", "").lower() == "true"
         self._tenant = metadata.get(tenant_key, "")
-        self._out: asyncio.Queue[object] = asyncio.Queue()
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: One task per request, in arrival order, then ``_END``.
+        self._out: asyncio.Queue[asyncio.Task[_Reply] | object] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[_Reply]] = set()
 
     async def run(
         self, requests: AsyncIterator[pb.ModelInferRequest]
@@ -65,15 +74,19 @@ class StreamInferSession:
                 item = await self._out.get()
                 if item is _END:
                     break
-                if isinstance(item, SluiceError):
+                assert isinstance(item, asyncio.Task)
+                try:
+                    reply = await item
+                finally:
+                    self._slots.release()
+                if isinstance(reply, SluiceError):
                     rid = callctx.request_id.get()
                     await self._context.abort(
-                        status_for(item),
-                        message_for(item, rid),
-                        trailing_metadata=trailers_for(item, rid),
+                        status_for(reply),
+                        message_for(reply, rid),
+                        trailing_metadata=trailers_for(reply, rid),
                     )
-                assert isinstance(item, pb.ModelStreamInferResponse)
-                yield item
+                yield reply
         finally:
             reader.cancel()
             for task in list(self._tasks):
@@ -87,46 +100,34 @@ class StreamInferSession:
                 await self._slots.acquire()
                 task = asyncio.create_task(self._serve(request))
                 self._tasks.add(task)
-                task.add_done_callback(self._done)
-            if self._tasks:
-                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+                task.add_done_callback(self._tasks.discard)
+                self._out.put_nowait(task)
         finally:
             self._out.put_nowait(_END)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
-
-    async def _serve(self, request: pb.ModelInferRequest) -> None:
+    async def _serve(self, request: pb.ModelInferRequest) -> _Reply:
         try:
             result = await self._infer(request)
         except SluiceError as exc:
             if self._grpc_errors:
-                self._out.put_nowait(exc)
-                return
-            self._out.put_nowait(
-                pb.ModelStreamInferResponse(
-                    error_message=message_for(exc, callctx.request_id.get()),
-                    infer_response=pb.ModelInferResponse(
-                        id=request.id,
-                        model_name=request.model_name,
-                        model_version=request.model_version,
-                    ),
-                )
+                return exc
+            return pb.ModelStreamInferResponse(
+                error_message=message_for(exc, callctx.request_id.get()),
+                infer_response=pb.ModelInferResponse(
+                    id=request.id,
+                    model_name=request.model_name,
+                    model_version=request.model_version,
+                ),
             )
-            return
         except Exception:
             log.exception("stream request %r failed unexpectedly", request.id)
-            self._out.put_nowait(
-                pb.ModelStreamInferResponse(
-                    error_message=f"internal error; quote request id {callctx.request_id.get()}",
-                    infer_response=pb.ModelInferResponse(id=request.id),
-                )
+            return pb.ModelStreamInferResponse(
+                error_message=f"internal error; quote request id {callctx.request_id.get()}",
+                infer_response=pb.ModelInferResponse(id=request.id),
             )
-            return
         response = convert.infer_response(result)
         response.parameters["triton_final_response"].bool_param = True
-        self._out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+        return pb.ModelStreamInferResponse(infer_response=response)
 
     async def _infer(self, request: pb.ModelInferRequest) -> Any:
         domain = convert.infer_request(request)
