@@ -157,11 +157,10 @@ class OnnxRuntimeFactory(ExecutorFactory):
         except Exception as exc:
             raise ConfigError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
         log.info(
-            "onnxruntime session ready",
-            extra={
-                "path": str(path),
-                "providers": sessions[0].get_providers(),
-                "instances": options.instance_count,
-            },
+            "onnxruntime: %s with providers %s (installed: %s), %d instance(s)",
+            path,
+            sessions[0].get_providers(),
+            ort.get_available_providers(),
+            options.instance_count,
         )
         return OnnxRuntimeExecutor(sessions, path)
