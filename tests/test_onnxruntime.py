@@ -23,7 +23,7 @@ def test_provider_ladder_prefers_gpu_and_falls_back_to_cpu() -> None:
         choose_providers(["CUDAExecutionProvider"], ["CPUExecutionProvider"])
 
 
-async def test_executor_matches_onnxruntime_and_round_trips_bytes() -> None:
+async def test_executor_matches_onnxruntime() -> None:
     factory = OnnxRuntimeFactory()
     options = LoadOptions(instance_count=2, settings=ExecutorSettings())
     path = EXAMPLE_REPOSITORY / "mlp" / "2" / "model.onnx"
