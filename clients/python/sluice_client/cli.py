@@ -1,10 +1,131 @@
-"""Client subcommands of the ``sluice`` command (placeholder until the client lands)."""
+"""Client subcommands of the ``sluice`` command: ``health``, ``models`` and ``infer``.
+
+``sluice_client.cli.main`` runs them on their own (the ``sluice-client`` command of the
+standalone distribution). Every command takes ``--url`` (default ``$SLUICE_URL`` or
+127.0.0.1:8001) and ``--timeout-s``; a failed call prints one line to stderr and exits 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 
-def add_client_commands(sub: Any) -> None:
-    del sub
+from sluice_client._channel import DEFAULT_TARGET
+from sluice_client.client import Client
+from sluice_client.errors import NotFound, SluiceClientError
+from sluice_client.results import InferResult, RepositoryModel
+
+#: Sluice reports each model's health under this prefix + the model name.
+MODEL_HEALTH_PREFIX = "sluice.model."
+_PRINT_OPTIONS: dict[str, Any] = {"threshold": 24, "edgeitems": 3, "max_line_width": 100}
+
+Action = Callable[[Client, argparse.Namespace], int]
+
+
+def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``health``, ``models`` and ``infer``; each sets ``run`` (args -> exit status)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help=f"server HOST:PORT (SLUICE_URL, default {DEFAULT_TARGET})")
+    common.add_argument("--timeout-s", type=float, default=30.0, help="call deadline in seconds")
+
+    health = sub.add_parser("health", parents=[common], help="grpc.health.v1 status")
+    health.add_argument("--model", help="a model's health instead of the server's")
+    health.set_defaults(run=_with_client(_health))
+
+    models = sub.add_parser("models", parents=[common], help="list the model repository")
+    models.set_defaults(run=_with_client(_models))
+
+    infer = sub.add_parser("infer", parents=[common], help="run one inference")
+    infer.add_argument("model")
+    infer.add_argument("--input", dest="inputs", action="append", type=_named_file,
+                       required=True, metavar="NAME=FILE.npy", help="an input tensor (repeat)")
+    infer.add_argument("--output-dir", type=Path, help="save each output as NAME.npy here")
+    infer.add_argument("--version", default="", help="model version (default: the server's)")
+    infer.set_defaults(run=_with_client(_infer))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sluice-client", description=__doc__)
+    add_client_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    status: int = args.run(args)
+    return status
+
+
+def _with_client(action: Action) -> Callable[[argparse.Namespace], int]:
+    """Run ``action`` with a client; failures become one line on stderr and exit 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        url = args.url or os.environ.get("SLUICE_URL") or DEFAULT_TARGET
+        try:
+            with Client(url, timeout_s=args.timeout_s) as client:
+                return action(client, args)
+        except (SluiceClientError, OSError, ValueError) as exc:
+            print(f"sluice {args.command}: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _named_file(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE.npy, got {text!r}")
+    return name, Path(path)
+
+
+def _health(client: Client, args: argparse.Namespace) -> int:
+    service = MODEL_HEALTH_PREFIX + args.model if args.model else ""
+    try:
+        status = client.health(service)
+    except NotFound:
+        print(f"sluice health: NOT_FOUND: no health status for {service!r}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _models(client: Client, args: argparse.Namespace) -> int:
+    print(_table(client.models()))
+    return 0
+
+
+def _table(rows: list[RepositoryModel]) -> str:
+    cells = [("NAME", "VERSION", "STATE", "REASON")]
+    cells += [(r.name, r.version or "-", r.state, r.reason) for r in rows]
+    name_w, version_w, state_w = (max(len(row[i]) for row in cells) for i in range(3))
+    return "\n".join(
+        f"{name:<{name_w}}  {version:<{version_w}}  {state:<{state_w}}  {reason}".rstrip()
+        for name, version, state, reason in cells
+    )
+
+
+def _infer(client: Client, args: argparse.Namespace) -> int:
+    inputs = {name: np.load(path, allow_pickle=False) for name, path in args.inputs}
+    result = client.infer(args.model, inputs, version=args.version)
+    print(f"model {result.model} version {result.version}")
+    for name, array in result.outputs.items():
+        print(f"{name}  {result.datatypes[name]}  {list(array.shape)}")
+        print(np.array2string(array, **_PRINT_OPTIONS))
+    if args.output_dir is not None:
+        _save_outputs(result, args.output_dir)
+    return 0
+
+
+def _save_outputs(result: InferResult, directory: Path) -> None:
+    """One ``NAME.npy`` per output; BYTES outputs are saved as fixed-width bytes ("S"),
+    so they load without pickle (numpy drops trailing NUL bytes of such elements)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in result.outputs.items():
+        if Path(name).name != name:
+            raise ValueError(f"output name {name!r} is not a plain file name; not saving it")
+        saved: npt.NDArray[Any] = array.astype(np.bytes_) if array.dtype == object else array
+        np.save(directory / f"{name}.npy", saved, allow_pickle=False)
+        print(f"saved {directory / f'{name}.npy'}")

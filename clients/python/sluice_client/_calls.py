@@ -1,0 +1,215 @@
+"""Every client call as data: the method, its request, and how to read its response.
+
+The sync and asyncio clients share all of this; they differ only in how they send a
+``Call`` (``Client._send`` blocks, ``AsyncClient._send`` awaits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import model_config_pb2
+from sluice_client import _health
+from sluice_client._channel import INFERENCE_SERVICE
+from sluice_client.errors import REQUEST_ID_KEY
+from sluice_client.results import (
+    BatchStats,
+    DurationStat,
+    InferenceStats,
+    InferResult,
+    ModelMetadata,
+    ModelStatistics,
+    RepositoryModel,
+    ServerMetadata,
+    TensorMetadata,
+)
+from sluice_client.tensors import WireFormatError, datatype_of, from_raw, to_raw
+
+ResponseT = TypeVar("ResponseT")
+ResultT = TypeVar("ResultT")
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[ResponseT, ResultT]):
+    """One unary call: full method path, request message, response decoder, and the parser
+    that turns the response into what the client method returns."""
+
+    method: str
+    request: Any
+    deserialize: Callable[[bytes], ResponseT]
+    parse: Callable[[ResponseT], ResultT]
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+def serialize(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
+
+
+def _inference(method: str) -> str:
+    return f"/{INFERENCE_SERVICE}/{method}"
+
+
+def live() -> Call[pb.ServerLiveResponse, bool]:
+    return Call(
+        _inference("ServerLive"), pb.ServerLiveRequest(),
+        pb.ServerLiveResponse.FromString, lambda r: r.live,
+    )
+
+
+def ready() -> Call[pb.ServerReadyResponse, bool]:
+    return Call(
+        _inference("ServerReady"), pb.ServerReadyRequest(),
+        pb.ServerReadyResponse.FromString, lambda r: r.ready,
+    )
+
+
+def health(service: str) -> Call[Any, str]:
+    return Call(
+        _health.CHECK_METHOD, _health.HealthCheckRequest(service=service),
+        _health.HealthCheckResponse.FromString, _health.status_name,
+    )
+
+
+def server_metadata() -> Call[pb.ServerMetadataResponse, ServerMetadata]:
+    return Call(
+        _inference("ServerMetadata"), pb.ServerMetadataRequest(),
+        pb.ServerMetadataResponse.FromString,
+        lambda r: ServerMetadata(name=r.name, version=r.version, extensions=list(r.extensions)),
+    )
+
+
+def model_ready(name: str, version: str) -> Call[pb.ModelReadyResponse, bool]:
+    return Call(
+        _inference("ModelReady"), pb.ModelReadyRequest(name=name, version=version),
+        pb.ModelReadyResponse.FromString, lambda r: r.ready,
+    )
+
+
+def model_metadata(name: str, version: str) -> Call[pb.ModelMetadataResponse, ModelMetadata]:
+    return Call(
+        _inference("ModelMetadata"), pb.ModelMetadataRequest(name=name, version=version),
+        pb.ModelMetadataResponse.FromString, _model_metadata,
+    )
+
+
+def model_config(
+    name: str, version: str
+) -> Call[pb.ModelConfigResponse, model_config_pb2.ModelConfig]:
+    return Call(
+        _inference("ModelConfig"), pb.ModelConfigRequest(name=name, version=version),
+        pb.ModelConfigResponse.FromString, lambda r: r.config,
+    )
+
+
+def models() -> Call[pb.RepositoryIndexResponse, list[RepositoryModel]]:
+    return Call(
+        _inference("RepositoryIndex"), pb.RepositoryIndexRequest(),
+        pb.RepositoryIndexResponse.FromString,
+        lambda r: [RepositoryModel(m.name, m.version, m.state, m.reason) for m in r.models],
+    )
+
+
+def load_model(name: str) -> Call[pb.RepositoryModelLoadResponse, None]:
+    return Call(
+        _inference("RepositoryModelLoad"), pb.RepositoryModelLoadRequest(model_name=name),
+        pb.RepositoryModelLoadResponse.FromString, lambda r: None,
+    )
+
+
+def unload_model(name: str) -> Call[pb.RepositoryModelUnloadResponse, None]:
+    return Call(
+        _inference("RepositoryModelUnload"), pb.RepositoryModelUnloadRequest(model_name=name),
+        pb.RepositoryModelUnloadResponse.FromString, lambda r: None,
+    )
+
+
+def statistics(
+    name: str, version: str
+) -> Call[pb.ModelStatisticsResponse, list[ModelStatistics]]:
+    return Call(
+        _inference("ModelStatistics"), pb.ModelStatisticsRequest(name=name, version=version),
+        pb.ModelStatisticsResponse.FromString,
+        lambda r: [_model_statistics(s) for s in r.model_stats],
+    )
+
+
+def infer(
+    model: str,
+    inputs: Mapping[str, npt.ArrayLike],
+    *,
+    outputs: Sequence[str] | None,
+    version: str,
+    request_id: str,
+) -> Call[pb.ModelInferResponse, InferResult]:
+    """Inputs travel as raw contents with the datatype their numpy dtype implies."""
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    for name, value in inputs.items():
+        array = np.asarray(value)
+        datatype = datatype_of(array)
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(to_raw(array, datatype))
+    for name in outputs or ():
+        request.outputs.add(name=name)
+    metadata = ((REQUEST_ID_KEY, request_id),) if request_id else ()
+    return Call(
+        _inference("ModelInfer"), request,
+        pb.ModelInferResponse.FromString, _infer_result, metadata,
+    )
+
+
+def _tensor(t: pb.ModelMetadataResponse.TensorMetadata) -> TensorMetadata:
+    return TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
+
+
+def _model_metadata(r: pb.ModelMetadataResponse) -> ModelMetadata:
+    return ModelMetadata(
+        name=r.name, versions=list(r.versions), platform=r.platform,
+        inputs=[_tensor(t) for t in r.inputs], outputs=[_tensor(t) for t in r.outputs],
+    )
+
+
+def _duration(d: pb.StatisticDuration) -> DurationStat:
+    return DurationStat(count=d.count, ns=d.ns)
+
+
+def _model_statistics(s: pb.ModelStatistics) -> ModelStatistics:
+    i = s.inference_stats
+    return ModelStatistics(
+        name=s.name, version=s.version, last_inference_ms=s.last_inference,
+        inference_count=s.inference_count, execution_count=s.execution_count,
+        inference_stats=InferenceStats(
+            success=_duration(i.success), fail=_duration(i.fail), queue=_duration(i.queue),
+            compute_input=_duration(i.compute_input), compute_infer=_duration(i.compute_infer),
+            compute_output=_duration(i.compute_output),
+        ),
+        batch_stats=[
+            BatchStats(batch_size=b.batch_size, compute_input=_duration(b.compute_input),
+                       compute_infer=_duration(b.compute_infer),
+                       compute_output=_duration(b.compute_output))
+            for b in s.batch_stats
+        ],
+    )
+
+
+def _infer_result(r: pb.ModelInferResponse) -> InferResult:
+    raw = r.raw_output_contents
+    if len(raw) != len(r.outputs):
+        raise WireFormatError(
+            f"the response has {len(raw)} raw_output_contents for {len(r.outputs)} outputs; "
+            "this client reads raw output contents only"
+        )
+    return InferResult(
+        model=r.model_name, version=r.model_version, id=r.id,
+        outputs={
+            t.name: from_raw(data, t.datatype, tuple(t.shape))
+            for t, data in zip(r.outputs, raw, strict=True)
+        },
+        datatypes={t.name: t.datatype for t in r.outputs},
+    )

@@ -1,0 +1,74 @@
+"""Channel options shared by the sync and asyncio clients: message limits and retries."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+#: Where ``sluice serve`` listens by default.
+DEFAULT_TARGET = "127.0.0.1:8001"
+#: The server's default ``max_message_bytes``; tensors of a few hundred MiB fit.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How gRPC itself retries inference calls that end UNAVAILABLE.
+
+    The retries run inside the call's deadline, and the C-core waits for the server's
+    ``grpc-retry-pushback-ms`` when one is sent (a negative one stops retrying). Throttling
+    stops retries on a channel while most calls fail, so an overloaded server is not
+    hammered. Requests larger than the channel's per-call retry buffer (256 KiB by default)
+    are sent once.
+    """
+
+    max_attempts: int = 4
+    """Attempts in all, the first one included (gRPC clamps this to 5)."""
+    initial_backoff_s: float = 0.1
+    """Upper bound of the random wait before the first retry."""
+    max_backoff_s: float = 2.0
+    """Largest upper bound of the random wait between attempts."""
+    backoff_multiplier: float = 2.0
+    """Growth of the wait bound per attempt."""
+    throttle_max_tokens: int = 10
+    """Retry-throttling tokens; each failed call costs one, retries stop at half."""
+    throttle_token_ratio: float = 0.1
+    """Tokens each successful call gives back."""
+
+
+def service_config(retry: RetryPolicy) -> str:
+    """The gRPC service config (JSON) that retries the inference service on UNAVAILABLE."""
+    config: dict[str, Any] = {
+        "methodConfig": [
+            {
+                "name": [{"service": INFERENCE_SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": retry.max_attempts,
+                    "initialBackoff": f"{retry.initial_backoff_s}s",
+                    "maxBackoff": f"{retry.max_backoff_s}s",
+                    "backoffMultiplier": retry.backoff_multiplier,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+        "retryThrottling": {
+            "maxTokens": retry.throttle_max_tokens,
+            "tokenRatio": retry.throttle_token_ratio,
+        },
+    }
+    return json.dumps(config)
+
+
+def channel_options(
+    *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, retry: RetryPolicy | None = None
+) -> list[tuple[str, Any]]:
+    """The client's channel options, for channels you build yourself (TLS, say):
+    ``grpc.secure_channel(target, credentials, options=channel_options())``."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", service_config(retry or RetryPolicy())),
+    ]
