@@ -265,8 +265,10 @@ async def test_unavailable_is_retried_with_pushback_then_raised(
     running = await start_server(admission={"pushback_ms": 7})
     client = connect(running.address)
     running.server.admission.begin_drain()
+    a = np.ones((1, 16), np.int32)
     with pytest.raises(Unavailable) as caught:
-        await client.live()
+        await client.infer("simple", {"INPUT0": a, "INPUT1": a})
+    assert await client.live() is True  # probes are never shed
     assert caught.value.retry_after_ms == 7
     assert caught.value.request_id
     rejected = running.metrics.registry.get_sample_value(
@@ -284,7 +286,7 @@ async def test_load_and_unload(
     assert await client.model_ready("simple") is False
     assert RepositoryModel("simple", "", "UNAVAILABLE", "unloaded") in await client.models()
     a = np.ones((1, 16), np.int32)
-    with pytest.raises(NotFound):
+    with pytest.raises(Unavailable, match="not loaded"):
         await client.infer("simple", {"INPUT0": a, "INPUT1": a})
     await client.load_model("simple")
     assert await client.model_ready("simple") is True

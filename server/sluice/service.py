@@ -126,7 +126,7 @@ class InferenceService:
         """(Re)load a model from the repository: every version its policy selects."""
         async with self._lock:
             model_dir = self._repository / name
-            if not model_dir.is_dir():
+            if not self._in_repository(name):
                 raise ModelNotFoundError(
                     f"model '{name}' is not in the repository {self._repository}"
                 )
@@ -265,6 +265,11 @@ class InferenceService:
     def get(self, name: str, version: str = "") -> ModelVersion:
         entry = self._models.get(name)
         if entry is None:
+            if self._in_repository(name):
+                raise ModelNotReadyError(
+                    f"model '{name}' is in the repository but not loaded; load it "
+                    "(RepositoryModelLoad) or call another model"
+                )
             raise ModelNotFoundError(
                 f"unknown model '{name}'; loaded: {', '.join(self.model_names()) or 'none'}"
             )
@@ -330,6 +335,11 @@ class InferenceService:
             for entry in entries
             for v in sorted(entry.versions, key=int)
         ]
+
+    def _in_repository(self, name: str) -> bool:
+        """A plain folder name in the repository (never a path that leaves it)."""
+        plain = bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+        return plain and (self._repository / name).is_dir()
 
     @staticmethod
     def _failure_text(entry: ModelEntry) -> str:

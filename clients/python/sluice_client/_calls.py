@@ -17,7 +17,7 @@ from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import model_config_pb2
 from sluice_client import _health
 from sluice_client._channel import INFERENCE_SERVICE
-from sluice_client.errors import REQUEST_ID_KEY
+from sluice_client.names import REQUEST_ID_KEY
 from sluice_client.results import (
     BatchStats,
     DurationStat,
@@ -58,28 +58,35 @@ def _inference(method: str) -> str:
 
 def live() -> Call[pb.ServerLiveResponse, bool]:
     return Call(
-        _inference("ServerLive"), pb.ServerLiveRequest(),
-        pb.ServerLiveResponse.FromString, lambda r: r.live,
+        _inference("ServerLive"),
+        pb.ServerLiveRequest(),
+        pb.ServerLiveResponse.FromString,
+        lambda r: r.live,
     )
 
 
 def ready() -> Call[pb.ServerReadyResponse, bool]:
     return Call(
-        _inference("ServerReady"), pb.ServerReadyRequest(),
-        pb.ServerReadyResponse.FromString, lambda r: r.ready,
+        _inference("ServerReady"),
+        pb.ServerReadyRequest(),
+        pb.ServerReadyResponse.FromString,
+        lambda r: r.ready,
     )
 
 
 def health(service: str) -> Call[Any, str]:
     return Call(
-        _health.CHECK_METHOD, _health.HealthCheckRequest(service=service),
-        _health.HealthCheckResponse.FromString, _health.status_name,
+        _health.CHECK_METHOD,
+        _health.HealthCheckRequest(service=service),
+        _health.HealthCheckResponse.FromString,
+        _health.status_name,
     )
 
 
 def server_metadata() -> Call[pb.ServerMetadataResponse, ServerMetadata]:
     return Call(
-        _inference("ServerMetadata"), pb.ServerMetadataRequest(),
+        _inference("ServerMetadata"),
+        pb.ServerMetadataRequest(),
         pb.ServerMetadataResponse.FromString,
         lambda r: ServerMetadata(name=r.name, version=r.version, extensions=list(r.extensions)),
     )
@@ -87,15 +94,19 @@ def server_metadata() -> Call[pb.ServerMetadataResponse, ServerMetadata]:
 
 def model_ready(name: str, version: str) -> Call[pb.ModelReadyResponse, bool]:
     return Call(
-        _inference("ModelReady"), pb.ModelReadyRequest(name=name, version=version),
-        pb.ModelReadyResponse.FromString, lambda r: r.ready,
+        _inference("ModelReady"),
+        pb.ModelReadyRequest(name=name, version=version),
+        pb.ModelReadyResponse.FromString,
+        lambda r: r.ready,
     )
 
 
 def model_metadata(name: str, version: str) -> Call[pb.ModelMetadataResponse, ModelMetadata]:
     return Call(
-        _inference("ModelMetadata"), pb.ModelMetadataRequest(name=name, version=version),
-        pb.ModelMetadataResponse.FromString, _model_metadata,
+        _inference("ModelMetadata"),
+        pb.ModelMetadataRequest(name=name, version=version),
+        pb.ModelMetadataResponse.FromString,
+        _model_metadata,
     )
 
 
@@ -103,14 +114,17 @@ def model_config(
     name: str, version: str
 ) -> Call[pb.ModelConfigResponse, model_config_pb2.ModelConfig]:
     return Call(
-        _inference("ModelConfig"), pb.ModelConfigRequest(name=name, version=version),
-        pb.ModelConfigResponse.FromString, lambda r: r.config,
+        _inference("ModelConfig"),
+        pb.ModelConfigRequest(name=name, version=version),
+        pb.ModelConfigResponse.FromString,
+        lambda r: r.config,
     )
 
 
 def models() -> Call[pb.RepositoryIndexResponse, list[RepositoryModel]]:
     return Call(
-        _inference("RepositoryIndex"), pb.RepositoryIndexRequest(),
+        _inference("RepositoryIndex"),
+        pb.RepositoryIndexRequest(),
         pb.RepositoryIndexResponse.FromString,
         lambda r: [RepositoryModel(m.name, m.version, m.state, m.reason) for m in r.models],
     )
@@ -118,23 +132,26 @@ def models() -> Call[pb.RepositoryIndexResponse, list[RepositoryModel]]:
 
 def load_model(name: str) -> Call[pb.RepositoryModelLoadResponse, None]:
     return Call(
-        _inference("RepositoryModelLoad"), pb.RepositoryModelLoadRequest(model_name=name),
-        pb.RepositoryModelLoadResponse.FromString, lambda r: None,
+        _inference("RepositoryModelLoad"),
+        pb.RepositoryModelLoadRequest(model_name=name),
+        pb.RepositoryModelLoadResponse.FromString,
+        lambda r: None,
     )
 
 
 def unload_model(name: str) -> Call[pb.RepositoryModelUnloadResponse, None]:
     return Call(
-        _inference("RepositoryModelUnload"), pb.RepositoryModelUnloadRequest(model_name=name),
-        pb.RepositoryModelUnloadResponse.FromString, lambda r: None,
+        _inference("RepositoryModelUnload"),
+        pb.RepositoryModelUnloadRequest(model_name=name),
+        pb.RepositoryModelUnloadResponse.FromString,
+        lambda r: None,
     )
 
 
-def statistics(
-    name: str, version: str
-) -> Call[pb.ModelStatisticsResponse, list[ModelStatistics]]:
+def statistics(name: str, version: str) -> Call[pb.ModelStatisticsResponse, list[ModelStatistics]]:
     return Call(
-        _inference("ModelStatistics"), pb.ModelStatisticsRequest(name=name, version=version),
+        _inference("ModelStatistics"),
+        pb.ModelStatisticsRequest(name=name, version=version),
         pb.ModelStatisticsResponse.FromString,
         lambda r: [_model_statistics(s) for s in r.model_stats],
     )
@@ -159,8 +176,11 @@ def infer(
         request.outputs.add(name=name)
     metadata = ((REQUEST_ID_KEY, request_id),) if request_id else ()
     return Call(
-        _inference("ModelInfer"), request,
-        pb.ModelInferResponse.FromString, _infer_result, metadata,
+        _inference("ModelInfer"),
+        request,
+        pb.ModelInferResponse.FromString,
+        _infer_result,
+        metadata,
     )
 
 
@@ -170,8 +190,11 @@ def _tensor(t: pb.ModelMetadataResponse.TensorMetadata) -> TensorMetadata:
 
 def _model_metadata(r: pb.ModelMetadataResponse) -> ModelMetadata:
     return ModelMetadata(
-        name=r.name, versions=list(r.versions), platform=r.platform,
-        inputs=[_tensor(t) for t in r.inputs], outputs=[_tensor(t) for t in r.outputs],
+        name=r.name,
+        versions=list(r.versions),
+        platform=r.platform,
+        inputs=[_tensor(t) for t in r.inputs],
+        outputs=[_tensor(t) for t in r.outputs],
     )
 
 
@@ -182,17 +205,26 @@ def _duration(d: pb.StatisticDuration) -> DurationStat:
 def _model_statistics(s: pb.ModelStatistics) -> ModelStatistics:
     i = s.inference_stats
     return ModelStatistics(
-        name=s.name, version=s.version, last_inference_ms=s.last_inference,
-        inference_count=s.inference_count, execution_count=s.execution_count,
+        name=s.name,
+        version=s.version,
+        last_inference_ms=s.last_inference,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
         inference_stats=InferenceStats(
-            success=_duration(i.success), fail=_duration(i.fail), queue=_duration(i.queue),
-            compute_input=_duration(i.compute_input), compute_infer=_duration(i.compute_infer),
+            success=_duration(i.success),
+            fail=_duration(i.fail),
+            queue=_duration(i.queue),
+            compute_input=_duration(i.compute_input),
+            compute_infer=_duration(i.compute_infer),
             compute_output=_duration(i.compute_output),
         ),
         batch_stats=[
-            BatchStats(batch_size=b.batch_size, compute_input=_duration(b.compute_input),
-                       compute_infer=_duration(b.compute_infer),
-                       compute_output=_duration(b.compute_output))
+            BatchStats(
+                batch_size=b.batch_size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
             for b in s.batch_stats
         ],
     )
@@ -206,7 +238,9 @@ def _infer_result(r: pb.ModelInferResponse) -> InferResult:
             "this client reads raw output contents only"
         )
     return InferResult(
-        model=r.model_name, version=r.model_version, id=r.id,
+        model=r.model_name,
+        version=r.model_version,
+        id=r.id,
         outputs={
             t.name: from_raw(data, t.datatype, tuple(t.shape))
             for t, data in zip(r.outputs, raw, strict=True)

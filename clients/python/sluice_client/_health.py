@@ -23,15 +23,16 @@ def _health_file() -> Any:
         name="sluice_client/grpc_health_v1.proto", package=_PACKAGE, syntax="proto3"
     )
     request = proto.message_type.add(name="HealthCheckRequest")
-    request.field.add(
-        name="service", number=1, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL
-    )
+    request.field.add(name="service", number=1, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL)
     response = proto.message_type.add(name="HealthCheckResponse")
     statuses = response.enum_type.add(name="ServingStatus")
     for number, name in enumerate(_STATUSES):
         statuses.value.add(name=name, number=number)
     response.field.add(
-        name="status", number=1, type=field.TYPE_ENUM, label=field.LABEL_OPTIONAL,
+        name="status",
+        number=1,
+        type=field.TYPE_ENUM,
+        label=field.LABEL_OPTIONAL,
         type_name=f".{_PACKAGE}.HealthCheckResponse.ServingStatus",
     )
     return proto

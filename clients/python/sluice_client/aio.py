@@ -134,7 +134,5 @@ class AsyncClient:
         request_id: str = "",
         timeout_s: float | None = None,
     ) -> InferResult:
-        call = _calls.infer(
-            model, inputs, outputs=outputs, version=version, request_id=request_id
-        )
+        call = _calls.infer(model, inputs, outputs=outputs, version=version, request_id=request_id)
         return await self._send(call, timeout_s)

@@ -20,10 +20,11 @@ import numpy.typing as npt
 from sluice_client._channel import DEFAULT_TARGET
 from sluice_client.client import Client
 from sluice_client.errors import NotFound, SluiceClientError
+from sluice_client.names import model_health_service
 from sluice_client.results import InferResult, RepositoryModel
 
 #: Sluice reports each model's health under this prefix + the model name.
-MODEL_HEALTH_PREFIX = "sluice.model."
+
 _PRINT_OPTIONS: dict[str, Any] = {"threshold": 24, "edgeitems": 3, "max_line_width": 100}
 
 Action = Callable[[Client, argparse.Namespace], int]
@@ -44,8 +45,15 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
     infer = sub.add_parser("infer", parents=[common], help="run one inference")
     infer.add_argument("model")
-    infer.add_argument("--input", dest="inputs", action="append", type=_named_file,
-                       required=True, metavar="NAME=FILE.npy", help="an input tensor (repeat)")
+    infer.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        type=_named_file,
+        required=True,
+        metavar="NAME=FILE.npy",
+        help="an input tensor (repeat)",
+    )
     infer.add_argument("--output-dir", type=Path, help="save each output as NAME.npy here")
     infer.add_argument("--version", default="", help="model version (default: the server's)")
     infer.set_defaults(run=_with_client(_infer))
@@ -82,7 +90,7 @@ def _named_file(text: str) -> tuple[str, Path]:
 
 
 def _health(client: Client, args: argparse.Namespace) -> int:
-    service = MODEL_HEALTH_PREFIX + args.model if args.model else ""
+    service = model_health_service(args.model) if args.model else ""
     try:
         status = client.health(service)
     except NotFound:

@@ -104,9 +104,7 @@ class Client:
     def server_metadata(self, *, timeout_s: float | None = None) -> ServerMetadata:
         return self._send(_calls.server_metadata(), timeout_s)
 
-    def model_ready(
-        self, name: str, version: str = "", *, timeout_s: float | None = None
-    ) -> bool:
+    def model_ready(self, name: str, version: str = "", *, timeout_s: float | None = None) -> bool:
         return self._send(_calls.model_ready(name, version), timeout_s)
 
     def model_metadata(
@@ -150,7 +148,5 @@ class Client:
         """Run one inference. Each input's datatype follows its numpy dtype (arrays of
         ``bytes`` / ``str`` are BYTES); ``outputs`` picks outputs (default: all);
         ``request_id`` is echoed back and names the call in the server's logs."""
-        call = _calls.infer(
-            model, inputs, outputs=outputs, version=version, request_id=request_id
-        )
+        call = _calls.infer(model, inputs, outputs=outputs, version=version, request_id=request_id)
         return self._send(call, timeout_s)

@@ -23,8 +23,7 @@ from typing import Protocol, cast
 
 import grpc
 
-REQUEST_ID_KEY = "x-request-id"
-PUSHBACK_KEY = "grpc-retry-pushback-ms"
+from sluice_client.names import PUSHBACK_KEY, REQUEST_ID_KEY
 
 
 class SluiceClientError(Exception):

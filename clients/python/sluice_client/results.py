@@ -94,4 +94,3 @@ class InferResult:
     outputs: dict[str, npt.NDArray[Any]]
     #: Each output's OIP datatype (BF16 arrives as uint16 words, so the dtype cannot tell).
     datatypes: dict[str, str]
-

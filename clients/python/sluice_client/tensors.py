@@ -103,8 +103,7 @@ def deserialize_bytes(buffer: bytes | memoryview, count: int) -> npt.NDArray[np.
         offset += 4
         if offset + length > len(view):
             raise WireFormatError(
-                f"BYTES element {index} claims {length} bytes but only "
-                f"{len(view) - offset} remain"
+                f"BYTES element {index} claims {length} bytes but only {len(view) - offset} remain"
             )
         items.append(bytes(view[offset : offset + length]))
         offset += length

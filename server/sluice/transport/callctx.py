@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
+from sluice_client.names import PUSHBACK_KEY, REQUEST_ID_KEY
+
+__all__ = ["PUSHBACK_KEY", "REQUEST_ID_KEY", "deadline", "request_id"]
+
 #: The call's request id (echoed in trailing metadata and in every error message).
 request_id: ContextVar[str] = ContextVar("sluice_request_id", default="")
 #: The call's absolute deadline on the service clock, or None for streams.
 deadline: ContextVar[float | None] = ContextVar("sluice_deadline", default=None)
-
-REQUEST_ID_KEY = "x-request-id"
-PUSHBACK_KEY = "grpc-retry-pushback-ms"

@@ -21,15 +21,11 @@ from sluice.transport import interceptors
 from sluice.transport.servicers.inference import InferenceServicer
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+from sluice_client.names import model_health_service
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-MODEL_HEALTH_PREFIX = "sluice.model."
-
-
-def model_health_name(model: str) -> str:
-    return MODEL_HEALTH_PREFIX + model
 
 
 @dataclass(eq=False)
@@ -109,7 +105,7 @@ async def create_server(
 
     async def on_readiness(model: str, ready: bool) -> None:
         await health_servicer.set(
-            model_health_name(model),
+            model_health_service(model),
             health_pb2.HealthCheckResponse.SERVING
             if ready
             else health_pb2.HealthCheckResponse.NOT_SERVING,

@@ -1,7 +1,8 @@
-"""Admission: in-flight limits, shed at once (never queued behind the limit).
+"""Admission: in-flight limits on inference work, shed at once (never queued).
 
-Streams are admitted per request they carry, by the stream servicer, with the same
-controller; health and reflection are never shed.
+Only calls that run a model are admitted: probes and metadata calls (ServerLive, ModelReady,
+ModelMetadata, ...) must answer truthfully under overload and while draining. Streams are
+admitted per request they carry, by the stream servicer, with the same controller.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import grpc
 from sluice.admission import AdmissionController
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
 
+_ADMITTED_METHODS = frozenset({"ModelInfer"})
+
 
 class AdmissionInterceptor(Interceptor):
     def __init__(self, controller: AdmissionController, *, tenant_key: str) -> None:
@@ -25,7 +28,7 @@ class AdmissionInterceptor(Interceptor):
     async def around(
         self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[None]:
-        if call.request is None:
+        if call.request is None or call.short_method not in _ADMITTED_METHODS:
             yield
             return
         ticket = self._controller.admit(call.metadata.get(self._tenant_key, ""))

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""The transport ceiling: a grpc.aio ``inference.GRPCInferenceService`` that does no math.
+
+It implements just enough of the Open Inference Protocol v2 (Triton flavour) for
+``perf_analyzer -i grpc``:
+
+* ``ServerMetadata``: no extensions (so perf_analyzer never asks for ModelStatistics);
+* ``ModelMetadata`` / ``ModelConfig``: one model with the benchmark MLP's shapes
+  (FP32 ``input`` [-1, 256] -> FP32 ``output`` [-1, 16], ``max_batch_size`` 64);
+* ``ModelInfer``: answers a zero ``output`` of the right size (batch rows taken from the
+  first input's shape) without reading the input bytes; unknown parameters are ignored;
+* ``ServerLive`` / ``ServerReady`` / ``ModelReady``: true (``bench/run.py`` polls them).
+
+It uses Sluice's generated stubs (``sluice_api.inference``) and the same grpc.aio server
+options as Sluice, but no interceptors, batcher, executor or thread hop, so whatever
+throughput it reaches is the most a Python grpc.aio server can do on this machine with
+the same client. Like Sluice, it logs ``gRPC listening on HOST:PORT`` (at INFO, on
+stderr) once the port is bound; ``--port 0`` picks a free port.
+
+    python bench/null_server.py --port 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+import grpc
+
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+from sluice_api.inference import model_config_pb2 as mc
+
+log = logging.getLogger("null_server")
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # Sluice's default max_message_bytes
+
+
+class NullInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(
+        self,
+        *,
+        model: str,
+        input_name: str,
+        input_dim: int,
+        output_name: str,
+        output_dim: int,
+        max_batch_size: int,
+    ) -> None:
+        self.model = model
+        self.input_name = input_name
+        self.input_dim = input_dim
+        self.output_name = output_name
+        self.output_dim = output_dim
+        self.max_batch_size = max_batch_size
+        self._zeros: dict[int, bytes] = {}
+
+    # -- health ---------------------------------------------------------------------------
+
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Any
+    ) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=request.name == self.model)
+
+    # -- metadata -------------------------------------------------------------------------
+
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="null", version="0", extensions=[])
+
+    async def _check_model(self, name: str, context: Any) -> None:
+        if name != self.model:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'")
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        await self._check_model(request.name, context)
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=self.model,
+            versions=["1"],
+            platform="onnxruntime_onnx",
+            inputs=[meta(name=self.input_name, datatype="FP32", shape=[-1, self.input_dim])],
+            outputs=[meta(name=self.output_name, datatype="FP32", shape=[-1, self.output_dim])],
+        )
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Any
+    ) -> pb.ModelConfigResponse:
+        await self._check_model(request.name, context)
+        config = mc.ModelConfig(
+            name=self.model,
+            platform="onnxruntime_onnx",
+            backend="onnxruntime",
+            max_batch_size=self.max_batch_size,
+            input=[
+                mc.ModelInput(name=self.input_name, data_type=mc.TYPE_FP32, dims=[self.input_dim])
+            ],
+            output=[
+                mc.ModelOutput(
+                    name=self.output_name, data_type=mc.TYPE_FP32, dims=[self.output_dim]
+                )
+            ],
+        )
+        return pb.ModelConfigResponse(config=config)
+
+    # -- inference ------------------------------------------------------------------------
+
+    def _zero_output(self, rows: int) -> bytes:
+        data = self._zeros.get(rows)
+        if data is None:
+            data = self._zeros[rows] = bytes(rows * self.output_dim * 4)
+        return data
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Any
+    ) -> pb.ModelInferResponse:
+        if request.model_name != self.model:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model '{request.model_name}'")
+        rows = 1
+        if request.inputs and len(request.inputs[0].shape) > 1:
+            rows = max(1, int(request.inputs[0].shape[0]))
+        response = pb.ModelInferResponse(
+            model_name=self.model, model_version="1", id=request.id
+        )
+        response.outputs.add(name=self.output_name, datatype="FP32", shape=[rows, self.output_dim])
+        response.raw_output_contents.append(self._zero_output(rows))
+        return response
+
+
+async def serve(args: argparse.Namespace) -> int:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    servicer = NullInferenceServicer(
+        model=args.model,
+        input_name=args.input_name,
+        input_dim=args.input_dim,
+        output_name=args.output_name,
+        output_dim=args.output_dim,
+        max_batch_size=args.max_batch_size,
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if port == 0:
+        log.error("could not bind %s:%d", args.host, args.port)
+        return 1
+    await server.start()
+    log.info("gRPC listening on %s:%d", args.host, port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--input-name", default="input")
+    parser.add_argument("--input-dim", type=int, default=256)
+    parser.add_argument("--output-name", default="output")
+    parser.add_argument("--output-dim", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

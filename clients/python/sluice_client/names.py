@@ -1,0 +1,14 @@
+"""Names the server and its clients agree on (metadata keys, health service names)."""
+
+from __future__ import annotations
+
+#: Trailing metadata key carrying the call's request id (also quoted in error messages).
+REQUEST_ID_KEY = "x-request-id"
+#: Trailing metadata key of gRFC A6 server pushback, in milliseconds.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+#: grpc.health.v1 service name prefix for one model's readiness.
+MODEL_HEALTH_PREFIX = "sluice.model."
+
+
+def model_health_service(model: str) -> str:
+    return MODEL_HEALTH_PREFIX + model
