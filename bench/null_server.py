@@ -130,9 +130,7 @@ class NullInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         rows = 1
         if request.inputs and len(request.inputs[0].shape) > 1:
             rows = max(1, int(request.inputs[0].shape[0]))
-        response = pb.ModelInferResponse(
-            model_name=self.model, model_version="1", id=request.id
-        )
+        response = pb.ModelInferResponse(model_name=self.model, model_version="1", id=request.id)
         response.outputs.add(name=self.output_name, datatype="FP32", shape=[rows, self.output_dim])
         response.raw_output_contents.append(self._zero_output(rows))
         return response

@@ -183,7 +183,9 @@ def environment() -> dict[str, Any]:
         env["git_dirty"] = bool(
             subprocess.run(
                 [*git, "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout.strip()
         )
     return env
@@ -196,7 +198,8 @@ def build_model(path: Path) -> None:
     script = REPO_ROOT / "scripts" / "build_example_models.py"
     subprocess.run(
         [sys.executable, str(script), "--bench-only", "--bench-mlp", str(path)],
-        check=True, stdout=subprocess.DEVNULL,
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
 
 
@@ -253,8 +256,10 @@ def bench_ort(model_file: Path, profile: Profile) -> list[dict[str, Any]]:
                 "ms_per_run_p50": round(1e3 * statistics.median(times), 4),
             }
             rows.append(row)
-            note(f"ort batch {batch}: {row['samples_per_s']:.0f} samples/s, "
-                 f"{row['ms_per_run_p50']:.3f} ms/run (p50)")
+            note(
+                f"ort batch {batch}: {row['samples_per_s']:.0f} samples/s, "
+                f"{row['ms_per_run_p50']:.3f} ms/run (p50)"
+            )
     finally:
         del session
         gc.collect()
@@ -309,8 +314,14 @@ class ServerProcess:
     def start(self) -> None:
         note(f"starting {self.name}: {' '.join(self.cmd)}")
         self.proc = subprocess.Popen(
-            self.cmd, cwd=REPO_ROOT, env=self.env, text=True, bufsize=1,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            self.cmd,
+            cwd=REPO_ROOT,
+            env=self.env,
+            text=True,
+            bufsize=1,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         self._reader = threading.Thread(target=self._read, name=f"log-{self.name}", daemon=True)
         self._reader.start()
@@ -402,16 +413,36 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def null_server(log_dir: Path) -> ServerProcess:
-    cmd = [sys.executable, str(BENCH_DIR / "null_server.py"), "--port", "0", "--model", MODEL,
-           "--input-dim", str(INPUT_DIM), "--output-dim", str(OUTPUT_DIM)]
+    cmd = [
+        sys.executable,
+        str(BENCH_DIR / "null_server.py"),
+        "--port",
+        "0",
+        "--model",
+        MODEL,
+        "--input-dim",
+        str(INPUT_DIM),
+        "--output-dim",
+        str(OUTPUT_DIM),
+    ]
     return ServerProcess("null", cmd, log_dir / "null.log", server_env())
 
 
 def sluice_server(
     name: str, repository: Path, log_dir: Path, extra_env: dict[str, str]
 ) -> ServerProcess:
-    cmd = [sys.executable, "-m", "sluice", "serve", "--model-repository", str(repository),
-           "--grpc-port", "0", "--metrics-port", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sluice",
+        "serve",
+        "--model-repository",
+        str(repository),
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+    ]
     return ServerProcess(name, cmd, log_dir / f"{name}.log", server_env(extra_env))
 
 
@@ -425,11 +456,15 @@ def model_statistics(address: str) -> dict[str, int]:
     from sluice_api.inference import grpc_service_pb2 as pb
 
     with grpc.insecure_channel(address) as channel:
-        reply = _stub(channel).ModelStatistics(
-            pb.ModelStatisticsRequest(name=MODEL), timeout=10
-        )
-    totals = {"inference_count": 0, "execution_count": 0, "success_count": 0,
-              "queue_ns": 0, "queue_count": 0, "compute_infer_ns": 0}
+        reply = _stub(channel).ModelStatistics(pb.ModelStatisticsRequest(name=MODEL), timeout=10)
+    totals = {
+        "inference_count": 0,
+        "execution_count": 0,
+        "success_count": 0,
+        "queue_ns": 0,
+        "queue_count": 0,
+        "compute_infer_ns": 0,
+    }
     for stats in reply.model_stats:
         totals["inference_count"] += stats.inference_count
         totals["execution_count"] += stats.execution_count
@@ -443,8 +478,10 @@ def model_statistics(address: str) -> dict[str, int]:
 
 def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
     d = {key: after[key] - before[key] for key in before}
-    out: dict[str, Any] = {"inference_count": d["inference_count"],
-                           "execution_count": d["execution_count"]}
+    out: dict[str, Any] = {
+        "inference_count": d["inference_count"],
+        "execution_count": d["execution_count"],
+    }
     if d["execution_count"] > 0:
         out["avg_batch"] = round(d["inference_count"] / d["execution_count"], 2)
         out["infer_us_per_execution"] = round(d["compute_infer_ns"] / d["execution_count"] / 1e3, 1)
@@ -468,8 +505,11 @@ def check_outputs(address: str, model_file: Path, *, max_rows: int) -> dict[str,
                 reply = _stub(channel).ModelInfer(
                     pb.ModelInferRequest(
                         model_name=MODEL,
-                        inputs=[pb.ModelInferRequest.InferInputTensor(
-                            name=INPUT_NAME, datatype="FP32", shape=[rows, INPUT_DIM])],
+                        inputs=[
+                            pb.ModelInferRequest.InferInputTensor(
+                                name=INPUT_NAME, datatype="FP32", shape=[rows, INPUT_DIM]
+                            )
+                        ],
                         outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=OUTPUT_NAME)],
                         raw_input_contents=[x.tobytes()],
                     ),
@@ -482,8 +522,10 @@ def check_outputs(address: str, model_file: Path, *, max_rows: int) -> dict[str,
         got = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(rows, OUTPUT_DIM)
         want = ort_reference(model_file, x)
         err = float(np.max(np.abs(got - want)))
-        results[f"rows_{rows}"] = {"ok": bool(np.allclose(got, want, rtol=1e-4, atol=1e-4)),
-                                   "max_abs_err": err}
+        results[f"rows_{rows}"] = {
+            "ok": bool(np.allclose(got, want, rtol=1e-4, atol=1e-4)),
+            "max_abs_err": err,
+        }
     results["ok"] = all(r["ok"] for r in results.values() if isinstance(r, dict))
     return results
 
@@ -524,8 +566,10 @@ def parse_pa_csv(path: Path) -> dict[str, Any]:
     if not rows:
         raise RuntimeError(f"{path} holds no rows")
     row = rows[0]
+
     def us(name: str) -> float | None:
         return _number(row.get(name))
+
     return {
         "throughput": _number(row.get("Inferences/Second")),
         "p50_us": us("p50 latency"),
@@ -533,25 +577,49 @@ def parse_pa_csv(path: Path) -> dict[str, Any]:
         "p95_us": us("p95 latency"),
         "p99_us": us("p99 latency"),
         "avg_us": us("Avg latency"),
-        "csv": {key: _number(value) if _number(value) is not None else value
-                for key, value in row.items() if key},
+        "csv": {
+            key: _number(value) if _number(value) is not None else value
+            for key, value in row.items()
+            if key
+        },
     }
 
 
 def run_perf_analyzer(
-    pa: str, address: str, concurrency: int, profile: Profile, work: Path, tag: str,
-    *, stability_pct: int | None = None, max_trials: int | None = None,
+    pa: str,
+    address: str,
+    concurrency: int,
+    profile: Profile,
+    work: Path,
+    tag: str,
+    *,
+    stability_pct: int | None = None,
+    max_trials: int | None = None,
 ) -> dict[str, Any]:
     csv_path = work / f"pa-{tag}-c{concurrency}.csv"
     csv_path.unlink(missing_ok=True)
     cmd = [
-        pa, "-i", "grpc", "-u", address, "-m", MODEL, "-b", "1",
-        "--concurrency-range", f"{concurrency}:{concurrency}",
-        "-p", str(profile.interval_ms),
-        "-s", str(stability_pct or profile.stability_pct),
-        "-r", str(max_trials or profile.max_trials),
-        "--warmup-request-count", str(profile.warmup_requests),
-        "-f", str(csv_path),
+        pa,
+        "-i",
+        "grpc",
+        "-u",
+        address,
+        "-m",
+        MODEL,
+        "-b",
+        "1",
+        "--concurrency-range",
+        f"{concurrency}:{concurrency}",
+        "-p",
+        str(profile.interval_ms),
+        "-s",
+        str(stability_pct or profile.stability_pct),
+        "-r",
+        str(max_trials or profile.max_trials),
+        "--warmup-request-count",
+        str(profile.warmup_requests),
+        "-f",
+        str(csv_path),
     ]
     # Worst case: warm-up, max_trials windows (each may overrun), plus start-up.
     timeout = 60 + (max_trials or profile.max_trials) * profile.interval_ms / 1e3 * 3
@@ -566,8 +634,14 @@ def run_perf_analyzer(
 
 
 def measure(
-    name: str, server: ServerProcess, pa: str, profile: Profile, concurrencies: Sequence[int],
-    work: Path, *, sluice: bool,
+    name: str,
+    server: ServerProcess,
+    pa: str,
+    profile: Profile,
+    concurrencies: Sequence[int],
+    work: Path,
+    *,
+    sluice: bool,
 ) -> list[dict[str, Any]]:
     rows = []
     for c in concurrencies:
@@ -579,11 +653,21 @@ def measure(
                 # windows, and say so in the report.
                 relaxed = 2 * profile.stability_pct
                 trials = 2 * profile.max_trials
-                note(f"{name} c={c}: no stable measurement at ±{profile.stability_pct}%; "
-                     f"retrying at ±{relaxed}% with up to {trials} windows")
+                note(
+                    f"{name} c={c}: no stable measurement at ±{profile.stability_pct}%; "
+                    f"retrying at ±{relaxed}% with up to {trials} windows"
+                )
                 first_error = result["error"]
-                result = run_perf_analyzer(pa, server.address, c, profile, work, name,
-                                           stability_pct=relaxed, max_trials=trials)
+                result = run_perf_analyzer(
+                    pa,
+                    server.address,
+                    c,
+                    profile,
+                    work,
+                    name,
+                    stability_pct=relaxed,
+                    max_trials=trials,
+                )
                 result["stability_relaxed_to_pct"] = relaxed
                 result["first_attempt_error"] = first_error[-300:]
         row: dict[str, Any] = {"server": name, "concurrency": c, **result, **cpu.result()}
@@ -597,10 +681,12 @@ def measure(
             note(f"{name} c={c}: FAILED: {row['error'].splitlines()[-1] if row['error'] else ''}")
         else:
             batch = row.get("server_stats", {}).get("avg_batch")
-            note(f"{name} c={c}: {row['throughput']:.0f} infer/s, p50 {row['p50_us']:.0f} us"
-                 + (f", avg batch {batch}" if batch is not None else "")
-                 + f", server {row.get('server_cores', '?')} cores,"
-                 f" client {row.get('client_cores', '?')} cores")
+            note(
+                f"{name} c={c}: {row['throughput']:.0f} infer/s, p50 {row['p50_us']:.0f} us"
+                + (f", avg batch {batch}" if batch is not None else "")
+                + f", server {row.get('server_cores', '?')} cores,"
+                f" client {row.get('client_cores', '?')} cores"
+            )
     return rows
 
 
@@ -622,23 +708,45 @@ def _target(
     else:
         ok = value >= threshold if higher else value < threshold
         verdict = "PASS" if ok else "MISS"
-    return {"id": tid, "target": text, "value": value, "threshold": threshold,
-            "comparison": ">=" if higher else "<", "unit": unit, "verdict": verdict}
+    return {
+        "id": tid,
+        "target": text,
+        "value": value,
+        "threshold": threshold,
+        "comparison": ">=" if higher else "<",
+        "unit": unit,
+        "verdict": verdict,
+    }
 
 
 def evaluate_targets(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     b32, n32 = _find(runs, "batched", 32), _find(runs, "null", 32)
     u32, b1 = _find(runs, "unbatched", 32), _find(runs, "batched", 1)
     return [
-        _target("transport_ratio", "c=32: Sluice batched >= 75% of the transport ceiling",
-                round(b32["throughput"] / n32["throughput"], 3) if b32 and n32 else None,
-                TARGET_TRANSPORT, higher=True, unit="x"),
-        _target("batching_gain", "c=32: Sluice batched >= 3x Sluice unbatched",
-                round(b32["throughput"] / u32["throughput"], 3) if b32 and u32 else None,
-                TARGET_BATCHING, higher=True, unit="x"),
-        _target("c1_p50", "c=1: Sluice batched p50 < 1.0 ms",
-                round(b1["p50_us"] / 1e3, 3) if b1 and b1.get("p50_us") is not None else None,
-                TARGET_P50_MS, higher=False, unit="ms"),
+        _target(
+            "transport_ratio",
+            "c=32: Sluice batched >= 75% of the transport ceiling",
+            round(b32["throughput"] / n32["throughput"], 3) if b32 and n32 else None,
+            TARGET_TRANSPORT,
+            higher=True,
+            unit="x",
+        ),
+        _target(
+            "batching_gain",
+            "c=32: Sluice batched >= 3x Sluice unbatched",
+            round(b32["throughput"] / u32["throughput"], 3) if b32 and u32 else None,
+            TARGET_BATCHING,
+            higher=True,
+            unit="x",
+        ),
+        _target(
+            "c1_p50",
+            "c=1: Sluice batched p50 < 1.0 ms",
+            round(b1["p50_us"] / 1e3, 3) if b1 and b1.get("p50_us") is not None else None,
+            TARGET_P50_MS,
+            higher=False,
+            unit="ms",
+        ),
     ]
 
 
@@ -653,7 +761,8 @@ def _fmt(value: Any, digits: int = 0) -> str:
 def _md_header(result: dict[str, Any]) -> list[str]:
     env = result["environment"]
     lines = [
-        f"## Sluice benchmark, {result['timestamp']} ({result['profile']['name']} run)", "",
+        f"## Sluice benchmark, {result['timestamp']} ({result['profile']['name']} run)",
+        "",
         f"{env.get('cpu_count')} CPUs ({env.get('cpu_model', '?')}), onnxruntime "
         f"{env.get('onnxruntime')}, grpcio {env.get('grpcio')}, "
         f"{result.get('perf_analyzer_version') or 'perf_analyzer ?'}; load average "
@@ -661,19 +770,29 @@ def _md_header(result: dict[str, Any]) -> list[str]:
         "cores (nothing is pinned).",
     ]
     if result.get("sluice_env"):
-        lines += ["", "Sluice environment: " + ", ".join(
-            f"`{k}={v}`" for k, v in sorted(result["sluice_env"].items()))]
+        lines += [
+            "",
+            "Sluice environment: "
+            + ", ".join(f"`{k}={v}`" for k, v in sorted(result["sluice_env"].items())),
+        ]
     return lines
 
 
 def _md_ort(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
-    lines = ["", "### (a) onnxruntime in-process (compute ceiling)", "",
-             "| batch | samples/s | ms per run (mean) | ms per run (p50) |",
-             "|---:|---:|---:|---:|"]
-    lines += [f"| {r['batch']} | {_fmt(r['samples_per_s'])} | {r['ms_per_run_mean']:.3f} | "
-              f"{r['ms_per_run_p50']:.3f} |" for r in rows]
+    lines = [
+        "",
+        "### (a) onnxruntime in-process (compute ceiling)",
+        "",
+        "| batch | samples/s | ms per run (mean) | ms per run (p50) |",
+        "|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['batch']} | {_fmt(r['samples_per_s'])} | {r['ms_per_run_mean']:.3f} | "
+        f"{r['ms_per_run_p50']:.3f} |"
+        for r in rows
+    ]
     return lines
 
 
@@ -702,10 +821,14 @@ def _md_run_row(name: str, row: dict[str, Any]) -> str:
 def _md_runs(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     if not runs:
         return []
-    lines = ["", "### (b)-(d) served, through perf_analyzer (gRPC, 1 sample per request)", "",
-             "| server | c | infer/s | p50 ms | p90 ms | p99 ms | avg batch | server cores "
-             "| client cores | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "",
+        "### (b)-(d) served, through perf_analyzer (gRPC, 1 sample per request)",
+        "",
+        "| server | c | infer/s | p50 ms | p90 ms | p99 ms | avg batch | server cores "
+        "| client cores | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     lines += [_md_run_row(name, row) for name in SERVERS for row in runs.get(name, [])]
     return lines
 
@@ -714,17 +837,28 @@ def _md_breakdown(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     rows = [r for name in ("batched", "unbatched") for r in runs.get(name, []) if "error" not in r]
     if not rows:
         return []
-    lines = ["", "Where a Sluice request's time goes: perf_analyzer's averages in µs per request "
-             "(*outside* = network, gRPC, interceptors and event loop: everything but the model's "
-             "queue and compute); the last two columns come from ModelStatistics.", "",
-             "| server | c | outside | queue | compute in | compute infer | compute out "
-             "| avg batch | infer µs per run |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        "Where a Sluice request's time goes: perf_analyzer's averages in µs per request "
+        "(*outside* = network, gRPC, interceptors and event loop: everything but the model's "
+        "queue and compute); the last two columns come from ModelStatistics.",
+        "",
+        "| server | c | outside | queue | compute in | compute infer | compute out "
+        "| avg batch | infer µs per run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         col, stats = row.get("csv", {}), row.get("server_stats", {})
-        cells = [col.get(k) for k in ("Network+Server Send/Recv", "Server Queue",
-                                      "Server Compute Input", "Server Compute Infer",
-                                      "Server Compute Output")]
+        cells = [
+            col.get(k)
+            for k in (
+                "Network+Server Send/Recv",
+                "Server Queue",
+                "Server Compute Input",
+                "Server Compute Infer",
+                "Server Compute Output",
+            )
+        ]
         lines.append(
             f"| {row['server']} | {row['concurrency']} | "
             + " | ".join(_fmt(v) for v in cells)
@@ -735,12 +869,19 @@ def _md_breakdown(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def _md_targets(result: dict[str, Any]) -> list[str]:
-    lines = ["", "### Targets", "", "| target | value | threshold | verdict |",
-             "|---|---:|---:|---|"]
+    lines = [
+        "",
+        "### Targets",
+        "",
+        "| target | value | threshold | verdict |",
+        "|---|---:|---:|---|",
+    ]
     for t in result["targets"]:
         value = f"{_fmt(t['value'], 3)} {t['unit']}" if t["value"] is not None else "-"
-        lines.append(f"| {t['target']} | {value} | {t['comparison']} {t['threshold']} "
-                     f"{t['unit']} | **{t['verdict']}** |")
+        lines.append(
+            f"| {t['target']} | {value} | {t['comparison']} {t['threshold']} "
+            f"{t['unit']} | **{t['verdict']}** |"
+        )
     for name, check in result.get("correctness", {}).items():
         if not check.get("ok"):
             lines += ["", f"WARNING: Sluice ({name}) outputs differ from onnxruntime: {check}"]
@@ -777,27 +918,56 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 0.5 s windows, 50%% stability, 3 windows, short ORT loops")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES),
-                        metavar="C", help="perf_analyzer concurrencies (default: 1 8 32)")
-    parser.add_argument("--skip", nargs="+", default=[], choices=("ort", *SERVERS),
-                        help="parts to leave out")
-    parser.add_argument("--perf-analyzer", metavar="PATH",
-                        default=os.environ.get("PERF_ANALYZER"),
-                        help="perf_analyzer (default: $PERF_ANALYZER, else what "
-                             "scripts/get_perf_analyzer.sh prints)")
-    parser.add_argument("--measurement-interval", type=int, metavar="MS",
-                        help="override perf_analyzer -p")
-    parser.add_argument("--sluice-env", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="extra environment for the Sluice servers, e.g. "
-                             "SLUICE_EXECUTOR__INTRA_OP_THREADS=1 (recorded in the JSON)")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
-                        help=f"where the JSON goes (default: {DEFAULT_OUT_DIR})")
-    parser.add_argument("--keep-workdir", action="store_true",
-                        help="keep the temporary folder (model, repositories, server logs, CSVs)")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 when a target is missed (default: non-zero only on errors)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 0.5 s windows, 50%% stability, 3 windows, short ORT loops",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=list(CONCURRENCIES),
+        metavar="C",
+        help="perf_analyzer concurrencies (default: 1 8 32)",
+    )
+    parser.add_argument(
+        "--skip", nargs="+", default=[], choices=("ort", *SERVERS), help="parts to leave out"
+    )
+    parser.add_argument(
+        "--perf-analyzer",
+        metavar="PATH",
+        default=os.environ.get("PERF_ANALYZER"),
+        help="perf_analyzer (default: $PERF_ANALYZER, else what "
+        "scripts/get_perf_analyzer.sh prints)",
+    )
+    parser.add_argument(
+        "--measurement-interval", type=int, metavar="MS", help="override perf_analyzer -p"
+    )
+    parser.add_argument(
+        "--sluice-env",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the Sluice servers, e.g. "
+        "SLUICE_EXECUTOR__INTRA_OP_THREADS=1 (recorded in the JSON)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DEFAULT_OUT_DIR,
+        help=f"where the JSON goes (default: {DEFAULT_OUT_DIR})",
+    )
+    parser.add_argument(
+        "--keep-workdir",
+        action="store_true",
+        help="keep the temporary folder (model, repositories, server logs, CSVs)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a target is missed (default: non-zero only on errors)",
+    )
     args = parser.parse_args(argv)
     args.extra_env = {}
     for item in args.sluice_env:
@@ -809,7 +979,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def bench_server(
-    name: str, model_file: Path, work: Path, pa: str, profile: Profile, args: argparse.Namespace,
+    name: str,
+    model_file: Path,
+    work: Path,
+    pa: str,
+    profile: Profile,
+    args: argparse.Namespace,
     result: dict[str, Any],
 ) -> None:
     """Start one server, check its answers (Sluice), measure every concurrency, stop it."""
@@ -824,9 +999,11 @@ def bench_server(
         with running(server):
             if name != "null":
                 result["correctness"][name] = check_outputs(
-                    server.address, model_file, max_rows=max_batch)
-            result["runs"][name] = measure(name, server, pa, profile, args.concurrency, work,
-                                           sluice=name != "null")
+                    server.address, model_file, max_rows=max_batch
+                )
+            result["runs"][name] = measure(
+                name, server, pa, profile, args.concurrency, work, sluice=name != "null"
+            )
     except Exception as exc:  # one server failing must not stop the others
         result["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
         note(result["errors"][-1])
@@ -878,15 +1055,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "profile": dataclasses.asdict(profile),
         "concurrencies": args.concurrency,
         "sluice_env": args.extra_env,
-        "model": {"name": MODEL, "input": [INPUT_NAME, "FP32", [-1, INPUT_DIM]],
-                  "output": [OUTPUT_NAME, "FP32", [-1, OUTPUT_DIM]],
-                  "layers": "256 -> 4 x 1024 ReLU -> 16"},
+        "model": {
+            "name": MODEL,
+            "input": [INPUT_NAME, "FP32", [-1, INPUT_DIM]],
+            "output": [OUTPUT_NAME, "FP32", [-1, OUTPUT_DIM]],
+            "layers": "256 -> 4 x 1024 ReLU -> 16",
+        },
         "environment": environment(),
-        "ort": [], "runs": {}, "correctness": {}, "errors": [],
+        "ort": [],
+        "runs": {},
+        "correctness": {},
+        "errors": [],
     }
     if result["environment"]["loadavg_start"][0] > 0.5:
-        note(f"load average is {result['environment']['loadavg_start'][0]:.2f}: "
-             "the machine is not quiet, numbers will be noisy")
+        note(
+            f"load average is {result['environment']['loadavg_start'][0]:.2f}: "
+            "the machine is not quiet, numbers will be noisy"
+        )
 
     run_benchmark(args, profile, result)
 

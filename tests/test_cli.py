@@ -30,8 +30,12 @@ class Finished:
 async def sluice(*args: str, env: dict[str, str] | None = None) -> Finished:
     base = {k: v for k, v in os.environ.items() if k != "SLUICE_URL"}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sluice", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "sluice",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={**base, **(env or {})},
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
@@ -90,9 +94,18 @@ async def test_infer_prints_and_saves_outputs(server: RunningServer, tmp_path: P
     np.save(tmp_path / "a.npy", a)
     np.save(tmp_path / "b.npy", b)
     finished = await sluice(
-        "infer", "simple", "--url", server.address, "--version", "1",
-        "--input", f"INPUT0={tmp_path / 'a.npy'}", "--input", f"INPUT1={tmp_path / 'b.npy'}",
-        "--output-dir", str(tmp_path / "out"),
+        "infer",
+        "simple",
+        "--url",
+        server.address,
+        "--version",
+        "1",
+        "--input",
+        f"INPUT0={tmp_path / 'a.npy'}",
+        "--input",
+        f"INPUT1={tmp_path / 'b.npy'}",
+        "--output-dir",
+        str(tmp_path / "out"),
     )
     assert finished.returncode == 0, finished.stderr
     assert "model simple version 1" in finished.stdout
@@ -107,9 +120,19 @@ async def test_infer_saves_bytes_outputs_without_pickle(
     server: RunningServer, tmp_path: Path
 ) -> None:
     dtypes = {
-        "BOOL": "bool", "INT8": "i1", "INT16": "i2", "INT32": "i4", "INT64": "i8",
-        "UINT8": "u1", "UINT16": "u2", "UINT32": "u4", "UINT64": "u8",
-        "FP16": "f2", "FP32": "f4", "FP64": "f8", "BYTES": "S5",
+        "BOOL": "bool",
+        "INT8": "i1",
+        "INT16": "i2",
+        "INT32": "i4",
+        "INT64": "i8",
+        "UINT8": "u1",
+        "UINT16": "u2",
+        "UINT32": "u4",
+        "UINT64": "u8",
+        "FP16": "f2",
+        "FP32": "f4",
+        "FP64": "f8",
+        "BYTES": "S5",
     }
     args = []
     for name, dtype in dtypes.items():

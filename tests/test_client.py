@@ -111,10 +111,14 @@ async def test_model_readiness_metadata_and_config(client: Any) -> None:
     assert await client.model_ready("mlp", "1") is False
     assert await client.model_ready("nope") is False
     assert await client.model_metadata("mlp") == ModelMetadata(
-        name="mlp", versions=["2"], platform="onnxruntime_onnx",
+        name="mlp",
+        versions=["2"],
+        platform="onnxruntime_onnx",
         inputs=[TensorMetadata("input", "FP32", [-1, 64])],
-        outputs=[TensorMetadata("logits", "FP32", [-1, 10]),
-                 TensorMetadata("probabilities", "FP32", [-1, 10])],
+        outputs=[
+            TensorMetadata("logits", "FP32", [-1, 10]),
+            TensorMetadata("probabilities", "FP32", [-1, 10]),
+        ],
     )
     config = await client.model_config("simple", "1")
     assert config.name == "simple"
@@ -157,8 +161,7 @@ async def test_infer_mlp_matches_onnxruntime(client: Any) -> None:
     result = await client.infer("mlp", {"input": x}, version="2")
     assert result.version == "2"
     np.testing.assert_allclose(result.outputs["logits"], logits, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(result.outputs["probabilities"], probabilities, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(result.outputs["probabilities"], probabilities, rtol=1e-5, atol=1e-6)
 
 
 async def test_passthrough_round_trips_every_datatype_exactly(client: Any) -> None:
@@ -191,7 +194,9 @@ async def test_statistics_count_inferences(client: Any) -> None:
     assert stats.last_inference_ms > 0
     everything = await client.statistics()
     assert {(s.name, s.version) for s in everything} == {
-        ("mlp", "2"), ("passthrough", "1"), ("simple", "1")
+        ("mlp", "2"),
+        ("passthrough", "1"),
+        ("simple", "1"),
     }
 
 

@@ -16,9 +16,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
-
 from tests.conftest import REPO_ROOT
 
 LISTENING = re.compile(rb"gRPC listening on [\d.]+:(\d+)")
@@ -34,8 +34,13 @@ def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import subprocess
 
     subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "build_example_models.py"),
-         "--bench-mlp", str(root / "mlp" / "1" / "model.onnx"), "--bench-only"],
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "build_example_models.py"),
+            "--bench-mlp",
+            str(root / "mlp" / "1" / "model.onnx"),
+            "--bench-only",
+        ],
         check=True,
     )
     (root / "mlp" / "config.yaml").write_text("max_batch_size: 64\n")
@@ -45,9 +50,16 @@ def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def start_process(repository: Path) -> tuple[asyncio.subprocess.Process, int, list[bytes]]:
     env = {**os.environ, "SLUICE_DRAIN_GRACE_S": "20", "SLUICE_METRICS_PORT": "0"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sluice", "serve", "--grpc-port", "0",
-        "--model-repository", str(repository),
-        stderr=asyncio.subprocess.PIPE, env=env,
+        sys.executable,
+        "-m",
+        "sluice",
+        "serve",
+        "--grpc-port",
+        "0",
+        "--model-repository",
+        str(repository),
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
     )
     assert proc.stderr is not None
     log: list[bytes] = []
@@ -76,8 +88,9 @@ def infer_request() -> pb.ModelInferRequest:
     x = np.random.default_rng(0).standard_normal((64, 256), dtype=np.float32)
     return pb.ModelInferRequest(
         model_name="mlp",
-        inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32",
-                                                      shape=[64, 256])],
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[64, 256])
+        ],
         raw_input_contents=[x.tobytes()],
     )
 

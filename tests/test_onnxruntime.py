@@ -17,8 +17,9 @@ def test_provider_ladder_prefers_gpu_and_falls_back_to_cpu() -> None:
     gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert choose_providers(None, gpu_build) == gpu_build
     assert choose_providers(None, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"],
-                            ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert choose_providers(
+        ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]
+    ) == ["CPUExecutionProvider"]
     with pytest.raises(ConfigError, match="none of the ONNX Runtime providers"):
         choose_providers(["CUDAExecutionProvider"], ["CPUExecutionProvider"])
 

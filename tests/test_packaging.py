@@ -12,8 +12,18 @@ from tests.conftest import REPO_ROOT
 
 def test_wheel_ships_example_models_stubs_and_client(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPO_ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO_ROOT),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("sluice-*.whl")

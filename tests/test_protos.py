@@ -22,6 +22,7 @@ import yaml
 from google.protobuf import descriptor_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+
 from sluice_api.inference import grpc_service_pb2, model_config_pb2
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

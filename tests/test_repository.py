@@ -8,11 +8,11 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sluice_api.inference import grpc_service_pb2 as pb
-from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 
 from sluice.errors import ConfigError
 from sluice.repository import VersionPolicy, read_config
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import StartServer
 
 
@@ -78,14 +78,18 @@ def test_config_tensor_must_exist_in_the_model(tmp_path: Path) -> None:
     )
     declared = (DeclaredTensor("x", "FP32", (-1, 4)),)
     with pytest.raises(ConfigError) as info:
-        resolve_io(config, declared, declared, where=tmp_path / "config.yaml",
-                   default_max_batch=8)
+        resolve_io(config, declared, declared, where=tmp_path / "config.yaml", default_max_batch=8)
     assert "inputs.0.name" in info.value.message and "'wrong'" in info.value.message
 
 
 @pytest.mark.parametrize(
     ("policy", "expected"),
-    [({}, [3]), ({"latest": 2}, [2, 3]), ({"specific": [1, 3]}, [1, 3]), ({"all": True}, [1, 2, 3])],
+    [
+        ({}, [3]),
+        ({"latest": 2}, [2, 3]),
+        ({"specific": [1, 3]}, [1, 3]),
+        ({"all": True}, [1, 2, 3]),
+    ],
 )
 def test_version_policy(policy: dict[str, object], expected: list[int]) -> None:
     assert VersionPolicy.model_validate(policy).select([3, 1, 2]) == expected

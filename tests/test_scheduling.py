@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
-
 from tests.conftest import FakeClock, RunningServer, StartServer
 from tests.fakes import POISON, Behaviour, fake_backends, fake_repository
 
@@ -64,7 +64,9 @@ async def stub(fake_server: RunningServer) -> AsyncIterator[pb_grpc.GRPCInferenc
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
-async def occupy(stub: pb_grpc.GRPCInferenceServiceStub, behaviour: Behaviour) -> asyncio.Future[pb.ModelInferResponse]:
+async def occupy(
+    stub: pb_grpc.GRPCInferenceServiceStub, behaviour: Behaviour
+) -> asyncio.Future[pb.ModelInferResponse]:
     """Start one call and wait until the backend holds it (the only instance is busy)."""
     behaviour.hold()
     task = asyncio.ensure_future(stub.ModelInfer(request(rows(1.0))))
@@ -82,8 +84,9 @@ async def test_queued_requests_run_as_one_batch(
     stub: pb_grpc.GRPCInferenceServiceStub, fake_server: RunningServer, behaviour: Behaviour
 ) -> None:
     first = await occupy(stub, behaviour)
-    calls = [asyncio.ensure_future(stub.ModelInfer(request(rows(float(i), 1 + i % 2))))
-             for i in range(5)]
+    calls = [
+        asyncio.ensure_future(stub.ModelInfer(request(rows(float(i), 1 + i % 2)))) for i in range(5)
+    ]
     await wait_queued(fake_server, 5)
     behaviour.release()
     responses = await asyncio.gather(first, *calls)
@@ -201,13 +204,16 @@ async def test_inflight_limit_sheds_with_pushback_and_loses_nothing(
     start_server: StartServer, tmp_path: Path, behaviour: Behaviour
 ) -> None:
     server = await start_server(
-        repository=fake_repository(tmp_path, BATCHING), backends=fake_backends(behaviour),
+        repository=fake_repository(tmp_path, BATCHING),
+        backends=fake_backends(behaviour),
         admission={"max_inflight_requests": 3, "pushback_ms": 120},
     )
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         admitted = [await occupy(stub, behaviour)]
-        admitted += [asyncio.ensure_future(stub.ModelInfer(request(rows(float(i))))) for i in (2, 3)]
+        admitted += [
+            asyncio.ensure_future(stub.ModelInfer(request(rows(float(i))))) for i in (2, 3)
+        ]
         await wait_queued(server, 2)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.ModelInfer(request(rows(9.0)))
@@ -228,7 +234,8 @@ async def test_full_queue_sheds_with_pushback(
 ) -> None:
     config = BATCHING + "  max_queue_size: 1\n"
     server = await start_server(
-        repository=fake_repository(tmp_path, config), backends=fake_backends(behaviour),
+        repository=fake_repository(tmp_path, config),
+        backends=fake_backends(behaviour),
         admission={"pushback_ms": 75},
     )
     async with grpc.aio.insecure_channel(server.address) as channel:
@@ -249,7 +256,8 @@ async def test_tenant_quota_is_resource_exhausted_with_details(
     start_server: StartServer, tmp_path: Path, behaviour: Behaviour
 ) -> None:
     server = await start_server(
-        repository=fake_repository(tmp_path, BATCHING), backends=fake_backends(behaviour),
+        repository=fake_repository(tmp_path, BATCHING),
+        backends=fake_backends(behaviour),
         admission={"tenant_max_inflight_requests": 1},
     )
     async with grpc.aio.insecure_channel(server.address) as channel:

@@ -1,8 +1,8 @@
 import grpc
 import numpy as np
+
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
-
 from tests.conftest import RunningServer
 
 

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 import pytest
+
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
-
 from tests.conftest import RunningServer
 
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import pytest
+
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
-
 from tests.conftest import RunningServer, StartServer
 
 Tensor = pb.ModelInferRequest.InferInputTensor
@@ -29,8 +29,10 @@ def simple(
 ) -> pb.ModelInferRequest:
     return pb.ModelInferRequest(
         model_name=str(fields.pop("model_name", "simple")),
-        inputs=[Tensor(name=n, datatype=d, shape=s)
-                for n, d, s in zip(names, datatypes, shapes, strict=False)],
+        inputs=[
+            Tensor(name=n, datatype=d, shape=s)
+            for n, d, s in zip(names, datatypes, shapes, strict=False)
+        ],
         raw_input_contents=raw if raw is not None else [ONES.tobytes()] * len(names),
         **fields,  # type: ignore[arg-type]
     )
@@ -39,9 +41,20 @@ def simple(
 def passthrough_bytes(raw_bytes: bytes, shape: list[int]) -> pb.ModelInferRequest:
     """A passthrough request whose BYTES input is ``raw_bytes``; other inputs are valid."""
     request = pb.ModelInferRequest(model_name="passthrough")
-    for name, dtype in [("BOOL", "?"), ("INT8", "i1"), ("INT16", "<i2"), ("INT32", "<i4"),
-                        ("INT64", "<i8"), ("UINT8", "u1"), ("UINT16", "<u2"), ("UINT32", "<u4"),
-                        ("UINT64", "<u8"), ("FP16", "<f2"), ("FP32", "<f4"), ("FP64", "<f8")]:
+    for name, dtype in [
+        ("BOOL", "?"),
+        ("INT8", "i1"),
+        ("INT16", "<i2"),
+        ("INT32", "<i4"),
+        ("INT64", "<i8"),
+        ("UINT8", "u1"),
+        ("UINT16", "<u2"),
+        ("UINT32", "<u4"),
+        ("UINT64", "<u8"),
+        ("FP16", "<f2"),
+        ("FP32", "<f4"),
+        ("FP64", "<f8"),
+    ]:
         request.inputs.add(name=name, datatype=name, shape=[1, 2])
         request.raw_input_contents.append(np.zeros((1, 2), dtype=dtype).tobytes())
     request.inputs.add(name="BYTES", datatype="BYTES", shape=shape)
@@ -58,42 +71,97 @@ class Case:
 
 
 CASES = [
-    Case("wrong dtype", simple(datatypes=("FP32", "INT32")), grpc.StatusCode.INVALID_ARGUMENT,
-         ("INPUT0", "FP32", "INT32")),
-    Case("wrong rank", simple(shapes=([16], [1, 16])), grpc.StatusCode.INVALID_ARGUMENT,
-         ("INPUT0", "rank")),
-    Case("negative dim", simple(shapes=([1, -16], [1, 16])), grpc.StatusCode.INVALID_ARGUMENT,
-         ("INPUT0", "dimension 1")),
-    Case("wrong fixed dim", simple(shapes=([1, 15], [1, 16])), grpc.StatusCode.INVALID_ARGUMENT,
-         ("INPUT0", "must be 16")),
-    Case("batch too large", simple(shapes=([1000, 16], [1000, 16])),
-         grpc.StatusCode.INVALID_ARGUMENT, ("batch size 1000", "1 to 32")),
-    Case("huge dims", passthrough_bytes(b"", [1, 2**40]), grpc.StatusCode.INVALID_ARGUMENT,
-         ("BYTES",)),
-    Case("byte size mismatch", simple(raw=[ONES.tobytes()[:-4], ONES.tobytes()]),
-         grpc.StatusCode.INVALID_ARGUMENT, ("INPUT0", "60 bytes", "64 bytes expected")),
-    Case("bad BYTES prefix", passthrough_bytes(struct.pack("<I", 100) + b"abc", [1, 1]),
-         grpc.StatusCode.INVALID_ARGUMENT, ("BYTES", "claims 100 bytes")),
-    Case("BYTES leftover", passthrough_bytes(struct.pack("<I", 1) + b"ab", [1, 1]),
-         grpc.StatusCode.INVALID_ARGUMENT, ("BYTES", "left over")),
-    Case("missing input", simple(names=("INPUT0",)), grpc.StatusCode.INVALID_ARGUMENT,
-         ("INPUT1",)),
-    Case("unknown input", simple(names=("INPUT0", "INPUT1", "INPUT2"),
-                                 datatypes=("INT32",) * 3,  # type: ignore[arg-type]
-                                 shapes=([1, 16], [1, 16], [1, 16])),  # type: ignore[arg-type]
-         grpc.StatusCode.INVALID_ARGUMENT, ("INPUT2", "expected inputs")),
-    Case("raw count mismatch", simple(raw=[ONES.tobytes()]), grpc.StatusCode.INVALID_ARGUMENT,
-         ("raw_input_contents", "1 entries for 2 inputs")),
-    Case("mismatched batch", simple(shapes=([1, 16], [2, 16]),
-                                    raw=[ONES.tobytes(), ONES.tobytes() * 2]),
-         grpc.StatusCode.INVALID_ARGUMENT, ("batch size",)),
+    Case(
+        "wrong dtype",
+        simple(datatypes=("FP32", "INT32")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("INPUT0", "FP32", "INT32"),
+    ),
+    Case(
+        "wrong rank",
+        simple(shapes=([16], [1, 16])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("INPUT0", "rank"),
+    ),
+    Case(
+        "negative dim",
+        simple(shapes=([1, -16], [1, 16])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("INPUT0", "dimension 1"),
+    ),
+    Case(
+        "wrong fixed dim",
+        simple(shapes=([1, 15], [1, 16])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("INPUT0", "must be 16"),
+    ),
+    Case(
+        "batch too large",
+        simple(shapes=([1000, 16], [1000, 16])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("batch size 1000", "1 to 32"),
+    ),
+    Case(
+        "huge dims",
+        passthrough_bytes(b"", [1, 2**40]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("BYTES",),
+    ),
+    Case(
+        "byte size mismatch",
+        simple(raw=[ONES.tobytes()[:-4], ONES.tobytes()]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("INPUT0", "60 bytes", "64 bytes expected"),
+    ),
+    Case(
+        "bad BYTES prefix",
+        passthrough_bytes(struct.pack("<I", 100) + b"abc", [1, 1]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("BYTES", "claims 100 bytes"),
+    ),
+    Case(
+        "BYTES leftover",
+        passthrough_bytes(struct.pack("<I", 1) + b"ab", [1, 1]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("BYTES", "left over"),
+    ),
+    Case("missing input", simple(names=("INPUT0",)), grpc.StatusCode.INVALID_ARGUMENT, ("INPUT1",)),
+    Case(
+        "unknown input",
+        simple(
+            names=("INPUT0", "INPUT1", "INPUT2"),
+            datatypes=("INT32",) * 3,  # type: ignore[arg-type]
+            shapes=([1, 16], [1, 16], [1, 16]),
+        ),  # type: ignore[arg-type]
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("INPUT2", "expected inputs"),
+    ),
+    Case(
+        "raw count mismatch",
+        simple(raw=[ONES.tobytes()]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("raw_input_contents", "1 entries for 2 inputs"),
+    ),
+    Case(
+        "mismatched batch",
+        simple(shapes=([1, 16], [2, 16]), raw=[ONES.tobytes(), ONES.tobytes() * 2]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("batch size",),
+    ),
     Case("no data", simple(raw=[]), grpc.StatusCode.INVALID_ARGUMENT, ("INPUT0", "0 values")),
-    Case("unknown output", simple(outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(
-        name="NOPE")]), grpc.StatusCode.INVALID_ARGUMENT, ("NOPE", "OUTPUT0")),
-    Case("unknown model", simple(model_name="nope"), grpc.StatusCode.NOT_FOUND,
-         ("nope", "simple")),
-    Case("unknown version", simple(model_version="7"), grpc.StatusCode.NOT_FOUND,
-         ("version '7'", "loaded versions: 1")),
+    Case(
+        "unknown output",
+        simple(outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="NOPE")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("NOPE", "OUTPUT0"),
+    ),
+    Case("unknown model", simple(model_name="nope"), grpc.StatusCode.NOT_FOUND, ("nope", "simple")),
+    Case(
+        "unknown version",
+        simple(model_version="7"),
+        grpc.StatusCode.NOT_FOUND,
+        ("version '7'", "loaded versions: 1"),
+    ),
 ]
 
 

@@ -259,6 +259,9 @@ class InferenceService:
         """Start-up loading finished and at least one model can infer."""
         return self.started and any(entry.ready for entry in self._models.values())
 
+    def has_model(self, name: str) -> bool:
+        return name in self._models
+
     def model_names(self) -> list[str]:
         return sorted(self._models)
 

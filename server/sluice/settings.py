@@ -63,6 +63,9 @@ class BatchingSettings(_Section):
 class ExecutorSettings(_Section):
     intra_op_threads: int = Field(0, ge=0)
     """Threads one ONNX Runtime session uses inside an operator (0: the runtime's choice)."""
+    allow_spinning: bool = False
+    """Let idle ONNX Runtime threads spin; off, they sleep and leave the cores to the
+    event loop (spinning costs a core per thread on small hosts)."""
     providers: list[str] | None = None
     """ONNX Runtime execution providers in order of preference (None: best installed)."""
 

@@ -147,6 +147,9 @@ class OnnxRuntimeFactory(ExecutorFactory):
     def load(self, path: Path, options: LoadOptions) -> Executor:
         providers = choose_providers(options.settings.providers, ort.get_available_providers())
         session_options = ort.SessionOptions()
+        spin = "1" if options.settings.allow_spinning else "0"
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        session_options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         if options.settings.intra_op_threads:
             session_options.intra_op_num_threads = options.settings.intra_op_threads
         try:

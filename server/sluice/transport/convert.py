@@ -68,6 +68,16 @@ def set_parameter(target: pb.InferParameter, value: Any) -> None:
         target.string_param = str(value)
 
 
+def timeout_parameter_s(msg: pb.ModelInferRequest) -> float | None:
+    """Triton's per-request ``timeout`` parameter (microseconds) in seconds, if set."""
+    if "timeout" not in msg.parameters:
+        return None
+    value = parameter_value(msg.parameters["timeout"])
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return value / 1e6
+
+
 def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
     raw = msg.raw_input_contents
     if raw and len(raw) != len(msg.inputs):

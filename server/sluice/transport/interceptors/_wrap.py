@@ -1,6 +1,9 @@
 """The one helper that wraps every RPC kind, so unary and streaming calls get the same
 treatment. An interceptor supplies ``around``: an async context manager entered before the
 handler runs and left when the call (or the whole stream) ends.
+
+Wrapped handlers depend only on the method, so each interceptor wraps a method once and
+reuses it; per-call facts (metadata, the request) are read when the call runs.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ import abc
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -17,24 +19,30 @@ import grpc
 # Health and reflection must answer even when the server sheds load or drains.
 OPERATIONAL_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
+Context = grpc.aio.ServicerContext[Any, Any]
 
-@dataclass(frozen=True, slots=True)
+
 class CallInfo:
-    method: str
-    #: The request message for unary-request calls; None for client-streaming calls.
-    request: Any
-    metadata: dict[str, str]
+    """One call as an interceptor sees it."""
 
-    @property
-    def short_method(self) -> str:
-        return self.method.rsplit("/", 1)[-1]
+    __slots__ = ("context", "method", "request", "short_method")
 
-    @property
-    def operational(self) -> bool:
-        return self.method.startswith(OPERATIONAL_SERVICES)
+    def __init__(self, method: str, short_method: str, request: Any, context: Context) -> None:
+        self.method = method
+        self.short_method = short_method
+        #: The request message for unary-request calls; None for client-streaming calls.
+        self.request = request
+        self.context = context
+
+    def metadata(self, key: str) -> str:
+        """The first string value of request metadata ``key``, or ``""``."""
+        for name, value in self.context.invocation_metadata() or ():
+            if name == key and isinstance(value, str):
+                return value
+        return ""
 
 
-Around = Callable[[CallInfo, grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
+Around = Callable[[CallInfo, Context], AbstractAsyncContextManager[None]]
 
 Continuation = Callable[
     [grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]
@@ -48,37 +56,30 @@ _FACTORIES = {
 }
 
 
-def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
-    return {
-        key: value for key, value in (details.invocation_metadata or ()) if isinstance(value, str)
-    }
-
-
 def wrap(
-    handler: grpc.RpcMethodHandler[Any, Any], details: grpc.HandlerCallDetails, around: Around
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, around: Around
 ) -> grpc.RpcMethodHandler[Any, Any]:
     kind = (handler.request_streaming, handler.response_streaming)
     factory, attribute = _FACTORIES[kind]
     inner = getattr(handler, attribute)
-    method, metadata = details.method, _metadata(details)
+    short_method = method.rsplit("/", 1)[-1]
+    streaming_request = handler.request_streaming
 
-    def info(request: Any) -> CallInfo:
-        return CallInfo(method, None if handler.request_streaming else request, metadata)
+    def info(request: Any, context: Context) -> CallInfo:
+        return CallInfo(method, short_method, None if streaming_request else request, context)
 
     behavior: Callable[..., Any]
     if handler.response_streaming and inspect.isasyncgenfunction(inner):
 
-        async def behavior(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            async with around(info(request), context):
+        async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
+            async with around(info(request, context), context):
                 async for response in inner(request, context):
                     yield response
 
     else:
 
-        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            async with around(info(request), context):
+        async def behavior(request: Any, context: Context) -> Any:
+            async with around(info(request, context), context):
                 result = inner(request, context)
                 return await result if isinstance(result, Awaitable) else result
 
@@ -95,21 +96,26 @@ class Interceptor(grpc.aio.ServerInterceptor, abc.ABC):
 
     include_operational = False
 
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+
     async def intercept_service(
         self,
         continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        if not self.include_operational and handler_call_details.method.startswith(
-            OPERATIONAL_SERVICES
+        method = handler_call_details.method
+        if handler is None or (
+            not self.include_operational and method.startswith(OPERATIONAL_SERVICES)
         ):
             return handler
-        return wrap(handler, handler_call_details, self.around)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap(handler, method, self.around)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     @abc.abstractmethod
-    def around(
-        self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AbstractAsyncContextManager[None]: ...
+    def around(self, call: CallInfo, context: Context) -> AbstractAsyncContextManager[None]: ...

@@ -21,6 +21,7 @@ _ADMITTED_METHODS = frozenset({"ModelInfer"})
 
 class AdmissionInterceptor(Interceptor):
     def __init__(self, controller: AdmissionController, *, tenant_key: str) -> None:
+        super().__init__()
         self._controller = controller
         self._tenant_key = tenant_key
 
@@ -31,7 +32,7 @@ class AdmissionInterceptor(Interceptor):
         if call.request is None or call.short_method not in _ADMITTED_METHODS:
             yield
             return
-        ticket = self._controller.admit(call.metadata.get(self._tenant_key, ""))
+        ticket = self._controller.admit(call.metadata(self._tenant_key))
         try:
             yield
         finally:

@@ -17,6 +17,7 @@ _INFERENCE_METHODS = frozenset({"ModelInfer"})
 
 class BreakerInterceptor(Interceptor):
     def __init__(self, service: InferenceService) -> None:
+        super().__init__()
         self._service = service
 
     @contextlib.asynccontextmanager

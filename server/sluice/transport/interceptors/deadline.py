@@ -16,12 +16,20 @@ import grpc
 
 from sluice.deadlines import DeadlinePolicy
 from sluice.errors import DeadlineExceededError
-from sluice.transport import callctx
+from sluice.transport import callctx, convert
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
+from sluice_api.inference import grpc_service_pb2 as pb
+
+
+def _timeout_parameter_s(request: Any) -> float | None:
+    if isinstance(request, pb.ModelInferRequest):
+        return convert.timeout_parameter_s(request)
+    return None
 
 
 class DeadlineInterceptor(Interceptor):
     def __init__(self, policy: DeadlinePolicy) -> None:
+        super().__init__()
         self._policy = policy
 
     @contextlib.asynccontextmanager
@@ -34,7 +42,7 @@ class DeadlineInterceptor(Interceptor):
                 raise DeadlineExceededError("the stream's deadline had already passed")
             yield
             return
-        budget = self._policy.budget_s(remaining)
+        budget = self._policy.budget_s(remaining, _timeout_parameter_s(call.request))
         token = callctx.deadline.set(self._policy.deadline(budget))
         try:
             async with asyncio.timeout(budget):

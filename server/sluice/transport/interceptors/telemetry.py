@@ -29,6 +29,7 @@ class TelemetryInterceptor(Interceptor):
     include_operational = True
 
     def __init__(self, metrics: Metrics, service: InferenceService, *, clock: Clock) -> None:
+        super().__init__()
         self._metrics = metrics
         self._service = service
         self._clock = clock
@@ -36,13 +37,13 @@ class TelemetryInterceptor(Interceptor):
     def _model_label(self, call: CallInfo) -> str:
         name = getattr(call.request, "model_name", "") or getattr(call.request, "name", "")
         # Only known models become label values: callers must not grow the label set.
-        return name if name in self._service.model_names() else ""
+        return name if self._service.has_model(name) else ""
 
     @contextlib.asynccontextmanager
     async def around(
         self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[None]:
-        rid = call.metadata.get(callctx.REQUEST_ID_KEY) or uuid.uuid4().hex[:16]
+        rid = call.metadata(callctx.REQUEST_ID_KEY) or uuid.uuid4().hex[:16]
         token = callctx.request_id.set(rid)
         context.set_trailing_metadata(((callctx.REQUEST_ID_KEY, rid),))
         started = self._clock()

@@ -39,7 +39,6 @@ _END = object()
 
 #: What one request's task produces: its response, or the error that ends the call.
 _Reply = pb.ModelStreamInferResponse | SluiceError
-_TIMEOUT_PARAMETER = "timeout"  # Triton's per-request timeout, in microseconds
 
 
 class StreamInferSession:
@@ -131,10 +130,8 @@ class StreamInferSession:
 
     async def _infer(self, request: pb.ModelInferRequest) -> Any:
         domain = convert.infer_request(request)
-        timeout_us = domain.parameters.get(_TIMEOUT_PARAMETER)
         budget = self._deadlines.budget_s(
-            self._context.time_remaining(),
-            timeout_us / 1e6 if isinstance(timeout_us, int) and timeout_us > 0 else None,
+            self._context.time_remaining(), convert.timeout_parameter_s(request)
         )
         ticket = self._admission.admit(self._tenant)
         try:

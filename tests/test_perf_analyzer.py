@@ -1,0 +1,114 @@
+"""Triton's perf_analyzer (C++ client, ``-i grpc``) against a real Sluice server.
+
+perf_analyzer needs ModelMetadata, ModelConfig, ServerMetadata and (because we advertise
+"statistics") ModelStatistics with a numeric version and a growing queue count; any error
+status aborts the run. ``scripts/get_perf_analyzer.sh`` provides a runnable binary (cached
+under ``.cache/``). Without it (no network) the test skips, but fails when ``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.compat.procs import REPO_ROOT, run
+from tests.conftest import RunningServer
+
+pytestmark = pytest.mark.slow
+
+GETTER = REPO_ROOT / "scripts" / "get_perf_analyzer.sh"
+
+
+async def perf_analyzer() -> str:
+    done = await run("bash", GETTER, limit_s=600)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines and lines[-1].startswith("/"):
+        return lines[-1]
+    reason = f"scripts/get_perf_analyzer.sh could not provide perf_analyzer:\n{done.describe()}"
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@dataclass(frozen=True)
+class Counts:
+    inference: int
+    execution: int
+    success: int
+    queue: int
+
+    @classmethod
+    def of(cls, server: RunningServer, model: str) -> Counts:
+        stats = server.service.get(model).stats
+        return cls(
+            stats.inference_count, stats.execution_count, stats.success.count, stats.queue.count
+        )
+
+    def minus(self, before: Counts) -> Counts:
+        return Counts(
+            self.inference - before.inference,
+            self.execution - before.execution,
+            self.success - before.success,
+            self.queue - before.queue,
+        )
+
+
+async def profile(
+    binary: str,
+    server: RunningServer,
+    tmp_path: Path,
+    model: str,
+    *,
+    concurrency: int,
+    requests: int,
+    streaming: bool = False,
+) -> tuple[dict[str, str], Counts]:
+    """One perf_analyzer run of exactly ``requests`` requests (a fixed amount of work
+    instead of time windows that must stabilise on a noisy machine). Returns the CSV row
+    and how much the server's statistics grew."""
+    csv_path = tmp_path / f"{model}-c{concurrency}{'-stream' if streaming else ''}.csv"
+    before = Counts.of(server, model)
+    done = await run(
+        binary,
+        *("-i", "grpc", "-u", server.address, "-m", model, "-b", "1"),
+        *("--concurrency-range", f"{concurrency}:{concurrency}"),
+        *("--request-count", str(requests), "-f", csv_path),
+        *(["--streaming"] if streaming else []),
+        limit_s=60,
+    )
+    done.check()
+    # It read ModelStatistics (we advertise "statistics") and printed the server side.
+    assert "Server:" in done.stdout and "Inference count:" in done.stdout, done.describe()
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1, done.describe()
+    row = rows[0]
+    assert int(row["Concurrency"]) == concurrency, row
+    assert float(row["Inferences/Second"]) > 0, (row, done.describe())
+    assert float(row["p50 latency"]) > 0, row
+    grew = Counts.of(server, model).minus(before)
+    # Every request was served and counted (batch 1: one inference per request).
+    assert grew.inference >= requests, grew
+    assert grew.success >= requests and grew.queue >= requests, grew
+    assert 1 <= grew.execution <= grew.inference, grew
+    return row, grew
+
+
+async def test_perf_analyzer_against_sluice(server: RunningServer, tmp_path: Path) -> None:
+    binary = await perf_analyzer()
+    # ModelInfer at concurrency 1, 8 and 32.
+    for concurrency, requests in ((1, 200), (8, 400), (32, 640)):
+        _, grew = await profile(
+            binary, server, tmp_path, "simple", concurrency=concurrency, requests=requests
+        )
+    # Under load the dynamic batcher merged requests: fewer executions than inferences.
+    assert grew.execution < grew.inference, grew
+    # ModelStreamInfer: one stream per concurrency slot, responses matched by echoed id.
+    await profile(binary, server, tmp_path, "simple", concurrency=8, requests=400, streaming=True)
+    # A model whose served version is "2" (perf_analyzer std::stoll()s the version and
+    # picks the statistics entry whose queue count grew).
+    await profile(binary, server, tmp_path, "mlp", concurrency=4, requests=200)
