@@ -25,11 +25,23 @@ async def serve(settings: Settings) -> int:
     metrics = Metrics()
     repository = settings.model_repository or EXAMPLE_REPOSITORY
     service = InferenceService(settings, repository=repository, metrics=metrics, clock=clock)
-    server = await create_server(settings, service, metrics=metrics, clock=clock)
     http = None
-    if settings.metrics_port is not None:
-        http, _ = start_http_server(settings.metrics_port, settings.host, metrics.registry)
-        log.info("metrics on http://%s:%d/metrics", settings.host, http.server_port)
+    try:
+        if settings.metrics_port is not None:
+            http, _ = start_http_server(settings.metrics_port, settings.host, metrics.registry)
+            log.info("metrics on http://%s:%d/metrics", settings.host, http.server_port)
+        server = await create_server(settings, service, metrics=metrics, clock=clock)
+    except (OSError, RuntimeError) as exc:
+        log.error(
+            "cannot listen on %s (grpc_port %s, metrics_port %s): %s",
+            settings.host,
+            settings.grpc_port,
+            settings.metrics_port,
+            exc,
+        )
+        if http is not None:
+            http.shutdown()
+        return 1
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

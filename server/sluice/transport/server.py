@@ -89,6 +89,8 @@ async def create_server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            # A second server on a busy port must fail, not silently share it.
+            ("grpc.so_reuseport", 0),
         ],
     )
     servicer = InferenceServicer(

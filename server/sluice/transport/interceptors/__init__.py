@@ -10,6 +10,7 @@ from sluice.deadlines import DeadlinePolicy
 from sluice.metrics import Metrics
 from sluice.service import InferenceService
 from sluice.settings import Settings
+from sluice.transport.interceptors._wrap import Chain
 from sluice.transport.interceptors.admission import AdmissionInterceptor
 from sluice.transport.interceptors.breaker import BreakerInterceptor
 from sluice.transport.interceptors.deadline import DeadlineInterceptor
@@ -26,11 +27,15 @@ def build(
     metrics: Metrics,
     clock: Clock,
 ) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors in execution order, outermost first."""
+    """The interceptors in execution order, outermost first (run as one chain)."""
     return [
-        TelemetryInterceptor(metrics, service, clock=clock),
-        ErrorInterceptor(),
-        DeadlineInterceptor(deadlines),
-        AdmissionInterceptor(admission, tenant_key=settings.admission.tenant_metadata_key),
-        BreakerInterceptor(service),
+        Chain(
+            [
+                TelemetryInterceptor(metrics, service, clock=clock),
+                ErrorInterceptor(),
+                DeadlineInterceptor(deadlines),
+                AdmissionInterceptor(admission, tenant_key=settings.admission.tenant_metadata_key),
+                BreakerInterceptor(service),
+            ]
+        )
     ]

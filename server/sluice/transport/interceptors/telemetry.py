@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,6 +32,9 @@ class TelemetryInterceptor(Interceptor):
     def __init__(self, metrics: Metrics, service: InferenceService, *, clock: Clock) -> None:
         super().__init__()
         self._metrics = metrics
+        # Request ids: unique per process start, then a counter (cheaper than a uuid per call).
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._ids = itertools.count(1)
         self._service = service
         self._clock = clock
 
@@ -43,7 +47,7 @@ class TelemetryInterceptor(Interceptor):
     async def around(
         self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[None]:
-        rid = call.metadata(callctx.REQUEST_ID_KEY) or uuid.uuid4().hex[:16]
+        rid = call.metadata(callctx.REQUEST_ID_KEY) or f"{self._id_prefix}-{next(self._ids):x}"
         token = callctx.request_id.set(rid)
         context.set_trailing_metadata(((callctx.REQUEST_ID_KEY, rid),))
         started = self._clock()
