@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import queue
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from sluice.errors import ConfigError, ExecutorError, InvalidInputError
+from sluice.executors._threads import InstanceThreads
 from sluice.executors.base import DeclaredTensor, Executor, ExecutorFactory, LoadOptions
 from sluice.tensors import Array
 
@@ -93,14 +91,12 @@ class OnnxRuntimeExecutor(Executor):
     backend: ClassVar[str] = "onnxruntime"
 
     def __init__(self, sessions: list[ort.InferenceSession], path: Path) -> None:
-        self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
-        for session in sessions:
-            self._idle.put(session)
-        self._pool = ThreadPoolExecutor(len(sessions), thread_name_prefix=f"ort-{path.parent.name}")
         self._inputs = _declared(sessions[0].get_inputs(), path)
         self._outputs = _declared(sessions[0].get_outputs(), path)
         self._output_names = [tensor.name for tensor in self._outputs]
         self._providers = sessions[0].get_providers()
+        self._threads: InstanceThreads[ort.InferenceSession, Mapping[str, Array], dict[str, Array]]
+        self._threads = InstanceThreads(sessions, self._run_sync, name=f"ort-{path.parent.name}")
 
     @property
     def inputs(self) -> Sequence[DeclaredTensor]:
@@ -115,29 +111,25 @@ class OnnxRuntimeExecutor(Executor):
         return "cuda" if self._providers[0] != "CPUExecutionProvider" else "cpu"
 
     async def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._run_sync, inputs)
+        return await self._threads.submit(inputs)
 
-    def _run_sync(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+    def _run_sync(
+        self, session: ort.InferenceSession, inputs: Mapping[str, Array]
+    ) -> dict[str, Array]:
         feeds = {name: _to_ort(array) for name, array in inputs.items()}
-        session = self._idle.get()
         try:
             results = session.run(self._output_names, feeds)
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
             raise InvalidInputError(f"the model rejected the inputs: {exc}") from exc
         except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses
             raise ExecutorError(f"onnxruntime failed: {exc}") from exc
-        finally:
-            self._idle.put(session)
         return {
             name: _from_ort(np.asarray(value))
             for name, value in zip(self._output_names, results, strict=True)
         }
 
     async def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        while not self._idle.empty():
-            self._idle.get()
+        await self._threads.close()
 
 
 class OnnxRuntimeFactory(ExecutorFactory):
