@@ -94,6 +94,18 @@ class Metrics:
             ["model", "version", "backend"],
             registry=r,
         )
+        self.retries = Counter(
+            "sluice_retries",
+            "Attempts after the first, by the name called.",
+            ["model"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "sluice_fallbacks",
+            "Calls answered by a fallback candidate, by name and target.",
+            ["model", "target"],
+            registry=r,
+        )
         self.model_ready = Gauge(
             "sluice_model_ready",
             "1 when the model version can infer now.",

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sluice.errors import ConfigError
 from sluice.executors.base import DeclaredTensor
-from sluice.settings import BatchingSettings
+from sluice.executors.faults import FaultConfig
+from sluice.settings import BatchingSettings, FallbackTarget
 from sluice.tensors import IOSpec, TensorSpec
 from sluice_client.tensors import DATATYPES
 
@@ -89,6 +90,10 @@ class ModelConfig(_Strict):
     instance_count: int = Field(1, ge=1)
     """Executor instances (sessions) running batches in parallel."""
     version_policy: VersionPolicy = VersionPolicy()
+    fallbacks: list[FallbackTarget] = []
+    """Where a call goes, in order, when this model fails transiently or its breaker is open."""
+    faults: FaultConfig | None = None
+    """Injected faults (tests, game days)."""
 
 
 @dataclass(frozen=True, slots=True)

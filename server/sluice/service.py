@@ -23,6 +23,7 @@ from sluice.errors import (
     SluiceError,
 )
 from sluice.executors.base import Executor, LoadOptions
+from sluice.executors.faults import FaultyExecutor
 from sluice.executors.registry import BackendRegistry
 from sluice.metrics import Metrics
 from sluice.repository import (
@@ -33,7 +34,7 @@ from sluice.repository import (
     resolve_batching,
     resolve_io,
 )
-from sluice.settings import Settings
+from sluice.settings import FallbackTarget, Settings
 from sluice.stats import ModelStats
 from sluice.tensors import (
     InferRequest,
@@ -67,6 +68,8 @@ class ModelEntry:
     versions: dict[str, ModelVersion] = field(default_factory=dict)
     #: Why the model or one of its versions failed to load ("" key: the model as a whole).
     failures: dict[str, str] = field(default_factory=dict)
+    #: Where calls go when this model fails transiently (from its config).
+    fallbacks: tuple[FallbackTarget, ...] = ()
 
     @property
     def ready(self) -> bool:
@@ -133,6 +136,7 @@ class InferenceService:
             entry = ModelEntry(name)
             try:
                 config = read_config(model_dir)
+                entry.fallbacks = tuple(config.fallbacks)
                 versions = list_versions(model_dir, config.version_policy)
             except ConfigError as exc:
                 entry.failures[""] = exc.message
@@ -188,7 +192,10 @@ class InferenceService:
         options = LoadOptions(
             instance_count=config.instance_count, settings=self._settings.executor
         )
-        executor = await asyncio.to_thread(factory.load, path, options)
+        executor: Executor = await asyncio.to_thread(factory.load, path, options)
+        if config.faults is not None and config.faults.mode != "none":
+            log.warning("model %s version %s: injecting faults %s", name, version, config.faults)
+            executor = FaultyExecutor(executor, config.faults)
         try:
             io = resolve_io(
                 config,
@@ -244,6 +251,7 @@ class InferenceService:
             observer=self._metrics.batch_observer(spec.name, spec.version),
             instance_count=spec.instance_count,
             pushback_ms=self._settings.admission.pushback_ms,
+            max_execution_s=self._settings.executor.max_batch_execution_s,
             clock=self._clock,
         )
         batcher.start()
@@ -258,6 +266,10 @@ class InferenceService:
     def ready(self) -> bool:
         """Start-up loading finished and at least one model can infer."""
         return self.started and any(entry.ready for entry in self._models.values())
+
+    def fallbacks(self, name: str) -> tuple[FallbackTarget, ...]:
+        entry = self._models.get(name)
+        return entry.fallbacks if entry is not None else ()
 
     def has_model(self, name: str) -> bool:
         return name in self._models
@@ -370,6 +382,7 @@ class InferenceService:
         return InferResult(
             model=model.spec.name,
             version=model.spec.version,
+            backend=model.spec.backend,
             id=request.id,
             outputs=[OutputTensor(name, datatypes[name], outputs[name]) for name in wanted],
         )

@@ -48,6 +48,13 @@ class BreakerSettings(_Section):
     """Time an open breaker waits before letting trial calls through (half-open)."""
     success_threshold: int = Field(1, ge=1)
     """Successful trial calls that close a half-open breaker."""
+    half_open_max_calls: int = Field(1, ge=1)
+    """Trial calls a half-open breaker lets through at once; more fail fast."""
+    state_file: Path | None = None
+    """JSON file that keeps breaker state across restarts (None: state is not persisted)."""
+    redis_url: str | None = None
+    """Redis URL (``redis://host:6379/0``) where replicas share breaker state instead of a
+    state file (needs the ``redis`` package; the reset timeout then follows the wall clock)."""
 
 
 class BatchingSettings(_Section):
@@ -66,8 +73,38 @@ class ExecutorSettings(_Section):
     allow_spinning: bool = False
     """Let idle ONNX Runtime threads spin; off, they sleep and leave the cores to the
     event loop (spinning costs a core per thread on small hosts)."""
+    max_batch_execution_s: float = Field(60.0, gt=0)
+    """Longest one batch may run before it counts as a backend fault (a hung backend); a
+    batch whose callers all have deadlines gets at most until the last of them."""
     providers: list[str] | None = None
     """ONNX Runtime execution providers in order of preference (None: best installed)."""
+
+
+class RetrySettings(_Section):
+    max_attempts: int = Field(3, ge=1)
+    """Attempts per call, the first included, across its fallback chain."""
+    initial_backoff_ms: float = Field(5.0, ge=0)
+    """Upper bound of the first retry's random (full jitter) back-off."""
+    max_backoff_ms: float = Field(200.0, ge=0)
+    """Cap of the exponential back-off."""
+    budget_ratio: float = Field(0.2, ge=0, le=1)
+    """Retries allowed as a fraction of the calls seen in the window (a retry budget)."""
+    budget_min_retries: int = Field(3, ge=0)
+    """Retries always allowed per window, so a quiet server can still retry."""
+    budget_window_s: float = Field(10.0, gt=0)
+    """Length of the window the retry budget counts over."""
+    attempt_share: float = Field(0.5, gt=0, le=1)
+    """Share of the remaining deadline one attempt may use while other candidates remain."""
+
+
+class FallbackTarget(_Section):
+    """One candidate of a fallback chain."""
+
+    model: str
+    version: str = ""
+    """Empty: the model's serving version."""
+    quality: float = Field(1.0, ge=0, le=1)
+    """How good its answers are next to the primary's (1: as good), for operators and logs."""
 
 
 class StreamSettings(_Section):
@@ -110,6 +147,9 @@ class Settings(BaseSettings):
     batching: BatchingSettings = BatchingSettings()
     executor: ExecutorSettings = ExecutorSettings()
     stream: StreamSettings = StreamSettings()
+    retry: RetrySettings = RetrySettings()
+    aliases: dict[str, list[FallbackTarget]] = {}
+    """Names clients may call that route to an ordered chain of models (first = primary)."""
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -67,6 +67,7 @@ class InferResult:
     version: str
     id: str
     outputs: list[OutputTensor]
+    backend: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 REQUEST_ID_KEY = "x-request-id"
 #: Trailing metadata key of gRFC A6 server pushback, in milliseconds.
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+#: Trailing metadata: which ``model/version/backend`` answered, and whether it was a fallback.
+SERVED_BY_KEY = "x-sluice-served-by"
+FALLBACK_KEY = "x-sluice-fallback"
 #: grpc.health.v1 service name prefix for one model's readiness.
 MODEL_HEALTH_PREFIX = "sluice.model."
 

@@ -76,6 +76,7 @@ class DynamicBatcher:
         observer: BatchObserver,
         instance_count: int = 1,
         pushback_ms: int = 50,
+        max_execution_s: float = 60.0,
         clock: Clock,
     ) -> None:
         self.name = name
@@ -86,6 +87,7 @@ class DynamicBatcher:
         self._stats = stats
         self._observer = observer
         self._pushback_ms = pushback_ms
+        self._max_execution_s = max_execution_s
         self._clock = clock
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
@@ -283,9 +285,15 @@ class DynamicBatcher:
                 name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs
             }
         t1 = self._clock()
+        limit_s = self._execution_limit_s(batch)
         with self._breaker.calling():
             try:
-                outputs = await self._executor.run(inputs)
+                async with asyncio.timeout(limit_s):
+                    outputs = await self._executor.run(inputs)
+            except TimeoutError as exc:  # a hung backend is a backend fault
+                raise ExecutorError(
+                    f"model {self.name}: the backend did not finish a batch in {limit_s:.3f}s"
+                ) from exc
             except SluiceError:
                 raise
             except Exception as exc:  # a backend bug must still count against its breaker
@@ -302,6 +310,13 @@ class DynamicBatcher:
                     f"dimension is not the batch size {rows}"
                 )
         return outputs, t1 - t0, t2 - t1
+
+    def _execution_limit_s(self, batch: list[_Pending]) -> float:
+        """How long a batch may run: until its last caller's deadline, at most the cap."""
+        deadlines = [p.deadline for p in batch if p.deadline is not None]
+        if len(deadlines) < len(batch):
+            return self._max_execution_s
+        return max(0.0, min(self._max_execution_s, max(deadlines) - self._clock()))
 
     def _deliver(self, batch: list[_Pending], outputs: dict[str, Array]) -> None:
         if len(batch) == 1:

@@ -15,6 +15,7 @@ from sluice.admission import AdmissionController
 from sluice.batching.dynamic import Clock
 from sluice.deadlines import DeadlinePolicy
 from sluice.metrics import Metrics
+from sluice.routing import Router
 from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.transport import interceptors
@@ -77,10 +78,12 @@ async def create_server(
     """Build, bind and start the server; models load afterwards (health NOT_SERVING)."""
     admission = AdmissionController(settings.admission, metrics)
     deadlines = DeadlinePolicy(settings.deadline, clock)
+    router = Router(service, settings, metrics=metrics, clock=clock)
     server = grpc.aio.server(
         interceptors=interceptors.build(
             settings=settings,
             service=service,
+            router=router,
             admission=admission,
             deadlines=deadlines,
             metrics=metrics,
@@ -94,7 +97,7 @@ async def create_server(
         ],
     )
     servicer = InferenceServicer(
-        service, settings=settings, admission=admission, deadlines=deadlines
+        service, router=router, settings=settings, admission=admission, deadlines=deadlines
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()

@@ -8,6 +8,7 @@ from sluice.admission import AdmissionController
 from sluice.batching.dynamic import Clock
 from sluice.deadlines import DeadlinePolicy
 from sluice.metrics import Metrics
+from sluice.routing import Router
 from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.transport.interceptors._wrap import Chain
@@ -22,6 +23,7 @@ def build(
     *,
     settings: Settings,
     service: InferenceService,
+    router: Router,
     admission: AdmissionController,
     deadlines: DeadlinePolicy,
     metrics: Metrics,
@@ -35,7 +37,7 @@ def build(
                 ErrorInterceptor(),
                 DeadlineInterceptor(deadlines),
                 AdmissionInterceptor(admission, tenant_key=settings.admission.tenant_metadata_key),
-                BreakerInterceptor(service),
+                BreakerInterceptor(router),
             ]
         )
     ]

@@ -1,5 +1,6 @@
-"""Breaker check: fail fast with UNAVAILABLE when the model's backend breaker is open,
-before the request is queued. (The breaker itself counts at the executor call.)"""
+"""Breaker check: fail fast with UNAVAILABLE when every candidate that could serve the call
+(the model and its fallbacks) has an open breaker, before anything is queued. (Breakers
+themselves count at the executor call.)"""
 
 from __future__ import annotations
 
@@ -9,21 +10,21 @@ from typing import Any
 
 import grpc
 
-from sluice.service import InferenceService
+from sluice.routing import Router
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
 
 _INFERENCE_METHODS = frozenset({"ModelInfer"})
 
 
 class BreakerInterceptor(Interceptor):
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, router: Router) -> None:
         super().__init__()
-        self._service = service
+        self._router = router
 
     @contextlib.asynccontextmanager
     async def around(
         self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[None]:
         if call.request is not None and call.short_method in _INFERENCE_METHODS:
-            self._service.ensure_can_serve(call.request.model_name, call.request.model_version)
+            self._router.ensure_can_serve(call.request.model_name, call.request.model_version)
         yield

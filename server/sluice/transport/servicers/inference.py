@@ -11,12 +11,14 @@ from sluice import __version__
 from sluice.admission import AdmissionController
 from sluice.deadlines import DeadlinePolicy
 from sluice.errors import UnsupportedError
+from sluice.routing import Router
 from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.transport import callctx, convert
 from sluice.transport.servicers.stream import StreamInferSession
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+from sluice_client.names import FALLBACK_KEY, SERVED_BY_KEY
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -28,11 +30,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self,
         service: InferenceService,
         *,
+        router: Router,
         settings: Settings,
         admission: AdmissionController,
         deadlines: DeadlinePolicy,
     ) -> None:
         self._service = service
+        self._router = router
         self._settings = settings
         self._admission = admission
         self._deadlines = deadlines
@@ -84,14 +88,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
         domain = convert.infer_request(request)
-        result = await self._service.infer(domain, deadline=callctx.deadline.get())
+        result = await self._router.infer(domain, deadline=callctx.deadline.get())
+        served_by = result.parameters.get("sluice_served_by")
+        if served_by:
+            context.set_trailing_metadata(
+                (
+                    *(context.trailing_metadata() or ()),
+                    (SERVED_BY_KEY, str(served_by)),
+                    (FALLBACK_KEY, "true" if result.parameters.get("sluice_fallback") else "false"),
+                )
+            )
         return convert.infer_response(result)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         session = StreamInferSession(
-            self._service,
+            self._router,
             context,
             admission=self._admission,
             deadlines=self._deadlines,

@@ -26,7 +26,7 @@ import grpc
 from sluice.admission import AdmissionController
 from sluice.deadlines import DeadlinePolicy
 from sluice.errors import DeadlineExceededError, SluiceError
-from sluice.service import InferenceService
+from sluice.routing import Router
 from sluice.transport import callctx, convert
 from sluice.transport.status import message_for, status_for, trailers_for
 from sluice_api.inference import grpc_service_pb2 as pb
@@ -44,7 +44,7 @@ _Reply = pb.ModelStreamInferResponse | SluiceError
 class StreamInferSession:
     def __init__(
         self,
-        service: InferenceService,
+        router: Router,
         context: Context,
         *,
         admission: AdmissionController,
@@ -52,7 +52,7 @@ class StreamInferSession:
         max_pending: int,
         tenant_key: str,
     ) -> None:
-        self._service = service
+        self._router = router
         self._context = context
         self._admission = admission
         self._deadlines = deadlines
@@ -135,9 +135,9 @@ class StreamInferSession:
         )
         ticket = self._admission.admit(self._tenant)
         try:
-            self._service.ensure_can_serve(domain.model, domain.version)
+            self._router.ensure_can_serve(domain.model, domain.version)
             async with asyncio.timeout(budget):
-                return await self._service.infer(domain, deadline=self._deadlines.deadline(budget))
+                return await self._router.infer(domain, deadline=self._deadlines.deadline(budget))
         except TimeoutError as exc:
             raise DeadlineExceededError(
                 f"request '{domain.id}' ran out of its {budget:.3f}s budget"
