@@ -1,0 +1,168 @@
+"""Fallback chains, the retry layer and fault injection over a real server, on the real
+ONNX example models (faults injected from the models' config)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.conftest import RunningServer, StartServer
+
+ONES = np.ones((1, 16), dtype=np.int32)
+
+
+def simple_request(model: str, datatype: str = "INT32") -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(
+        model_name=model,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(name=n, datatype=datatype, shape=[1, 16])
+            for n in ("INPUT0", "INPUT1")
+        ],
+        raw_input_contents=[ONES.tobytes(), ONES.tobytes()],
+    )
+
+
+def with_backup(repository: Path, primary_config: str, backup_config: str = "") -> Path:
+    """``simple`` gets ``primary_config``; ``simple_b`` is a copy of it as the fallback."""
+    shutil.copytree(repository / "simple", repository / "simple_b")
+    (repository / "simple" / "config.yaml").write_text(primary_config)
+    if backup_config:
+        (repository / "simple_b" / "config.yaml").write_text(backup_config)
+    return repository
+
+
+@pytest.fixture
+async def stub_for() -> AsyncIterator[object]:
+    channels: list[grpc.aio.Channel] = []
+
+    def make(server: RunningServer) -> pb_grpc.GRPCInferenceServiceStub:
+        channel = grpc.aio.insecure_channel(server.address)
+        channels.append(channel)
+        return pb_grpc.GRPCInferenceServiceStub(channel)
+
+    yield make
+    for channel in channels:
+        await channel.close()
+
+
+def sample(server: RunningServer, name: str, labels: dict[str, str]) -> float:
+    return server.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def call(stub: pb_grpc.GRPCInferenceServiceStub, model: str, **kwargs: object) -> tuple:
+    response_call = stub.ModelInfer(simple_request(model), **kwargs)  # type: ignore[arg-type]
+    response = await response_call
+    trailers = dict(await response_call.trailing_metadata() or ())
+    return response, trailers
+
+
+async def test_failing_primary_opens_its_breaker_and_fallback_answers_every_call(
+    start_server: StartServer, example_repository: Path, stub_for: object
+) -> None:
+    repository = with_backup(
+        example_repository, "faults: {mode: fail}\nfallbacks: [{model: simple_b}]\n"
+    )
+    server = await start_server(
+        repository=repository, breaker={"fail_max": 3}, retry={"budget_min_retries": 10}
+    )
+    stub = stub_for(server)  # type: ignore[operator]
+    for _ in range(8):
+        response, trailers = await call(stub, "simple")
+        out = np.frombuffer(response.raw_output_contents[0], np.int32)
+        np.testing.assert_array_equal(out, (ONES + ONES).ravel())
+        assert trailers["x-sluice-served-by"] == "simple_b/1/onnxruntime"
+        assert trailers["x-sluice-fallback"] == "true"
+        assert response.parameters["sluice_fallback"].bool_param
+    state = {"model": "simple", "version": "1", "backend": "onnxruntime"}
+    assert sample(server, "sluice_breaker_state", state) == 2  # open
+    # Three attempts on the primary opened it; the other calls went straight to the backup.
+    assert sample(server, "sluice_retries_total", {"model": "simple"}) == 3
+    primary = server.service.statistics("simple")[0][2]
+    assert primary.execution_count == 0 and primary.fail.count == 3
+
+
+async def test_alias_routes_to_its_chain(
+    start_server: StartServer, example_repository: Path, stub_for: object
+) -> None:
+    repository = with_backup(example_repository, "faults: {mode: fail}\n")
+    server = await start_server(
+        repository=repository,
+        aliases={"classifier": [{"model": "simple"}, {"model": "simple_b", "quality": 0.9}]},
+    )
+    stub = stub_for(server)  # type: ignore[operator]
+    _, trailers = await call(stub, "classifier")
+    assert trailers["x-sluice-served-by"] == "simple_b/1/onnxruntime"
+
+
+async def test_hanging_primary_costs_only_its_share_of_the_deadline(
+    start_server: StartServer, example_repository: Path, stub_for: object
+) -> None:
+    repository = with_backup(
+        example_repository, "faults: {mode: hang}\nfallbacks: [{model: simple_b}]\n"
+    )
+    server = await start_server(repository=repository, retry={"attempt_share": 0.5})
+    stub = stub_for(server)  # type: ignore[operator]
+    response, trailers = await call(stub, "simple", timeout=1.0)
+    assert trailers["x-sluice-served-by"] == "simple_b/1/onnxruntime"
+    assert response.parameters["sluice_attempts"].int64_param == 2
+
+
+async def test_fatal_error_is_returned_at_once_and_retried_nowhere(
+    start_server: StartServer, example_repository: Path, stub_for: object
+) -> None:
+    repository = with_backup(example_repository, "fallbacks: [{model: simple_b}]\n")
+    server = await start_server(repository=repository)
+    stub = stub_for(server)  # type: ignore[operator]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ModelInfer(simple_request("simple", datatype="FP32"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sample(server, "sluice_retries_total", {"model": "simple"}) == 0
+    assert server.service.statistics("simple_b")[0][2].fail.count == 0
+
+
+async def test_retry_budget_caps_attempts_in_a_total_outage(
+    start_server: StartServer, example_repository: Path, stub_for: object
+) -> None:
+    failing = "faults: {mode: fail}\n"
+    repository = with_backup(
+        example_repository, failing + "fallbacks: [{model: simple_b}]\n", failing
+    )
+    server = await start_server(
+        repository=repository,
+        breaker={"fail_max": 1000},
+        retry={"budget_ratio": 0.0, "budget_min_retries": 2, "max_attempts": 5},
+    )
+    stub = stub_for(server)  # type: ignore[operator]
+    for _ in range(10):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(simple_request("simple"))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    attempts = sum(
+        server.service.statistics(name)[0][2].fail.count for name in ("simple", "simple_b")
+    )
+    assert attempts == 10 + 2  # one attempt per call, plus the two retries the budget allowed
+    assert sample(server, "sluice_retries_total", {"model": "simple"}) == 2
+
+
+async def test_every_breaker_open_fails_fast(
+    start_server: StartServer, example_repository: Path, stub_for: object
+) -> None:
+    repository = with_backup(example_repository, "faults: {mode: fail}\n")
+    server = await start_server(
+        repository=repository, breaker={"fail_max": 1}, retry={"max_attempts": 1}
+    )
+    stub = stub_for(server)  # type: ignore[operator]
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.ModelInfer(simple_request("simple"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ModelInfer(simple_request("simple"))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "breaker" in (info.value.details() or "")
+    assert server.service.statistics("simple")[0][2].fail.count == 1  # never reached again
