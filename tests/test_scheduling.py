@@ -281,3 +281,35 @@ async def test_tenant_quota_is_resource_exhausted_with_details(
         behaviour.release()
         await held
         np.testing.assert_array_equal(output(await other), rows(4.0))
+
+
+async def test_open_breaker_survives_a_restart(
+    start_server: StartServer, tmp_path: Path, behaviour: Behaviour, clock: FakeClock
+) -> None:
+    repository = fake_repository(tmp_path / "models", BATCHING)
+    breaker = {"fail_max": 3, "reset_timeout_s": 10.0, "state_file": tmp_path / "breakers.json"}
+    first = await start_server(
+        repository=repository, backends=fake_backends(behaviour), clock=clock, breaker=breaker
+    )
+    behaviour.fail = True
+    async with grpc.aio.insecure_channel(first.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.ModelInfer(request(rows(1.0)))
+    await first.server.drain(0)
+
+    behaviour.fail = False  # healthy again, but the new process does not know that yet
+    second = await start_server(
+        repository=repository, backends=fake_backends(behaviour), clock=clock, breaker=breaker
+    )
+    state = {"model": "fake", "version": "1", "backend": "fake"}
+    assert second.metrics.registry.get_sample_value("sluice_breaker_state", state) == 2
+    async with grpc.aio.insecure_channel(second.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(request(rows(1.0)))
+        assert "breaker" in (info.value.details() or "")
+        assert behaviour.calls == 3  # the restart did not hammer the broken backend
+        clock.advance(10.0)
+        np.testing.assert_array_equal(output(await stub.ModelInfer(request(rows(1.0)))), rows(2.0))

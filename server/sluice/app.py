@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
+from sluice.errors import ConfigError
 from sluice.metrics import Metrics
 from sluice.service import InferenceService
 from sluice.settings import Settings
@@ -24,7 +25,11 @@ async def serve(settings: Settings) -> int:
     clock = time.monotonic
     metrics = Metrics()
     repository = settings.model_repository or EXAMPLE_REPOSITORY
-    service = InferenceService(settings, repository=repository, metrics=metrics, clock=clock)
+    try:
+        service = InferenceService(settings, repository=repository, metrics=metrics, clock=clock)
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc.message)
+        return 1
     http = None
     try:
         if settings.metrics_port is not None:

@@ -1,61 +1,63 @@
 """Circuit breakers for backends, on pybreaker, driven from asyncio with ``calling()``.
 
-pybreaker stamps the time a breaker opened with the wall clock; ``ClockedStorage`` keeps
-that stamp on an injected monotonic clock instead, so a clock jump cannot hold a breaker
-open and tests can move time without sleeping.
+One ``BackendBreaker`` per (model, version, backend). Only backend faults (``ExecutorError``)
+count against it; any other error (bad input) counts as a success, as pybreaker treats
+excluded errors. Half-open, pybreaker lets every call through; ``calling()`` lets at most
+``half_open_max_calls`` trial calls run at once and fails the others fast. The breaker keeps
+its state where the server's ``BreakerStore`` says (memory, a state file or Redis; see
+``sluice.breaker_state``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pybreaker
 
+from sluice.breaker_state import BreakerStore, Clock, MemoryBreakerStore
 from sluice.errors import BreakerOpenError, ExecutorError
 from sluice.settings import BreakerSettings
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 StateListener = Callable[[str, str], None]
+"""Called with (old state, new state) on every state change."""
 
 STATES = ("closed", "half-open", "open")
 
 
-class ClockedStorage(pybreaker.CircuitMemoryStorage):
-    """In-memory breaker state whose ``opened_at`` follows an injected monotonic clock."""
+class _Gate(enum.Enum):
+    """What a call made now would be."""
 
-    def __init__(self, state: str, clock: Clock) -> None:
-        super().__init__(state)
-        self._clock = clock
-        self._opened_mono: float | None = None
-
-    @property
-    def opened_at(self) -> datetime | None:
-        if self._opened_mono is None:
-            return None
-        elapsed = self._clock() - self._opened_mono
-        return datetime.now(UTC) - timedelta(seconds=elapsed)
-
-    @opened_at.setter
-    def opened_at(self, value: datetime) -> None:
-        self._opened_mono = self._clock()
+    PASS = "pass"
+    TRIAL = "trial"
+    REFUSE = "refuse"
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
-    def __init__(self, name: str, on_change: StateListener | None) -> None:
+    def __init__(self, name: str, callbacks: Sequence[StateListener]) -> None:
         self._name = name
-        self._on_change = on_change
+        self._callbacks = callbacks
 
-    def state_change(self, cb: pybreaker.CircuitBreaker, old: object, new: object) -> None:
-        old_name = getattr(old, "name", str(old))
-        new_name = getattr(new, "name", str(new))
-        log.warning("breaker %s: %s -> %s", self._name, old_name, new_name)
-        if self._on_change is not None:
-            self._on_change(old_name, new_name)
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old: pybreaker.CircuitBreakerState | None,
+        new: pybreaker.CircuitBreakerState,
+    ) -> None:
+        old_name = old.name if old is not None else ""
+        if old_name == new.name:  # a late trial call settling a state already left
+            return
+        log.warning("breaker %s: %s -> %s", self._name, old_name, new.name)
+        for callback in self._callbacks:
+            try:
+                callback(old_name, new.name)
+            except Exception:  # a listener's bug must not leave the breaker half-updated
+                log.exception("breaker %s: a state listener failed", self._name)
 
 
 def _not_a_backend_fault(exc: BaseException) -> bool:
@@ -63,7 +65,7 @@ def _not_a_backend_fault(exc: BaseException) -> bool:
 
 
 class BackendBreaker:
-    """One breaker for one (model, version, backend)."""
+    """One breaker for one (model, version, backend); ``name`` is its key in the store."""
 
     def __init__(
         self,
@@ -72,17 +74,28 @@ class BackendBreaker:
         *,
         clock: Clock,
         on_change: StateListener | None = None,
+        listeners: Sequence[StateListener] = (),
+        store: BreakerStore | None = None,
     ) -> None:
         self.name = name
         self._reset_timeout = timedelta(seconds=settings.reset_timeout_s)
-        self._storage = ClockedStorage(pybreaker.STATE_CLOSED, clock)
+        self._half_open_max_calls = settings.half_open_max_calls
+        self._trials_in_flight = 0
+        bound = (store or MemoryBreakerStore()).bind(
+            name, clock=clock, reset_timeout_s=settings.reset_timeout_s
+        )
+        self._storage = bound.storage
+        callbacks: list[StateListener] = [lambda _old, new: bound.record(new)]
+        if on_change is not None:
+            callbacks.append(on_change)
+        callbacks.extend(listeners)
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=settings.fail_max,
             reset_timeout=settings.reset_timeout_s,
             success_threshold=settings.success_threshold,
             exclude=[_not_a_backend_fault],
-            listeners=[_Listener(name, on_change)],
-            state_storage=self._storage,
+            listeners=[_Listener(name, callbacks)],
+            state_storage=bound.storage,
             name=name,
             throw_new_error_on_trip=False,
         )
@@ -92,20 +105,44 @@ class BackendBreaker:
         return str(self._breaker.current_state)
 
     def is_open(self) -> bool:
-        """Open and still inside its reset timeout: a call now would fail fast."""
-        if self.state != pybreaker.STATE_OPEN:
-            return False
-        opened = self._storage.opened_at
-        return opened is not None and datetime.now(UTC) < opened + self._reset_timeout
+        """A call now would fail fast: open inside its reset timeout, or half-open with
+        every trial slot taken."""
+        return self._gate() is _Gate.REFUSE
 
     @contextlib.contextmanager
     def calling(self) -> Iterator[None]:
         """Guard one backend call; an open breaker raises ``BreakerOpenError``."""
+        gate = self._gate()
+        if gate is _Gate.REFUSE:
+            raise self._open_error()
+        trial = gate is _Gate.TRIAL
+        if trial:
+            self._trials_in_flight += 1
         try:
             with self._breaker.calling():
                 yield
         except pybreaker.CircuitBreakerError as exc:
-            raise BreakerOpenError(
-                f"backend {self.name} is failing and its circuit breaker is open; "
-                "retry later or use another model version"
-            ) from exc
+            raise self._open_error() from exc
+        finally:
+            if trial:
+                self._trials_in_flight -= 1
+
+    def _gate(self) -> _Gate:
+        state = self.state
+        if state == pybreaker.STATE_CLOSED:
+            return _Gate.PASS
+        if state == pybreaker.STATE_OPEN and not self._reset_timeout_passed():
+            return _Gate.REFUSE
+        if self._trials_in_flight >= self._half_open_max_calls:
+            return _Gate.REFUSE
+        return _Gate.TRIAL
+
+    def _reset_timeout_passed(self) -> bool:
+        opened = self._storage.opened_at
+        return opened is None or datetime.now(UTC) >= opened + self._reset_timeout
+
+    def _open_error(self) -> BreakerOpenError:
+        return BreakerOpenError(
+            f"backend {self.name} is failing and its circuit breaker is {self.state}; "
+            "retry later or use another model version"
+        )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sluice.batching.dynamic import Clock, DynamicBatcher
 from sluice.breaker import BackendBreaker
+from sluice.breaker_state import open_breaker_store
 from sluice.errors import (
     BreakerOpenError,
     ConfigError,
@@ -70,13 +71,17 @@ class ModelEntry:
     failures: dict[str, str] = field(default_factory=dict)
     #: Where calls go when this model fails transiently (from its config).
     fallbacks: tuple[FallbackTarget, ...] = ()
+    #: Loaded versions that failed their last health probe, with the reason.
+    unhealthy: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
-        return bool(self.versions)
+        """Some version can infer now (loaded and passing its health probe)."""
+        return any(v not in self.unhealthy for v in self.versions)
 
-    def default_version(self) -> ModelVersion:
-        return self.versions[max(self.versions, key=int)]
+    def default_version(self, *, healthy: bool = True) -> ModelVersion:
+        usable = [v for v in self.versions if not (healthy and v in self.unhealthy)]
+        return self.versions[max(usable, key=int)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,7 @@ class InferenceService:
         self._metrics = metrics
         self._backends = backends or BackendRegistry.default()
         self._clock = clock
+        self._breaker_store = open_breaker_store(settings.breaker)
         self._models: dict[str, ModelEntry] = {}
         self._listeners: list[ReadinessListener] = []
         self._lock = asyncio.Lock()
@@ -237,7 +243,11 @@ class InferenceService:
             self._metrics.set_breaker_state(spec.name, spec.version, spec.backend, new)
 
         breaker = BackendBreaker(
-            label, self._settings.breaker, clock=self._clock, on_change=on_change
+            label,
+            self._settings.breaker,
+            clock=self._clock,
+            on_change=on_change,
+            store=self._breaker_store,
         )
         self._metrics.set_breaker_state(spec.name, spec.version, spec.backend, breaker.state)
         stats = ModelStats()
@@ -264,8 +274,33 @@ class InferenceService:
 
     @property
     def ready(self) -> bool:
-        """Start-up loading finished and at least one model can infer."""
-        return self.started and any(entry.ready for entry in self._models.values())
+        """Start-up loading finished and the required models (or, with none named, at least
+        one model) can infer now."""
+        if not self.started:
+            return False
+        required = self._settings.required_models
+        if required:
+            return all(name in self._models and self._models[name].ready for name in required)
+        return any(entry.ready for entry in self._models.values())
+
+    def loaded_versions(self) -> list[ModelVersion]:
+        return [v for entry in self._models.values() for v in entry.versions.values()]
+
+    async def set_health(self, name: str, version: str, problem: str | None) -> None:
+        """Record a health probe's verdict (None: passed); readiness follows it."""
+        entry = self._models.get(name)
+        if entry is None or version not in entry.versions:
+            return  # unloaded meanwhile
+        was_ready = entry.ready
+        if problem is None:
+            if entry.unhealthy.pop(version, None) is not None:
+                log.info("model %s version %s passes its health probe again", name, version)
+        elif version not in entry.unhealthy:
+            log.error("model %s version %s failed its health probe: %s", name, version, problem)
+            entry.unhealthy[version] = problem
+        self._metrics.model_ready.labels(name, version).set(0 if problem else 1)
+        if entry.ready != was_ready:
+            await self._notify(name, entry.ready)
 
     def fallbacks(self, name: str) -> tuple[FallbackTarget, ...]:
         entry = self._models.get(name)
@@ -277,7 +312,17 @@ class InferenceService:
     def model_names(self) -> list[str]:
         return sorted(self._models)
 
+    def lookup(self, name: str, version: str = "") -> ModelVersion:
+        """A loaded version, healthy or not (for metadata, config and statistics)."""
+        entry = self._models.get(name)
+        if entry is not None and entry.versions and not version:
+            return entry.default_version(healthy=False)
+        if entry is not None and version in entry.versions:
+            return entry.versions[version]
+        return self.get(name, version)
+
     def get(self, name: str, version: str = "") -> ModelVersion:
+        """The version that serves a call: loaded and passing its health probe."""
         entry = self._models.get(name)
         if entry is None:
             if self._in_repository(name):
@@ -295,6 +340,11 @@ class InferenceService:
                 )
             return entry.default_version()
         found = entry.versions.get(version)
+        if found is not None and version in entry.unhealthy:
+            raise ModelNotReadyError(
+                f"model '{name}' version {version} failed its health probe: "
+                f"{entry.unhealthy[version]}"
+            )
         if found is None:
             if version in entry.failures:
                 raise ModelNotReadyError(
@@ -330,7 +380,12 @@ class InferenceService:
                 rows.append(IndexEntry(name, "", UNAVAILABLE, "unloaded"))
                 continue
             for version in sorted(entry.versions, key=int):
-                rows.append(IndexEntry(name, version, READY, ""))
+                why = entry.unhealthy.get(version)
+                rows.append(
+                    IndexEntry(name, version, READY, "")
+                    if why is None
+                    else IndexEntry(name, version, UNAVAILABLE, f"failed its health probe: {why}")
+                )
             for version, why in sorted(entry.failures.items()):
                 rows.append(IndexEntry(name, version, UNAVAILABLE, why))
         return rows
@@ -338,7 +393,7 @@ class InferenceService:
     def statistics(self, name: str = "", version: str = "") -> list[tuple[str, str, ModelStats]]:
         if name:
             if version:
-                return [(name, version, self.get(name, version).stats)]
+                return [(name, version, self.lookup(name, version).stats)]
             entry = self._models.get(name)
             if entry is None:
                 raise ModelNotFoundError(f"unknown model '{name}'")
@@ -358,10 +413,11 @@ class InferenceService:
 
     @staticmethod
     def _failure_text(entry: ModelEntry) -> str:
-        return (
-            "; ".join(f"{v or 'config'}: {why}" for v, why in entry.failures.items())
-            or "no version loaded"
-        )
+        problems = [f"{v or 'config'}: {why}" for v, why in entry.failures.items()]
+        problems += [
+            f"version {v} failed its health probe: {why}" for v, why in entry.unhealthy.items()
+        ]
+        return "; ".join(problems) or "no version loaded"
 
     # -- inference ------------------------------------------------------------------------
 

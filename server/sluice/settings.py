@@ -107,6 +107,13 @@ class FallbackTarget(_Section):
     """How good its answers are next to the primary's (1: as good), for operators and logs."""
 
 
+class ProbeSettings(_Section):
+    interval_s: float = Field(10.0, ge=0)
+    """Time between health probes of every loaded model version (0: no probing)."""
+    timeout_s: float = Field(5.0, gt=0)
+    """A probe that takes longer fails."""
+
+
 class StreamSettings(_Section):
     max_pending_requests: int = Field(256, ge=1)
     """Requests one ModelStreamInfer stream may have in flight before reading pauses."""
@@ -147,7 +154,10 @@ class Settings(BaseSettings):
     batching: BatchingSettings = BatchingSettings()
     executor: ExecutorSettings = ExecutorSettings()
     stream: StreamSettings = StreamSettings()
+    required_models: list[str] = []
+    """Models that must all be able to infer for the server to be ready (empty: any one)."""
     retry: RetrySettings = RetrySettings()
+    probe: ProbeSettings = ProbeSettings()
     aliases: dict[str, list[FallbackTarget]] = {}
     """Names clients may call that route to an ordered chain of models (first = primary)."""
 

@@ -15,6 +15,7 @@ from sluice.admission import AdmissionController
 from sluice.batching.dynamic import Clock
 from sluice.deadlines import DeadlinePolicy
 from sluice.metrics import Metrics
+from sluice.prober import HealthProber
 from sluice.routing import Router
 from sluice.service import InferenceService
 from sluice.settings import Settings
@@ -29,6 +30,14 @@ log = logging.getLogger(__name__)
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+
+
 @dataclass(eq=False)
 class SluiceServer:
     """A started server: its bound port, and the steps of an orderly shutdown."""
@@ -39,22 +48,20 @@ class SluiceServer:
     health: health.aio.HealthServicer
     admission: AdmissionController
     servicer: InferenceServicer
+    prober: HealthProber
 
     async def mark_started(self) -> None:
         """After the start-up load: overall health follows whether anything can serve."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if self.service.ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
         for name in ("", INFERENCE_SERVICE):
-            await self.health.set(name, status)
+            await self.health.set(name, _status(self.service.ready))
+        self.prober.start()
 
     async def drain(self, grace_s: float, quiet_s: float = 0.0) -> None:
         """NOT_SERVING first, refuse new calls, let in-flight ones finish, then unload."""
         log.info("draining: health NOT_SERVING, refusing new calls, %.1fs grace", grace_s)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + grace_s
+        await self.prober.stop()
         await self.health.enter_graceful_shutdown()
         self.admission.begin_drain()
         self.servicer.draining = True
@@ -109,15 +116,14 @@ async def create_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def on_readiness(model: str, ready: bool) -> None:
-        await health_servicer.set(
-            model_health_service(model),
-            health_pb2.HealthCheckResponse.SERVING
-            if ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING,
-        )
+        await health_servicer.set(model_health_service(model), _status(ready))
+        if service.started:  # before that, mark_started decides
+            for name in ("", INFERENCE_SERVICE):
+                await health_servicer.set(name, _status(service.ready))
 
     service.add_readiness_listener(on_readiness)
     port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     await server.start()
     log.info("gRPC listening on %s:%d", settings.host, port)
-    return SluiceServer(server, port, service, health_servicer, admission, servicer)
+    prober = HealthProber(service, settings.probe, clock)
+    return SluiceServer(server, port, service, health_servicer, admission, servicer, prober)

@@ -66,14 +66,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        model = self._service.get(request.name, request.version)
+        model = self._service.lookup(request.name, request.version)
         versions = [v for _, v, _ in self._service.statistics(request.name)]
         return convert.model_metadata(model.spec, versions)
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
-        model = self._service.get(request.name, request.version)
+        model = self._service.lookup(request.name, request.version)
         return pb.ModelConfigResponse(config=convert.model_config(model.spec))
 
     async def ModelStatistics(

@@ -1,0 +1,81 @@
+"""Verified health: a real test inference against every loaded model version, on an
+interval, off the request path.
+
+A version that fails its probe is NOT_SERVING in grpc health, leaves the routing tables
+(calls go to its fallbacks) and comes back once a probe passes. Probe inputs are generated
+from the input spec: zeros, one row, variable dimensions of size 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from sluice.errors import SluiceError
+from sluice.service import InferenceService, ModelVersion
+from sluice.settings import ProbeSettings
+from sluice.tensors import Array, IOSpec
+from sluice_client.tensors import DATATYPES
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+def probe_inputs(io: IOSpec) -> dict[str, Array]:
+    inputs: dict[str, Array] = {}
+    for spec in io.inputs:
+        shape = tuple(1 if dim < 0 else dim for dim in spec.shape(io.batched))
+        if spec.datatype == "BYTES":
+            array = np.empty(shape, dtype=object)
+            array.fill(b"")
+        else:
+            array = np.zeros(shape, dtype=DATATYPES[spec.datatype].numpy)
+        inputs[spec.name] = array
+    return inputs
+
+
+class HealthProber:
+    def __init__(self, service: InferenceService, settings: ProbeSettings, clock: Clock) -> None:
+        self._service = service
+        self._settings = settings
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._settings.interval_s > 0 and self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="health-prober")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def probe_all(self) -> None:
+        """Probe every loaded version once, concurrently."""
+        versions = self._service.loaded_versions()
+        await asyncio.gather(*(self._probe(version) for version in versions))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.interval_s)
+            await self.probe_all()
+
+    async def _probe(self, version: ModelVersion) -> None:
+        spec = version.spec
+        deadline = self._clock() + self._settings.timeout_s
+        problem: str | None = None
+        try:
+            async with asyncio.timeout(self._settings.timeout_s):
+                await version.batcher.infer(probe_inputs(spec.io), deadline=deadline)
+        except TimeoutError:
+            problem = f"no answer within {self._settings.timeout_s:.3f}s"
+        except SluiceError as exc:
+            problem = exc.message
+        await self._service.set_health(spec.name, spec.version, problem)
