@@ -51,14 +51,13 @@ class RetryBudget:
         self._retries: deque[float] = deque()
 
     def record_call(self) -> None:
-        self._calls.append(self._clock())
+        now = self._clock()
+        self._calls.append(now)
+        self._forget_before(now - self._settings.budget_window_s)
 
     def try_spend(self) -> bool:
         now = self._clock()
-        horizon = now - self._settings.budget_window_s
-        for stamps in (self._calls, self._retries):
-            while stamps and stamps[0] < horizon:
-                stamps.popleft()
+        self._forget_before(now - self._settings.budget_window_s)
         allowed = max(
             self._settings.budget_min_retries, int(self._settings.budget_ratio * len(self._calls))
         )
@@ -66,6 +65,11 @@ class RetryBudget:
             return False
         self._retries.append(now)
         return True
+
+    def _forget_before(self, horizon: float) -> None:
+        for stamps in (self._calls, self._retries):
+            while stamps and stamps[0] < horizon:
+                stamps.popleft()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,12 +147,17 @@ class Router:
         deadline: float | None,
     ) -> InferResult:
         target = attempt.target
-        budget_s = self._attempt_budget_s(deadline, alone=len(chain) == 1)
+        alone = len(chain) == 1
+        budget_s = self._attempt_budget_s(deadline, alone=alone)
         attempt_deadline = None if budget_s is None else self._clock() + budget_s
-        sub = dataclasses.replace(request, model=target.model, version=target.version)
+        sub = request
+        if (target.model, target.version) != (request.model, request.version):
+            sub = dataclasses.replace(request, model=target.model, version=target.version)
         started = self._clock()
         try:
-            async with asyncio.timeout(budget_s):
+            # Alone, the call's own deadline (batcher and interceptor) bounds the attempt;
+            # with other candidates left, the attempt's share is enforced here.
+            async with asyncio.timeout(None if alone else budget_s):
                 result = await self._service.infer(sub, deadline=attempt_deadline)
         except (TimeoutError, DeadlineExceededError) as exc:
             error = self._timeout_error(target, budget_s, deadline, exc)
