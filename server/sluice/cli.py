@@ -47,10 +47,25 @@ def _run_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings))
 
 
+def _capabilities_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("capabilities", help="what this machine offers the backends (JSON)")
+    p.set_defaults(run=_run_capabilities)
+
+
+def _run_capabilities(args: argparse.Namespace) -> int:
+    import json
+
+    from sluice.executors.capabilities import detect
+
+    print(json.dumps(detect().to_dict(), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _capabilities_parser(sub)
     from sluice_client.cli import add_client_commands
 
     add_client_commands(sub)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sluice.errors import ConfigError
 from sluice.executors.base import DeclaredTensor
+from sluice.executors.capabilities import forceable
 from sluice.executors.faults import FaultConfig
 from sluice.settings import BatchingSettings, FallbackTarget
 from sluice.tensors import IOSpec, TensorSpec
@@ -80,8 +81,11 @@ class VersionPolicy(_Strict):
 
 
 class ModelConfig(_Strict):
-    backend: Literal["onnxruntime"] | None = None
-    """Force a backend (default: chosen from the files present)."""
+    backend: str | None = None
+    """Force a backend (onnxruntime, pytorch, tensorrt) or one rung of the capability ladder
+    (e.g. torch-cpu, onnxruntime-cuda); default: the best the machine can run."""
+    torch_compile: bool = False
+    """Run a PyTorch model through torch.compile, warmed up before it reports ready."""
     max_batch_size: int | None = Field(None, ge=0)
     """Largest batch (0: no batch dimension; default: detected from the model file)."""
     inputs: list[TensorConfig] | None = None
@@ -94,6 +98,21 @@ class ModelConfig(_Strict):
     """Where a call goes, in order, when this model fails transiently or its breaker is open."""
     faults: FaultConfig | None = None
     """Injected faults (tests, game days)."""
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str | None) -> str | None:
+        if value is not None and value not in forceable():
+            raise ValueError(f"unknown backend '{value}'; use one of {forceable()}")
+        return value
+
+    def declared(self, field: Literal["inputs", "outputs"]) -> tuple[DeclaredTensor, ...] | None:
+        """The tensors this config lists, as full shapes (for files that name none)."""
+        tensors = self.inputs if field == "inputs" else self.outputs
+        if tensors is None:
+            return None
+        batch = () if self.max_batch_size == 0 else (-1,)
+        return tuple(DeclaredTensor(t.name, t.datatype, (*batch, *t.dims)) for t in tensors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +135,10 @@ class ModelSpec:
     batching: BatchingPolicy
     instance_count: int
     auto_configured: bool
+    #: The capability-ladder rung that loaded it (e.g. ``onnxruntime-cpu``) and why.
+    backend_rung: str = ""
+    backend_reason: str = ""
+    device: str = "cpu"
 
 
 def read_config(model_dir: Path) -> ModelConfig:

@@ -7,6 +7,7 @@ with domain requests and get domain results; nothing here knows about protobuf o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from sluice.errors import (
     SluiceError,
 )
 from sluice.executors.base import Executor, LoadOptions
+from sluice.executors.capabilities import BackendPlan, Candidate, Capabilities, detect
 from sluice.executors.faults import FaultyExecutor
 from sluice.executors.registry import BackendRegistry
 from sluice.metrics import Metrics
@@ -100,12 +102,14 @@ class InferenceService:
         repository: Path,
         metrics: Metrics,
         backends: BackendRegistry | None = None,
+        capabilities: Capabilities | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self._settings = settings
         self._repository = repository
         self._metrics = metrics
         self._backends = backends or BackendRegistry.default()
+        self._capabilities = capabilities or detect(allow_cuda=settings.executor.use_cuda)
         self._clock = clock
         self._breaker_store = open_breaker_store(settings.breaker)
         self._models: dict[str, ModelEntry] = {}
@@ -194,11 +198,22 @@ class InferenceService:
     async def _load_version(self, name: str, version: str) -> ModelVersion:
         model_dir = self._repository / name
         config = read_config(model_dir)
-        factory, path = self._backends.select(model_dir / version, forced=config.backend)
-        options = LoadOptions(
-            instance_count=config.instance_count, settings=self._settings.executor
+        forced, forced_by = (
+            (config.backend, str(model_dir / "config.yaml"))
+            if config.backend is not None
+            else (self._settings.force_backend, "SLUICE_FORCE_BACKEND")
         )
-        executor: Executor = await asyncio.to_thread(factory.load, path, options)
+        plan = self._backends.plan(
+            model_dir / version, self._capabilities, forced=forced, forced_by=forced_by
+        )
+        options = LoadOptions(
+            instance_count=config.instance_count,
+            settings=self._settings.executor,
+            declared_inputs=config.declared("inputs"),
+            declared_outputs=config.declared("outputs"),
+            compile=config.torch_compile,
+        )
+        executor, candidate = await self._load_first(plan, options, where=f"{name}/{version}")
         if config.faults is not None and config.faults.mode != "none":
             log.warning("model %s version %s: injecting faults %s", name, version, config.faults)
             executor = FaultyExecutor(executor, config.faults)
@@ -216,8 +231,11 @@ class InferenceService:
         spec = ModelSpec(
             name=name,
             version=version,
-            backend=factory.backend,
-            path=path,
+            backend=candidate.backend,
+            backend_rung=candidate.rung,
+            backend_reason=candidate.reason,
+            device=executor.device,
+            path=candidate.path,
             io=io,
             batching=resolve_batching(config, io, self._settings.batching),
             instance_count=config.instance_count,
@@ -235,6 +253,30 @@ class InferenceService:
             else "",
         )
         return self._assemble(spec, executor)
+
+    async def _load_first(
+        self, plan: BackendPlan, options: LoadOptions, *, where: str
+    ) -> tuple[Executor, Candidate]:
+        """Load the ladder's best candidate that loads; log the choice and its reason."""
+        failures = []
+        for candidate in plan.candidates:
+            factory = self._backends.factory(candidate.backend)
+            placed = dataclasses.replace(options, device=candidate.device)
+            try:
+                executor = await asyncio.to_thread(factory.load, candidate.path, placed)
+            except SluiceError as exc:
+                log.warning("model %s: %s did not load: %s", where, candidate.rung, exc.message)
+                failures.append(f"{candidate.rung}: {exc.message}")
+                continue
+            log.info(
+                "model %s: backend %s (%s); %s",
+                where,
+                candidate.rung,
+                candidate.reason,
+                plan.describe(),
+            )
+            return executor, candidate
+        raise ConfigError(f"model {where}: no candidate backend loaded: " + "; ".join(failures))
 
     def _assemble(self, spec: ModelSpec, executor: Executor) -> ModelVersion:
         label = f"{spec.name}/{spec.version}/{spec.backend}"

@@ -78,6 +78,8 @@ class ExecutorSettings(_Section):
     batch whose callers all have deadlines gets at most until the last of them."""
     providers: list[str] | None = None
     """ONNX Runtime execution providers in order of preference (None: best installed)."""
+    use_cuda: bool = True
+    """Use CUDA devices when the machine has them; false keeps every backend on the CPU."""
 
 
 class RetrySettings(_Section):
@@ -147,6 +149,8 @@ class Settings(BaseSettings):
     closes (calls arriving meanwhile are refused with UNAVAILABLE, which clients retry)."""
     log_level: str = "INFO"
     """Log level name."""
+    force_backend: str | None = None
+    """Backend or ladder rung every model uses unless its config names one (e.g. torch-cpu)."""
 
     deadline: DeadlineSettings = DeadlineSettings()
     admission: AdmissionSettings = AdmissionSettings()

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from sluice.errors import ModelNotReadyError
+
 Instance = TypeVar("Instance")
 Job = TypeVar("Job")
 Result = TypeVar("Result")
@@ -46,6 +48,7 @@ class InstanceThreads(Generic[Instance, Job, Result]):
         name: str,
     ) -> None:
         self._work = work
+        self._closed = False
         self._jobs: queue.SimpleQueue[_Item[Job, Result] | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._serve, args=(instance,), name=f"{name}-{i}", daemon=True)
@@ -55,6 +58,8 @@ class InstanceThreads(Generic[Instance, Job, Result]):
             thread.start()
 
     async def submit(self, job: Job) -> Result:
+        if self._closed:
+            raise ModelNotReadyError("this model version is unloaded; its executor is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         self._jobs.put(_Item(job, future, loop))
@@ -71,6 +76,7 @@ class InstanceThreads(Generic[Instance, Job, Result]):
 
     async def close(self) -> None:
         """Let queued jobs finish, then stop every thread."""
+        self._closed = True
         for _ in self._threads:
             self._jobs.put(None)
         for thread in self._threads:

@@ -30,6 +30,17 @@ class DeclaredTensor:
 class LoadOptions:
     instance_count: int
     settings: ExecutorSettings
+    declared_inputs: tuple[DeclaredTensor, ...] | None = None
+    """Inputs the model's config declares (full shapes), for files that carry no tensor
+    metadata (TorchScript); None when the config lists none."""
+    declared_outputs: tuple[DeclaredTensor, ...] | None = None
+    """Outputs the model's config declares, as ``declared_inputs``."""
+    device: str | None = None
+    """Where the capability ladder placed the model (``cpu``, ``cuda``, ``cuda:1``);
+    None lets the backend choose."""
+    compile: bool = False
+    """Compile the model where the backend can (``torch.compile``) and warm it up before
+    the load returns, so the version reports ready only once compiled."""
 
 
 class Executor(abc.ABC):

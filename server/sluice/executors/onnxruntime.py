@@ -137,7 +137,9 @@ class OnnxRuntimeFactory(ExecutorFactory):
     filenames: ClassVar[tuple[str, ...]] = ("model.onnx",)
 
     def load(self, path: Path, options: LoadOptions) -> Executor:
-        providers = choose_providers(options.settings.providers, ort.get_available_providers())
+        on_cpu = options.device == "cpu"  # the capability ladder placed it on the CPU
+        preferred = ["CPUExecutionProvider"] if on_cpu else options.settings.providers
+        providers = choose_providers(preferred, ort.get_available_providers())
         session_options = ort.SessionOptions()
         spin = "1" if options.settings.allow_spinning else "0"
         session_options.add_session_config_entry("session.intra_op.allow_spinning", spin)
@@ -151,6 +153,9 @@ class OnnxRuntimeFactory(ExecutorFactory):
             ]
         except Exception as exc:
             raise ConfigError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
+        placed_on_gpu = options.device is not None and options.device.startswith("cuda")
+        if placed_on_gpu and sessions[0].get_providers()[0] == "CPUExecutionProvider":
+            raise ConfigError(f"{path}: onnxruntime could not start a GPU provider here")
         log.info(
             "onnxruntime: %s with providers %s (installed: %s), %d instance(s)",
             path,

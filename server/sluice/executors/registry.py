@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 
 from sluice.errors import ConfigError
 from sluice.executors.base import ExecutorFactory
+from sluice.executors.capabilities import BackendPlan, Capabilities, rank_backends
 from sluice.executors.onnxruntime import OnnxRuntimeFactory
 
 
@@ -18,11 +20,25 @@ class BackendRegistry:
 
     @classmethod
     def default(cls) -> BackendRegistry:
-        return cls([OnnxRuntimeFactory()])
+        """ONNX Runtime always; PyTorch and TensorRT (whose buffers are torch tensors) where
+        torch is installed. TensorRT itself is imported only when a plan is loaded."""
+        factories: list[ExecutorFactory] = [OnnxRuntimeFactory()]
+        if importlib.util.find_spec("torch") is not None:
+            from sluice.executors.pytorch import PyTorchFactory
+            from sluice.executors.tensorrt import TensorRTFactory
+
+            factories += [PyTorchFactory(), TensorRTFactory()]
+        return cls(factories)
 
     @property
     def backends(self) -> list[str]:
         return list(self._factories)
+
+    def factory(self, backend: str) -> ExecutorFactory:
+        found = self._factories.get(backend)
+        if found is None:
+            raise ConfigError(f"backend '{backend}' is unknown; known: {self.backends}")
+        return found
 
     def select(self, version_dir: Path, forced: str | None = None) -> tuple[ExecutorFactory, Path]:
         if forced is not None:
@@ -40,3 +56,25 @@ class BackendRegistry:
                 return factory, path
         names = sorted({name for f in candidates for name in f.filenames})
         raise ConfigError(f"{version_dir}: no model file found (looked for {', '.join(names)})")
+
+    def plan(
+        self,
+        version_dir: Path,
+        capabilities: Capabilities,
+        *,
+        forced: str | None = None,
+        forced_by: str = "the model config",
+    ) -> BackendPlan:
+        """The capability ladder's candidates for a version folder, best first (registered
+        backends the ladder does not rank come last); raises when none can serve it here,
+        naming why each rung was passed over."""
+        artifacts = {
+            backend: factory.find(version_dir) for backend, factory in self._factories.items()
+        }
+        plan = rank_backends(capabilities, artifacts, forced=forced, forced_by=forced_by)
+        if not plan.candidates:
+            raise ConfigError(
+                f"{version_dir}: no backend can serve this version here: "
+                + "; ".join(plan.passed_over)
+            )
+        return plan

@@ -49,7 +49,11 @@ _CONFIG_DATATYPE = {
     )
 }
 
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx"}
+PLATFORMS = {
+    "onnxruntime": "onnxruntime_onnx",
+    "pytorch": "pytorch_libtorch",
+    "tensorrt": "tensorrt_plan",
+}
 
 
 def parameter_value(param: pb.InferParameter) -> Any:
@@ -170,6 +174,9 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
         )
     if spec.auto_configured:
         config.parameters["sluice_auto_configured"].string_value = "true"
+    config.parameters["sluice_backend"].string_value = spec.backend_rung or spec.backend
+    config.parameters["sluice_backend_reason"].string_value = spec.backend_reason
+    config.parameters["sluice_device"].string_value = spec.device
     return config
 
 
