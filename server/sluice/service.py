@@ -92,6 +92,8 @@ class IndexEntry:
     version: str
     state: str
     reason: str
+    #: The loaded version behind the row (None when it failed to load or is unloaded).
+    loaded: ModelVersion | None = None
 
 
 class InferenceService:
@@ -116,6 +118,10 @@ class InferenceService:
         self._listeners: list[ReadinessListener] = []
         self._lock = asyncio.Lock()
         self.started = False
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
 
     @property
     def repository(self) -> Path:
@@ -415,6 +421,7 @@ class InferenceService:
             )
 
     def index(self) -> list[IndexEntry]:
+        """Every model in the repository, one row per version (or per failure)."""
         rows: list[IndexEntry] = []
         for name in list_models(self._repository):
             entry = self._models.get(name)
@@ -424,9 +431,15 @@ class InferenceService:
             for version in sorted(entry.versions, key=int):
                 why = entry.unhealthy.get(version)
                 rows.append(
-                    IndexEntry(name, version, READY, "")
+                    IndexEntry(name, version, READY, "", entry.versions[version])
                     if why is None
-                    else IndexEntry(name, version, UNAVAILABLE, f"failed its health probe: {why}")
+                    else IndexEntry(
+                        name,
+                        version,
+                        UNAVAILABLE,
+                        f"failed its health probe: {why}",
+                        entry.versions[version],
+                    )
                 )
             for version, why in sorted(entry.failures.items()):
                 rows.append(IndexEntry(name, version, UNAVAILABLE, why))

@@ -21,13 +21,17 @@ from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.transport import interceptors
 from sluice.transport.servicers.inference import InferenceServicer
+from sluice.transport.servicers.models import ModelServicer
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+from sluice_api.sluice.v1 import model_service_pb2 as models_pb
+from sluice_api.sluice.v1 import model_service_pb2_grpc as models_pb_grpc
 from sluice_client.names import model_health_service
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+MODEL_SERVICE = models_pb.DESCRIPTOR.services_by_name["ModelService"].full_name
 
 
 def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
@@ -107,10 +111,13 @@ async def create_server(
         service, router=router, settings=settings, admission=admission, deadlines=deadlines
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    models_pb_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        ModelServicer(service, service.capabilities), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (INFERENCE_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     for name in ("", INFERENCE_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
