@@ -1,4 +1,5 @@
-"""One worker thread per executor instance, fed from a shared queue.
+"""One worker thread per executor instance, fed from a shared queue, and the executor base
+class built on it.
 
 The event loop hands a batch over with one queue put and gets the result back with one
 ``call_soon_threadsafe``; this costs the loop about a third less CPU per run than
@@ -8,14 +9,17 @@ instance (session, module), so no instance is ever shared between threads.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from sluice.errors import ModelNotReadyError
+from sluice.executors.base import DeclaredTensor, Executor
+from sluice.tensors import Array
 
 Instance = TypeVar("Instance")
 Job = TypeVar("Job")
@@ -75,9 +79,59 @@ class InstanceThreads(Generic[Instance, Job, Result]):
                 item.loop.call_soon_threadsafe(_deliver, item.future, result)
 
     async def close(self) -> None:
-        """Let queued jobs finish, then stop every thread."""
+        """Let queued jobs finish, then stop every thread (once)."""
+        if self._closed:
+            return
         self._closed = True
         for _ in self._threads:
             self._jobs.put(None)
         for thread in self._threads:
             await asyncio.to_thread(thread.join)
+
+
+class ThreadedExecutor(Executor, Generic[Instance]):
+    """An executor whose instances (sessions, modules, engines) each run batches on their
+    own thread; a backend supplies ``_run_sync`` and, if it holds device memory, ``_release``.
+    """
+
+    def __init__(
+        self,
+        *,
+        instances: list[Instance],
+        inputs: tuple[DeclaredTensor, ...],
+        outputs: tuple[DeclaredTensor, ...],
+        device: str,
+        name: str,
+    ) -> None:
+        self._inputs = inputs
+        self._outputs = outputs
+        self._device_name = device
+        self._threads: InstanceThreads[Instance, Mapping[str, Array], dict[str, Array]]
+        self._threads = InstanceThreads(instances, self._run_sync, name=name)
+
+    @property
+    def inputs(self) -> Sequence[DeclaredTensor]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> Sequence[DeclaredTensor]:
+        return self._outputs
+
+    @property
+    def device(self) -> str:
+        return self._device_name
+
+    async def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        return await self._threads.submit(inputs)
+
+    @abc.abstractmethod
+    def _run_sync(self, instance: Instance, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        """Run one batch on ``instance`` (in its thread); raise SluiceError subclasses only."""
+
+    def _release(self) -> None:
+        """Free what the instances held once their threads stopped (e.g. cached GPU memory)."""
+
+    async def close(self) -> None:
+        """Finish queued batches, stop the threads, release memory."""
+        await self._threads.close()
+        self._release()

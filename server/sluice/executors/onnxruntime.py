@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from sluice.errors import ConfigError, ExecutorError, InvalidInputError
-from sluice.executors._threads import InstanceThreads
+from sluice.executors._threads import ThreadedExecutor
 from sluice.executors.base import DeclaredTensor, Executor, ExecutorFactory, LoadOptions
 from sluice.tensors import Array
 
@@ -87,31 +87,19 @@ def _from_ort(array: Array) -> Array:
     return encoded
 
 
-class OnnxRuntimeExecutor(Executor):
+class OnnxRuntimeExecutor(ThreadedExecutor[ort.InferenceSession]):
     backend: ClassVar[str] = "onnxruntime"
 
     def __init__(self, sessions: list[ort.InferenceSession], path: Path) -> None:
-        self._inputs = _declared(sessions[0].get_inputs(), path)
-        self._outputs = _declared(sessions[0].get_outputs(), path)
+        providers = sessions[0].get_providers()
+        super().__init__(
+            instances=sessions,
+            inputs=_declared(sessions[0].get_inputs(), path),
+            outputs=_declared(sessions[0].get_outputs(), path),
+            device="cuda" if providers[0] != "CPUExecutionProvider" else "cpu",
+            name=f"ort-{path.parent.name}",
+        )
         self._output_names = [tensor.name for tensor in self._outputs]
-        self._providers = sessions[0].get_providers()
-        self._threads: InstanceThreads[ort.InferenceSession, Mapping[str, Array], dict[str, Array]]
-        self._threads = InstanceThreads(sessions, self._run_sync, name=f"ort-{path.parent.name}")
-
-    @property
-    def inputs(self) -> Sequence[DeclaredTensor]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> Sequence[DeclaredTensor]:
-        return self._outputs
-
-    @property
-    def device(self) -> str:
-        return "cuda" if self._providers[0] != "CPUExecutionProvider" else "cpu"
-
-    async def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
-        return await self._threads.submit(inputs)
 
     def _run_sync(
         self, session: ort.InferenceSession, inputs: Mapping[str, Array]
@@ -127,9 +115,6 @@ class OnnxRuntimeExecutor(Executor):
             name: _from_ort(np.asarray(value))
             for name, value in zip(self._output_names, results, strict=True)
         }
-
-    async def close(self) -> None:
-        await self._threads.close()
 
 
 class OnnxRuntimeFactory(ExecutorFactory):

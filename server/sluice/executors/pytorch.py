@@ -25,10 +25,9 @@ from sluice.errors import (
     ConfigError,
     ExecutorError,
     InvalidInputError,
-    ModelNotReadyError,
     SluiceError,
 )
-from sluice.executors._threads import InstanceThreads
+from sluice.executors._threads import ThreadedExecutor
 from sluice.executors.base import DeclaredTensor, Executor, ExecutorFactory, LoadOptions
 from sluice.tensors import Array
 from sluice_client.tensors import DATATYPES
@@ -152,7 +151,7 @@ class _Instance:
     stream: torch.cuda.Stream | None
 
 
-class PyTorchExecutor(Executor):
+class PyTorchExecutor(ThreadedExecutor[_Instance]):
     backend: ClassVar[str] = "pytorch"
 
     def __init__(
@@ -165,30 +164,14 @@ class PyTorchExecutor(Executor):
         instance_count: int,
         name: str,
     ) -> None:
-        self._inputs = inputs
-        self._outputs = outputs
         self._device = device
-        self._closed = False
-        instances = [_Instance(module, new_stream(device)) for _ in range(instance_count)]
-        self._threads: InstanceThreads[_Instance, Mapping[str, Array], dict[str, Array]]
-        self._threads = InstanceThreads(instances, self._run_sync, name=f"torch-{name}")
-
-    @property
-    def inputs(self) -> Sequence[DeclaredTensor]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> Sequence[DeclaredTensor]:
-        return self._outputs
-
-    @property
-    def device(self) -> str:
-        return str(self._device)
-
-    async def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
-        if self._closed:  # no thread would ever take the batch
-            raise ModelNotReadyError("the torch executor is closed")
-        return await self._threads.submit(inputs)
+        super().__init__(
+            instances=[_Instance(module, new_stream(device)) for _ in range(instance_count)],
+            inputs=inputs,
+            outputs=outputs,
+            device=str(device),
+            name=f"torch-{name}",
+        )
 
     def _run_sync(self, instance: _Instance, inputs: Mapping[str, Array]) -> dict[str, Array]:
         check_inputs(inputs, self._inputs)
@@ -202,12 +185,7 @@ class PyTorchExecutor(Executor):
         except Exception as exc:  # torch raises plain RuntimeError and friends
             raise translate(exc) from exc
 
-    async def close(self) -> None:
-        """Finish queued batches, stop the threads (dropping the module), free cached memory."""
-        if self._closed:
-            return
-        self._closed = True
-        await self._threads.close()
+    def _release(self) -> None:
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 

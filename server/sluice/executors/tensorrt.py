@@ -27,10 +27,9 @@ from sluice.errors import (
     ConfigError,
     ExecutorError,
     InvalidInputError,
-    ModelNotReadyError,
     SluiceError,
 )
-from sluice.executors._threads import InstanceThreads
+from sluice.executors._threads import ThreadedExecutor
 from sluice.executors.base import DeclaredTensor, Executor, ExecutorFactory, LoadOptions
 from sluice.executors.pytorch import (
     TORCH_DTYPES,
@@ -156,7 +155,7 @@ class _Instance:
     stream: torch.cuda.Stream
 
 
-class TensorRTExecutor(Executor):
+class TensorRTExecutor(ThreadedExecutor[_Instance]):
     backend: ClassVar[str] = "tensorrt"
 
     def __init__(
@@ -169,34 +168,17 @@ class TensorRTExecutor(Executor):
         device: torch.device,
         path: Path,
     ) -> None:
-        self._inputs = inputs
-        self._outputs = outputs
         self._ranges = ranges
         self._device = device
         self._batched = all(tensor.shape[:1] == (-1,) for tensor in inputs)
         self._limits = batch_limits(ranges, where=str(path)) if self._batched else (1, 1)
-        self._closed = False
-        self._threads: InstanceThreads[_Instance, Mapping[str, Array], dict[str, Array]]
-        self._threads = InstanceThreads(
-            instances, self._run_sync, name=f"tensorrt-{path.parent.parent.name}"
+        super().__init__(
+            instances=instances,
+            inputs=inputs,
+            outputs=outputs,
+            device=str(device),
+            name=f"tensorrt-{path.parent.parent.name}",
         )
-
-    @property
-    def inputs(self) -> Sequence[DeclaredTensor]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> Sequence[DeclaredTensor]:
-        return self._outputs
-
-    @property
-    def device(self) -> str:
-        return str(self._device)
-
-    async def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
-        if self._closed:  # no thread would ever take the batch
-            raise ModelNotReadyError("the TensorRT executor is closed")
-        return await self._threads.submit(inputs)
 
     def _run_sync(self, instance: _Instance, inputs: Mapping[str, Array]) -> dict[str, Array]:
         check_inputs(inputs, self._inputs)
@@ -246,13 +228,8 @@ class TensorRTExecutor(Executor):
         instance.stream.synchronize()
         return {tensor.name: to_array(buffers[tensor.name]) for tensor in self._outputs}
 
-    async def close(self) -> None:
-        """Finish queued batches and stop the threads, which drops the contexts and engines
-        with their device memory."""
-        if self._closed:
-            return
-        self._closed = True
-        await self._threads.close()
+    def _release(self) -> None:
+        """The contexts and engines went with the threads; return cached device memory."""
         torch.cuda.empty_cache()
 
 
