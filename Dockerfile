@@ -1,11 +1,14 @@
 # syntax=docker/dockerfile:1
 # CPU image by default. For GPU hosts:
 #   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
-#                --build-arg ORT_PACKAGE=onnxruntime-gpu -t sluice:cuda .
+#                --build-arg ORT_PACKAGE=onnxruntime-gpu --build-arg SLUICE_EXTRAS=pytorch \
+#                -t sluice:cuda .
+# SLUICE_EXTRAS adds optional backends: pytorch (torch), redis (shared breaker state).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 ARG ORT_PACKAGE=onnxruntime
+ARG SLUICE_EXTRAS=""
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/sluice \
@@ -24,7 +27,7 @@ COPY server ./server
 COPY clients/python ./clients/python
 # The same install as README's quick start (non-editable here), then the ONNX Runtime build
 # that matches the base image.
-RUN pip install . \
+RUN pip install ".${SLUICE_EXTRAS:+[$SLUICE_EXTRAS]}" \
     && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then \
         pip uninstall -y onnxruntime && pip install "$ORT_PACKAGE"; \
     fi \
