@@ -125,7 +125,7 @@ class Router:
             if attempt is None:
                 break
             try:
-                result = await self._try(request, attempt, chain, deadline)
+                result = await self._try(request, attempt, chain, deadline, number)
             except SluiceError as exc:
                 errors.append(exc)
                 if not _retryable(exc) or not await self._may_retry(
@@ -145,6 +145,7 @@ class Router:
         attempt: _Attempt,
         chain: list[FallbackTarget],
         deadline: float | None,
+        number: int,
     ) -> InferResult:
         target = attempt.target
         alone = len(chain) == 1
@@ -161,15 +162,15 @@ class Router:
                 result = await self._service.infer(sub, deadline=attempt_deadline)
         except (TimeoutError, DeadlineExceededError) as exc:
             error = self._timeout_error(target, budget_s, deadline, exc)
-            self._log(request, target, "", started, error)
+            self._log(request, target, "", started, error, number)
             if error is exc:
                 raise
             raise error from exc
         except SluiceError as exc:
-            self._log(request, target, "", started, exc)
+            self._log(request, target, "", started, exc, number)
             raise
         self._learn(result, self._clock() - started)
-        self._log(request, target, result.backend, started, None)
+        self._log(request, target, result.backend, started, None, number)
         return result
 
     def _attempt_budget_s(self, deadline: float | None, *, alone: bool) -> float | None:
@@ -271,10 +272,18 @@ class Router:
         backend: str,
         started: float,
         error: SluiceError | None,
+        number: int,
     ) -> None:
-        log.info(
-            "attempt called=%s model=%s version=%s backend=%s outcome=%s latency_ms=%.3f "
+        """One record per attempt. A first attempt that succeeds on the primary is the common
+        case and goes to DEBUG (a log write per call costs the event loop); any call that
+        needed a retry or a fallback has all its attempts at INFO, failures at WARNING."""
+        plain = error is None and number == 1 and target.model == request.model
+        level = logging.DEBUG if plain else logging.INFO if error is None else logging.WARNING
+        log.log(
+            level,
+            "attempt %d called=%s model=%s version=%s backend=%s outcome=%s latency_ms=%.3f "
             "error_class=%s",
+            number,
             request.model,
             target.model,
             target.version or "serving",
