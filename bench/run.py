@@ -4,12 +4,18 @@
 One run measures, on this machine, for the benchmark MLP (FP32 ``input`` [batch, 256] ->
 4 x 1024 ReLU -> ``output`` [batch, 16]):
 
-  (a) ``ort``       onnxruntime in-process at batch 1..64: samples/s and ms per run;
-  (b) ``null``      bench/null_server.py (grpc.aio, no math) under perf_analyzer;
-  (c) ``batched``   Sluice, max_batch_size 64, max_queue_delay_us 0, under perf_analyzer;
-  (d) ``unbatched`` Sluice, max_batch_size 1, under perf_analyzer;
+  (a) ``ort``          onnxruntime in-process at batch 1..64: samples/s and ms per run;
+      ``torch``        the same for the model.pt2 and model.pt files below, in-process
+                       under torch.inference_mode;
+  (b) ``null``         bench/null_server.py (grpc.aio, no math) under perf_analyzer;
+  (c) ``batched``      Sluice (onnxruntime), max_batch_size 64, max_queue_delay_us 0;
+  (d) ``unbatched``    Sluice (onnxruntime), max_batch_size 1;
+  (e) ``torch-export`` Sluice serving model.pt2 (torch.export, dynamic batch), batched as (c);
+  (f) ``torchscript``  Sluice serving model.pt (TorchScript), batched as (c);
 
-at concurrency 1, 8 and 32 (one sample per request), then checks the targets and writes
+(b) to (f) under perf_analyzer at concurrency 1, 8 and 32 (one sample per request). The
+PyTorch files carry exactly the ONNX file's weights (bench/torch_mlp.py) and are checked
+against onnxruntime before anything is measured. Then the runner checks the targets and writes
 ``bench/results/<timestamp>.json`` plus a markdown report on stdout (progress goes to
 stderr). Client and server share the machine's cores: nothing is pinned.
 
@@ -24,7 +30,9 @@ import contextlib
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -39,7 +47,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +62,29 @@ INPUT_NAME, INPUT_DIM = "input", 256
 OUTPUT_NAME, OUTPUT_DIM = "output", 16
 ORT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 CONCURRENCIES = (1, 8, 32)
-SERVERS = ("null", "batched", "unbatched")
+SERVERS = ("null", "batched", "unbatched", "torch-export", "torchscript")
+TORCH_SERVERS = ("torch-export", "torchscript")
+SLUICE_SERVERS = tuple(s for s in SERVERS if s != "null")
 SERVER_TITLES = {
     "null": "transport ceiling (grpc.aio, no math)",
-    "batched": "Sluice, dynamic batching (max_batch_size 64, delay 0)",
-    "unbatched": "Sluice, max_batch_size 1",
+    "batched": "Sluice, onnxruntime, dynamic batching (max_batch_size 64, delay 0)",
+    "unbatched": "Sluice, onnxruntime, max_batch_size 1",
+    "torch-export": "Sluice, torch.export model.pt2, dynamic batching (64, delay 0)",
+    "torchscript": "Sluice, TorchScript model.pt, dynamic batching (64, delay 0)",
+}
+# What each Sluice server's repository holds: (model file kind, max_batch_size).
+SERVER_MODELS = {
+    "batched": ("onnx", 64),
+    "unbatched": ("onnx", 1),
+    "torch-export": ("pt2", 64),
+    "torchscript": ("pt", 64),
+}
+MODEL_FILENAMES = {"onnx": "model.onnx", "pt2": "model.pt2", "pt": "model.pt"}
+# The in-process runtimes of part (a): key in the JSON -> label in the report.
+INPROCESS_TITLES = {
+    "onnxruntime": "onnxruntime",
+    "torch.export": "torch, model.pt2 (torch.export)",
+    "torchscript": "torch, model.pt (TorchScript)",
 }
 LISTENING = re.compile(r"gRPC listening on (?P<host>[^\s:]+|\[[^\]]+\]):(?P<port>\d+)")
 
@@ -75,7 +101,7 @@ class Profile:
     stability_pct: int  # perf_analyzer -s
     max_trials: int  # perf_analyzer -r
     warmup_requests: int  # perf_analyzer --warmup-request-count
-    ort_seconds: float  # timed seconds per batch size, in-process
+    ort_seconds: float  # timed seconds per batch size, in-process (onnxruntime and torch)
     ort_warmup_runs: int
 
 
@@ -170,6 +196,8 @@ def environment() -> dict[str, Any]:
         "grpcio": grpc.__version__,
         "loadavg_start": list(os.getloadavg()),
     }
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # torch not imported
+        env["torch"] = importlib.metadata.version("torch")
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -203,26 +231,82 @@ def build_model(path: Path) -> None:
     )
 
 
-def make_repository(root: Path, model_file: Path, *, max_batch_size: int) -> Path:
-    """``root/mlp/1/model.onnx`` (a hard link or copy) and ``root/mlp/config.yaml``."""
-    version_dir = root / MODEL / "1"
-    version_dir.mkdir(parents=True)
-    target = version_dir / "model.onnx"
-    try:
-        os.link(model_file, target)
-    except OSError:
-        shutil.copyfile(model_file, target)
-    (root / MODEL / "config.yaml").write_text(
+def model_config(kind: str, max_batch_size: int) -> str:
+    """The config.yaml of the served ``mlp``. The PyTorch files force the pytorch backend,
+    and TorchScript, whose file names no tensors, lists them (batch dimension implied)."""
+    text = ""
+    if kind in ("pt2", "pt"):
+        text += "backend: pytorch\n"
+    text += (
         f"max_batch_size: {max_batch_size}\n"
         "dynamic_batching:\n"
         "  max_queue_delay_us: 0\n"
         "  preferred_batch_sizes: []\n"
         "instance_count: 1\n"
     )
+    if kind == "pt":
+        text += (
+            "inputs:\n"
+            f"  - {{name: {INPUT_NAME}, datatype: FP32, dims: [{INPUT_DIM}]}}\n"
+            "outputs:\n"
+            f"  - {{name: {OUTPUT_NAME}, datatype: FP32, dims: [{OUTPUT_DIM}]}}\n"
+        )
+    return text
+
+
+def make_repository(root: Path, model_file: Path, kind: str, *, max_batch_size: int) -> Path:
+    """``root/mlp/1/model.<kind>`` (a hard link or copy) and ``root/mlp/config.yaml``."""
+    version_dir = root / MODEL / "1"
+    version_dir.mkdir(parents=True)
+    target = version_dir / MODEL_FILENAMES[kind]
+    try:
+        os.link(model_file, target)
+    except OSError:
+        shutil.copyfile(model_file, target)
+    (root / MODEL / "config.yaml").write_text(model_config(kind, max_batch_size))
     return root
 
 
-# -- (a) onnxruntime in-process ------------------------------------------------------------
+# -- (a) in-process: onnxruntime and torch ---------------------------------------------------
+
+
+def time_batches(
+    label: str, run: Callable[[np.ndarray], Any], profile: Profile
+) -> list[dict[str, Any]]:
+    """``run(x)`` timed for x of each of ORT_BATCHES rows: samples/s and ms per run."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in ORT_BATCHES:
+        x = rng.standard_normal((batch, INPUT_DIM), dtype=np.float32)
+        for _ in range(profile.ort_warmup_runs):
+            run(x)
+        times: list[float] = []
+        start = time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            run(x)
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            if t1 - start >= profile.ort_seconds and len(times) >= 10:
+                break
+        elapsed = time.perf_counter() - start
+        row = {
+            "batch": batch,
+            "runs": len(times),
+            "samples_per_s": round(batch * len(times) / elapsed, 1),
+            "ms_per_run_mean": round(1e3 * elapsed / len(times), 4),
+            "ms_per_run_p50": round(1e3 * statistics.median(times), 4),
+        }
+        rows.append(row)
+        note(
+            f"{label} batch {batch}: {row['samples_per_s']:.0f} samples/s, "
+            f"{row['ms_per_run_p50']:.3f} ms/run (p50)"
+        )
+    return rows
+
+
+def _ort_run(session: Any, x: np.ndarray) -> Any:
+    return session.run([OUTPUT_NAME], {INPUT_NAME: x})
 
 
 def bench_ort(model_file: Path, profile: Profile) -> list[dict[str, Any]]:
@@ -230,40 +314,44 @@ def bench_ort(model_file: Path, profile: Profile) -> list[dict[str, Any]]:
 
     # Default session options, like Sluice's executor with executor.intra_op_threads 0.
     session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    rows = []
     try:
-        for batch in ORT_BATCHES:
-            x = rng.standard_normal((batch, INPUT_DIM), dtype=np.float32)
-            feeds = {INPUT_NAME: x}
-            for _ in range(profile.ort_warmup_runs):
-                session.run([OUTPUT_NAME], feeds)
-            times: list[float] = []
-            start = time.perf_counter()
-            while True:
-                t0 = time.perf_counter()
-                session.run([OUTPUT_NAME], feeds)
-                t1 = time.perf_counter()
-                times.append(t1 - t0)
-                if t1 - start >= profile.ort_seconds and len(times) >= 10:
-                    break
-            elapsed = time.perf_counter() - start
-            row = {
-                "batch": batch,
-                "runs": len(times),
-                "samples_per_s": round(batch * len(times) / elapsed, 1),
-                "ms_per_run_mean": round(1e3 * elapsed / len(times), 4),
-                "ms_per_run_p50": round(1e3 * statistics.median(times), 4),
-            }
-            rows.append(row)
-            note(
-                f"ort batch {batch}: {row['samples_per_s']:.0f} samples/s, "
-                f"{row['ms_per_run_p50']:.3f} ms/run (p50)"
-            )
+        return time_batches("ort", functools.partial(_ort_run, session), profile)
     finally:
         del session
         gc.collect()
-    return rows
+
+
+def _torch_mlp() -> Any:
+    """bench/torch_mlp.py (imported late: it imports torch, which takes seconds)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    import torch_mlp
+
+    return torch_mlp
+
+
+def bench_torch(files: dict[str, Path], profile: Profile) -> dict[str, list[dict[str, Any]]]:
+    """model.pt2 and model.pt loaded as Sluice loads them on the CPU, each batch run under
+    torch.inference_mode with numpy in and out (as the executor does); default threads."""
+    torch_mlp = _torch_mlp()
+    out: dict[str, list[dict[str, Any]]] = {}
+    loaders = {"torch.export": torch_mlp.load_exported, "torchscript": torch_mlp.load_torchscript}
+    for runtime, kind in (("torch.export", "pt2"), ("torchscript", "pt")):
+        module = loaders[runtime](files[kind])
+        try:
+            out[runtime] = time_batches(runtime, torch_mlp.runner(module, OUTPUT_NAME), profile)
+        finally:
+            del module
+            gc.collect()
+    return out
+
+
+def build_torch_models(model_file: Path, work: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """model.pt2 and model.pt from the ONNX file's weights, checked against onnxruntime."""
+    torch_mlp = _torch_mlp()
+    files = {"pt2": work / "mlp_bench.pt2", "pt": work / "mlp_bench.pt"}
+    check = torch_mlp.build(model_file, files["pt2"], files["pt"], INPUT_DIM)
+    return files, check
 
 
 def ort_reference(model_file: Path, x: np.ndarray) -> np.ndarray:
@@ -764,7 +852,7 @@ def _md_header(result: dict[str, Any]) -> list[str]:
         f"## Sluice benchmark, {result['timestamp']} ({result['profile']['name']} run)",
         "",
         f"{env.get('cpu_count')} CPUs ({env.get('cpu_model', '?')}), onnxruntime "
-        f"{env.get('onnxruntime')}, grpcio {env.get('grpcio')}, "
+        f"{env.get('onnxruntime')}, torch {env.get('torch', '-')}, grpcio {env.get('grpcio')}, "
         f"{result.get('perf_analyzer_version') or 'perf_analyzer ?'}; load average "
         f"{env['loadavg_start'][0]:.2f} at start. perf_analyzer and the servers share the "
         "cores (nothing is pinned).",
@@ -778,21 +866,33 @@ def _md_header(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _md_ort(rows: list[dict[str, Any]]) -> list[str]:
-    if not rows:
+def _md_inprocess(result: dict[str, Any]) -> list[str]:
+    tables = {"onnxruntime": result["ort"], **result.get("torch", {})}
+    tables = {runtime: rows for runtime, rows in tables.items() if rows}
+    if not tables:
         return []
     lines = [
         "",
-        "### (a) onnxruntime in-process (compute ceiling)",
+        "### (a) in-process (compute ceiling): onnxruntime, torch",
         "",
-        "| batch | samples/s | ms per run (mean) | ms per run (p50) |",
-        "|---:|---:|---:|---:|",
+        "| runtime | batch | samples/s | ms per run (mean) | ms per run (p50) |",
+        "|---|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['batch']} | {_fmt(r['samples_per_s'])} | {r['ms_per_run_mean']:.3f} | "
-        f"{r['ms_per_run_p50']:.3f} |"
+        f"| {INPROCESS_TITLES.get(runtime, runtime)} | {r['batch']} | "
+        f"{_fmt(r['samples_per_s'])} | {r['ms_per_run_mean']:.3f} | {r['ms_per_run_p50']:.3f} |"
+        for runtime, rows in tables.items()
         for r in rows
     ]
+    check = result.get("torch_check")
+    if check:
+        worst = max(v["max_abs_err"] for v in check.values() if isinstance(v, dict))
+        lines += [
+            "",
+            f"The PyTorch files hold the ONNX file's weights; largest difference from "
+            f"onnxruntime at batch {', '.join(map(str, check['batches']))}: {worst:.1e} "
+            f"(tolerance {check['tolerance']:g}).",
+        ]
     return lines
 
 
@@ -823,7 +923,7 @@ def _md_runs(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         return []
     lines = [
         "",
-        "### (b)-(d) served, through perf_analyzer (gRPC, 1 sample per request)",
+        "### (b)-(f) served, through perf_analyzer (gRPC, 1 sample per request)",
         "",
         "| server | c | infer/s | p50 ms | p90 ms | p99 ms | avg batch | server cores "
         "| client cores | note |",
@@ -834,7 +934,7 @@ def _md_runs(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def _md_breakdown(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
-    rows = [r for name in ("batched", "unbatched") for r in runs.get(name, []) if "error" not in r]
+    rows = [r for name in SLUICE_SERVERS for r in runs.get(name, []) if "error" not in r]
     if not rows:
         return []
     lines = [
@@ -885,6 +985,9 @@ def _md_targets(result: dict[str, Any]) -> list[str]:
     for name, check in result.get("correctness", {}).items():
         if not check.get("ok"):
             lines += ["", f"WARNING: Sluice ({name}) outputs differ from onnxruntime: {check}"]
+    torch_check = result.get("torch_check")
+    if torch_check and not torch_check.get("ok"):
+        lines += ["", f"WARNING: the PyTorch files differ from onnxruntime: {torch_check}"]
     if result["errors"]:
         lines += ["", "### Errors", ""]
         lines += [f"- {e.strip().splitlines()[0][:300]}" for e in result["errors"] if e.strip()]
@@ -894,7 +997,7 @@ def _md_targets(result: dict[str, Any]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         *_md_header(result),
-        *_md_ort(result["ort"]),
+        *_md_inprocess(result),
         *_md_runs(result["runs"]),
         *_md_breakdown(result["runs"]),
         *_md_targets(result),
@@ -932,7 +1035,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="perf_analyzer concurrencies (default: 1 8 32)",
     )
     parser.add_argument(
-        "--skip", nargs="+", default=[], choices=("ort", *SERVERS), help="parts to leave out"
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=("ort", "torch", *SERVERS),
+        help="parts to leave out (torch: the in-process torch rows of part (a))",
     )
     parser.add_argument(
         "--perf-analyzer",
@@ -980,26 +1087,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def bench_server(
     name: str,
-    model_file: Path,
+    models: dict[str, Path],
     work: Path,
     pa: str,
     profile: Profile,
     args: argparse.Namespace,
     result: dict[str, Any],
 ) -> None:
-    """Start one server, check its answers (Sluice), measure every concurrency, stop it."""
+    """Start one server, check its answers (Sluice), measure every concurrency, stop it.
+
+    ``models`` maps a file kind (onnx, pt2, pt) to the file; answers are always checked
+    against onnxruntime running the ONNX file."""
     note(f"{name}: {SERVER_TITLES[name]}")
+    max_batch = 0
     if name == "null":
         server = null_server(work)
     else:
-        max_batch = 64 if name == "batched" else 1
-        repo = make_repository(work / f"repo-{name}", model_file, max_batch_size=max_batch)
+        kind, max_batch = SERVER_MODELS[name]
+        repo = make_repository(work / f"repo-{name}", models[kind], kind, max_batch_size=max_batch)
         server = sluice_server(name, repo, work, args.extra_env)
     try:
         with running(server):
             if name != "null":
                 result["correctness"][name] = check_outputs(
-                    server.address, model_file, max_rows=max_batch
+                    server.address, models["onnx"], max_rows=max_batch
                 )
             result["runs"][name] = measure(
                 name, server, pa, profile, args.concurrency, work, sluice=name != "null"
@@ -1012,16 +1123,53 @@ def bench_server(
             result["errors"].append(f"{name} c={row['concurrency']}: {row['error']}")
 
 
+def prepare_torch(
+    model_file: Path, work: Path, models: dict[str, Path], result: dict[str, Any]
+) -> bool:
+    """Build model.pt2 and model.pt into ``models``; False (and an error) when torch is
+    missing, the export fails, or a file computes something else than onnxruntime."""
+    note("exporting the benchmark MLP to model.pt2 (torch.export) and model.pt (TorchScript)")
+    try:
+        files, check = build_torch_models(model_file, work)
+    except Exception as exc:  # reported; the torch parts are skipped, the others run
+        result["errors"].append(f"torch models: {type(exc).__name__}: {exc}")
+        note(result["errors"][-1])
+        return False
+    result["torch_check"] = check
+    import torch  # imported by now; the in-process rows use its default thread count
+
+    result["environment"]["torch_intra_op_threads"] = torch.get_num_threads()
+    errors = {k: v["max_abs_err"] for k, v in check.items() if isinstance(v, dict)}
+    note(f"torch vs onnxruntime, max |difference|: {errors}")
+    if not check["ok"]:
+        result["errors"].append(
+            f"torch models differ from onnxruntime by more than {check['tolerance']}: {errors}"
+        )
+        note(result["errors"][-1])
+        return False
+    models.update(files)
+    return True
+
+
 def run_benchmark(args: argparse.Namespace, profile: Profile, result: dict[str, Any]) -> None:
     work = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     try:
         model_file = work / "mlp_bench.onnx"
         note(f"building the benchmark MLP in {work}")
         build_model(model_file)
+        models = {"onnx": model_file}
         if "ort" not in args.skip:
             note("(a) onnxruntime in-process")
             result["ort"] = bench_ort(model_file, profile)
-        servers = [s for s in SERVERS if s not in args.skip]
+        skip = set(args.skip)
+        if not {"torch", *TORCH_SERVERS} <= skip:
+            if prepare_torch(model_file, work, models, result):
+                if "torch" not in skip:
+                    note("(a) torch in-process")
+                    result["torch"] = bench_torch(models, profile)
+            else:  # no (checked) PyTorch files: their parts cannot run
+                skip |= {"torch", *TORCH_SERVERS}
+        servers = [s for s in SERVERS if s not in skip]
         if not servers:
             return
         try:
@@ -1033,7 +1181,7 @@ def run_benchmark(args: argparse.Namespace, profile: Profile, result: dict[str, 
         result["perf_analyzer"] = pa
         result["perf_analyzer_version"] = perf_analyzer_version(pa)
         for name in servers:
-            bench_server(name, model_file, work, pa, profile, args, result)
+            bench_server(name, models, work, pa, profile, args, result)
     finally:
         if args.keep_workdir:
             note(f"work folder kept: {work}")
@@ -1063,6 +1211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "environment": environment(),
         "ort": [],
+        "torch": {},
         "runs": {},
         "correctness": {},
         "errors": [],
