@@ -1,0 +1,135 @@
+"""Prefill and batched decode: sequences of different lengths joining and leaving mid-way
+get exactly the tokens they get alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sluice.errors import ConfigError, InvalidInputError
+from sluice.generation.causal_lm import CausalLM
+from tests.generation.random_models import CONFIGS, write_random_model
+
+PROMPTS = [[5, 9, 2], list(range(20, 31)), [7] * 6, list(range(40, 98)), [1, 2, 3, 4, 5, 6, 7, 8]]
+"""The fourth prompt's sequence outgrows the cache's first capacity (64) mid-way."""
+JOIN_AT_STEP = [0, 0, 2, 3, 5]
+NEW_TOKENS = [9, 3, 12, 8, 1]
+PAUSED = {4: 0, 6: 2}
+"""Step -> a sequence left out of that step (its rows are gathered, not viewed)."""
+
+
+def greedy_alone(lm: CausalLM, prompt: list[int], count: int) -> list[int]:
+    logits, cache = lm.prefill(prompt)
+    tokens = [int(logits.argmax())]
+    while len(tokens) < count:
+        tokens.append(int(lm.decode([(tokens[-1], cache)])[0].argmax()))
+    cache.release()
+    return tokens
+
+
+def greedy_batched(lm: CausalLM) -> list[list[int]]:
+    outputs: list[list[int]] = [[] for _ in PROMPTS]
+    caches = {}
+    step = 0
+    while any(len(out) < count for out, count in zip(outputs, NEW_TOKENS, strict=True)):
+        for i in (i for i, at in enumerate(JOIN_AT_STEP) if at == step):
+            logits, caches[i] = lm.prefill(PROMPTS[i])
+            outputs[i].append(int(logits.argmax()))
+        running = [i for i in caches if len(outputs[i]) < NEW_TOKENS[i] and PAUSED.get(step) != i]
+        if step % 2:
+            running.reverse()  # the caller's order need not be the cache's row order
+        if running:
+            logits = lm.decode([(outputs[i][-1], caches[i]) for i in running])
+            for row, i in enumerate(running):
+                outputs[i].append(int(logits[row].argmax()))
+        for i in [i for i in caches if len(outputs[i]) == NEW_TOKENS[i]]:
+            caches.pop(i).release()  # leaves at once, mid-way through the others
+        step += 1
+    return outputs
+
+
+def test_batched_decode_reproduces_each_sequence_alone(random_lm: CausalLM) -> None:
+    alone = [greedy_alone(random_lm, p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)]
+    assert greedy_batched(random_lm) == alone
+    assert random_lm.live_sequences == 0
+    assert random_lm.cache_bytes == 0
+
+
+def test_batched_logits_match_single_sequence_logits(random_lm: CausalLM) -> None:
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], list(range(30, 45))]
+    single = []
+    for prompt in prompts:
+        _, cache = random_lm.prefill(prompt)
+        single.append(random_lm.decode([(7, cache)])[0])
+        cache.release()
+    caches = [random_lm.prefill(prompt)[1] for prompt in prompts]
+    batched = random_lm.decode([(7, cache) for cache in caches])
+    torch.testing.assert_close(batched, torch.stack(single), atol=1e-5, rtol=0)
+    assert [cache.length for cache in caches] == [len(p) + 1 for p in prompts]
+
+
+def test_context_is_enforced(random_lm: CausalLM) -> None:
+    with pytest.raises(InvalidInputError, match="context"):
+        random_lm.prefill([1] * (random_lm.max_context + 1))
+    assert random_lm.live_sequences == 0
+    _, cache = random_lm.prefill([1] * random_lm.max_context)
+    with pytest.raises(InvalidInputError, match="context"):
+        random_lm.decode([(1, cache)])
+    cache.release()
+
+
+def test_invalid_steps_are_refused(random_lm: CausalLM) -> None:
+    with pytest.raises(InvalidInputError, match="no tokens"):
+        random_lm.prefill([])
+    with pytest.raises(InvalidInputError, match="token ids"):
+        random_lm.prefill([random_lm.config.vocab_size])
+    _, cache = random_lm.prefill([1, 2])
+    with pytest.raises(ValueError, match="twice"):
+        random_lm.decode([(1, cache), (2, cache)])
+    cache.release()
+    cache.release()  # twice is harmless
+    assert cache.released
+    with pytest.raises(ValueError, match="released"):
+        random_lm.decode([(1, cache)])
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tmp_path: Path) -> None:
+    single = write_random_model(tmp_path / "single", CONFIGS["llama"])
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    tensors = load_file(single / "model.safetensors")
+    names = sorted(tensors)
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    weight_map = {}
+    for shard, shard_names in shards.items():
+        save_file({name: tensors[name] for name in shard_names}, sharded / shard)
+        weight_map |= dict.fromkeys(shard_names, shard)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (sharded / "config.json").write_text((single / "config.json").read_text())
+    expected, _ = CausalLM.load(single).prefill([1, 2, 3])
+    actual, _ = CausalLM.load(sharded).prefill([1, 2, 3])
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+
+
+def test_checkpoint_that_does_not_match_the_config_is_refused(tmp_path: Path) -> None:
+    model_dir = write_random_model(tmp_path, CONFIGS["llama"])
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors["model.norm.weight"]
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(tensors, model_dir / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"missing model\.norm\.weight"):
+        CausalLM.load(model_dir)
+    tensors["model.norm.weight"] = torch.ones(64)
+    save_file(tensors, model_dir / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' has shape"):
+        CausalLM.load(model_dir)
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"no model\.safetensors"):
+        CausalLM.load(model_dir)
