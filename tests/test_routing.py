@@ -166,3 +166,39 @@ async def test_every_breaker_open_fails_fast(
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "breaker" in (info.value.details() or "")
     assert server.service.statistics("simple")[0][2].fail.count == 1  # never reached again
+
+
+async def test_another_backend_of_the_same_model_is_a_fallback(
+    start_server: StartServer, tmp_path: Path, stub_for: object
+) -> None:
+    import onnxruntime as ort
+
+    from tests import models
+
+    mlp = models.make_mlp()
+    onnx_file = models.write_onnx(mlp, tmp_path / "model.onnx")
+    models.write_model_folder(
+        tmp_path / "repo",
+        "twin",
+        {"model.onnx": onnx_file, "model.pt2": models.write_exported(mlp, tmp_path / "model.pt2")},
+        config="backend: onnxruntime\nfaults: {mode: fail, backends: [onnxruntime]}\n"
+        "fallbacks: [{backend: pytorch}]\n",
+    )
+    server = await start_server(repository=tmp_path / "repo")
+    x = models.sample(3)
+    request = pb.ModelInferRequest(
+        model_name="twin",
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[3, 64])
+        ],
+        raw_input_contents=[x.tobytes()],
+    )
+    stub = stub_for(server)  # type: ignore[operator]
+    response_call = stub.ModelInfer(request)
+    response = await response_call
+    trailers = dict(await response_call.trailing_metadata() or ())
+    assert trailers["x-sluice-served-by"] == "twin/1/pytorch"
+    assert trailers["x-sluice-fallback"] == "true"
+    expected = ort.InferenceSession(str(onnx_file)).run(None, {"input": x})[0]
+    got = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(3, -1)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -102,14 +102,18 @@ class Router:
         alias = self._aliases.get(name)
         if alias:
             return list(alias)
-        return [FallbackTarget(model=name, version=version), *self._service.fallbacks(name)]
+        fallbacks = [
+            target if target.model else target.model_copy(update={"model": name})
+            for target in self._service.fallbacks(name)
+        ]
+        return [FallbackTarget(model=name, version=version), *fallbacks]
 
     def ensure_can_serve(self, name: str, version: str = "") -> None:
         """Fail fast when no candidate could serve the call now (e.g. every breaker open)."""
         errors: list[SluiceError] = []
         for target in self.chain(name, version):
             try:
-                self._service.ensure_can_serve(target.model, target.version)
+                self._service.ensure_can_serve(target.model, target.version, target.backend)
             except SluiceError as exc:
                 errors.append(exc)
             else:
@@ -152,8 +156,14 @@ class Router:
         budget_s = self._attempt_budget_s(deadline, alone=alone)
         attempt_deadline = None if budget_s is None else self._clock() + budget_s
         sub = request
-        if (target.model, target.version) != (request.model, request.version):
-            sub = dataclasses.replace(request, model=target.model, version=target.version)
+        if (target.model, target.version, target.backend) != (
+            request.model,
+            request.version,
+            request.backend,
+        ):
+            sub = dataclasses.replace(
+                request, model=target.model, version=target.version, backend=target.backend
+            )
         started = self._clock()
         try:
             # Alone, the call's own deadline (batcher and interceptor) bounds the attempt;
@@ -226,7 +236,7 @@ class Router:
 
     def _usable(self, target: FallbackTarget, deadline: float | None) -> bool:
         try:
-            self._service.ensure_can_serve(target.model, target.version)
+            self._service.ensure_can_serve(target.model, target.version, target.backend)
         except SluiceError:
             return False
         if deadline is None:

@@ -73,6 +73,8 @@ class ModelEntry:
     failures: dict[str, str] = field(default_factory=dict)
     #: Where calls go when this model fails transiently (from its config).
     fallbacks: tuple[FallbackTarget, ...] = ()
+    #: Other backends of a version, loaded because a fallback names them: (version, backend).
+    alternates: dict[tuple[str, str], ModelVersion] = field(default_factory=dict)
     #: Loaded versions that failed their last health probe, with the reason.
     unhealthy: dict[str, str] = field(default_factory=dict)
 
@@ -164,6 +166,9 @@ class InferenceService:
                 except SluiceError as exc:
                     entry.failures[version] = exc.message
                     log.error("model %s version %s failed to load: %s", name, version, exc)
+            for target in config.fallbacks:
+                if target.backend and target.model in ("", name):
+                    await self._load_alternates(entry, target)
             await self._replace(name, entry)
             if not entry.versions:
                 raise ConfigError(
@@ -192,7 +197,7 @@ class InferenceService:
             await self._close_entry(old)
 
     async def _close_entry(self, entry: ModelEntry) -> None:
-        for version in entry.versions.values():
+        for version in (*entry.versions.values(), *entry.alternates.values()):
             await version.batcher.close()
             await version.executor.close()
             self._metrics.model_ready.labels(entry.name, version.spec.version).set(0)
@@ -201,11 +206,32 @@ class InferenceService:
         for listener in self._listeners:
             await listener(name, ready)
 
-    async def _load_version(self, name: str, version: str) -> ModelVersion:
+    async def _load_alternates(self, entry: ModelEntry, target: FallbackTarget) -> None:
+        """Load another backend of this model's versions, named by one of its fallbacks."""
+        for version in [target.version] if target.version else list(entry.versions):
+            try:
+                entry.alternates[(version, target.backend)] = await self._load_version(
+                    entry.name, version, forced=target.backend
+                )
+            except SluiceError as exc:
+                entry.failures[f"{version}@{target.backend}"] = exc.message
+                log.error(
+                    "model %s version %s: fallback backend %s failed to load: %s",
+                    entry.name,
+                    version,
+                    target.backend,
+                    exc.message,
+                )
+
+    async def _load_version(
+        self, name: str, version: str, *, forced: str | None = None
+    ) -> ModelVersion:
         model_dir = self._repository / name
         config = read_config(model_dir)
         forced, forced_by = (
-            (config.backend, str(model_dir / "config.yaml"))
+            (forced, f"a fallback in {model_dir / 'config.yaml'}")
+            if forced
+            else (config.backend, str(model_dir / "config.yaml"))
             if config.backend is not None
             else (self._settings.force_backend, "SLUICE_FORCE_BACKEND")
         )
@@ -220,9 +246,14 @@ class InferenceService:
             compile=config.torch_compile,
         )
         executor, candidate = await self._load_first(plan, options, where=f"{name}/{version}")
-        if config.faults is not None and config.faults.mode != "none":
+        faults = config.faults
+        if (
+            faults is not None
+            and faults.mode != "none"
+            and (not faults.backends or {candidate.backend, candidate.rung} & set(faults.backends))
+        ):
             log.warning("model %s version %s: injecting faults %s", name, version, config.faults)
-            executor = FaultyExecutor(executor, config.faults)
+            executor = FaultyExecutor(executor, faults)
         try:
             io = resolve_io(
                 config,
@@ -369,8 +400,22 @@ class InferenceService:
             return entry.versions[version]
         return self.get(name, version)
 
-    def get(self, name: str, version: str = "") -> ModelVersion:
-        """The version that serves a call: loaded and passing its health probe."""
+    def get(self, name: str, version: str = "", backend: str = "") -> ModelVersion:
+        """The version that serves a call: loaded and passing its health probe; with
+        ``backend``, that backend of it (one a fallback asked to load)."""
+        model = self._primary(name, version)
+        spec = model.spec
+        if not backend or backend in (spec.backend, spec.backend_rung):
+            return model
+        alternate = self._models[name].alternates.get((spec.version, backend))
+        if alternate is None:
+            raise ModelNotFoundError(
+                f"model '{name}' version {spec.version} has no '{backend}' backend loaded "
+                "(name it in a fallback of the model's config to load it)"
+            )
+        return alternate
+
+    def _primary(self, name: str, version: str) -> ModelVersion:
         entry = self._models.get(name)
         if entry is None:
             if self._in_repository(name):
@@ -411,9 +456,9 @@ class InferenceService:
             return False
         return True
 
-    def ensure_can_serve(self, name: str, version: str = "") -> None:
+    def ensure_can_serve(self, name: str, version: str = "", backend: str = "") -> None:
         """Fail fast when the model's backend breaker is open (before any queueing)."""
-        model = self.get(name, version)
+        model = self.get(name, version, backend)
         if model.breaker.is_open():
             raise BreakerOpenError(
                 f"model '{name}' version {model.spec.version}: backend {model.spec.backend} "
@@ -478,7 +523,7 @@ class InferenceService:
 
     async def infer(self, request: InferRequest, *, deadline: float | None) -> InferResult:
         """Validate, queue, run and return one request; ``deadline`` is on the service clock."""
-        model = self.get(request.model, request.version)
+        model = self.get(request.model, request.version, request.backend)
         io = model.spec.io
         inputs = decode_inputs(request, io)
         wanted = check_requested_outputs(request, io)

@@ -102,9 +102,12 @@ class RetrySettings(_Section):
 class FallbackTarget(_Section):
     """One candidate of a fallback chain."""
 
-    model: str
+    model: str = ""
+    """Empty: the model whose chain this is (with ``backend``: another backend of it)."""
     version: str = ""
     """Empty: the model's serving version."""
+    backend: str = ""
+    """A backend or ladder rung (``pytorch``, ``onnxruntime-cpu``...); empty: the ladder's pick."""
     quality: float = Field(1.0, ge=0, le=1)
     """How good its answers are next to the primary's (1: as good), for operators and logs."""
 

@@ -52,6 +52,8 @@ class InferRequest:
     inputs: list[InputTensor] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
+    #: A specific backend of the model (a fallback to another backend); empty: the primary.
+    backend: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,8 @@ class FaultConfig(BaseModel):
     """Share of batches the fault hits."""
     delay_ms: float = Field(0.0, ge=0)
     """Added latency for ``slow``."""
+    backends: list[str] = []
+    """Backends (or ladder rungs) the fault applies to; empty: all of the model's."""
     seed: int | None = None
     """Seed for the draw (None: a fresh random sequence)."""
 

@@ -67,7 +67,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         rows = []
         for row in self._service.index():
             fallbacks = [
-                f"{f.model}/{f.version}" if f.version else f.model
+                (f.model or row.name)
+                + (f"/{f.version}" if f.version else "")
+                + (f"@{f.backend}" if f.backend else "")
                 for f in self._service.fallbacks(row.name)
             ]
             rows.append(_status(row, fallbacks))
