@@ -313,3 +313,25 @@ async def test_open_breaker_survives_a_restart(
         assert behaviour.calls == 3  # the restart did not hammer the broken backend
         clock.advance(10.0)
         np.testing.assert_array_equal(output(await stub.ModelInfer(request(rows(1.0)))), rows(2.0))
+
+
+async def test_model_health_follows_its_breaker(
+    fake_server: RunningServer, behaviour: Behaviour, clock: FakeClock
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(fake_server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="sluice.model.fake"))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        behaviour.fail = True
+        for _ in range(3):  # fail_max: the breaker opens
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.ModelInfer(request(rows(1.0)))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        behaviour.fail = False
+        clock.advance(10.0)  # half-open: the next call is the trial, and it passes
+        await stub.ModelInfer(request(rows(1.0)))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()

@@ -83,6 +83,15 @@ class ModelEntry:
         """Some version can infer now (loaded and passing its health probe)."""
         return any(v not in self.unhealthy for v in self.versions)
 
+    @property
+    def serving(self) -> bool:
+        """What the model's health says: a version passes its probe and its breaker is not
+        open (an open breaker half-opens on the next call or probe)."""
+        return any(
+            v not in self.unhealthy and not loaded.breaker.is_open()
+            for v, loaded in self.versions.items()
+        )
+
     def default_version(self, *, healthy: bool = True) -> ModelVersion:
         usable = [v for v in self.versions if not (healthy and v in self.unhealthy)]
         return self.versions[max(usable, key=int)]
@@ -118,6 +127,7 @@ class InferenceService:
         self._breaker_store = open_breaker_store(settings.breaker)
         self._models: dict[str, ModelEntry] = {}
         self._listeners: list[ReadinessListener] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self.started = False
 
@@ -192,7 +202,7 @@ class InferenceService:
     async def _replace(self, name: str, entry: ModelEntry) -> None:
         old = self._models.get(name)
         self._models[name] = entry
-        await self._notify(name, entry.ready)
+        await self._notify(name, entry.serving)
         if old is not None:
             await self._close_entry(old)
 
@@ -201,6 +211,17 @@ class InferenceService:
             await version.batcher.close()
             await version.executor.close()
             self._metrics.model_ready.labels(entry.name, version.spec.version).set(0)
+
+    def _refresh_soon(self, name: str) -> None:
+        """A breaker changed state (synchronously, inside a call): update health after it."""
+        task = asyncio.get_running_loop().create_task(self._refresh(name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh(self, name: str) -> None:
+        entry = self._models.get(name)
+        if entry is not None:
+            await self._notify(name, entry.serving)
 
     async def _notify(self, name: str, ready: bool) -> None:
         for listener in self._listeners:
@@ -320,6 +341,7 @@ class InferenceService:
 
         def on_change(_old: str, new: str) -> None:
             self._metrics.set_breaker_state(spec.name, spec.version, spec.backend, new)
+            self._refresh_soon(spec.name)
 
         breaker = BackendBreaker(
             label,
@@ -370,7 +392,7 @@ class InferenceService:
         entry = self._models.get(name)
         if entry is None or version not in entry.versions:
             return  # unloaded meanwhile
-        was_ready = entry.ready
+        was_serving = entry.serving
         if problem is None:
             if entry.unhealthy.pop(version, None) is not None:
                 log.info("model %s version %s passes its health probe again", name, version)
@@ -378,8 +400,8 @@ class InferenceService:
             log.error("model %s version %s failed its health probe: %s", name, version, problem)
             entry.unhealthy[version] = problem
         self._metrics.model_ready.labels(name, version).set(0 if problem else 1)
-        if entry.ready != was_ready:
-            await self._notify(name, entry.ready)
+        if entry.serving != was_serving:
+            await self._notify(name, entry.serving)
 
     def fallbacks(self, name: str) -> tuple[FallbackTarget, ...]:
         entry = self._models.get(name)
