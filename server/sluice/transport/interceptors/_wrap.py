@@ -2,8 +2,8 @@
 treatment. An interceptor supplies ``around``: an async context manager entered before the
 handler runs and left when the call (or the whole stream) ends.
 
-Wrapped handlers depend only on the method, so each interceptor wraps a method once and
-reuses it; per-call facts (metadata, the request) are read when the call runs.
+Wrapped handlers depend only on the method, so ``Chain`` wraps a method once and reuses it;
+per-call facts (metadata, the request) are read when the call runs.
 """
 
 from __future__ import annotations
@@ -90,48 +90,25 @@ def wrap(
     )
 
 
-class Interceptor(grpc.aio.ServerInterceptor, abc.ABC):
-    """Base: wraps every handler with ``around``; operational calls skip it unless
-    ``include_operational`` is set."""
+class Interceptor(abc.ABC):
+    """One concern's hook around every call. ``Chain`` installs them; calls to health and
+    reflection skip a hook unless it sets ``include_operational``."""
 
     include_operational = False
-
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or (
-            not self.include_operational and method.startswith(OPERATIONAL_SERVICES)
-        ):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = wrap(handler, method, self.around)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
     @abc.abstractmethod
     def around(self, call: CallInfo, context: Context) -> AbstractAsyncContextManager[None]: ...
 
 
 class Chain(grpc.aio.ServerInterceptor):
-    """Runs several interceptors as one grpc interceptor, outermost first.
-
-    The result is the same as installing them one by one, but a method's handler is wrapped
-    once with all their ``around`` hooks nested, so a call pays for one interceptor hop
-    instead of one per concern.
+    """Installs the interceptors as one grpc interceptor, outermost first: a method's
+    handler is wrapped once with all their ``around`` hooks nested, so a call pays for one
+    interceptor hop instead of one per concern.
     """
 
     def __init__(self, interceptors: Sequence[Interceptor]) -> None:
         self._all = _nest([i.around for i in interceptors])
-        self._business = _nest([i.around for i in interceptors if i.include_operational])
+        self._operational = _nest([i.around for i in interceptors if i.include_operational])
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
@@ -146,7 +123,7 @@ class Chain(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        around = self._business if method.startswith(OPERATIONAL_SERVICES) else self._all
+        around = self._operational if method.startswith(OPERATIONAL_SERVICES) else self._all
         wrapped = wrap(handler, method, around)
         self._wrapped[method] = (handler, wrapped)
         return wrapped

@@ -21,7 +21,6 @@ _ADMITTED_METHODS = frozenset({"ModelInfer"})
 
 class AdmissionInterceptor(Interceptor):
     def __init__(self, controller: AdmissionController, *, tenant_key: str) -> None:
-        super().__init__()
         self._controller = controller
         self._tenant_key = tenant_key
 

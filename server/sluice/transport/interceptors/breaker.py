@@ -18,7 +18,6 @@ _INFERENCE_METHODS = frozenset({"ModelInfer"})
 
 class BreakerInterceptor(Interceptor):
     def __init__(self, router: Router) -> None:
-        super().__init__()
         self._router = router
 
     @contextlib.asynccontextmanager

@@ -29,7 +29,6 @@ def _timeout_parameter_s(request: Any) -> float | None:
 
 class DeadlineInterceptor(Interceptor):
     def __init__(self, policy: DeadlinePolicy) -> None:
-        super().__init__()
         self._policy = policy
 
     @contextlib.asynccontextmanager

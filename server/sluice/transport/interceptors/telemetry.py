@@ -30,7 +30,6 @@ class TelemetryInterceptor(Interceptor):
     include_operational = True
 
     def __init__(self, metrics: Metrics, service: InferenceService, *, clock: Clock) -> None:
-        super().__init__()
         self._metrics = metrics
         # Request ids: unique per process start, then a counter (cheaper than a uuid per call).
         self._id_prefix = uuid.uuid4().hex[:12]
