@@ -30,6 +30,7 @@ from sluice.executors.faults import FaultyExecutor
 from sluice.executors.registry import BackendRegistry
 from sluice.metrics import Metrics
 from sluice.repository import (
+    ModelConfig,
     ModelSpec,
     list_models,
     list_versions,
@@ -172,13 +173,13 @@ class InferenceService:
                 raise
             for version in versions:
                 try:
-                    entry.versions[version] = await self._load_version(name, version)
+                    entry.versions[version] = await self._load_version(name, version, config)
                 except SluiceError as exc:
                     entry.failures[version] = exc.message
                     log.error("model %s version %s failed to load: %s", name, version, exc)
             for target in config.fallbacks:
                 if target.backend and target.model in ("", name):
-                    await self._load_alternates(entry, target)
+                    await self._load_alternates(entry, target, config)
             await self._replace(name, entry)
             if not entry.versions:
                 raise ConfigError(
@@ -227,12 +228,14 @@ class InferenceService:
         for listener in self._listeners:
             await listener(name, ready)
 
-    async def _load_alternates(self, entry: ModelEntry, target: FallbackTarget) -> None:
+    async def _load_alternates(
+        self, entry: ModelEntry, target: FallbackTarget, config: ModelConfig
+    ) -> None:
         """Load another backend of this model's versions, named by one of its fallbacks."""
         for version in [target.version] if target.version else list(entry.versions):
             try:
                 entry.alternates[(version, target.backend)] = await self._load_version(
-                    entry.name, version, forced=target.backend
+                    entry.name, version, config, forced=target.backend
                 )
             except SluiceError as exc:
                 entry.failures[f"{version}@{target.backend}"] = exc.message
@@ -245,10 +248,10 @@ class InferenceService:
                 )
 
     async def _load_version(
-        self, name: str, version: str, *, forced: str | None = None
+        self, name: str, version: str, config: ModelConfig, *, forced: str | None = None
     ) -> ModelVersion:
+        """Load one version with the config its model was loaded with (read once per load)."""
         model_dir = self._repository / name
-        config = read_config(model_dir)
         forced, forced_by = (
             (forced, f"a fallback in {model_dir / 'config.yaml'}")
             if forced
