@@ -4,9 +4,13 @@
         result = client.infer("simple", {"INPUT0": a, "INPUT1": b})
         result.outputs["OUTPUT0"]
 
+        for chunk in client.generate("tiny_llama", "Once upon a time", max_new_tokens=16):
+            print(chunk.text, end="")
+
 ``AsyncClient`` offers the same calls for asyncio.
 """
 
+from sluice_client._calls import Sampling
 from sluice_client._channel import DEFAULT_TARGET, RetryPolicy, channel_options
 from sluice_client.aio import AsyncClient
 from sluice_client.client import Client
@@ -27,13 +31,18 @@ from sluice_client.errors import (
 from sluice_client.results import (
     BatchStats,
     DurationStat,
+    GenerateChunk,
+    GenerateResult,
     InferenceStats,
     InferResult,
     ModelMetadata,
     ModelStatistics,
+    ModelVersionStatus,
     RepositoryModel,
     ServerMetadata,
     TensorMetadata,
+    TokenCount,
+    Usage,
 )
 
 __all__ = [
@@ -45,22 +54,28 @@ __all__ = [
     "DeadlineExceeded",
     "DurationStat",
     "FailedPrecondition",
+    "GenerateChunk",
+    "GenerateResult",
     "InferResult",
     "InferenceStats",
     "Internal",
     "InvalidArgument",
     "ModelMetadata",
     "ModelStatistics",
+    "ModelVersionStatus",
     "NotFound",
     "PermissionDenied",
     "RepositoryModel",
     "ResourceExhausted",
     "RetryPolicy",
+    "Sampling",
     "ServerMetadata",
     "SluiceClientError",
     "TensorMetadata",
+    "TokenCount",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "Usage",
     "channel_options",
 ]

@@ -1,33 +1,39 @@
 """Every client call as data: the method, its request, and how to read its response.
 
 The sync and asyncio clients share all of this; they differ only in how they send a
-``Call`` (``Client._send`` blocks, ``AsyncClient._send`` awaits).
+``Call`` or a ``StreamCall`` (``Client`` blocks, ``AsyncClient`` awaits).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import model_config_pb2
+from sluice_api.sluice.v1 import generation_service_pb2 as gen_pb
+from sluice_api.sluice.v1 import model_service_pb2 as model_pb
 from sluice_client import _health
-from sluice_client._channel import INFERENCE_SERVICE
+from sluice_client._channel import GENERATION_SERVICE, INFERENCE_SERVICE, MODEL_SERVICE
 from sluice_client.names import REQUEST_ID_KEY
 from sluice_client.results import (
     BatchStats,
     DurationStat,
+    GenerateChunk,
     InferenceStats,
     InferResult,
     ModelMetadata,
     ModelStatistics,
+    ModelVersionStatus,
     RepositoryModel,
     ServerMetadata,
     TensorMetadata,
+    TokenCount,
+    Usage,
 )
 from sluice_client.tensors import WireFormatError, datatype_of, from_raw, to_raw
 
@@ -45,6 +51,30 @@ class Call(Generic[ResponseT, ResultT]):
     deserialize: Callable[[bytes], ResponseT]
     parse: Callable[[ResponseT], ResultT]
     metadata: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCall(Generic[ResponseT, ResultT]):
+    """One server-streaming call: each response message is parsed into one result."""
+
+    method: str
+    request: Any
+    deserialize: Callable[[bytes], ResponseT]
+    parse: Callable[[ResponseT], ResultT]
+
+
+class Sampling(TypedDict, total=False):
+    """How a generation picks its tokens (sluice.v1.SamplingParameters); unset is the
+    server's default: 16 new tokens, greedy, no top-k / top-p, no stop sequences."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop_sequences: Sequence[str]
+    stop_token_ids: Sequence[int]
+    repetition_penalty: float
 
 
 def serialize(message: Any) -> bytes:
@@ -181,6 +211,81 @@ def infer(
         pb.ModelInferResponse.FromString,
         _infer_result,
         metadata,
+    )
+
+
+def list_models() -> Call[model_pb.ListModelsResponse, list[ModelVersionStatus]]:
+    return Call(
+        f"/{MODEL_SERVICE}/ListModels",
+        model_pb.ListModelsRequest(),
+        model_pb.ListModelsResponse.FromString,
+        lambda r: [_model_version_status(m) for m in r.models],
+    )
+
+
+def count_tokens(
+    model: str, prompt: str, version: str
+) -> Call[gen_pb.CountTokensResponse, TokenCount]:
+    return Call(
+        f"/{GENERATION_SERVICE}/CountTokens",
+        gen_pb.CountTokensRequest(model_name=model, model_version=version, prompt=prompt),
+        gen_pb.CountTokensResponse.FromString,
+        lambda r: TokenCount(token_count=r.token_count, max_context=r.max_context),
+    )
+
+
+def generate(
+    model: str, prompt: str, version: str, sampling: Sampling
+) -> StreamCall[gen_pb.GenerateResponse, GenerateChunk]:
+    request = gen_pb.GenerateRequest(
+        model_name=model,
+        model_version=version,
+        prompt=prompt,
+        parameters=gen_pb.SamplingParameters(**sampling),
+    )
+    return StreamCall(
+        f"/{GENERATION_SERVICE}/Generate",
+        request,
+        gen_pb.GenerateResponse.FromString,
+        _generate_chunk,
+    )
+
+
+def _enum_name(value: int, enum: Any, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix)
+
+
+def _model_version_status(m: model_pb.ModelVersionStatus) -> ModelVersionStatus:
+    return ModelVersionStatus(
+        name=m.name,
+        version=m.version,
+        state=_enum_name(m.state, model_pb.ModelState, "MODEL_STATE_"),
+        reason=m.reason,
+        backend=m.backend,
+        backend_rung=m.backend_rung,
+        backend_reason=m.backend_reason,
+        device=m.device,
+        breaker_state=_enum_name(m.breaker_state, model_pb.BreakerState, "BREAKER_STATE_"),
+        fallbacks=list(m.fallbacks),
+    )
+
+
+def _generate_chunk(r: gen_pb.GenerateResponse) -> GenerateChunk:
+    reason = r.finish_reason
+    return GenerateChunk(
+        text=r.text,
+        token_ids=list(r.token_ids),
+        finish_reason=(
+            None
+            if reason == gen_pb.FINISH_REASON_UNSPECIFIED
+            else _enum_name(reason, gen_pb.FinishReason, "FINISH_REASON_").lower()
+        ),
+        usage=(
+            Usage(r.usage.prompt_tokens, r.usage.completion_tokens) if r.HasField("usage") else None
+        ),
+        model=r.model_name,
+        version=r.model_version,
+        fallback_reason=r.fallback_reason,
     )
 
 

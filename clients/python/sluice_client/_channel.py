@@ -11,11 +11,16 @@ DEFAULT_TARGET = "127.0.0.1:8001"
 #: The server's default ``max_message_bytes``; tensors of a few hundred MiB fit.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
+MODEL_SERVICE = "sluice.v1.ModelService"
+GENERATION_SERVICE = "sluice.v1.GenerationService"
+#: Services whose calls are retried on UNAVAILABLE (a streamed generation only before its
+#: first chunk arrives: gRPC never replays a stream the caller has started reading).
+RETRIED_SERVICES = (INFERENCE_SERVICE, MODEL_SERVICE, GENERATION_SERVICE)
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How gRPC itself retries inference calls that end UNAVAILABLE.
+    """How gRPC itself retries calls that end UNAVAILABLE (health checks excepted).
 
     The retries run inside the call's deadline, and the C-core waits for the server's
     ``grpc-retry-pushback-ms`` when one is sent (a negative one stops retrying). Throttling
@@ -39,11 +44,11 @@ class RetryPolicy:
 
 
 def service_config(retry: RetryPolicy) -> str:
-    """The gRPC service config (JSON) that retries the inference service on UNAVAILABLE."""
+    """The gRPC service config (JSON) that retries Sluice's services on UNAVAILABLE."""
     config: dict[str, Any] = {
         "methodConfig": [
             {
-                "name": [{"service": INFERENCE_SERVICE}],
+                "name": [{"service": service} for service in RETRIED_SERVICES],
                 "retryPolicy": {
                     "maxAttempts": retry.max_attempts,
                     "initialBackoff": f"{retry.initial_backoff_s}s",

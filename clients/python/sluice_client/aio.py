@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 import numpy.typing as npt
 
 from sluice_api.inference import model_config_pb2
 from sluice_client import _calls
+from sluice_client._calls import Sampling
 from sluice_client._channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
@@ -19,11 +20,15 @@ from sluice_client._channel import (
 )
 from sluice_client.errors import from_rpc_error
 from sluice_client.results import (
+    GenerateChunk,
+    GenerateResult,
     InferResult,
     ModelMetadata,
     ModelStatistics,
+    ModelVersionStatus,
     RepositoryModel,
     ServerMetadata,
+    TokenCount,
 )
 
 T = TypeVar("T")
@@ -83,6 +88,23 @@ class AsyncClient:
             raise from_rpc_error(exc) from exc
         return call.parse(response)
 
+    async def _stream(
+        self, call: _calls.StreamCall[Any, T], timeout_s: float | None
+    ) -> AsyncGenerator[T, None]:
+        rpc = self._channel.unary_stream(
+            call.method,
+            request_serializer=_calls.serialize,
+            response_deserializer=call.deserialize,
+        )
+        responses = rpc(call.request, timeout=self._timeout_s if timeout_s is None else timeout_s)
+        try:
+            async for response in responses:
+                yield call.parse(response)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            responses.cancel()
+
     async def live(self, *, timeout_s: float | None = None) -> bool:
         return await self._send(_calls.live(), timeout_s)
 
@@ -136,3 +158,36 @@ class AsyncClient:
     ) -> InferResult:
         call = _calls.infer(model, inputs, outputs=outputs, version=version, request_id=request_id)
         return await self._send(call, timeout_s)
+
+    async def list_models(self, *, timeout_s: float | None = None) -> list[ModelVersionStatus]:
+        return await self._send(_calls.list_models(), timeout_s)
+
+    async def count_tokens(
+        self, model: str, prompt: str, *, version: str = "", timeout_s: float | None = None
+    ) -> TokenCount:
+        return await self._send(_calls.count_tokens(model, prompt, version), timeout_s)
+
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        version: str = "",
+        timeout_s: float | None = None,
+        **sampling: Unpack[Sampling],
+    ) -> AsyncGenerator[GenerateChunk, None]:
+        """``async for chunk in client.generate(...)``; leaving the loop early, ``aclose()``
+        or cancelling the task cancels the call on the server."""
+        return self._stream(_calls.generate(model, prompt, version, sampling), timeout_s)
+
+    async def generate_text(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        version: str = "",
+        timeout_s: float | None = None,
+        **sampling: Unpack[Sampling],
+    ) -> GenerateResult:
+        chunks = self.generate(model, prompt, version=version, timeout_s=timeout_s, **sampling)
+        return GenerateResult.join([chunk async for chunk in chunks])

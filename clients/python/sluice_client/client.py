@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 import numpy.typing as npt
 
 from sluice_api.inference import model_config_pb2
 from sluice_client import _calls
+from sluice_client._calls import Sampling
 from sluice_client._channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
@@ -19,11 +20,15 @@ from sluice_client._channel import (
 )
 from sluice_client.errors import from_rpc_error
 from sluice_client.results import (
+    GenerateChunk,
+    GenerateResult,
     InferResult,
     ModelMetadata,
     ModelStatistics,
+    ModelVersionStatus,
     RepositoryModel,
     ServerMetadata,
+    TokenCount,
 )
 
 T = TypeVar("T")
@@ -88,6 +93,23 @@ class Client:
             raise from_rpc_error(exc) from exc
         return call.parse(response)
 
+    def _stream(
+        self, call: _calls.StreamCall[Any, T], timeout_s: float | None
+    ) -> Generator[T, None, None]:
+        rpc = self._channel.unary_stream(
+            call.method,
+            request_serializer=_calls.serialize,
+            response_deserializer=call.deserialize,
+        )
+        responses = rpc(call.request, timeout=self._timeout_s if timeout_s is None else timeout_s)
+        try:
+            for response in responses:
+                yield call.parse(response)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            responses.cancel()
+
     def live(self, *, timeout_s: float | None = None) -> bool:
         """Whether the server process is up."""
         return self._send(_calls.live(), timeout_s)
@@ -150,3 +172,43 @@ class Client:
         ``request_id`` is echoed back and names the call in the server's logs."""
         call = _calls.infer(model, inputs, outputs=outputs, version=version, request_id=request_id)
         return self._send(call, timeout_s)
+
+    def list_models(self, *, timeout_s: float | None = None) -> list[ModelVersionStatus]:
+        """Every model version with its backend, device and breaker state
+        (sluice.v1.ModelService)."""
+        return self._send(_calls.list_models(), timeout_s)
+
+    def count_tokens(
+        self, model: str, prompt: str, *, version: str = "", timeout_s: float | None = None
+    ) -> TokenCount:
+        """Tokens ``prompt`` takes on ``model``, and the model's context length."""
+        return self._send(_calls.count_tokens(model, prompt, version), timeout_s)
+
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        version: str = "",
+        timeout_s: float | None = None,
+        **sampling: Unpack[Sampling],
+    ) -> Generator[GenerateChunk, None, None]:
+        """Stream a generation: chunks as the model makes them, the last with
+        ``finish_reason`` and ``usage``. The call starts on the first ``next()``; leaving the
+        loop early (or ``close()`` on the iterator) cancels it on the server. ``timeout_s``
+        bounds the whole stream."""
+        call = _calls.generate(model, prompt, version, sampling)
+        return self._stream(call, timeout_s)
+
+    def generate_text(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        version: str = "",
+        timeout_s: float | None = None,
+        **sampling: Unpack[Sampling],
+    ) -> GenerateResult:
+        """A whole generation at once: ``generate``'s chunks, joined."""
+        chunks = self.generate(model, prompt, version=version, timeout_s=timeout_s, **sampling)
+        return GenerateResult.join(list(chunks))

@@ -94,3 +94,78 @@ class InferResult:
     outputs: dict[str, npt.NDArray[Any]]
     #: Each output's OIP datatype (BF16 arrives as uint16 words, so the dtype cannot tell).
     datatypes: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersionStatus:
+    """One model version as sluice.v1.ModelService sees it."""
+
+    name: str
+    version: str
+    #: "READY" or "UNAVAILABLE".
+    state: str
+    reason: str
+    #: Backend and capability-ladder rung that serve it, why, and on which device.
+    backend: str
+    backend_rung: str
+    backend_reason: str
+    device: str
+    #: "CLOSED", "HALF_OPEN" or "OPEN".
+    breaker_state: str
+    #: Where calls go when it fails, in order ("model" or "model/version").
+    fallbacks: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCount:
+    #: Tokens the prompt takes (exactly what a generation would see).
+    token_count: int
+    #: Longest sequence (prompt and generated tokens) the model takes.
+    max_context: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateChunk:
+    """One streamed piece of a generation; the chunks' texts joined are the whole output."""
+
+    text: str
+    token_ids: list[int]
+    #: "stop" or "length" on the last chunk; None before it.
+    finish_reason: str | None
+    #: Set on the last chunk only.
+    usage: Usage | None
+    #: The model and version serving the generation (another one after a fallback).
+    model: str
+    version: str
+    #: Why another model serves the call; "" when the requested one does.
+    fallback_reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateResult:
+    """A whole generation: its chunks joined."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: Usage | None
+    model: str
+    version: str
+
+    @classmethod
+    def join(cls, chunks: list[GenerateChunk]) -> GenerateResult:
+        last = chunks[-1] if chunks else None
+        return cls(
+            text="".join(c.text for c in chunks),
+            token_ids=[t for c in chunks for t in c.token_ids],
+            finish_reason=last.finish_reason if last else None,
+            usage=last.usage if last else None,
+            model=last.model if last else "",
+            version=last.version if last else "",
+        )
