@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the bundled tiny language model: ``server/sluice/generation/tiny_llama/1/``.
+"""Train the bundled tiny language model: ``server/sluice/example_models/tiny_llama/1/``.
 
 1. A byte-level BPE tokenizer (``tokenizers``) on ``scripts/data/*.txt``.
 2. A small Llama-architecture model (Sluice's own implementation, so the saved names are
@@ -35,7 +35,7 @@ from sluice.generation.tokenizer import Tokenizer as SluiceTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA = REPO_ROOT / "scripts" / "data"
-OUT = REPO_ROOT / "server" / "sluice" / "generation" / "tiny_llama" / "1"
+OUT = REPO_ROOT / "server" / "sluice" / "example_models" / "tiny_llama" / "1"
 
 SEED = 0
 EOS = "<|endoftext|>"

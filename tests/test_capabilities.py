@@ -60,7 +60,12 @@ NO_TENSORRT_BOX = Capabilities(
     cuda_device_count=1,
 )
 
-ALL = {"tensorrt": "model.plan", "onnxruntime": "model.onnx", "pytorch": "model.pt2"}
+ALL = {
+    "tensorrt": "model.plan",
+    "onnxruntime": "model.onnx",
+    "pytorch": "model.pt2",
+    "causal_lm": "config.json",
+}
 
 
 def _artifacts(*backends: str) -> dict[str, Path | None]:
@@ -116,6 +121,8 @@ def _rungs(caps: Capabilities, *backends: str, forced: str | None = None) -> lis
             id="plan-without-tensorrt",
         ),
         pytest.param(CPU_BOX, ("tensorrt",), [], id="cpu-plan-only"),
+        pytest.param(GPU_BOX, ("causal_lm",), ["causal-lm-cuda", "causal-lm-cpu"], id="lm-gpu"),
+        pytest.param(CPU_BOX, ("causal_lm",), ["causal-lm-cpu"], id="lm-cpu"),
     ],
 )
 def test_ladder_picks_the_best_backend_the_machine_can_run(
@@ -135,6 +142,8 @@ def test_every_choice_and_every_pass_has_a_reason() -> None:
         "onnxruntime-cuda: this onnxruntime build has no TensorRT or CUDA execution provider",
         "torch-cuda: no pytorch model file",
         "torch-cpu: no pytorch model file",
+        "causal-lm-cuda: no causal_lm model file",
+        "causal-lm-cpu: no causal_lm model file",
     )
     assert "onnxruntime-cpu (ONNX Runtime on the CPU)" in plan.describe()
 

@@ -271,7 +271,12 @@ async def test_server_serves_an_exported_program(
 
 
 def test_default_registry_knows_every_backend() -> None:
-    assert set(BackendRegistry.default().backends) == {"onnxruntime", "pytorch", "tensorrt"}
+    assert set(BackendRegistry.default().backends) == {
+        "onnxruntime",
+        "pytorch",
+        "tensorrt",
+        "causal_lm",
+    }
 
 
 # --- PyTorch backend rules ----------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     SluiceError
     ├── InvalidInputError        bad tensors, shapes, parameters       INVALID_ARGUMENT
+    │   └── ContextOverflowError  prompt + max_new_tokens > the context
     ├── ModelNotFoundError       unknown model or version              NOT_FOUND
     ├── UnsupportedError         feature the model or server lacks     UNIMPLEMENTED
     ├── ConfigError              a model's config.yaml or files        FAILED_PRECONDITION
@@ -38,6 +39,22 @@ class SluiceError(Exception):
 
 class InvalidInputError(SluiceError):
     """The request itself is wrong; retrying it unchanged cannot help."""
+
+
+class ContextOverflowError(InvalidInputError):
+    """A generation whose prompt and ``max_new_tokens`` cannot fit the model's context (a
+    fallback with a larger context may take it)."""
+
+    def __init__(self, *, model: str, prompt_tokens: int, max_new_tokens: int, max_context: int):
+        super().__init__(
+            f"model '{model}': the prompt has {prompt_tokens} tokens and max_new_tokens is "
+            f"{max_new_tokens}: {prompt_tokens + max_new_tokens} tokens do not fit its context "
+            f"of {max_context}; shorten the prompt, lower max_new_tokens or use a model with a "
+            "larger context"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.max_context = max_context
 
 
 class ModelNotFoundError(SluiceError):

@@ -73,7 +73,8 @@ class HealthProber:
         problem: str | None = None
         try:
             async with asyncio.timeout(self._settings.timeout_s):
-                await version.batcher.infer(probe_inputs(spec.io), deadline=deadline)
+                inputs = version.executor.probe_inputs() or probe_inputs(spec.io)
+                await version.batcher.infer(inputs, deadline=deadline)
         except TimeoutError:
             problem = f"no answer within {self._settings.timeout_s:.3f}s"
         except SluiceError as exc:

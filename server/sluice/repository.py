@@ -139,6 +139,8 @@ class ModelSpec:
     backend_rung: str = ""
     backend_reason: str = ""
     device: str = "cpu"
+    #: A generation model: a request may get many responses (Triton's "decoupled").
+    decoupled: bool = False
 
 
 def read_config(model_dir: Path) -> ModelConfig:
@@ -203,7 +205,7 @@ def _resolve_tensors(
     field: str,
 ) -> tuple[TensorSpec, ...]:
     from_file = {
-        t.name: TensorSpec(t.name, t.datatype, t.shape[1:] if batched else t.shape)
+        t.name: TensorSpec(t.name, t.datatype, t.shape[1:] if batched else t.shape, t.optional)
         for t in declared
     }
     if configured is None:
@@ -221,7 +223,7 @@ def _resolve_tensors(
                 f"{where}: field '{field}.{index}.datatype': {tensor.datatype} but the model "
                 f"file says {known.datatype}"
             )
-        specs.append(TensorSpec(tensor.name, tensor.datatype, tuple(tensor.dims)))
+        specs.append(TensorSpec(tensor.name, tensor.datatype, tuple(tensor.dims), known.optional))
     return tuple(specs)
 
 

@@ -27,6 +27,8 @@ class TensorSpec:
     name: str
     datatype: str
     dims: tuple[int, ...]
+    optional: bool = False
+    """An input a request may leave out."""
 
     def shape(self, batched: bool) -> tuple[int, ...]:
         """The shape as the protocol reports it: ``[-1] + dims`` when the model batches."""
@@ -111,7 +113,8 @@ def decode_inputs(request: InferRequest, io: IOSpec) -> dict[str, Array]:
                 )
             batch = tensor.shape[0]
         arrays[tensor.name] = _decode(tensor)
-    missing = sorted(set(specs) - seen)
+    missing = sorted(name for name, spec in specs.items() if not spec.optional)
+    missing = [name for name in missing if name not in seen]
     if missing:
         raise InvalidInputError(
             f"model '{request.model}' needs input(s) {', '.join(missing)} that the request "

@@ -133,3 +133,20 @@ def test_checkpoint_that_does_not_match_the_config_is_refused(tmp_path: Path) ->
     (model_dir / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match=r"no model\.safetensors"):
         CausalLM.load(model_dir)
+
+
+def test_prefill_many_pads_without_changing_any_prompts_logits(random_lm: CausalLM) -> None:
+    vocab = random_lm.config.vocab_size
+    prompts = [[1, 2, 3], [(4 + k) % vocab for k in range(11)], [10]]
+    together, caches = random_lm.prefill_many(prompts)
+    assert [cache.length for cache in caches] == [3, 11, 1]
+    next_together = random_lm.decode([(5, cache) for cache in caches])
+    for cache in caches:
+        cache.release()
+    for index, prompt in enumerate(prompts):
+        alone, cache = random_lm.prefill(prompt)
+        next_alone = random_lm.decode([(5, cache)])[0]
+        cache.release()
+        torch.testing.assert_close(together[index], alone, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(next_together[index], next_alone, rtol=1e-4, atol=1e-4)
+    assert random_lm.live_sequences == 0

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-from sluice import generation
+from sluice.app import EXAMPLE_REPOSITORY
 from sluice.errors import InvalidInputError
 from sluice.generation.causal_lm import CausalLM
 from sluice.generation.generate import FinishReason, SequenceOutput, generate
@@ -16,7 +15,7 @@ from sluice.generation.sampling import SamplingParams, TokenSampler
 from sluice.generation.tokenizer import Tokenizer
 from tests.conftest import REPO_ROOT
 
-TINY_LLAMA = Path(generation.__file__).parent / "tiny_llama" / "1"
+TINY_LLAMA = EXAMPLE_REPOSITORY / "tiny_llama" / "1"
 PROMPT = "Once upon a time, there was a"
 
 

@@ -9,11 +9,11 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from sluice import generation
+from sluice.app import EXAMPLE_REPOSITORY
 from sluice.errors import ConfigError
 from sluice.generation.tokenizer import Tokenizer
 
-TINY_LLAMA = Path(generation.__file__).parent / "tiny_llama" / "1"
+TINY_LLAMA = EXAMPLE_REPOSITORY / "tiny_llama" / "1"
 TEXT = "Café crème, naïve. 中文字符测试 and emoji 😀🎉 — déjà vu! 日本語 👍🏽 end."
 EOS = "<|end|>"
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from sluice.settings import ExecutorSettings
+from sluice.settings import ExecutorSettings, GenerationSettings
 from sluice.tensors import Array
 
 
@@ -24,6 +24,8 @@ class DeclaredTensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    optional: bool = False
+    """An input a request may leave out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,8 @@ class LoadOptions:
     device: str | None = None
     """Where the capability ladder placed the model (``cpu``, ``cuda``, ``cuda:1``);
     None lets the backend choose."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """Settings of generation models (causal LMs)."""
     compile: bool = False
     """Compile the model where the backend can (``torch.compile``) and warm it up before
     the load returns, so the version reports ready only once compiled."""
@@ -64,6 +68,10 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     async def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
         """Run one batch; returns every output. Raises ``SluiceError`` subclasses only."""
+
+    def probe_inputs(self) -> dict[str, Array] | None:
+        """Inputs for a health probe, where the backend knows better than zeros (None)."""
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None:

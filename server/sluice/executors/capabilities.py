@@ -190,6 +190,20 @@ LADDER: Final[tuple[Rung, ...]] = (
     Rung("torch-cuda", "pytorch", "cuda", "PyTorch on the GPU", _needs_torch_cuda),
     Rung("torch-cpu", "pytorch", "cpu", "PyTorch on the CPU", _needs_torch),
     Rung("onnxruntime-cpu", "onnxruntime", "cpu", "ONNX Runtime on the CPU", _needs_ort),
+    Rung(
+        "causal-lm-cuda",
+        "causal_lm",
+        "cuda",
+        "causal LM with continuous batching on the GPU",
+        _needs_torch_cuda,
+    ),
+    Rung(
+        "causal-lm-cpu",
+        "causal_lm",
+        "cpu",
+        "causal LM with continuous batching on the CPU",
+        _needs_torch,
+    ),
 )
 
 

@@ -34,6 +34,9 @@ class FaultConfig(BaseModel):
     """Backends (or ladder rungs) the fault applies to; empty: all of the model's."""
     seed: int | None = None
     """Seed for the draw (None: a fresh random sequence)."""
+    after_tokens: int = Field(0, ge=0)
+    """Generation models: a hit generation fails (or hangs) once it has made this many
+    tokens (0: before its first). The draw is per generation, not per decode step."""
 
 
 class FaultyExecutor(Executor):
@@ -70,6 +73,9 @@ class FaultyExecutor(Executor):
                 await asyncio.Event().wait()  # until the caller gives up and cancels
             await asyncio.sleep(self._config.delay_ms / 1000)
         return await self._inner.run(inputs)
+
+    def probe_inputs(self) -> dict[str, Array] | None:
+        return self._inner.probe_inputs()
 
     async def close(self) -> None:
         await self._inner.close()

@@ -21,13 +21,18 @@ class BackendRegistry:
     @classmethod
     def default(cls) -> BackendRegistry:
         """ONNX Runtime always; PyTorch and TensorRT (whose buffers are torch tensors) where
-        torch is installed. TensorRT itself is imported only when a plan is loaded."""
+        torch is installed, and causal LMs where safetensors and tokenizers are too. TensorRT
+        itself is imported only when a plan is loaded."""
         factories: list[ExecutorFactory] = [OnnxRuntimeFactory()]
         if importlib.util.find_spec("torch") is not None:
             from sluice.executors.pytorch import PyTorchFactory
             from sluice.executors.tensorrt import TensorRTFactory
 
             factories += [PyTorchFactory(), TensorRTFactory()]
+            if all(importlib.util.find_spec(m) for m in ("safetensors", "tokenizers")):
+                from sluice.executors.causal_lm import CausalLMFactory
+
+                factories.append(CausalLMFactory())
         return cls(factories)
 
     @property

@@ -97,12 +97,44 @@ class CausalLM:
             raise
         return logits[0], cache
 
+    def prefill_many(self, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, list[SequenceCache]]:
+        """Run several new sequences' prompts in one forward pass: ``[len(prompts), vocab]``
+        next-token logits and their caches.
+
+        Shorter prompts are padded on the right to the longest: a real token only ever
+        attends to positions at or before its own, so padding changes nothing it computes,
+        and the padded positions are beyond each sequence's length (the next token
+        overwrites them).
+        """
+        if not prompts or any(not prompt for prompt in prompts):
+            raise InvalidInputError("every prompt needs at least one token")
+        caches = [self._pool.open() for _ in prompts]
+        longest = max(len(prompt) for prompt in prompts)
+        padded = [[*prompt, *[0] * (longest - len(prompt))] for prompt in prompts]
+        lengths = [len(prompt) for prompt in prompts]
+        try:
+            logits = self._forward(caches, padded, lengths=lengths)
+        except BaseException:
+            for cache in caches:
+                cache.release()
+            raise
+        return logits, caches
+
     def decode(self, steps: Sequence[tuple[int, SequenceCache]]) -> Tensor:
         """Add one token to each sequence in one forward pass: ``[len(steps), vocab]``
         float32 next-token logits, in the order of ``steps``."""
         return self._forward([cache for _, cache in steps], [[token] for token, _ in steps])
 
-    def _forward(self, caches: list[SequenceCache], token_ids: list[list[int]]) -> Tensor:
+    def _forward(
+        self,
+        caches: list[SequenceCache],
+        token_ids: list[list[int]],
+        *,
+        lengths: Sequence[int] | None = None,
+    ) -> Tensor:
+        """One pass adding ``token_ids[i]`` to ``caches[i]``; with ``lengths``, only the first
+        ``lengths[i]`` of them are real (the rest is padding) and the logits are taken at the
+        last real one."""
         vocab = self.config.vocab_size
         if any(not 0 <= token < vocab for tokens in token_ids for token in tokens):
             raise InvalidInputError(f"token ids must lie in [0, {vocab})")
@@ -111,8 +143,15 @@ class CausalLM:
             order = torch.tensor(step.order, device=self.device)
             input_ids = torch.tensor(token_ids, device=self.device)[order]
             hidden = self._module.hidden_states(input_ids, step.positions, step)
-            logits = self._module.logits(hidden[:, -1]).float()
-            self._pool.commit(step)
+            if lengths is None:
+                last = hidden[:, -1]
+            else:
+                ordered = torch.tensor([lengths[i] for i in step.order], device=self.device)
+                last = hidden[torch.arange(len(caches), device=self.device), ordered - 1]
+            logits = self._module.logits(last).float()
+            self._pool.commit(
+                step, lengths=None if lengths is None else [lengths[i] for i in step.order]
+            )
             restored = torch.empty_like(logits)
             restored[order] = logits
         return restored

@@ -19,6 +19,8 @@ class FinishReason(enum.Enum):
     """An end-of-sequence token, a stop token or a stop sequence."""
     LENGTH = "length"
     """``max_new_tokens`` reached."""
+    CANCELLED = "cancelled"
+    """The caller cancelled the generation."""
 
 
 @dataclass(frozen=True, slots=True)

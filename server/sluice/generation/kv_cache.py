@@ -175,11 +175,12 @@ class KVCachePool:
             mask=(seen <= positions[:, :, None])[:, None],
         )
 
-    def commit(self, step: CacheStep) -> None:
-        """Count a finished forward pass's tokens as cached."""
+    def commit(self, step: CacheStep, *, lengths: Sequence[int] | None = None) -> None:
+        """Count a finished forward pass's tokens as cached (``lengths``: how many of each
+        sequence's new tokens, in the step's row order, are real rather than padding)."""
         added = int(step.positions.shape[1])
-        for cache in step.caches:
-            cache._length += added
+        for index, cache in enumerate(step.caches):
+            cache._length += added if lengths is None else lengths[index]
 
     def release(self, cache: SequenceCache) -> None:
         self._check_members([cache])
