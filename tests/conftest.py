@@ -16,6 +16,7 @@ from sluice.executors.registry import BackendRegistry
 from sluice.metrics import Metrics
 from sluice.service import InferenceService
 from sluice.settings import Settings
+from sluice.tracing import Tracing
 from sluice.transport.server import SluiceServer, create_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +75,7 @@ async def start_server() -> AsyncIterator[StartServer]:
         repository: Path = EXAMPLE_REPOSITORY,
         clock: Callable[[], float] = time.monotonic,
         backends: BackendRegistry | None = None,
+        tracing: Tracing | None = None,
         **overrides: Any,
     ) -> RunningServer:
         settings = Settings.model_validate(
@@ -81,9 +83,16 @@ async def start_server() -> AsyncIterator[StartServer]:
         )
         metrics = Metrics()
         service = InferenceService(
-            settings, repository=repository, metrics=metrics, backends=backends, clock=clock
+            settings,
+            repository=repository,
+            metrics=metrics,
+            backends=backends,
+            clock=clock,
+            tracing=tracing,
         )
-        server = await create_server(settings, service, metrics=metrics, clock=clock)
+        server = await create_server(
+            settings, service, metrics=metrics, clock=clock, tracing=tracing
+        )
         await service.load_all()
         await server.mark_started()
         running = RunningServer(server=server, metrics=metrics, settings=settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -10,7 +11,9 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -19,11 +22,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, StartServer
+from tests.fakes import Behaviour, fake_backends, fake_repository
+from tests.observability.collector import Collector
 
 LISTENING = re.compile(rb"gRPC listening on [\d.]+:(\d+)")
 METRICS_URL = re.compile(r"metrics on (http://\S+/metrics)")
 WORKERS = 12
+STREAMS = 4
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +53,10 @@ def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-async def start_process(repository: Path) -> tuple[asyncio.subprocess.Process, int, list[bytes]]:
-    env = {**os.environ, "SLUICE_DRAIN_GRACE_S": "20", "SLUICE_METRICS_PORT": "0"}
+async def start_process(
+    repository: Path, extra_env: dict[str, str]
+) -> tuple[asyncio.subprocess.Process, int, list[bytes]]:
+    env = {**os.environ, "SLUICE_DRAIN_GRACE_S": "60", "SLUICE_METRICS_PORT": "0", **extra_env}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -95,49 +103,212 @@ def infer_request() -> pb.ModelInferRequest:
     )
 
 
-async def test_sigterm_drains_in_flight_calls_and_exits_zero(slow_repository: Path) -> None:
-    proc, port, log = await start_process(slow_repository)
+class Tally:
+    """Every call and stream the load generator made, and how each ended."""
+
+    def __init__(self) -> None:
+        self.unary: Counter[str] = Counter()
+        self.streams: Counter[str] = Counter()  # how each stream ended
+        self.stream_responses = 0
+        self.stream_requests = 0
+        self.spanning_ok = 0  # unary calls that started before SIGTERM and finished after it
+        self.signalled_at: float | None = None
+
+    def began_before_signal(self, started: float) -> bool:
+        return self.signalled_at is not None and started < self.signalled_at
+
+
+async def unary_worker(stub: pb_grpc.GRPCInferenceServiceStub, tally: Tally) -> None:
+    request = infer_request()
+    while True:
+        started = time.monotonic()
+        try:
+            await stub.ModelInfer(request, timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            tally.unary[exc.code().name] += 1
+            return  # refused: a real client would go to another replica
+        tally.unary["OK"] += 1
+        if tally.began_before_signal(started):
+            tally.spanning_ok += 1
+
+
+async def stream_worker(stub: pb_grpc.GRPCInferenceServiceStub, tally: Tally) -> None:
+    """One stream, one request at a time, until the server ends it."""
+    sending: asyncio.Queue[pb.ModelInferRequest | None] = asyncio.Queue()
+    stream = stub.ModelStreamInfer(feed(sending), timeout=60)
+    try:
+        while True:
+            sending.put_nowait(infer_request())
+            tally.stream_requests += 1
+            response = await stream.read()
+            assert response is not grpc.aio.EOF and not response.error_message, response
+            tally.stream_responses += 1
+    except grpc.aio.AioRpcError as exc:
+        tally.streams[exc.code().name] += 1
+        assert "draining" in str(exc.details()) or exc.code().name != "UNAVAILABLE", exc
+    finally:
+        sending.put_nowait(None)  # ends the request generator
+
+
+async def test_sigterm_drains_in_flight_calls_and_streams_and_exits_zero(
+    slow_repository: Path,
+) -> None:
+    collector = await Collector().start()
+    proc, port, log = await start_process(
+        slow_repository,
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_BSP_SCHEDULE_DELAY": "600000",  # spans leave only when the drain flushes
+            "OTEL_BSP_MAX_QUEUE_SIZE": "1000000",
+            "OTEL_SERVICE_NAME": "sluice-drain",
+        },
+    )
     reader = asyncio.create_task(keep_reading(proc, log))
-    outcomes: Counter[str] = Counter()
-    spanning_ok = 0  # calls that started before SIGTERM and finished after it
-    signalled_at: list[float] = []
+    tally = Tally()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         watch = health.Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
         while (await watch.read()).status != health_pb2.HealthCheckResponse.SERVING:
             pass  # NOT_SERVING until the models have loaded
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        request = infer_request()
-
-        async def worker() -> None:
-            nonlocal spanning_ok
-            while True:
-                started = time.monotonic()
-                try:
-                    await stub.ModelInfer(request, timeout=30)
-                except grpc.aio.AioRpcError as exc:
-                    outcomes[exc.code().name] += 1
-                    return  # refused: a real client would go to another replica
-                outcomes["OK"] += 1
-                if signalled_at and started < signalled_at[0]:
-                    spanning_ok += 1
-
-        workers = [asyncio.create_task(worker()) for _ in range(WORKERS)]
-        while outcomes["OK"] < 100:
+        workers = [asyncio.create_task(unary_worker(stub, tally)) for _ in range(WORKERS)]
+        streams = [asyncio.create_task(stream_worker(stub, tally)) for _ in range(STREAMS)]
+        while tally.unary["OK"] < 100 or tally.stream_responses < 20:
             await asyncio.sleep(0.01)
         scraped = await asyncio.to_thread(scrape, b"".join(log).decode())
         assert 'sluice_requests_total{code="OK",method="ModelInfer",model="mlp"}' in scraped
         assert "sluice_batch_size_bucket" in scraped
-        signalled_at.append(time.monotonic())
+        assert f"sluice_open_streams {STREAMS:.1f}" in scraped
+        tally.signalled_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         after = await watch.read()
         assert after.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        await asyncio.wait_for(asyncio.gather(*workers), 60)
-        watch.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # new streams are refused
+            await stub.ModelStreamInfer(iter([infer_request()])).read()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        await asyncio.wait_for(asyncio.gather(*workers, *streams), 60)
+        with pytest.raises(grpc.aio.AioRpcError) as watch_end:  # watchers do not hold it
+            await asyncio.wait_for(watch.read(), 30)
+        assert watch_end.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in str(watch_end.value.details())
     assert await asyncio.wait_for(proc.wait(), 60) == 0
     await reader
+    await collector.stop()
     text = b"".join(log).decode()
-    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, (outcomes, text)
-    assert outcomes["UNAVAILABLE"] == WORKERS  # every worker was refused in the end
-    assert spanning_ok >= 1, outcomes  # calls in flight at SIGTERM completed
-    assert "drained" in text
+
+    # Every call and stream is accounted for, and none was cut.
+    assert set(tally.unary) <= {"OK", "UNAVAILABLE"}, (tally.unary, text)
+    assert tally.unary["UNAVAILABLE"] == WORKERS  # every worker was refused in the end
+    assert tally.spanning_ok >= 1, tally.unary  # calls in flight at SIGTERM completed
+    assert tally.streams == Counter({"UNAVAILABLE": STREAMS}), tally.streams
+    # A stream's requests were all answered, except at most the one it was sending when
+    # the server stopped reading (the UNAVAILABLE status tells the client to resend it).
+    assert tally.stream_requests - STREAMS <= tally.stream_responses <= tally.stream_requests
+
+    # Logs are JSON lines, and the drain ran in order, ending with the telemetry flush.
+    entries = [json.loads(line) for line in text.splitlines()]
+    messages = [str(e["message"]) for e in entries]
+    assert all({"timestamp", "level", "message"} <= e.keys() for e in entries)
+    order = ["draining", "unloading models", "drained", "stopped"]
+    positions = [next(i for i, m in enumerate(messages) if o in m) for o in order]
+    assert positions == sorted(positions), messages
+
+    # Every successful call's span reached the collector in the final flush.
+    infer_ok = [
+        s
+        for s in collector.named("inference.GRPCInferenceService/ModelInfer")
+        if s.attributes["rpc.grpc.status_code"] == 0
+    ]
+    assert len(infer_ok) == tally.unary["OK"]
+    assert {s.service_name for s in infer_ok} == {"sluice-drain"}
+    opened = collector.named("inference.GRPCInferenceService/ModelStreamInfer")
+    assert len(opened) == STREAMS + 1  # the refused one too
+    assert len(collector.named("sluice.attempt")) >= tally.unary["OK"] + tally.stream_responses
+
+
+# -- in process: streams and health watchers during a drain ---------------------------------
+
+
+def fake_request(value: float) -> pb.ModelInferRequest:
+    x = np.full((1, 4), value, dtype=np.float32)
+    return pb.ModelInferRequest(
+        model_name="fake",
+        id=f"r{value:g}",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 4])],
+        raw_input_contents=[x.tobytes()],
+    )
+
+
+async def feed(queue: asyncio.Queue[pb.ModelInferRequest | None]) -> AsyncIterator[Any]:
+    while (item := await queue.get()) is not None:
+        yield item
+
+
+async def test_a_drain_lets_open_streams_finish_then_ends_them_and_the_watchers(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    behaviour = Behaviour()
+    running = await start_server(
+        repository=fake_repository(tmp_path, "max_batch_size: 8\n"),
+        backends=fake_backends(behaviour),
+    )
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        sending: asyncio.Queue[pb.ModelInferRequest | None] = asyncio.Queue()
+        stream = stub.ModelStreamInfer(feed(sending))
+        behaviour.hold()
+        sending.put_nowait(fake_request(1))
+        sending.put_nowait(fake_request(2))
+        await behaviour.started.wait()
+
+        drain = asyncio.create_task(running.server.drain(grace_s=60, quiet_s=0))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # no new streams
+            await stub.ModelStreamInfer(iter([fake_request(3)])).read()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not drain.done()  # held by the open stream's work
+
+        behaviour.release()
+        answered = [(await stream.read()).infer_response.id for _ in range(2)]
+        assert answered == ["r1", "r2"]
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await stream.read()
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "draining" in str(ended.value.details())
+        assert "request id" in str(ended.value.details())
+        sending.put_nowait(None)
+
+        async with asyncio.timeout(10):  # far less than the 60 s grace: nothing holds it
+            await drain
+        with pytest.raises(grpc.aio.AioRpcError) as watch_end:
+            await watch.read()
+        assert watch_end.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in str(watch_end.value.details())
+    assert running.service.model_names() == []  # unloaded last
+
+
+async def test_a_stream_the_client_already_closed_just_finishes_during_a_drain(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    behaviour = Behaviour()
+    running = await start_server(
+        repository=fake_repository(tmp_path, "max_batch_size: 8\n"),
+        backends=fake_backends(behaviour),
+    )
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        behaviour.hold()
+        stream = stub.ModelStreamInfer(iter([fake_request(1)]))  # half-closes after one
+        await behaviour.started.wait()
+        drain = asyncio.create_task(running.server.drain(grace_s=60, quiet_s=0))
+        while not running.server.admission.inflight or drain.done():
+            await asyncio.sleep(0)
+        behaviour.release()
+        responses = [r async for r in stream]
+        assert [r.infer_response.id for r in responses] == ["r1"]
+        assert await stream.code() == grpc.StatusCode.OK
+        async with asyncio.timeout(10):
+            await drain

@@ -1,4 +1,9 @@
-"""``sluice serve``: build everything from the settings, serve, drain on SIGTERM / SIGINT."""
+"""``sluice serve``: build everything from the settings, serve, drain on SIGTERM / SIGINT.
+
+The drain's order: health NOT_SERVING, new calls refused (UNAVAILABLE), in-flight calls and
+streams finish within ``drain_grace_s``, models unload, then queued spans are flushed and
+the metrics endpoint stops; the exit status is 0.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,11 @@ import signal
 import time
 from pathlib import Path
 
-from prometheus_client import start_http_server
-
 from sluice.errors import ConfigError
 from sluice.metrics import Metrics
 from sluice.service import InferenceService
 from sluice.settings import Settings
+from sluice.tracing import Tracing
 from sluice.transport.server import create_server
 
 log = logging.getLogger(__name__)
@@ -24,18 +28,23 @@ EXAMPLE_REPOSITORY = Path(__file__).parent / "example_models"
 async def serve(settings: Settings) -> int:
     clock = time.monotonic
     metrics = Metrics()
+    tracing = Tracing.from_environment(settings.tracing)
     repository = settings.model_repository or EXAMPLE_REPOSITORY
     try:
-        service = InferenceService(settings, repository=repository, metrics=metrics, clock=clock)
+        service = InferenceService(
+            settings, repository=repository, metrics=metrics, clock=clock, tracing=tracing
+        )
     except ConfigError as exc:
         log.error("cannot start: %s", exc.message)
         return 1
     http = None
     try:
         if settings.metrics_port is not None:
-            http, _ = start_http_server(settings.metrics_port, settings.host, metrics.registry)
-            log.info("metrics on http://%s:%d/metrics", settings.host, http.server_port)
-        server = await create_server(settings, service, metrics=metrics, clock=clock)
+            http = metrics.serve_http(settings.host, settings.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", settings.host, http.port)
+        server = await create_server(
+            settings, service, metrics=metrics, clock=clock, tracing=tracing
+        )
     except (OSError, RuntimeError) as exc:
         log.error(
             "cannot listen on %s (grpc_port %s, metrics_port %s): %s",
@@ -45,7 +54,7 @@ async def serve(settings: Settings) -> int:
             exc,
         )
         if http is not None:
-            http.shutdown()
+            http.close()
         return 1
 
     stop = asyncio.Event()
@@ -59,6 +68,8 @@ async def serve(settings: Settings) -> int:
     log.info("ready: %s", ", ".join(service.model_names()) or "no models")
     await stop.wait()
     await server.drain(settings.drain_grace_s, settings.drain_quiet_s)
+    await tracing.shutdown()
     if http is not None:
-        http.shutdown()
+        http.close()
+    log.info("stopped")
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
@@ -40,10 +39,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         model_repository=args.model_repository,
     )
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from sluice import logs
+
+    logs.configure(settings.log_level, settings.log_format)
     return asyncio.run(serve(settings))
 
 

@@ -1,10 +1,15 @@
-"""Prometheus metrics, each server with its own registry (tests get their own too)."""
+"""Prometheus metrics, each server with its own registry (tests get their own too).
+
+Names follow Prometheus conventions: a ``sluice_`` prefix, base units (seconds), and
+counters exported with ``_total``. ``deploy/grafana/sluice.json`` charts them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (
     0.0002,
@@ -24,6 +29,7 @@ _LATENCY_BUCKETS = (
     10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 
 
@@ -112,6 +118,56 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
+        self.model_inflight = Gauge(
+            "sluice_model_inflight_requests",
+            "Requests queued or running on a model version.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "sluice_open_streams",
+            "Streaming calls open now (a drain waits for them).",
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "sluice_breaker_transitions",
+            "Backend breaker state changes, by the state entered.",
+            ["model", "version", "backend", "state"],
+            registry=r,
+        )
+        self.model_load_seconds = Histogram(
+            "sluice_model_load_duration_seconds",
+            "Time to load one model version on a backend.",
+            ["model", "backend"],
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "sluice_time_to_first_token_seconds",
+            "Generation: from the call's arrival to its first output token.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "sluice_time_per_output_token_seconds",
+            "Generation: mean time between output tokens after the first, per request.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "sluice_generated_tokens",
+            "Generation: output tokens produced.",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "sluice_prompt_tokens",
+            "Generation: prompt tokens processed.",
+            ["model"],
+            registry=r,
+        )
 
     def batch_observer(self, model: str, version: str) -> BatchMetrics:
         return BatchMetrics(self, model, version)
@@ -119,25 +175,95 @@ class Metrics:
     def set_breaker_state(self, model: str, version: str, backend: str, state: str) -> None:
         self.breaker_state.labels(model, version, backend).set(_BREAKER_STATES.get(state, -1))
 
+    def breaker_changed(self, model: str, version: str, backend: str, state: str) -> None:
+        """A breaker entered ``state``: its gauge follows and the transition is counted."""
+        self.set_breaker_state(model, version, backend, state)
+        self.breaker_transitions.labels(model, version, backend, state).inc()
+
+    def generation_observer(self, model: str) -> GenerationMetrics:
+        return GenerationMetrics(self, model)
+
+    def serve_http(self, host: str, port: int) -> MetricsEndpoint:
+        """Serve ``/metrics`` for this registry on ``host:port`` (0: any free port) from a
+        background thread."""
+        server, _thread = start_http_server(port, host, self.registry)
+        return MetricsEndpoint(server)
+
 
 @dataclass(frozen=True, slots=True)
-class BatchMetrics:
-    """The batcher's view of the metrics for one model version."""
+class MetricsEndpoint:
+    """A running ``/metrics`` HTTP server."""
 
-    metrics: Metrics
-    model: str
-    version: str
+    server: WSGIServer
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class BatchMetrics:
+    """The batcher's view of the metrics for one model version (label children bound once)."""
+
+    __slots__ = (
+        "_batch",
+        "_compute",
+        "_depth",
+        "_inflight",
+        "_queue",
+        "metrics",
+        "model",
+        "version",
+    )
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self.metrics = metrics
+        self.model = model
+        self.version = version
+        self._depth = metrics.queue_depth.labels(model, version)
+        self._inflight = metrics.model_inflight.labels(model, version)
+        self._batch = metrics.batch_size.labels(model, version)
+        self._compute = metrics.compute_seconds.labels(model, version)
+        self._queue = metrics.queue_seconds.labels(model, version)
 
     def queue_depth(self, depth: int) -> None:
-        self.metrics.queue_depth.labels(self.model, self.version).set(depth)
+        self._depth.set(depth)
+
+    def inflight(self, delta: int) -> None:
+        self._inflight.inc(delta)
 
     def batch_done(self, *, size: int, queue_s: list[float], compute_s: float) -> None:
-        m = self.metrics
-        m.batch_size.labels(self.model, self.version).observe(size)
-        m.compute_seconds.labels(self.model, self.version).observe(compute_s)
-        queue = m.queue_seconds.labels(self.model, self.version)
+        self._batch.observe(size)
+        self._compute.observe(compute_s)
         for waited in queue_s:
-            queue.observe(waited)
+            self._queue.observe(waited)
 
     def dropped(self, reason: str) -> None:
         self.metrics.dropped.labels(self.model, self.version, reason).inc()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationMetrics:
+    """What token generation reports for one model: call these from the generation path.
+
+    ``first_token`` once per request when its first token is sent (seconds since the call
+    arrived); ``finished`` once when it ends, with the output tokens it produced and the
+    seconds from its first token to its last (time per output token = that / (tokens - 1)).
+    """
+
+    metrics: Metrics
+    model: str
+
+    def prompt(self, tokens: int) -> None:
+        self.metrics.prompt_tokens.labels(self.model).inc(tokens)
+
+    def first_token(self, seconds: float) -> None:
+        self.metrics.time_to_first_token.labels(self.model).observe(seconds)
+
+    def finished(self, *, tokens: int, decode_s: float) -> None:
+        self.metrics.generated_tokens.labels(self.model).inc(tokens)
+        if tokens > 1:
+            self.metrics.time_per_output_token.labels(self.model).observe(decode_s / (tokens - 1))

@@ -32,6 +32,7 @@ from sluice.executors.base import Executor
 from sluice.repository import BatchingPolicy
 from sluice.stats import ModelStats
 from sluice.tensors import Array
+from sluice.tracing import Context, Tracing, now_ns
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class BatchObserver(Protocol):
     """Receives what the batcher measures (metrics live in the transport's registry)."""
 
     def queue_depth(self, depth: int) -> None: ...
+    def inflight(self, delta: int) -> None: ...
     def batch_done(self, *, size: int, queue_s: list[float], compute_s: float) -> None: ...
     def dropped(self, reason: str) -> None: ...
 
@@ -54,6 +56,9 @@ class _Pending:
     deadline: float | None
     enqueued_at: float
     future: asyncio.Future[dict[str, Array]] = field(repr=False)
+    #: The caller's trace context and enqueue time (wall clock, ns) while tracing is on.
+    trace: Context | None = field(default=None, repr=False)
+    enqueued_ns: int = 0
 
 
 def _signature(inputs: Mapping[str, Array], batched: bool) -> tuple[object, ...]:
@@ -78,6 +83,8 @@ class DynamicBatcher:
         pushback_ms: int = 50,
         max_execution_s: float = 60.0,
         clock: Clock,
+        tracing: Tracing | None = None,
+        span_attributes: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self._executor = executor
@@ -89,6 +96,8 @@ class DynamicBatcher:
         self._pushback_ms = pushback_ms
         self._max_execution_s = max_execution_s
         self._clock = clock
+        self._tracing = tracing or Tracing.off()
+        self._span_attributes = dict(span_attributes or {"sluice.batcher": name})
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(instance_count)
@@ -124,10 +133,16 @@ class DynamicBatcher:
             enqueued_at=self._clock(),
             future=asyncio.get_running_loop().create_future(),
         )
+        if self._tracing.enabled:
+            pending.trace, pending.enqueued_ns = self._tracing.capture(), now_ns()
         self._queue.append(pending)
         self._observer.queue_depth(len(self._queue))
+        self._observer.inflight(1)
         self._arrived.set()
-        return await pending.future
+        try:
+            return await pending.future
+        finally:
+            self._observer.inflight(-1)
 
     async def close(self) -> None:
         """Stop taking batches, wait for running ones, fail whatever is still queued."""
@@ -248,7 +263,10 @@ class DynamicBatcher:
     async def _execute(self, batch: list[_Pending]) -> None:
         started = self._clock()
         try:
-            outputs, input_s, infer_s = await self._run_batch(batch)
+            if self._tracing.enabled:
+                outputs, input_s, infer_s = await self._run_traced(batch)
+            else:
+                outputs, input_s, infer_s = await self._run_batch(batch)
         except InvalidInputError as exc:
             if len(batch) == 1:
                 _resolve_error(batch[0].future, exc)
@@ -275,6 +293,19 @@ class DynamicBatcher:
                 output_s=output_s,
             )
         self._observer.batch_done(size=size, queue_s=queue_s, compute_s=infer_s)
+
+    async def _run_traced(self, batch: list[_Pending]) -> tuple[dict[str, Array], float, float]:
+        """``_run_batch`` in a ``sluice.batch`` span linked to its requests' spans, after a
+        ``sluice.queue_wait`` span for each of them."""
+        for pending in batch:  # its attempt span, the parent, says where it queued
+            self._tracing.record_queue_wait(pending.trace, start_ns=pending.enqueued_ns)
+        attributes: dict[str, str | int] = {
+            **self._span_attributes,
+            "sluice.batch.size": sum(p.rows for p in batch),
+            "sluice.batch.requests": len(batch),
+        }
+        with self._tracing.batch_span([p.trace for p in batch], attributes):
+            return await self._run_batch(batch)
 
     async def _run_batch(self, batch: list[_Pending]) -> tuple[dict[str, Array], float, float]:
         t0 = self._clock()

@@ -11,6 +11,7 @@ from sluice.metrics import Metrics
 from sluice.routing import Router
 from sluice.service import InferenceService
 from sluice.settings import Settings
+from sluice.tracing import Tracing
 from sluice.transport.interceptors._wrap import Chain
 from sluice.transport.interceptors.admission import AdmissionInterceptor
 from sluice.transport.interceptors.breaker import BreakerInterceptor
@@ -28,16 +29,19 @@ def build(
     deadlines: DeadlinePolicy,
     metrics: Metrics,
     clock: Clock,
+    tracing: Tracing,
 ) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors in execution order, outermost first (run as one chain)."""
     return [
         Chain(
             [
-                TelemetryInterceptor(metrics, service, clock=clock),
+                TelemetryInterceptor(metrics, service, clock=clock, tracing=tracing),
                 ErrorInterceptor(),
-                DeadlineInterceptor(deadlines),
-                AdmissionInterceptor(admission, tenant_key=settings.admission.tenant_metadata_key),
-                BreakerInterceptor(router),
+                DeadlineInterceptor(deadlines, metrics),
+                AdmissionInterceptor(
+                    admission, tenant_key=settings.admission.tenant_metadata_key, tracing=tracing
+                ),
+                BreakerInterceptor(router, metrics),
             ]
         )
     ]

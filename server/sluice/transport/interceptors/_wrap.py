@@ -25,14 +25,24 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class CallInfo:
     """One call as an interceptor sees it."""
 
-    __slots__ = ("context", "method", "request", "short_method")
+    __slots__ = ("context", "method", "request", "short_method", "streaming")
 
-    def __init__(self, method: str, short_method: str, request: Any, context: Context) -> None:
+    def __init__(
+        self,
+        method: str,
+        short_method: str,
+        request: Any,
+        context: Context,
+        *,
+        streaming: bool = False,
+    ) -> None:
         self.method = method
         self.short_method = short_method
         #: The request message for unary-request calls; None for client-streaming calls.
         self.request = request
         self.context = context
+        #: The call streams requests, responses or both.
+        self.streaming = streaming
 
     def metadata(self, key: str) -> str:
         """The first string value of request metadata ``key``, or ``""``."""
@@ -64,17 +74,33 @@ def wrap(
     inner = getattr(handler, attribute)
     short_method = method.rsplit("/", 1)[-1]
     streaming_request = handler.request_streaming
+    streaming = handler.request_streaming or handler.response_streaming
 
     def info(request: Any, context: Context) -> CallInfo:
-        return CallInfo(method, short_method, None if streaming_request else request, context)
+        return CallInfo(
+            method,
+            short_method,
+            None if streaming_request else request,
+            context,
+            streaming=streaming,
+        )
 
     behavior: Callable[..., Any]
     if handler.response_streaming and inspect.isasyncgenfunction(inner):
+        # The servicer's generator is driven here and its responses written with
+        # ``context.write``, so the whole call (hooks and the generator's cleanup) runs in
+        # the handler's own task: a client that goes away cancels that task, and every
+        # ``finally`` runs in the context the hooks set values in. (Yielding instead lets
+        # grpc abandon the generator mid-write; it is then closed later, in another task.)
 
-        async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
+        async def behavior(request: Any, context: Context) -> None:
             async with around(info(request, context), context):
-                async for response in inner(request, context):
-                    yield response
+                responses = inner(request, context)
+                try:
+                    async for response in responses:
+                        await context.write(response)
+                finally:
+                    await responses.aclose()
 
     else:
 

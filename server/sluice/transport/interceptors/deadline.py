@@ -1,5 +1,6 @@
 """Deadlines: a default budget when the client sent none, a cap, early rejection of calls
-that arrive already expired, and the budget handed to the core through ``callctx``.
+that arrive already expired (counted as ``rejected{reason="deadline"}``), and the budget
+handed to the core through ``callctx``.
 
 Client-streaming calls (ModelStreamInfer) carry many requests: each one gets its own
 budget where it is read, so the stream itself gets none here.
@@ -16,6 +17,7 @@ import grpc
 
 from sluice.deadlines import DeadlinePolicy
 from sluice.errors import DeadlineExceededError
+from sluice.metrics import Metrics
 from sluice.transport import callctx, convert
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
 from sluice_api.inference import grpc_service_pb2 as pb
@@ -28,8 +30,9 @@ def _timeout_parameter_s(request: Any) -> float | None:
 
 
 class DeadlineInterceptor(Interceptor):
-    def __init__(self, policy: DeadlinePolicy) -> None:
+    def __init__(self, policy: DeadlinePolicy, metrics: Metrics) -> None:
         self._policy = policy
+        self._metrics = metrics
 
     @contextlib.asynccontextmanager
     async def around(
@@ -38,10 +41,15 @@ class DeadlineInterceptor(Interceptor):
         remaining = context.time_remaining()
         if call.request is None:
             if remaining is not None and remaining <= 0:
+                self._metrics.rejected.labels("deadline").inc()
                 raise DeadlineExceededError("the stream's deadline had already passed")
             yield
             return
-        budget = self._policy.budget_s(remaining, _timeout_parameter_s(call.request))
+        try:
+            budget = self._policy.budget_s(remaining, _timeout_parameter_s(call.request))
+        except DeadlineExceededError:
+            self._metrics.rejected.labels("deadline").inc()
+            raise
         token = callctx.deadline.set(self._policy.deadline(budget))
         try:
             async with asyncio.timeout(budget):

@@ -1,5 +1,6 @@
-"""Telemetry: a request id for every call, and call counts and latency by method, model
-and status code."""
+"""Telemetry: a request id for every call (in the trailers), its server span (honouring an
+incoming ``traceparent``; health and reflection calls are not traced), and call counts and
+latency by method, model and status code."""
 
 from __future__ import annotations
 
@@ -11,55 +12,90 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from opentelemetry.trace import Span, Status, StatusCode
 
 from sluice.batching.dynamic import Clock
 from sluice.metrics import Metrics
 from sluice.service import InferenceService
+from sluice.tracing import UNTRACED, Tracing
 from sluice.transport import callctx
-from sluice.transport.interceptors._wrap import CallInfo, Interceptor
+from sluice.transport.interceptors._wrap import OPERATIONAL_SERVICES, CallInfo, Interceptor
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _code_name(context: grpc.aio.ServicerContext[Any, Any], default: str) -> str:
+def _code_name(context: Context, default: str) -> str:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
     return default
 
 
+def _finish_span(span: Span, code: str) -> None:
+    if not span.is_recording():
+        return
+    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
+    if code != "OK":
+        span.set_status(Status(StatusCode.ERROR, code))
+
+
 class TelemetryInterceptor(Interceptor):
     include_operational = True
 
-    def __init__(self, metrics: Metrics, service: InferenceService, *, clock: Clock) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        service: InferenceService,
+        *,
+        clock: Clock,
+        tracing: Tracing | None = None,
+    ) -> None:
         self._metrics = metrics
         # Request ids: unique per process start, then a counter (cheaper than a uuid per call).
         self._id_prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count(1)
         self._service = service
         self._clock = clock
+        self._tracing = tracing or Tracing.off()
 
     def _model_label(self, call: CallInfo) -> str:
         name = getattr(call.request, "model_name", "") or getattr(call.request, "name", "")
         # Only known models become label values: callers must not grow the label set.
         return name if self._service.has_model(name) else ""
 
+    def _server_span(
+        self, call: CallInfo, context: Context, rid: str
+    ) -> contextlib.AbstractContextManager[Span]:
+        if not self._tracing.enabled or call.method.startswith(OPERATIONAL_SERVICES):
+            return UNTRACED
+        attributes = {"sluice.request_id": rid}
+        model = self._model_label(call)
+        if model:
+            attributes["sluice.model"] = model
+        return self._tracing.server_span(
+            call.method, context.invocation_metadata() or (), attributes
+        )
+
     @contextlib.asynccontextmanager
-    async def around(
-        self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[None]:
+    async def around(self, call: CallInfo, context: Context) -> AsyncIterator[None]:
         rid = call.metadata(callctx.REQUEST_ID_KEY) or f"{self._id_prefix}-{next(self._ids):x}"
         token = callctx.request_id.set(rid)
         context.set_trailing_metadata(((callctx.REQUEST_ID_KEY, rid),))
         started = self._clock()
         code = "UNKNOWN"
         try:
-            yield
-            code = _code_name(context, "OK")
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except BaseException:
-            code = _code_name(context, "UNKNOWN")
-            raise
+            with self._server_span(call, context, rid) as span:
+                try:
+                    yield
+                    code = _code_name(context, "OK")
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except BaseException:
+                    code = _code_name(context, "UNKNOWN")
+                    raise
+                finally:
+                    _finish_span(span, code)
         finally:
             method, model = call.short_method, self._model_label(call)
             self._metrics.requests.labels(method, model, code).inc()

@@ -1,0 +1,80 @@
+"""Structured logs: one JSON object per line, with the call's request id and trace ids.
+
+Every record gets ``timestamp`` (UTC, ISO 8601), ``level``, ``logger`` and ``message``;
+inside a call also ``request_id`` and, when tracing is on, ``trace_id`` and ``span_id``.
+Call sites add what they know through ``extra=fields(model=..., version=..., backend=...,
+outcome=...)``: only the names in ``FIELDS`` ever reach the output, so a stray ``extra``
+can never leak a payload or a credential into the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from opentelemetry import trace
+
+from sluice.transport import callctx
+
+#: The optional per-record fields a call site may set (through ``fields``).
+FIELDS = ("model", "version", "backend", "outcome", "method", "code", "latency_ms", "attempt")
+_EXTRA_KEY = "sluice_fields"
+
+
+def fields(**values: str | int | float) -> dict[str, Any]:
+    """``extra=`` for a log call: structured fields of the record (names from ``FIELDS``)."""
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown log field(s): {', '.join(sorted(unknown))}")
+    return {_EXTRA_KEY: values}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = callctx.request_id.get()
+        if request_id:
+            entry["request_id"] = request_id
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = format(span.trace_id, "032x")
+            entry["span_id"] = format(span.span_id, "016x")
+        extra = getattr(record, _EXTRA_KEY, None)
+        if isinstance(extra, dict):
+            entry.update((k, v) for k, v in extra.items() if k in FIELDS)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines for a terminal, with the request id when there is one."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = callctx.request_id.get()
+        return f"{line} [request {request_id}]" if request_id else line
+
+
+def configure(level: str, log_format: Literal["json", "text"]) -> None:
+    """Send the root logger's records to stderr in ``log_format`` (called once, in ``main``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
