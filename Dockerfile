@@ -1,14 +1,17 @@
 # syntax=docker/dockerfile:1
 # CPU image by default. For GPU hosts:
 #   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
-#                --build-arg ORT_PACKAGE=onnxruntime-gpu --build-arg SLUICE_EXTRAS=pytorch \
-#                -t sluice:cuda .
-# SLUICE_EXTRAS adds optional backends: pytorch (torch), redis (shared breaker state).
+#                --build-arg ORT_PACKAGE=onnxruntime-gpu \
+#                --build-arg TORCH_INDEX_URL=https://pypi.org/simple -t sluice:cuda .
+# TORCH_INDEX_URL: where torch comes from (PyTorch's CPU-only index by default, so the CPU
+# image does not carry CUDA libraries). SLUICE_EXTRAS adds optional parts: redis (shared
+# breaker state).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 ARG ORT_PACKAGE=onnxruntime
 ARG SLUICE_EXTRAS=""
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/sluice \
@@ -27,7 +30,8 @@ COPY server ./server
 COPY clients/python ./clients/python
 # The same install as README's quick start (non-editable here), then the ONNX Runtime build
 # that matches the base image.
-RUN pip install ".${SLUICE_EXTRAS:+[$SLUICE_EXTRAS]}" \
+RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0 \
+    && pip install ".${SLUICE_EXTRAS:+[$SLUICE_EXTRAS]}" \
     && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then \
         pip uninstall -y onnxruntime && pip install "$ORT_PACKAGE"; \
     fi \

@@ -85,6 +85,7 @@ async def test_models_prints_a_table_using_sluice_url(server: RunningServer) -> 
         ["mlp", "2", "READY"],
         ["passthrough", "1", "READY"],
         ["simple", "1", "READY"],
+        ["tiny_llama", "1", "READY"],
     ]
 
 

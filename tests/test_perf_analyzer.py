@@ -9,6 +9,7 @@ under ``.cache/``). Without it (no network) the test skips, but fails when ``CI`
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ async def profile(
     concurrency: int,
     requests: int,
     streaming: bool = False,
+    input_data: Path | None = None,
 ) -> tuple[dict[str, str], Counts]:
     """One perf_analyzer run of exactly ``requests`` requests (a fixed amount of work
     instead of time windows that must stabilise on a noisy machine). Returns the CSV row
@@ -78,6 +80,7 @@ async def profile(
         *("--concurrency-range", f"{concurrency}:{concurrency}"),
         *("--request-count", str(requests), "-f", csv_path),
         *(["--streaming"] if streaming else []),
+        *(["--input-data", str(input_data)] if input_data else []),
         limit_s=60,
     )
     done.check()
@@ -112,3 +115,31 @@ async def test_perf_analyzer_against_sluice(server: RunningServer, tmp_path: Pat
     # A model whose served version is "2" (perf_analyzer std::stoll()s the version and
     # picks the statistics entry whose queue count grew).
     await profile(binary, server, tmp_path, "mlp", concurrency=4, requests=200)
+
+
+async def test_perf_analyzer_streams_from_a_generation_model(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    """A decoupled model: perf_analyzer detects it from ModelConfig, sends Triton's
+    generation tensors on streams and counts a request done at its final response."""
+    binary = await perf_analyzer()
+    data = tmp_path / "prompts.json"
+    data.write_text(
+        json.dumps(
+            {"data": [{"text_input": ["Once upon a time"], "max_tokens": [16], "stream": [True]}]}
+        )
+    )
+    row, _ = await profile(
+        binary,
+        server,
+        tmp_path,
+        "tiny_llama",
+        concurrency=4,
+        requests=40,
+        streaming=True,
+        input_data=data,
+    )
+    # Sixteen chunks per request, each one response.
+    assert float(row["Response Throughput"]) == pytest.approx(
+        16 * float(row["Inferences/Second"]), rel=0.05
+    ), row

@@ -50,6 +50,7 @@ async def run_checks(address: str, *checks: str, limit_s: float = 90.0) -> Compl
         "bad_input",
         "stream",
         "stream_unordered_arrival",
+        "stream_generation",
         "aio",
     ],
 )

@@ -13,6 +13,7 @@ its fallback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -20,18 +21,29 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from opentelemetry.trace import Span
+
+from sluice import logs
 from sluice.errors import (
+    ContextOverflowError,
     DeadlineExceededError,
     DrainingError,
     ModelNotReadyError,
     OverloadedError,
+    RequestCancelledError,
     SluiceError,
     UnavailableError,
 )
-from sluice.metrics import Metrics
+from sluice.generation.generate import Chunk, FinishReason
+from sluice.generation.request import GenerationRequest
+from sluice.generation.scheduler import Generation
+from sluice.metrics import GenerationMetrics, Metrics
+from sluice.repository import ModelSpec
 from sluice.service import InferenceService
 from sluice.settings import FallbackTarget, RetrySettings, Settings
+from sluice.stats import ModelStats
 from sluice.tensors import InferRequest, InferResult
+from sluice.tracing import Attributes, Tracing, record_decode_summary
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +99,10 @@ class Router:
         metrics: Metrics,
         clock: Clock,
         rng: random.Random | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._service = service
+        self._tracing = tracing or Tracing.off()
         self._settings = settings.retry
         self._aliases = settings.aliases
         self._metrics = metrics
@@ -129,17 +143,111 @@ class Router:
             if attempt is None:
                 break
             try:
-                result = await self._try(request, attempt, chain, deadline, number)
+                with self._tracing.span("sluice.attempt", self._span_attributes(attempt, number)):
+                    result = await self._try(request, attempt, chain, deadline, number)
             except SluiceError as exc:
                 errors.append(exc)
-                if not _retryable(exc) or not await self._may_retry(
-                    request.model, number, deadline
-                ):
+                if not _retryable(exc):
                     break
-                attempt = self._pick(chain, deadline, after=attempt.index)
+                attempt = await self._hop(request.model, chain, attempt, exc, number, deadline)
                 continue
             return self._annotate(request.model, result, attempt, number)
         raise _combined(request.model, errors) if errors else self._nothing_to_try(request)
+
+    def generates(self, name: str, version: str = "") -> bool:
+        """Whether the called name's primary is a generation model."""
+        primary = self.chain(name, version)[0]
+        return self._service.is_generation_model(primary.model, primary.version)
+
+    def text_generation_request(self, request: InferRequest) -> tuple[GenerationRequest, bool]:
+        """A generation model's tensor request as a generation request (and ``stream``)."""
+        primary = self.chain(request.model, request.version)[0]
+        generation, stream = self._service.text_generation_request(
+            dataclasses.replace(request, model=primary.model, version=primary.version)
+        )
+        return dataclasses.replace(generation, model=request.model), stream
+
+    async def generate(
+        self, request: GenerationRequest, *, deadline: float | None
+    ) -> RoutedGeneration:
+        """Start a generation on the first candidate of the chain that can take it.
+
+        A candidate is passed over when it is not ready, its breaker is open, or the prompt
+        and ``max_new_tokens`` do not fit its context (so a fallback with a larger context
+        takes the call: the response says why). One that fails before its first token hands
+        the call to the next; after the first token a failure ends the stream (the tokens
+        sent stand). With no candidate left, the error is the most telling one: a context
+        overflow names both numbers.
+        """
+        errors: list[SluiceError] = []
+        reason = ""
+        for index, target in enumerate(self.chain(request.model, request.version)):
+            try:
+                started = await self._start_generation(request, target, deadline)
+            except _PassOver as passed:
+                errors.append(passed.error)
+                reason = reason or passed.reason
+                continue
+            if index > 0:
+                self._metrics.fallbacks.labels(request.model, target.model).inc()
+                log.info("generation for %s served by %s: %s", request.model, target.model, reason)
+            return started.with_fallback_reason(reason if index > 0 else "")
+        if errors:
+            raise _combined(request.model, errors)
+        raise ModelNotReadyError(f"no candidate for '{request.model}' can generate now")
+
+    async def _start_generation(
+        self, request: GenerationRequest, target: FallbackTarget, deadline: float | None
+    ) -> RoutedGeneration:
+        """The generation on one candidate, once its first chunk is out; ``_PassOver``
+        when the next candidate should take it."""
+        try:
+            model = self._service.generation_model(target.model, target.version, target.backend)
+            self._service.ensure_can_serve(target.model, target.version, target.backend)
+        except SluiceError as exc:
+            raise _PassOver(exc, f"model '{target.model}' cannot serve now: {exc.message}") from exc
+        generator = model.generator
+        assert generator is not None
+        prompt_ids = generator.tokenizer.encode(request.prompt)
+        started = self._clock()
+        try:
+            stream = generator.submit(prompt_ids, request.params, deadline=deadline)
+        except ContextOverflowError as exc:
+            raise _PassOver(
+                exc,
+                f"the prompt ({exc.prompt_tokens} tokens) and max_new_tokens "
+                f"({exc.max_new_tokens}) need a larger context than model '{target.model}' "
+                f"has ({exc.max_context})",
+            ) from exc
+        try:
+            with (
+                self._tracing.prefill_span(
+                    model=target.model, version=model.spec.version, prompt_tokens=len(prompt_ids)
+                ),
+                model.breaker.calling(),
+            ):
+                first = await anext(stream, None)
+        except SluiceError as exc:
+            await stream.aclose()
+            if not _retryable(exc):
+                raise
+            reason = f"model '{target.model}' failed before its first token: {exc.message}"
+            raise _PassOver(exc, reason) from exc
+        except BaseException:
+            await stream.aclose()
+            raise
+        if first is None:
+            raise RequestCancelledError("the generation was cancelled before its first token")
+        return RoutedGeneration(
+            stream,
+            first,
+            model.spec,
+            stats=model.stats,
+            observer=self._metrics.generation_observer(target.model),
+            decode_span=self._tracing.decode_span(model=target.model, version=model.spec.version),
+            clock=self._clock,
+            started=started,
+        )
 
     # -- one attempt ----------------------------------------------------------------------
 
@@ -180,7 +288,7 @@ class Router:
             self._log(request, target, "", started, exc, number)
             raise
         self._learn(result, self._clock() - started)
-        self._log(request, target, result.backend, started, None, number)
+        self._log(request, target, result.backend, started, None, number, version=result.version)
         return result
 
     def _attempt_budget_s(self, deadline: float | None, *, alone: bool) -> float | None:
@@ -221,6 +329,48 @@ class Router:
         if pause_s > 0:
             await asyncio.sleep(pause_s)
         return True
+
+    async def _hop(
+        self,
+        name: str,
+        chain: list[FallbackTarget],
+        failed: _Attempt,
+        exc: SluiceError,
+        number: int,
+        deadline: float | None,
+    ) -> _Attempt | None:
+        """After a transient failure: back off and pick the next candidate, if the deadline,
+        the attempts and the retry budget allow (a ``sluice.fallback`` span, or
+        ``sluice.retry`` when the same candidate is tried again)."""
+        attributes = {"sluice.from": _label(failed.target), "error.type": type(exc).__name__}
+        with self._tracing.span("sluice.fallback", attributes, leaf=True) as span:
+            if not await self._may_retry(name, number, deadline):
+                return None
+            picked = self._pick(chain, deadline, after=failed.index)
+            if picked is not None and span.is_recording():
+                span.set_attribute("sluice.to", _label(picked.target))
+                if picked.index == failed.index:
+                    span.update_name("sluice.retry")
+            return picked
+
+    def _span_attributes(self, attempt: _Attempt, number: int) -> Attributes | None:
+        """What an attempt span says about where it goes (nothing is looked up when off)."""
+        if not self._tracing.enabled:
+            return None
+        target = attempt.target
+        attributes: dict[str, str | int | bool] = {
+            "sluice.attempt": number,
+            "sluice.model": target.model,
+            "sluice.fallback": attempt.index > 0,
+        }
+        try:
+            model = self._service.get(target.model, target.version, target.backend)
+        except SluiceError:
+            return attributes
+        attributes["sluice.model.version"] = model.spec.version
+        attributes["sluice.backend"] = model.spec.backend
+        attributes["sluice.breaker.state"] = model.breaker.state
+        return attributes
 
     # -- choosing -------------------------------------------------------------------------
 
@@ -283,12 +433,17 @@ class Router:
         started: float,
         error: SluiceError | None,
         number: int,
+        *,
+        version: str = "",
     ) -> None:
         """One record per attempt. A first attempt that succeeds on the primary is the common
         case and goes to DEBUG (a log write per call costs the event loop); any call that
         needed a retry or a fallback has all its attempts at INFO, failures at WARNING."""
         plain = error is None and number == 1 and target.model == request.model
         level = logging.DEBUG if plain else logging.INFO if error is None else logging.WARNING
+        if not log.isEnabledFor(level):
+            return
+        latency_ms = (self._clock() - started) * 1000
         log.log(
             level,
             "attempt %d called=%s model=%s version=%s backend=%s outcome=%s latency_ms=%.3f "
@@ -299,9 +454,128 @@ class Router:
             target.version or "serving",
             backend or "-",
             "ok" if error is None else "error",
-            (self._clock() - started) * 1000,
+            latency_ms,
             "-" if error is None else ("transient" if error.transient else "fatal"),
+            extra=logs.fields(
+                model=target.model,
+                version=version or target.version or "serving",
+                backend=backend or "-",
+                outcome="ok" if error is None else type(error).__name__,
+                attempt=number,
+                latency_ms=round(latency_ms, 3),
+            ),
         )
+
+
+def _label(target: FallbackTarget) -> str:
+    return "/".join(part for part in (target.model, target.version, target.backend) if part)
+
+
+class _PassOver(Exception):
+    """A candidate cannot take a generation; the next one may."""
+
+    def __init__(self, error: SluiceError, reason: str) -> None:
+        super().__init__(reason)
+        self.error = error
+        self.reason = reason
+
+
+class RoutedGeneration:
+    """A started generation: its chunks (the first already made), where it runs, and why
+    there when it is not the model called."""
+
+    def __init__(
+        self,
+        stream: Generation,
+        first: Chunk,
+        spec: ModelSpec,
+        *,
+        stats: ModelStats,
+        observer: GenerationMetrics,
+        decode_span: contextlib.AbstractContextManager[Span],
+        clock: Clock,
+        started: float,
+    ) -> None:
+        self._stream = stream
+        self._first: Chunk | None = first
+        self.spec = spec
+        self.fallback_reason = ""
+        self._stats = stats
+        self._clock = clock
+        self._started = started
+        self._first_token_s = clock() - started
+        self._failed = False
+        self._observer = observer
+        self._tracing = contextlib.ExitStack()
+        self._decode_span = self._tracing.enter_context(decode_span)
+        observer.prompt(stream.prompt_tokens)
+        observer.first_token(self._first_token_s)
+
+    def with_fallback_reason(self, reason: str) -> RoutedGeneration:
+        self.fallback_reason = reason
+        return self
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._stream.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._stream.completion_tokens
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self._stream.finish_reason
+
+    def __aiter__(self) -> RoutedGeneration:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        first, self._first = self._first, None
+        if first is not None:
+            return first
+        try:
+            return await anext(self._stream)
+        except SluiceError:
+            self._failed = True
+            raise
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    async def __aenter__(self) -> RoutedGeneration:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stream.aclose()
+        self._record()
+
+    def _record(self) -> None:
+        """Count the generation in the model's statistics: time to the first token as its
+        queue time, the rest as compute (one execution per generation)."""
+        seconds = self._clock() - self._started
+        ok = not self._failed and self.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+        self._stats.record_batch(size=1, input_s=0.0, infer_s=seconds, output_s=0.0)
+        self._stats.record_request(
+            rows=1,
+            queue_s=self._first_token_s,
+            input_s=0.0,
+            infer_s=seconds - self._first_token_s,
+            output_s=0.0,
+        )
+        self._stats.record_end(ok=ok, seconds=seconds)
+        self._observer.finished(
+            tokens=self.completion_tokens, decode_s=seconds - self._first_token_s
+        )
+        reason = self.finish_reason
+        record_decode_summary(
+            self._decode_span,
+            tokens=self.completion_tokens,
+            steps=max(0, self.completion_tokens - 1),
+            finish_reason=reason.value if reason is not None else "error",
+            prompt_tokens=self.prompt_tokens,
+        )
+        self._tracing.close()
 
 
 def _retryable(exc: SluiceError) -> bool:

@@ -23,15 +23,20 @@ from sluice.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
     SluiceError,
+    UnsupportedError,
 )
 from sluice.executors.base import Executor, LoadOptions
 from sluice.executors.capabilities import BackendPlan, Candidate, Capabilities, detect
+from sluice.executors.causal_lm import CausalLMExecutor, generate_text, text_request
 from sluice.executors.faults import FaultyExecutor
 from sluice.executors.registry import BackendRegistry
+from sluice.generation.request import GenerationRequest
+from sluice.generation.scheduler import ContinuousBatcher, SchedulerLimits
 from sluice.metrics import Metrics
 from sluice.repository import (
     ModelConfig,
     ModelSpec,
+    ShadowConfig,
     list_models,
     list_versions,
     read_config,
@@ -47,6 +52,7 @@ from sluice.tensors import (
     check_requested_outputs,
     decode_inputs,
 )
+from sluice.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,8 @@ class ModelVersion:
     batcher: DynamicBatcher
     breaker: BackendBreaker
     stats: ModelStats
+    #: Generation models: the continuous batcher their streams use.
+    generator: ContinuousBatcher | None = None
 
 
 @dataclass(eq=False)
@@ -74,6 +82,8 @@ class ModelEntry:
     failures: dict[str, str] = field(default_factory=dict)
     #: Where calls go when this model fails transiently (from its config).
     fallbacks: tuple[FallbackTarget, ...] = ()
+    #: Where a sample of its calls is mirrored (from its config).
+    shadow: ShadowConfig | None = None
     #: Other backends of a version, loaded because a fallback names them: (version, backend).
     alternates: dict[tuple[str, str], ModelVersion] = field(default_factory=dict)
     #: Loaded versions that failed their last health probe, with the reason.
@@ -118,10 +128,12 @@ class InferenceService:
         backends: BackendRegistry | None = None,
         capabilities: Capabilities | None = None,
         clock: Clock = time.monotonic,
+        tracing: Tracing | None = None,
     ) -> None:
         self._settings = settings
         self._repository = repository
         self._metrics = metrics
+        self._tracing = tracing or Tracing.off()
         self._backends = backends or BackendRegistry.default()
         self._capabilities = capabilities or detect(allow_cuda=settings.executor.use_cuda)
         self._clock = clock
@@ -166,6 +178,7 @@ class InferenceService:
             try:
                 config = read_config(model_dir)
                 entry.fallbacks = tuple(config.fallbacks)
+                entry.shadow = config.shadow
                 versions = list_versions(model_dir, config.version_policy)
             except ConfigError as exc:
                 entry.failures[""] = exc.message
@@ -267,12 +280,19 @@ class InferenceService:
             settings=self._settings.executor,
             declared_inputs=config.declared("inputs"),
             declared_outputs=config.declared("outputs"),
+            generation=self._settings.generation,
             compile=config.torch_compile,
         )
+        load_started = self._clock()
         executor, candidate = await self._load_first(plan, options, where=f"{name}/{version}")
+        self._metrics.model_load_seconds.labels(name, candidate.backend).observe(
+            self._clock() - load_started
+        )
+        generator = self._start_generator(executor, f"{name}/{version}", config)
         faults = config.faults
         if (
-            faults is not None
+            generator is None
+            and faults is not None
             and faults.mode != "none"
             and (not faults.backends or {candidate.backend, candidate.rung} & set(faults.backends))
         ):
@@ -299,8 +319,14 @@ class InferenceService:
             path=candidate.path,
             io=io,
             batching=resolve_batching(config, io, self._settings.batching),
-            instance_count=config.instance_count,
+            # A generation model takes as many whole-text calls at once as it runs sequences.
+            instance_count=(
+                self._settings.generation.max_running_sequences
+                if generator is not None
+                else config.instance_count
+            ),
             auto_configured=config.inputs is None,
+            decoupled=generator is not None,
         )
         log.info(
             "loaded model %s version %s: backend %s on %s, max_batch_size %d%s",
@@ -313,7 +339,27 @@ class InferenceService:
             if spec.auto_configured and io.batched
             else "",
         )
-        return self._assemble(spec, executor)
+        return self._assemble(spec, executor, generator)
+
+    def _start_generator(
+        self, executor: Executor, name: str, config: ModelConfig
+    ) -> ContinuousBatcher | None:
+        """A generation model's continuous batcher (its faults are injected there)."""
+        if not isinstance(executor, CausalLMExecutor):
+            return None
+        limits = self._settings.generation
+        return executor.start(
+            name=name,
+            limits=SchedulerLimits(
+                max_running_sequences=limits.max_running_sequences,
+                max_tokens_in_flight=limits.max_tokens_in_flight,
+                max_waiting=limits.max_waiting_requests,
+                max_buffered_chunks=limits.max_buffered_chunks,
+                pushback_ms=self._settings.admission.pushback_ms,
+            ),
+            faults=config.faults,
+            clock=self._clock,
+        )
 
     async def _load_first(
         self, plan: BackendPlan, options: LoadOptions, *, where: str
@@ -339,11 +385,13 @@ class InferenceService:
             return executor, candidate
         raise ConfigError(f"model {where}: no candidate backend loaded: " + "; ".join(failures))
 
-    def _assemble(self, spec: ModelSpec, executor: Executor) -> ModelVersion:
+    def _assemble(
+        self, spec: ModelSpec, executor: Executor, generator: ContinuousBatcher | None = None
+    ) -> ModelVersion:
         label = f"{spec.name}/{spec.version}/{spec.backend}"
 
         def on_change(_old: str, new: str) -> None:
-            self._metrics.set_breaker_state(spec.name, spec.version, spec.backend, new)
+            self._metrics.breaker_changed(spec.name, spec.version, spec.backend, new)
             self._refresh_soon(spec.name)
 
         breaker = BackendBreaker(
@@ -367,11 +415,22 @@ class InferenceService:
             pushback_ms=self._settings.admission.pushback_ms,
             max_execution_s=self._settings.executor.max_batch_execution_s,
             clock=self._clock,
+            tracing=self._tracing,
+            span_attributes={
+                "sluice.model": spec.name,
+                "sluice.model.version": spec.version,
+                "sluice.backend": spec.backend,
+            },
         )
         batcher.start()
         self._metrics.model_ready.labels(spec.name, spec.version).set(1)
         return ModelVersion(
-            spec=spec, executor=executor, batcher=batcher, breaker=breaker, stats=stats
+            spec=spec,
+            executor=executor,
+            batcher=batcher,
+            breaker=breaker,
+            stats=stats,
+            generator=generator,
         )
 
     # -- lookups --------------------------------------------------------------------------
@@ -409,6 +468,11 @@ class InferenceService:
     def fallbacks(self, name: str) -> tuple[FallbackTarget, ...]:
         entry = self._models.get(name)
         return entry.fallbacks if entry is not None else ()
+
+    def shadow(self, name: str) -> ShadowConfig | None:
+        """Where a sample of the model's calls is mirrored (None: nowhere)."""
+        entry = self._models.get(name)
+        return entry.shadow if entry is not None else None
 
     def has_model(self, name: str) -> bool:
         return name in self._models
@@ -480,6 +544,39 @@ class InferenceService:
         except SluiceError:
             return False
         return True
+
+    def generation_model(self, name: str, version: str = "", backend: str = "") -> ModelVersion:
+        """The version that serves a generation: as ``get``, and a generation model."""
+        model = self.get(name, version, backend)
+        if model.generator is None:
+            raise UnsupportedError(
+                f"model '{name}' does not generate text (it is a {model.spec.backend} tensor "
+                "model); call ModelInfer"
+            )
+        return model
+
+    def is_generation_model(self, name: str, version: str = "") -> bool:
+        try:
+            return self.lookup(name, version).generator is not None
+        except SluiceError:
+            return False
+
+    def text_generation_request(self, request: InferRequest) -> tuple[GenerationRequest, bool]:
+        """A generation model's tensor request (``text_input``, ``max_tokens``, ...) as a
+        generation request, and whether the caller asked for a stream of chunks."""
+        model = self.lookup(request.model, request.version)
+        inputs = decode_inputs(request, model.spec.io)
+        text = text_request(
+            inputs, default_max_new_tokens=self._settings.generation.default_max_new_tokens
+        )
+        generation = GenerationRequest(
+            model=request.model,
+            version=request.version,
+            prompt=text.prompt,
+            params=text.params,
+            id=request.id,
+        )
+        return generation, text.stream
 
     def ensure_can_serve(self, name: str, version: str = "", backend: str = "") -> None:
         """Fail fast when the model's backend breaker is open (before any queueing)."""
@@ -554,7 +651,16 @@ class InferenceService:
         wanted = check_requested_outputs(request, io)
         started = self._clock()
         try:
-            outputs = await model.batcher.infer(inputs, deadline=deadline)
+            if model.generator is not None:
+                with model.breaker.calling():
+                    outputs = await generate_text(
+                        model.generator,
+                        inputs,
+                        default_max_new_tokens=self._settings.generation.default_max_new_tokens,
+                        deadline=deadline,
+                    )
+            else:
+                outputs = await model.batcher.infer(inputs, deadline=deadline)
         except BaseException:
             model.stats.record_end(ok=False, seconds=self._clock() - started)
             raise

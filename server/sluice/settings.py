@@ -8,7 +8,7 @@ by ``--config`` / ``SLUICE_CONFIG``, then the defaults below.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
@@ -119,9 +119,53 @@ class ProbeSettings(_Section):
     """A probe that takes longer fails."""
 
 
+class ShadowSettings(_Section):
+    """Shadow traffic: sampled calls mirrored to the shadow target a model's config names."""
+
+    enabled: bool = True
+    """Mirror sampled calls; false is the kill switch (``SetShadowing`` flips it at run time)."""
+    max_concurrency: int = Field(4, ge=1)
+    """Mirrors in flight per shadowed model; a sampled call over it is skipped and counted."""
+    budget_s: float = Field(5.0, gt=0)
+    """Longest one mirror may take; a slower shadow counts as failed."""
+    seed: int | None = None
+    """Seed for the sampling draw (None: a fresh random sequence)."""
+
+
 class StreamSettings(_Section):
     max_pending_requests: int = Field(256, ge=1)
     """Requests one ModelStreamInfer stream may have in flight before reading pauses."""
+
+
+class GenerationSettings(_Section):
+    """Continuous batching of token generation (per model version)."""
+
+    max_running_sequences: int = Field(32, ge=1)
+    """Sequences decoding together; more wait for one to finish."""
+    max_tokens_in_flight: int = Field(65536, ge=1)
+    """Prompt plus ``max_new_tokens`` summed over the running sequences (bounds the key/value
+    cache); a sequence that would pass it waits. One sequence alone always runs."""
+    max_waiting_requests: int = Field(256, ge=0)
+    """Generations that may wait to start; more are shed with UNAVAILABLE + pushback."""
+    max_buffered_chunks: int = Field(32, ge=1)
+    """Chunks a stream may hold unread; a slower reader pauses its sequence (it keeps its
+    cache and resumes when the reader catches up) so nothing buffers without bound."""
+    default_max_new_tokens: int = Field(16, ge=1)
+    """``max_new_tokens`` of a request that leaves it at 0."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights and key/value cache type (half types halve memory; on CPU float32 is the
+    fastest)."""
+
+
+class TracingSettings(_Section):
+    """OpenTelemetry tracing. Where spans go (endpoint, headers, TLS), the service name and
+    the sampler come from the standard ``OTEL_*`` environment variables."""
+
+    enabled: bool | None = None
+    """Export spans over OTLP (None: when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set); ``OTEL_SDK_DISABLED=true`` always wins."""
+    flush_timeout_s: float = Field(5.0, ge=0)
+    """At shutdown, the longest wait for queued spans to reach the collector."""
 
 
 class Settings(BaseSettings):
@@ -152,6 +196,9 @@ class Settings(BaseSettings):
     closes (calls arriving meanwhile are refused with UNAVAILABLE, which clients retry)."""
     log_level: str = "INFO"
     """Log level name."""
+    log_format: Literal["json", "text"] = "json"
+    """``json``: one JSON object per line (timestamp, level, request and trace ids, model,
+    version, backend, outcome); ``text``: plain lines for a terminal."""
     force_backend: str | None = None
     """Backend or ladder rung every model uses unless its config names one (e.g. torch-cpu)."""
 
@@ -161,10 +208,13 @@ class Settings(BaseSettings):
     batching: BatchingSettings = BatchingSettings()
     executor: ExecutorSettings = ExecutorSettings()
     stream: StreamSettings = StreamSettings()
+    tracing: TracingSettings = TracingSettings()
+    generation: GenerationSettings = GenerationSettings()
     required_models: list[str] = []
     """Models that must all be able to infer for the server to be ready (empty: any one)."""
     retry: RetrySettings = RetrySettings()
     probe: ProbeSettings = ProbeSettings()
+    shadow: ShadowSettings = ShadowSettings()
     aliases: dict[str, list[FallbackTarget]] = {}
     """Names clients may call that route to an ordered chain of models (first = primary)."""
 

@@ -25,7 +25,8 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "server" / "sluice" / "example_models"
-MODELS = ("mlp", "passthrough", "simple")
+TENSOR_MODELS = ("mlp", "passthrough", "simple")
+MODELS = (*TENSOR_MODELS, "tiny_llama")
 INVALID_ARGUMENT = "StatusCode.INVALID_ARGUMENT"
 NOT_FOUND = "StatusCode.NOT_FOUND"
 EXTENSIONS = {"statistics", "model_repository", "model_configuration"}
@@ -194,7 +195,7 @@ def server_metadata(args: argparse.Namespace) -> dict[str, Any]:
 def model_metadata(args: argparse.Namespace) -> dict[str, Any]:
     c = client(args)
     out = {}
-    for model in MODELS:
+    for model in TENSOR_MODELS:
         meta = c.get_model_metadata(model, as_json=True)
         assert meta["name"] == model
         assert meta["versions"], meta
@@ -220,14 +221,20 @@ def model_metadata(args: argparse.Namespace) -> dict[str, Any]:
     assert c.get_model_metadata("simple").inputs[0].shape == [-1, 16]
     expect_error(NOT_FOUND, c.get_model_metadata, "no_such_model")
     expect_error(NOT_FOUND, c.get_model_metadata, "simple", "7")
-    return {"versions": {m: out[m]["versions"] for m in MODELS}}
+    # The generation model: Triton's generation tensors, no batch dimension.
+    llm = c.get_model_metadata("tiny_llama", as_json=True)
+    assert [(t["name"], t["datatype"], t["shape"]) for t in llm["outputs"]] == [
+        ("text_output", "BYTES", ["1"])
+    ], llm
+    assert {"text_input", "max_tokens", "stream"} <= {t["name"] for t in llm["inputs"]}, llm
+    return {"versions": {m: out[m]["versions"] for m in TENSOR_MODELS}}
 
 
 @check
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
     c = client(args)
     out = {}
-    for model in MODELS:
+    for model in TENSOR_MODELS:
         config = c.get_model_config(model, as_json=True)["config"]
         meta = c.get_model_metadata(model, as_json=True)
         assert config["name"] == model, config
@@ -248,7 +255,11 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
     assert typed.HasField("dynamic_batching")
     assert not typed.model_transaction_policy.decoupled
     expect_error(NOT_FOUND, c.get_model_config, "no_such_model")
-    return {"max_batch_size": {m: int(out[m]["max_batch_size"]) for m in MODELS}}
+    llm = c.get_model_config("tiny_llama").config
+    assert llm.model_transaction_policy.decoupled, llm
+    assert llm.max_batch_size == 0, llm
+    assert {i.name for i in llm.input if not i.optional} == {"text_input"}, llm
+    return {"max_batch_size": {m: int(out[m]["max_batch_size"]) for m in TENSOR_MODELS}}
 
 
 @check
@@ -677,6 +688,53 @@ async def _aio(args: argparse.Namespace) -> dict[str, Any]:
         return {"stream_ids": seen, "errors": errors}
     finally:
         await c.close()
+
+
+def generation_inputs(prompt: str, max_tokens: int, stream: bool) -> list[grpcclient.InferInput]:
+    """The tensors Triton's generation tools send."""
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
+    tokens = grpcclient.InferInput("max_tokens", [1], "INT32")
+    tokens.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+    flag = grpcclient.InferInput("stream", [1], "BOOL")
+    flag.set_data_from_numpy(np.array([stream], dtype=bool))
+    return [text, tokens, flag]
+
+
+@check
+def stream_generation(args: argparse.Namespace) -> dict[str, Any]:
+    """A decoupled generation model: one response per chunk, the last flagged final (on
+    its last chunk, or on an extra empty response when the client asks for one)."""
+    c = client(args)
+    prompt = "Once upon a time"
+    whole = c.infer("tiny_llama", generation_inputs(prompt, 12, False))
+    expected = whole.as_numpy("text_output")[0].decode()
+    assert expected, "the unary call returned text"
+    texts = {}
+    for empty_final in (False, True):
+        got: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        c.start_stream(callback=lambda result, error, got=got: got.put((result, error)))
+        c.async_stream_infer(
+            "tiny_llama",
+            generation_inputs(prompt, 12, True),
+            request_id=f"gen-{empty_final}",
+            enable_empty_final_response=empty_final,
+        )
+        parts: list[str] = []
+        while True:
+            result, error = got.get(timeout=60)
+            assert error is None, error
+            response = result.get_response()
+            assert response.id == f"gen-{empty_final}"
+            if response.outputs:
+                parts.append(result.as_numpy("text_output")[0].decode())
+            if response.parameters["triton_final_response"].bool_param:
+                break
+        c.stop_stream()
+        assert len(parts) == 12, parts
+        assert "".join(parts) == expected, (parts, expected)
+        texts[str(empty_final)] = "".join(parts)
+    return {"text": expected, "streams": texts}
 
 
 def main() -> int:

@@ -153,7 +153,12 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
         backend=spec.backend,
         max_batch_size=spec.io.max_batch_size,
         input=[
-            mc.ModelInput(name=t.name, data_type=_CONFIG_DATATYPE[t.datatype], dims=t.dims)
+            mc.ModelInput(
+                name=t.name,
+                data_type=_CONFIG_DATATYPE[t.datatype],
+                dims=t.dims,
+                optional=t.optional,
+            )
             for t in spec.io.inputs
         ],
         output=[
@@ -172,6 +177,8 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
                 default_queue_policy=mc.ModelQueuePolicy(max_queue_size=policy.max_queue_size),
             )
         )
+    if spec.decoupled:
+        config.model_transaction_policy.decoupled = True
     if spec.auto_configured:
         config.parameters["sluice_auto_configured"].string_value = "true"
     config.parameters["sluice_backend"].string_value = spec.backend_rung or spec.backend

@@ -19,11 +19,16 @@ from sluice.prober import HealthProber
 from sluice.routing import Router
 from sluice.service import InferenceService
 from sluice.settings import Settings
+from sluice.tracing import Tracing
 from sluice.transport import interceptors
+from sluice.transport.health import HealthServicer
+from sluice.transport.servicers.generation import GenerationServicer
 from sluice.transport.servicers.inference import InferenceServicer
 from sluice.transport.servicers.models import ModelServicer
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+from sluice_api.sluice.v1 import generation_service_pb2 as gen_pb
+from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_pb_grpc
 from sluice_api.sluice.v1 import model_service_pb2 as models_pb
 from sluice_api.sluice.v1 import model_service_pb2_grpc as models_pb_grpc
 from sluice_client.names import model_health_service
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MODEL_SERVICE = models_pb.DESCRIPTOR.services_by_name["ModelService"].full_name
+GENERATION_SERVICE = gen_pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 
 def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
@@ -49,7 +55,7 @@ class SluiceServer:
     grpc_server: grpc.aio.Server
     port: int
     service: InferenceService
-    health: health.aio.HealthServicer
+    health: HealthServicer
     admission: AdmissionController
     servicer: InferenceServicer
     prober: HealthProber
@@ -61,7 +67,12 @@ class SluiceServer:
         self.prober.start()
 
     async def drain(self, grace_s: float, quiet_s: float = 0.0) -> None:
-        """NOT_SERVING first, refuse new calls, let in-flight ones finish, then unload."""
+        """NOT_SERVING first, refuse new calls and streams, let in-flight ones finish (open
+        streams stop reading and end with UNAVAILABLE), end health watches, then unload.
+
+        Work still running when ``grace_s`` ends is cancelled by the transport, whose
+        clients get UNAVAILABLE; the drain itself never takes longer than the grace.
+        """
         log.info("draining: health NOT_SERVING, refusing new calls, %.1fs grace", grace_s)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + grace_s
@@ -69,12 +80,15 @@ class SluiceServer:
         await self.health.enter_graceful_shutdown()
         self.admission.begin_drain()
         self.servicer.draining = True
-        # While admitted calls finish, and until callers stop arriving, new calls get a
-        # clean UNAVAILABLE from admission; only then does the transport close (GOAWAY).
+        # While admitted calls and open streams finish, and until callers stop arriving, new
+        # calls get a clean UNAVAILABLE from admission; only then does the transport close
+        # (GOAWAY), after the health watchers (which never finish by themselves) are ended.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(give_up_at):
                 await self.admission.wait_quiet(quiet_s)
+        self.health.end_watches()
         await self.grpc_server.stop(max(give_up_at - loop.time(), 0.0))
+        log.info("calls and streams finished; unloading models")
         await self.service.close()
         log.info("drained")
 
@@ -85,11 +99,13 @@ async def create_server(
     *,
     metrics: Metrics,
     clock: Clock,
+    tracing: Tracing | None = None,
 ) -> SluiceServer:
     """Build, bind and start the server; models load afterwards (health NOT_SERVING)."""
+    tracing = tracing or Tracing.off()
     admission = AdmissionController(settings.admission, metrics)
     deadlines = DeadlinePolicy(settings.deadline, clock)
-    router = Router(service, settings, metrics=metrics, clock=clock)
+    router = Router(service, settings, metrics=metrics, clock=clock, tracing=tracing)
     server = grpc.aio.server(
         interceptors=interceptors.build(
             settings=settings,
@@ -99,6 +115,7 @@ async def create_server(
             deadlines=deadlines,
             metrics=metrics,
             clock=clock,
+            tracing=tracing,
         ),
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -114,10 +131,23 @@ async def create_server(
     models_pb_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ModelServicer(service, service.capabilities), server
     )
-    health_servicer = health.aio.HealthServicer()
+    gen_pb_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        GenerationServicer(
+            service, router=router, settings=settings, admission=admission, deadlines=deadlines
+        ),
+        server,
+    )
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (
+            INFERENCE_SERVICE,
+            MODEL_SERVICE,
+            GENERATION_SERVICE,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ),
+        server,
     )
     for name in ("", INFERENCE_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

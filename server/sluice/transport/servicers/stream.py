@@ -11,6 +11,10 @@ run concurrently; one that finishes early waits for those before it, holding its
 ``error_message`` and the stream stays open, unless the client sent the
 ``triton_grpc_error: true`` header: then the first error (in request order) ends the call
 with its real status.
+
+When the server starts draining, a stream stops reading, finishes and writes the requests
+it has, and then ends with UNAVAILABLE (the client sends the rest elsewhere); a stream the
+client had already half-closed just finishes.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import grpc
 
 from sluice.admission import AdmissionController
 from sluice.deadlines import DeadlinePolicy
-from sluice.errors import DeadlineExceededError, SluiceError
+from sluice.errors import DeadlineExceededError, DrainingError, SluiceError
 from sluice.routing import Router
 from sluice.transport import callctx, convert
+from sluice.transport.servicers.decoupled import DecoupledReplies, Reply, error_reply
 from sluice.transport.status import message_for, status_for, trailers_for
 from sluice_api.inference import grpc_service_pb2 as pb
 
@@ -37,8 +42,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 _END = object()
 
-#: What one request's task produces: its response, or the error that ends the call.
-_Reply = pb.ModelStreamInferResponse | SluiceError
+#: What one request's task produces: its response (or a generation model's responses), or
+#: the error that ends the call.
+_Reply = Reply | DecoupledReplies
 
 
 class StreamInferSession:
@@ -68,6 +74,7 @@ class StreamInferSession:
         self, requests: AsyncIterator[pb.ModelInferRequest]
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         reader = asyncio.create_task(self._read(requests))
+        drain = asyncio.create_task(self._stop_reading_on_drain(reader))
         try:
             while True:
                 item = await self._out.get()
@@ -78,20 +85,43 @@ class StreamInferSession:
                     reply = await item
                 finally:
                     self._slots.release()
-                if isinstance(reply, SluiceError):
-                    rid = callctx.request_id.get()
-                    await self._context.abort(
-                        status_for(reply),
-                        message_for(reply, rid),
-                        trailing_metadata=trailers_for(reply, rid),
-                    )
-                yield reply
+                if isinstance(reply, DecoupledReplies):
+                    async for part in reply:
+                        yield await self._checked(part)
+                    continue
+                yield await self._checked(reply)
+            if drain.done() and drain.result():
+                raise DrainingError(
+                    "the server is draining: this stream took no more requests after the "
+                    "responses already sent; send the rest on another replica"
+                )
         finally:
+            drain.cancel()
             reader.cancel()
             for task in list(self._tasks):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+
+    async def _checked(self, reply: Reply) -> pb.ModelStreamInferResponse:
+        """A response to write; an error (``triton_grpc_error`` mode) ends the call."""
+        if isinstance(reply, SluiceError):
+            rid = callctx.request_id.get()
+            await self._context.abort(
+                status_for(reply),
+                message_for(reply, rid),
+                trailing_metadata=trailers_for(reply, rid),
+            )
+        assert isinstance(reply, pb.ModelStreamInferResponse)
+        return reply
+
+    async def _stop_reading_on_drain(self, reader: asyncio.Task[None]) -> bool:
+        """Once a drain begins, stop reading; True when that cut the client's sending short."""
+        await self._admission.wait_drain()
+        if reader.done():
+            return False
+        reader.cancel()
+        return True
 
     async def _read(self, requests: AsyncIterator[pb.ModelInferRequest]) -> None:
         try:
@@ -106,18 +136,11 @@ class StreamInferSession:
 
     async def _serve(self, request: pb.ModelInferRequest) -> _Reply:
         try:
+            if self._router.generates(request.model_name, request.model_version):
+                return await self._start_generation(request)
             result = await self._infer(request)
         except SluiceError as exc:
-            if self._grpc_errors:
-                return exc
-            return pb.ModelStreamInferResponse(
-                error_message=message_for(exc, callctx.request_id.get()),
-                infer_response=pb.ModelInferResponse(
-                    id=request.id,
-                    model_name=request.model_name,
-                    model_version=request.model_version,
-                ),
-            )
+            return error_reply(request, exc, grpc_errors=self._grpc_errors)
         except Exception:
             log.exception("stream request %r failed unexpectedly", request.id)
             return pb.ModelStreamInferResponse(
@@ -127,6 +150,33 @@ class StreamInferSession:
         response = convert.infer_response(result)
         response.parameters["triton_final_response"].bool_param = True
         return pb.ModelStreamInferResponse(infer_response=response)
+
+    async def _start_generation(self, request: pb.ModelInferRequest) -> DecoupledReplies:
+        """A generation model's request, started (its first token made) on this task; its
+        responses are written in turn, while the generation goes on."""
+        generation_request, stream = self._router.text_generation_request(
+            convert.infer_request(request)
+        )
+        budget = self._deadlines.budget_s(
+            self._context.time_remaining(), convert.timeout_parameter_s(request)
+        )
+        ticket = self._admission.admit(self._tenant)
+        try:
+            async with asyncio.timeout(budget):
+                generation = await self._router.generate(
+                    generation_request, deadline=self._deadlines.deadline(budget)
+                )
+        except TimeoutError as exc:
+            ticket.release()
+            raise DeadlineExceededError(
+                f"request '{request.id}' ran out of its {budget:.3f}s budget"
+            ) from exc
+        except BaseException:
+            ticket.release()
+            raise
+        return DecoupledReplies(
+            generation, request, stream=stream, ticket=ticket, grpc_errors=self._grpc_errors
+        )
 
     async def _infer(self, request: pb.ModelInferRequest) -> Any:
         domain = convert.infer_request(request)

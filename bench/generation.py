@@ -1,0 +1,294 @@
+#!/usr/bin/env python3
+"""Token generation benchmark: Sluice serving a causal LM over sluice.v1 Generate.
+
+For each model (the bundled ``tiny_llama``, and a random-initialised Llama of 8 layers, 512
+wide, written to a temporary repository), a Sluice server runs in a subprocess and this
+process drives it with grpc.aio: ``c`` concurrent streams (c = 1, 4, 16, 32), each running
+generations back to back for a fixed number of requests. Reported per concurrency:
+
+* aggregate tokens/s (tokens received / wall time of the run),
+* time to first token (TTFT) p50 / p99: request sent -> first chunk received,
+* time per output token (TPOT) p50 / p99: (last chunk - first chunk) / (tokens - 1).
+
+Prompts rotate through a fixed list; sampling at temperature 0.8 with a per-request seed;
+output lengths spread evenly over 32..96 tokens (mean 64).
+
+Targets (CPU): aggregate tokens/s at 16 streams >= 6x the single-stream figure; TTFT p50 at
+16 streams <= 3x the single-stream TTFT. Client and server share the machine's cores.
+
+    python bench/generation.py                  # both models, about five minutes
+    python bench/generation.py --quick          # tiny model, fewer requests
+    python bench/generation.py --device cuda    # the same on a GPU (SLUICE_EXECUTOR__USE_CUDA)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY = REPO_ROOT / "server" / "sluice" / "example_models" / "tiny_llama" / "1"
+RESULTS = REPO_ROOT / "bench" / "results"
+LISTENING = re.compile(r"gRPC listening on [^:]+:(?P<port>\d+)")
+
+PROMPTS = [
+    "Once upon a time",
+    "One day, a girl named Sue went to the park with her mom and",
+    "The sun was warm and the birds",
+    "She had a red ball. She",
+    "Tom and his dog",
+    "In a small house near the woods there lived",
+]
+
+LARGE_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "eos_token_id": 0,
+}
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def write_large_model(repository: Path) -> str:
+    """A random Llama (8 layers, 512 wide) with the bundled model's tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sluice.generation.causal_lm import build_module
+    from sluice.generation.config import parse_config
+
+    folder = repository / "llama_8x512" / "1"
+    folder.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(TINY / name, folder / name)
+    vocab = json.loads((TINY / "config.json").read_text())["vocab_size"]
+    config_json = {**LARGE_CONFIG, "vocab_size": vocab}
+    (folder / "config.json").write_text(json.dumps(config_json, indent=2))
+    config = parse_config(config_json, where=folder / "config.json")
+    torch.manual_seed(0)
+    module = build_module(config, device=torch.device("cpu"))
+    tensors = {}
+    for key, value in module.state_dict().items():
+        scale = 1.0 if key.endswith("norm.weight") else 0.02
+        base = torch.ones_like(value) if scale == 1.0 else torch.randn_like(value) * scale
+        tensors[key] = base.contiguous()
+    save_file(tensors, str(folder / "model.safetensors"))
+    return "llama_8x512"
+
+
+@contextlib.contextmanager
+def server(repository: Path, device: str, log_path: Path) -> Iterator[str]:
+    env = dict(os.environ)
+    env.update(
+        SLUICE_DRAIN_GRACE_S="2",
+        SLUICE_LOG_LEVEL="INFO",
+        SLUICE_EXECUTOR__USE_CUDA="true" if device == "cuda" else "false",
+        SLUICE_PROBE__INTERVAL_S="0",
+        PYTHONUNBUFFERED="1",
+    )
+    command = [sys.executable, "-m", "sluice", "serve", "--model-repository", str(repository)]
+    command += ["--grpc-port", "0", "--metrics-port", "0"]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        port = None
+        started = time.monotonic()
+        while port is None:
+            if proc.poll() is not None or time.monotonic() - started > 180:
+                raise RuntimeError(f"server did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+            if "ready:" in (text := log_path.read_text()):
+                match = LISTENING.search(text)
+                port = int(match.group("port")) if match else None
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@dataclass
+class Run:
+    model: str
+    concurrency: int
+    requests: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    tpot_p99_ms: float
+
+
+def output_length(index: int, mean: int) -> int:
+    """Requests ask for between half and one and a half times ``mean`` tokens (spread
+    evenly, deterministic). Identical lengths would make every stream finish on the same
+    step and all rejoin at once, a lock-step no real traffic has."""
+    low = mean // 2
+    return low + (index * 37) % (mean + 1)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def measure(
+    address: str, model: str, *, concurrency: int, requests: int, max_new_tokens: int
+) -> Run:
+    from sluice_api.sluice.v1 import generation_service_pb2 as gen
+    from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
+
+    ttft: list[float] = []
+    tpot: list[float] = []
+    tokens = 0
+    counter = iter(range(requests))
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gen_grpc.GenerationServiceStub(channel)
+
+        async def worker() -> None:
+            nonlocal tokens
+            for index in counter:
+                request = gen.GenerateRequest(
+                    model_name=model,
+                    prompt=PROMPTS[index % len(PROMPTS)],
+                    parameters=gen.SamplingParameters(
+                        max_new_tokens=output_length(index, max_new_tokens),
+                        temperature=0.8,
+                        seed=index,
+                    ),
+                )
+                sent = time.perf_counter()
+                first = last = 0.0
+                count = 0
+                async for response in stub.Generate(request):
+                    last = time.perf_counter()
+                    first = first or last
+                    count += len(response.token_ids)
+                tokens += count
+                ttft.append(first - sent)
+                if count > 1:
+                    tpot.append((last - first) / (count - 1))
+
+        # Warm up (first calls pay for lazy initialisation), then measure.
+        await stub.Generate(
+            gen.GenerateRequest(model_name=model, prompt="Hi", parameters=gen.SamplingParameters())
+        ).read()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return Run(
+        model=model,
+        concurrency=concurrency,
+        requests=requests,
+        tokens=tokens,
+        seconds=round(seconds, 3),
+        tokens_per_s=round(tokens / seconds, 1),
+        ttft_p50_ms=round(percentile(ttft, 0.5) * 1000, 2),
+        ttft_p99_ms=round(percentile(ttft, 0.99) * 1000, 2),
+        tpot_p50_ms=round(percentile(tpot, 0.5) * 1000, 2),
+        tpot_p99_ms=round(percentile(tpot, 0.99) * 1000, 2),
+    )
+
+
+def verdict(runs: list[Run]) -> list[str]:
+    lines = []
+    by = {(r.model, r.concurrency): r for r in runs}
+    for model in dict.fromkeys(r.model for r in runs):
+        one, sixteen = by.get((model, 1)), by.get((model, 16))
+        if one is None or sixteen is None:
+            continue
+        speedup = sixteen.tokens_per_s / one.tokens_per_s
+        ttft = sixteen.ttft_p50_ms / one.ttft_p50_ms
+        lines.append(
+            f"- {model}: tokens/s at 16 streams = {speedup:.2f}x single stream (target >= 6x: "
+            f"{'met' if speedup >= 6 else 'MISSED'}); TTFT p50 at 16 = {ttft:.2f}x single "
+            f"(target <= 3x: {'met' if ttft <= 3 else 'MISSED'})"
+        )
+    return lines
+
+
+def report(runs: list[Run]) -> str:
+    header = (
+        "| model | streams | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
+        "| TPOT p99 ms |\n|---|---|---|---|---|---|---|---|"
+    )
+    rows = [
+        f"| {r.model} | {r.concurrency} | {r.requests} | {r.tokens_per_s} | {r.ttft_p50_ms} "
+        f"| {r.ttft_p99_ms} | {r.tpot_p50_ms} | {r.tpot_p99_ms} |"
+        for r in runs
+    ]
+    return "\n".join([header, *rows, "", *verdict(runs)])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, fewer requests")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="sluice-genbench-") as tmp:
+        repository = Path(tmp) / "models"
+        shutil.copytree(TINY.parent, repository / "tiny_llama")
+        models = ["tiny_llama"] if args.quick else ["tiny_llama", write_large_model(repository)]
+        with server(repository, args.device, Path(tmp) / "server.log") as address:
+            for model in models:
+                for concurrency in (1, 4, 16, 32):
+                    requests = max(8, concurrency * (2 if args.quick else 4))
+                    note(f"{model}: {concurrency} streams, {requests} requests")
+                    run = asyncio.run(
+                        measure(
+                            address,
+                            model,
+                            concurrency=concurrency,
+                            requests=requests,
+                            max_new_tokens=args.max_new_tokens,
+                        )
+                    )
+                    note(f"  {run}")
+                    runs.append(run)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS / f"generation-{stamp}.json"
+    meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "device": args.device}
+    out.write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in runs]}, indent=2))
+    print(report(runs))
+    note(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
