@@ -19,8 +19,28 @@ const _ = grpc.SupportPackageIsVersion7
 type ModelServiceClient interface {
 	// What this machine offers the backends (detected once at start).
 	GetCapabilities(ctx context.Context, in *GetCapabilitiesRequest, opts ...grpc.CallOption) (*GetCapabilitiesResponse, error)
-	// Every model version in the repository: state, backend, device and breaker state.
+	// Every model version in the repository: state, backend, device, breaker state, and
+	// which version serves.
 	ListModels(ctx context.Context, in *ListModelsRequest, opts ...grpc.CallOption) (*ListModelsResponse, error)
+	// Load a model, or one more version of it, beside what serves: it is warmed up with a
+	// real inference before it may serve. A failure leaves the serving version untouched.
+	LoadModel(ctx context.Context, in *LoadModelRequest, opts ...grpc.CallOption) (*LoadModelResponse, error)
+	// Unload a version (or the whole model) once its in-flight calls finish; its memory is
+	// released.
+	UnloadModel(ctx context.Context, in *UnloadModelRequest, opts ...grpc.CallOption) (*UnloadModelResponse, error)
+	// Make a loaded, healthy version the serving one (atomic for callers).
+	PromoteModel(ctx context.Context, in *PromoteModelRequest, opts ...grpc.CallOption) (*PromoteModelResponse, error)
+	// Return to the version that served before the last promote.
+	RollbackModel(ctx context.Context, in *RollbackModelRequest, opts ...grpc.CallOption) (*RollbackModelResponse, error)
+	// The model's append-only history of changes.
+	GetModelHistory(ctx context.Context, in *GetModelHistoryRequest, opts ...grpc.CallOption) (*GetModelHistoryResponse, error)
+	// Look for new models and version folders in the repository and load them (new
+	// versions load beside the serving one; nothing is promoted).
+	RescanRepository(ctx context.Context, in *RescanRepositoryRequest, opts ...grpc.CallOption) (*RescanRepositoryResponse, error)
+	// How shadow targets compare with the models they shadow.
+	GetShadowReport(ctx context.Context, in *GetShadowReportRequest, opts ...grpc.CallOption) (*GetShadowReportResponse, error)
+	// The shadowing kill switch: off stops mirroring at once, on resumes it.
+	SetShadowing(ctx context.Context, in *SetShadowingRequest, opts ...grpc.CallOption) (*SetShadowingResponse, error)
 }
 
 type modelServiceClient struct {
@@ -49,14 +69,106 @@ func (c *modelServiceClient) ListModels(ctx context.Context, in *ListModelsReque
 	return out, nil
 }
 
+func (c *modelServiceClient) LoadModel(ctx context.Context, in *LoadModelRequest, opts ...grpc.CallOption) (*LoadModelResponse, error) {
+	out := new(LoadModelResponse)
+	err := c.cc.Invoke(ctx, "/sluice.v1.ModelService/LoadModel", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelServiceClient) UnloadModel(ctx context.Context, in *UnloadModelRequest, opts ...grpc.CallOption) (*UnloadModelResponse, error) {
+	out := new(UnloadModelResponse)
+	err := c.cc.Invoke(ctx, "/sluice.v1.ModelService/UnloadModel", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelServiceClient) PromoteModel(ctx context.Context, in *PromoteModelRequest, opts ...grpc.CallOption) (*PromoteModelResponse, error) {
+	out := new(PromoteModelResponse)
+	err := c.cc.Invoke(ctx, "/sluice.v1.ModelService/PromoteModel", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelServiceClient) RollbackModel(ctx context.Context, in *RollbackModelRequest, opts ...grpc.CallOption) (*RollbackModelResponse, error) {
+	out := new(RollbackModelResponse)
+	err := c.cc.Invoke(ctx, "/sluice.v1.ModelService/RollbackModel", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelServiceClient) GetModelHistory(ctx context.Context, in *GetModelHistoryRequest, opts ...grpc.CallOption) (*GetModelHistoryResponse, error) {
+	out := new(GetModelHistoryResponse)
+	err := c.cc.Invoke(ctx, "/sluice.v1.ModelService/GetModelHistory", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelServiceClient) RescanRepository(ctx context.Context, in *RescanRepositoryRequest, opts ...grpc.CallOption) (*RescanRepositoryResponse, error) {
+	out := new(RescanRepositoryResponse)
+	err := c.cc.Invoke(ctx, "/sluice.v1.ModelService/RescanRepository", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelServiceClient) GetShadowReport(ctx context.Context, in *GetShadowReportRequest, opts ...grpc.CallOption) (*GetShadowReportResponse, error) {
+	out := new(GetShadowReportResponse)
+	err := c.cc.Invoke(ctx, "/sluice.v1.ModelService/GetShadowReport", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelServiceClient) SetShadowing(ctx context.Context, in *SetShadowingRequest, opts ...grpc.CallOption) (*SetShadowingResponse, error) {
+	out := new(SetShadowingResponse)
+	err := c.cc.Invoke(ctx, "/sluice.v1.ModelService/SetShadowing", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ModelServiceServer is the server API for ModelService service.
 // All implementations must embed UnimplementedModelServiceServer
 // for forward compatibility
 type ModelServiceServer interface {
 	// What this machine offers the backends (detected once at start).
 	GetCapabilities(context.Context, *GetCapabilitiesRequest) (*GetCapabilitiesResponse, error)
-	// Every model version in the repository: state, backend, device and breaker state.
+	// Every model version in the repository: state, backend, device, breaker state, and
+	// which version serves.
 	ListModels(context.Context, *ListModelsRequest) (*ListModelsResponse, error)
+	// Load a model, or one more version of it, beside what serves: it is warmed up with a
+	// real inference before it may serve. A failure leaves the serving version untouched.
+	LoadModel(context.Context, *LoadModelRequest) (*LoadModelResponse, error)
+	// Unload a version (or the whole model) once its in-flight calls finish; its memory is
+	// released.
+	UnloadModel(context.Context, *UnloadModelRequest) (*UnloadModelResponse, error)
+	// Make a loaded, healthy version the serving one (atomic for callers).
+	PromoteModel(context.Context, *PromoteModelRequest) (*PromoteModelResponse, error)
+	// Return to the version that served before the last promote.
+	RollbackModel(context.Context, *RollbackModelRequest) (*RollbackModelResponse, error)
+	// The model's append-only history of changes.
+	GetModelHistory(context.Context, *GetModelHistoryRequest) (*GetModelHistoryResponse, error)
+	// Look for new models and version folders in the repository and load them (new
+	// versions load beside the serving one; nothing is promoted).
+	RescanRepository(context.Context, *RescanRepositoryRequest) (*RescanRepositoryResponse, error)
+	// How shadow targets compare with the models they shadow.
+	GetShadowReport(context.Context, *GetShadowReportRequest) (*GetShadowReportResponse, error)
+	// The shadowing kill switch: off stops mirroring at once, on resumes it.
+	SetShadowing(context.Context, *SetShadowingRequest) (*SetShadowingResponse, error)
 	mustEmbedUnimplementedModelServiceServer()
 }
 
@@ -69,6 +181,30 @@ func (UnimplementedModelServiceServer) GetCapabilities(context.Context, *GetCapa
 }
 func (UnimplementedModelServiceServer) ListModels(context.Context, *ListModelsRequest) (*ListModelsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListModels not implemented")
+}
+func (UnimplementedModelServiceServer) LoadModel(context.Context, *LoadModelRequest) (*LoadModelResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method LoadModel not implemented")
+}
+func (UnimplementedModelServiceServer) UnloadModel(context.Context, *UnloadModelRequest) (*UnloadModelResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UnloadModel not implemented")
+}
+func (UnimplementedModelServiceServer) PromoteModel(context.Context, *PromoteModelRequest) (*PromoteModelResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method PromoteModel not implemented")
+}
+func (UnimplementedModelServiceServer) RollbackModel(context.Context, *RollbackModelRequest) (*RollbackModelResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RollbackModel not implemented")
+}
+func (UnimplementedModelServiceServer) GetModelHistory(context.Context, *GetModelHistoryRequest) (*GetModelHistoryResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetModelHistory not implemented")
+}
+func (UnimplementedModelServiceServer) RescanRepository(context.Context, *RescanRepositoryRequest) (*RescanRepositoryResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RescanRepository not implemented")
+}
+func (UnimplementedModelServiceServer) GetShadowReport(context.Context, *GetShadowReportRequest) (*GetShadowReportResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetShadowReport not implemented")
+}
+func (UnimplementedModelServiceServer) SetShadowing(context.Context, *SetShadowingRequest) (*SetShadowingResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SetShadowing not implemented")
 }
 func (UnimplementedModelServiceServer) mustEmbedUnimplementedModelServiceServer() {}
 
@@ -119,6 +255,150 @@ func _ModelService_ListModels_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ModelService_LoadModel_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LoadModelRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelServiceServer).LoadModel(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sluice.v1.ModelService/LoadModel",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelServiceServer).LoadModel(ctx, req.(*LoadModelRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelService_UnloadModel_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UnloadModelRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelServiceServer).UnloadModel(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sluice.v1.ModelService/UnloadModel",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelServiceServer).UnloadModel(ctx, req.(*UnloadModelRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelService_PromoteModel_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PromoteModelRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelServiceServer).PromoteModel(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sluice.v1.ModelService/PromoteModel",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelServiceServer).PromoteModel(ctx, req.(*PromoteModelRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelService_RollbackModel_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RollbackModelRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelServiceServer).RollbackModel(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sluice.v1.ModelService/RollbackModel",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelServiceServer).RollbackModel(ctx, req.(*RollbackModelRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelService_GetModelHistory_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetModelHistoryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelServiceServer).GetModelHistory(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sluice.v1.ModelService/GetModelHistory",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelServiceServer).GetModelHistory(ctx, req.(*GetModelHistoryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelService_RescanRepository_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RescanRepositoryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelServiceServer).RescanRepository(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sluice.v1.ModelService/RescanRepository",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelServiceServer).RescanRepository(ctx, req.(*RescanRepositoryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelService_GetShadowReport_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetShadowReportRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelServiceServer).GetShadowReport(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sluice.v1.ModelService/GetShadowReport",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelServiceServer).GetShadowReport(ctx, req.(*GetShadowReportRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelService_SetShadowing_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetShadowingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelServiceServer).SetShadowing(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sluice.v1.ModelService/SetShadowing",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelServiceServer).SetShadowing(ctx, req.(*SetShadowingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _ModelService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "sluice.v1.ModelService",
 	HandlerType: (*ModelServiceServer)(nil),
@@ -130,6 +410,38 @@ var _ModelService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListModels",
 			Handler:    _ModelService_ListModels_Handler,
+		},
+		{
+			MethodName: "LoadModel",
+			Handler:    _ModelService_LoadModel_Handler,
+		},
+		{
+			MethodName: "UnloadModel",
+			Handler:    _ModelService_UnloadModel_Handler,
+		},
+		{
+			MethodName: "PromoteModel",
+			Handler:    _ModelService_PromoteModel_Handler,
+		},
+		{
+			MethodName: "RollbackModel",
+			Handler:    _ModelService_RollbackModel_Handler,
+		},
+		{
+			MethodName: "GetModelHistory",
+			Handler:    _ModelService_GetModelHistory_Handler,
+		},
+		{
+			MethodName: "RescanRepository",
+			Handler:    _ModelService_RescanRepository_Handler,
+		},
+		{
+			MethodName: "GetShadowReport",
+			Handler:    _ModelService_GetShadowReport_Handler,
+		},
+		{
+			MethodName: "SetShadowing",
+			Handler:    _ModelService_SetShadowing_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsluice/v1/model_service.proto\x12\tsluice.v1\"\x18\n\x16GetCapabilitiesRequest\"\x89\x02\n\x17GetCapabilitiesResponse\x12\x16\n\x0epython_version\x18\x01 \x01(\t\x12\x15\n\rtorch_version\x18\x02 \x01(\t\x12\x1a\n\x12torch_cuda_version\x18\x03 \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x04 \x01(\t\x12\x18\n\x10tensorrt_version\x18\x05 \x01(\t\x12\x1d\n\x15onnxruntime_providers\x18\x06 \x03(\t\x12\x16\n\x0e\x63uda_available\x18\x07 \x01(\x08\x12\x14\n\x0c\x63uda_devices\x18\x08 \x03(\t\x12\x1f\n\x17torch_compile_available\x18\t \x01(\x08\"\x13\n\x11ListModelsRequest\"\xfb\x01\n\x12ModelVersionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.sluice.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x14\n\x0c\x62\x61\x63kend_rung\x18\x06 \x01(\t\x12\x16\n\x0e\x62\x61\x63kend_reason\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12.\n\rbreaker_state\x18\t \x01(\x0e\x32\x17.sluice.v1.BreakerState\x12\x11\n\tfallbacks\x18\n \x03(\t\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.sluice.v1.ModelVersionStatus*]\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_STATE_READY\x10\x01\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x02*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x02\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x03\x32\xb3\x01\n\x0cModelService\x12X\n\x0fGetCapabilities\x12!.sluice.v1.GetCapabilitiesRequest\x1a\".sluice.v1.GetCapabilitiesResponse\x12I\n\nListModels\x12\x1c.sluice.v1.ListModelsRequest\x1a\x1d.sluice.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsluice/v1/model_service.proto\x12\tsluice.v1\"\x18\n\x16GetCapabilitiesRequest\"\x89\x02\n\x17GetCapabilitiesResponse\x12\x16\n\x0epython_version\x18\x01 \x01(\t\x12\x15\n\rtorch_version\x18\x02 \x01(\t\x12\x1a\n\x12torch_cuda_version\x18\x03 \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x04 \x01(\t\x12\x18\n\x10tensorrt_version\x18\x05 \x01(\t\x12\x1d\n\x15onnxruntime_providers\x18\x06 \x03(\t\x12\x16\n\x0e\x63uda_available\x18\x07 \x01(\x08\x12\x14\n\x0c\x63uda_devices\x18\x08 \x03(\t\x12\x1f\n\x17torch_compile_available\x18\t \x01(\x08\"\x13\n\x11ListModelsRequest\"\x8c\x02\n\x12ModelVersionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.sluice.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x14\n\x0c\x62\x61\x63kend_rung\x18\x06 \x01(\t\x12\x16\n\x0e\x62\x61\x63kend_reason\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12.\n\rbreaker_state\x18\t \x01(\x0e\x32\x17.sluice.v1.BreakerState\x12\x11\n\tfallbacks\x18\n \x03(\t\x12\x0f\n\x07serving\x18\x0b \x01(\x08\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.sluice.v1.ModelVersionStatus\"G\n\x10LoadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"R\n\x11LoadModelResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x17\n\x0fserving_version\x18\x03 \x01(\t\"I\n\x12UnloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x15\n\x13UnloadModelResponse\"J\n\x13PromoteModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"T\n\x14PromoteModelResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\t\x12\x12\n\nto_version\x18\x03 \x01(\t\":\n\x14RollbackModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"U\n\x15RollbackModelResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\t\x12\x12\n\nto_version\x18\x03 \x01(\t\",\n\x16GetModelHistoryRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"s\n\x0cHistoryEntry\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\t\x12\x12\n\nto_version\x18\x04 \x01(\t\x12\x0b\n\x03who\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"C\n\x17GetModelHistoryResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.sluice.v1.HistoryEntry\"\x19\n\x17RescanRepositoryRequest\":\n\x18RescanRepositoryResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x0e\n\x06\x66\x61iled\x18\x02 \x03(\t\",\n\x16GetShadowReportRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"\xf6\x01\n\x0cShadowReport\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rshadow_target\x18\x02 \x01(\t\x12\x17\n\x0fsample_fraction\x18\x03 \x01(\x01\x12\x10\n\x08mirrored\x18\x04 \x01(\x04\x12\x10\n\x08\x63ompared\x18\x05 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x04\x12\x0f\n\x07skipped\x18\x07 \x01(\x04\x12\x14\n\x0cmax_abs_diff\x18\x08 \x01(\x01\x12\x14\n\x0cmax_rel_diff\x18\t \x01(\x01\x12\x18\n\x10\x65xact_match_rate\x18\n \x01(\x01\x12\x17\n\x0ftoken_agreement\x18\x0b \x01(\x01\"T\n\x17GetShadowReportResponse\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12(\n\x07reports\x18\x02 \x03(\x0b\x32\x17.sluice.v1.ShadowReport\"6\n\x13SetShadowingRequest\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x14SetShadowingResponse\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08*]\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_STATE_READY\x10\x01\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x02*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x02\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x03\x32\xd0\x06\n\x0cModelService\x12X\n\x0fGetCapabilities\x12!.sluice.v1.GetCapabilitiesRequest\x1a\".sluice.v1.GetCapabilitiesResponse\x12I\n\nListModels\x12\x1c.sluice.v1.ListModelsRequest\x1a\x1d.sluice.v1.ListModelsResponse\x12\x46\n\tLoadModel\x12\x1b.sluice.v1.LoadModelRequest\x1a\x1c.sluice.v1.LoadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.sluice.v1.UnloadModelRequest\x1a\x1e.sluice.v1.UnloadModelResponse\x12O\n\x0cPromoteModel\x12\x1e.sluice.v1.PromoteModelRequest\x1a\x1f.sluice.v1.PromoteModelResponse\x12R\n\rRollbackModel\x12\x1f.sluice.v1.RollbackModelRequest\x1a .sluice.v1.RollbackModelResponse\x12X\n\x0fGetModelHistory\x12!.sluice.v1.GetModelHistoryRequest\x1a\".sluice.v1.GetModelHistoryResponse\x12[\n\x10RescanRepository\x12\".sluice.v1.RescanRepositoryRequest\x1a#.sluice.v1.RescanRepositoryResponse\x12X\n\x0fGetShadowReport\x12!.sluice.v1.GetShadowReportRequest\x1a\".sluice.v1.GetShadowReportResponse\x12O\n\x0cSetShadowing\x12\x1e.sluice.v1.SetShadowingRequest\x1a\x1f.sluice.v1.SetShadowingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice_api.sluice.v1.model_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=682
-  _globals['_MODELSTATE']._serialized_end=775
-  _globals['_BREAKERSTATE']._serialized_start=777
-  _globals['_BREAKERSTATE']._serialized_end=901
+  _globals['_MODELSTATE']._serialized_start=2060
+  _globals['_MODELSTATE']._serialized_end=2153
+  _globals['_BREAKERSTATE']._serialized_start=2155
+  _globals['_BREAKERSTATE']._serialized_end=2279
   _globals['_GETCAPABILITIESREQUEST']._serialized_start=44
   _globals['_GETCAPABILITIESREQUEST']._serialized_end=68
   _globals['_GETCAPABILITIESRESPONSE']._serialized_start=71
@@ -42,9 +42,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSREQUEST']._serialized_start=338
   _globals['_LISTMODELSREQUEST']._serialized_end=357
   _globals['_MODELVERSIONSTATUS']._serialized_start=360
-  _globals['_MODELVERSIONSTATUS']._serialized_end=611
-  _globals['_LISTMODELSRESPONSE']._serialized_start=613
-  _globals['_LISTMODELSRESPONSE']._serialized_end=680
-  _globals['_MODELSERVICE']._serialized_start=904
-  _globals['_MODELSERVICE']._serialized_end=1083
+  _globals['_MODELVERSIONSTATUS']._serialized_end=628
+  _globals['_LISTMODELSRESPONSE']._serialized_start=630
+  _globals['_LISTMODELSRESPONSE']._serialized_end=697
+  _globals['_LOADMODELREQUEST']._serialized_start=699
+  _globals['_LOADMODELREQUEST']._serialized_end=770
+  _globals['_LOADMODELRESPONSE']._serialized_start=772
+  _globals['_LOADMODELRESPONSE']._serialized_end=854
+  _globals['_UNLOADMODELREQUEST']._serialized_start=856
+  _globals['_UNLOADMODELREQUEST']._serialized_end=929
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=931
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=952
+  _globals['_PROMOTEMODELREQUEST']._serialized_start=954
+  _globals['_PROMOTEMODELREQUEST']._serialized_end=1028
+  _globals['_PROMOTEMODELRESPONSE']._serialized_start=1030
+  _globals['_PROMOTEMODELRESPONSE']._serialized_end=1114
+  _globals['_ROLLBACKMODELREQUEST']._serialized_start=1116
+  _globals['_ROLLBACKMODELREQUEST']._serialized_end=1174
+  _globals['_ROLLBACKMODELRESPONSE']._serialized_start=1176
+  _globals['_ROLLBACKMODELRESPONSE']._serialized_end=1261
+  _globals['_GETMODELHISTORYREQUEST']._serialized_start=1263
+  _globals['_GETMODELHISTORYREQUEST']._serialized_end=1307
+  _globals['_HISTORYENTRY']._serialized_start=1309
+  _globals['_HISTORYENTRY']._serialized_end=1424
+  _globals['_GETMODELHISTORYRESPONSE']._serialized_start=1426
+  _globals['_GETMODELHISTORYRESPONSE']._serialized_end=1493
+  _globals['_RESCANREPOSITORYREQUEST']._serialized_start=1495
+  _globals['_RESCANREPOSITORYREQUEST']._serialized_end=1520
+  _globals['_RESCANREPOSITORYRESPONSE']._serialized_start=1522
+  _globals['_RESCANREPOSITORYRESPONSE']._serialized_end=1580
+  _globals['_GETSHADOWREPORTREQUEST']._serialized_start=1582
+  _globals['_GETSHADOWREPORTREQUEST']._serialized_end=1626
+  _globals['_SHADOWREPORT']._serialized_start=1629
+  _globals['_SHADOWREPORT']._serialized_end=1875
+  _globals['_GETSHADOWREPORTRESPONSE']._serialized_start=1877
+  _globals['_GETSHADOWREPORTRESPONSE']._serialized_end=1961
+  _globals['_SETSHADOWINGREQUEST']._serialized_start=1963
+  _globals['_SETSHADOWINGREQUEST']._serialized_end=2017
+  _globals['_SETSHADOWINGRESPONSE']._serialized_start=2019
+  _globals['_SETSHADOWINGRESPONSE']._serialized_end=2058
+  _globals['_MODELSERVICE']._serialized_start=2282
+  _globals['_MODELSERVICE']._serialized_end=3130
 # @@protoc_insertion_point(module_scope)

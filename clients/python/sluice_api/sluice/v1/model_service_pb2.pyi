@@ -58,7 +58,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelVersionStatus(_message.Message):
-    __slots__ = ("name", "version", "state", "reason", "backend", "backend_rung", "backend_reason", "device", "breaker_state", "fallbacks")
+    __slots__ = ("name", "version", "state", "reason", "backend", "backend_rung", "backend_reason", "device", "breaker_state", "fallbacks", "serving")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class ModelVersionStatus(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BREAKER_STATE_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     state: ModelState
@@ -79,10 +80,177 @@ class ModelVersionStatus(_message.Message):
     device: str
     breaker_state: BreakerState
     fallbacks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., backend: _Optional[str] = ..., backend_rung: _Optional[str] = ..., backend_reason: _Optional[str] = ..., device: _Optional[str] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., fallbacks: _Optional[_Iterable[str]] = ...) -> None: ...
+    serving: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., backend: _Optional[str] = ..., backend_rung: _Optional[str] = ..., backend_reason: _Optional[str] = ..., device: _Optional[str] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., serving: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelVersionStatus]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model_name", "version", "reason")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: str
+    reason: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("model_name", "versions", "serving_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    serving_version: str
+    def __init__(self, model_name: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., serving_version: _Optional[str] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model_name", "version", "reason")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: str
+    reason: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PromoteModelRequest(_message.Message):
+    __slots__ = ("model_name", "version", "reason")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: str
+    reason: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PromoteModelResponse(_message.Message):
+    __slots__ = ("model_name", "from_version", "to_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    from_version: str
+    to_version: str
+    def __init__(self, model_name: _Optional[str] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ...) -> None: ...
+
+class RollbackModelRequest(_message.Message):
+    __slots__ = ("model_name", "reason")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    reason: str
+    def __init__(self, model_name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RollbackModelResponse(_message.Message):
+    __slots__ = ("model_name", "from_version", "to_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    from_version: str
+    to_version: str
+    def __init__(self, model_name: _Optional[str] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ...) -> None: ...
+
+class GetModelHistoryRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class HistoryEntry(_message.Message):
+    __slots__ = ("time", "action", "from_version", "to_version", "who", "reason")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    time: str
+    action: str
+    from_version: str
+    to_version: str
+    who: str
+    reason: str
+    def __init__(self, time: _Optional[str] = ..., action: _Optional[str] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., who: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class GetModelHistoryResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[HistoryEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ...) -> None: ...
+
+class RescanRepositoryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RescanRepositoryResponse(_message.Message):
+    __slots__ = ("loaded", "failed")
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    loaded: _containers.RepeatedScalarFieldContainer[str]
+    failed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, loaded: _Optional[_Iterable[str]] = ..., failed: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetShadowReportRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class ShadowReport(_message.Message):
+    __slots__ = ("model_name", "shadow_target", "sample_fraction", "mirrored", "compared", "failed", "skipped", "max_abs_diff", "max_rel_diff", "exact_match_rate", "token_agreement")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_TARGET_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MIRRORED_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    MAX_REL_DIFF_FIELD_NUMBER: _ClassVar[int]
+    EXACT_MATCH_RATE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    shadow_target: str
+    sample_fraction: float
+    mirrored: int
+    compared: int
+    failed: int
+    skipped: int
+    max_abs_diff: float
+    max_rel_diff: float
+    exact_match_rate: float
+    token_agreement: float
+    def __init__(self, model_name: _Optional[str] = ..., shadow_target: _Optional[str] = ..., sample_fraction: _Optional[float] = ..., mirrored: _Optional[int] = ..., compared: _Optional[int] = ..., failed: _Optional[int] = ..., skipped: _Optional[int] = ..., max_abs_diff: _Optional[float] = ..., max_rel_diff: _Optional[float] = ..., exact_match_rate: _Optional[float] = ..., token_agreement: _Optional[float] = ...) -> None: ...
+
+class GetShadowReportResponse(_message.Message):
+    __slots__ = ("enabled", "reports")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    reports: _containers.RepeatedCompositeFieldContainer[ShadowReport]
+    def __init__(self, enabled: _Optional[bool] = ..., reports: _Optional[_Iterable[_Union[ShadowReport, _Mapping]]] = ...) -> None: ...
+
+class SetShadowingRequest(_message.Message):
+    __slots__ = ("enabled", "reason")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    reason: str
+    def __init__(self, enabled: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetShadowingResponse(_message.Message):
+    __slots__ = ("enabled",)
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    def __init__(self, enabled: _Optional[bool] = ...) -> None: ...

@@ -26,8 +26,14 @@ if _version_not_supported:
 
 
 class ModelServiceStub:
-    """Sluice's own model operations. Read-only views for now: what the machine offers, and
-    what each loaded model version runs on and how healthy it is.
+    """Sluice's own model operations: what the machine offers, what each model version runs on
+    and how healthy it is, and the lifecycle of versions while traffic flows.
+
+    Operations that change what is served (LoadModel, UnloadModel, PromoteModel,
+    RollbackModel, RescanRepository, SetShadowing) are admin operations: refused with
+    PERMISSION_DENIED unless the call carries the admin credential the server is configured
+    with ("authorization: Bearer <token>"); with no credential configured, they are served
+    only to callers on the loopback interface.
     """
 
     def __init__(self, channel):
@@ -46,11 +52,57 @@ class ModelServiceStub:
                 request_serializer=sluice_dot_v1_dot_model__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_model__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/sluice.v1.ModelService/LoadModel',
+                request_serializer=sluice_dot_v1_dot_model__service__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_model__service__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/sluice.v1.ModelService/UnloadModel',
+                request_serializer=sluice_dot_v1_dot_model__service__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_model__service__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.PromoteModel = channel.unary_unary(
+                '/sluice.v1.ModelService/PromoteModel',
+                request_serializer=sluice_dot_v1_dot_model__service__pb2.PromoteModelRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_model__service__pb2.PromoteModelResponse.FromString,
+                _registered_method=True)
+        self.RollbackModel = channel.unary_unary(
+                '/sluice.v1.ModelService/RollbackModel',
+                request_serializer=sluice_dot_v1_dot_model__service__pb2.RollbackModelRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_model__service__pb2.RollbackModelResponse.FromString,
+                _registered_method=True)
+        self.GetModelHistory = channel.unary_unary(
+                '/sluice.v1.ModelService/GetModelHistory',
+                request_serializer=sluice_dot_v1_dot_model__service__pb2.GetModelHistoryRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_model__service__pb2.GetModelHistoryResponse.FromString,
+                _registered_method=True)
+        self.RescanRepository = channel.unary_unary(
+                '/sluice.v1.ModelService/RescanRepository',
+                request_serializer=sluice_dot_v1_dot_model__service__pb2.RescanRepositoryRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_model__service__pb2.RescanRepositoryResponse.FromString,
+                _registered_method=True)
+        self.GetShadowReport = channel.unary_unary(
+                '/sluice.v1.ModelService/GetShadowReport',
+                request_serializer=sluice_dot_v1_dot_model__service__pb2.GetShadowReportRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_model__service__pb2.GetShadowReportResponse.FromString,
+                _registered_method=True)
+        self.SetShadowing = channel.unary_unary(
+                '/sluice.v1.ModelService/SetShadowing',
+                request_serializer=sluice_dot_v1_dot_model__service__pb2.SetShadowingRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_model__service__pb2.SetShadowingResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
-    """Sluice's own model operations. Read-only views for now: what the machine offers, and
-    what each loaded model version runs on and how healthy it is.
+    """Sluice's own model operations: what the machine offers, what each model version runs on
+    and how healthy it is, and the lifecycle of versions while traffic flows.
+
+    Operations that change what is served (LoadModel, UnloadModel, PromoteModel,
+    RollbackModel, RescanRepository, SetShadowing) are admin operations: refused with
+    PERMISSION_DENIED unless the call carries the admin credential the server is configured
+    with ("authorization: Bearer <token>"); with no credential configured, they are served
+    only to callers on the loopback interface.
     """
 
     def GetCapabilities(self, request, context):
@@ -61,7 +113,67 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Every model version in the repository: state, backend, device and breaker state.
+        """Every model version in the repository: state, backend, device, breaker state, and
+        which version serves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load a model, or one more version of it, beside what serves: it is warmed up with a
+        real inference before it may serve. A failure leaves the serving version untouched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload a version (or the whole model) once its in-flight calls finish; its memory is
+        released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteModel(self, request, context):
+        """Make a loaded, healthy version the serving one (atomic for callers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackModel(self, request, context):
+        """Return to the version that served before the last promote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelHistory(self, request, context):
+        """The model's append-only history of changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RescanRepository(self, request, context):
+        """Look for new models and version folders in the repository and load them (new
+        versions load beside the serving one; nothing is promoted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShadowReport(self, request, context):
+        """How shadow targets compare with the models they shadow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetShadowing(self, request, context):
+        """The shadowing kill switch: off stops mirroring at once, on resumes it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +192,46 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     request_deserializer=sluice_dot_v1_dot_model__service__pb2.ListModelsRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_model__service__pb2.ListModelsResponse.SerializeToString,
             ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=sluice_dot_v1_dot_model__service__pb2.LoadModelRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_model__service__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=sluice_dot_v1_dot_model__service__pb2.UnloadModelRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_model__service__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'PromoteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteModel,
+                    request_deserializer=sluice_dot_v1_dot_model__service__pb2.PromoteModelRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_model__service__pb2.PromoteModelResponse.SerializeToString,
+            ),
+            'RollbackModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackModel,
+                    request_deserializer=sluice_dot_v1_dot_model__service__pb2.RollbackModelRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_model__service__pb2.RollbackModelResponse.SerializeToString,
+            ),
+            'GetModelHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelHistory,
+                    request_deserializer=sluice_dot_v1_dot_model__service__pb2.GetModelHistoryRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_model__service__pb2.GetModelHistoryResponse.SerializeToString,
+            ),
+            'RescanRepository': grpc.unary_unary_rpc_method_handler(
+                    servicer.RescanRepository,
+                    request_deserializer=sluice_dot_v1_dot_model__service__pb2.RescanRepositoryRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_model__service__pb2.RescanRepositoryResponse.SerializeToString,
+            ),
+            'GetShadowReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShadowReport,
+                    request_deserializer=sluice_dot_v1_dot_model__service__pb2.GetShadowReportRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_model__service__pb2.GetShadowReportResponse.SerializeToString,
+            ),
+            'SetShadowing': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetShadowing,
+                    request_deserializer=sluice_dot_v1_dot_model__service__pb2.SetShadowingRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_model__service__pb2.SetShadowingResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'sluice.v1.ModelService', rpc_method_handlers)
@@ -89,8 +241,14 @@ def add_ModelServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ModelService:
-    """Sluice's own model operations. Read-only views for now: what the machine offers, and
-    what each loaded model version runs on and how healthy it is.
+    """Sluice's own model operations: what the machine offers, what each model version runs on
+    and how healthy it is, and the lifecycle of versions while traffic flows.
+
+    Operations that change what is served (LoadModel, UnloadModel, PromoteModel,
+    RollbackModel, RescanRepository, SetShadowing) are admin operations: refused with
+    PERMISSION_DENIED unless the call carries the admin credential the server is configured
+    with ("authorization: Bearer <token>"); with no credential configured, they are served
+    only to callers on the loopback interface.
     """
 
     @staticmethod
@@ -137,6 +295,222 @@ class ModelService:
             '/sluice.v1.ModelService/ListModels',
             sluice_dot_v1_dot_model__service__pb2.ListModelsRequest.SerializeToString,
             sluice_dot_v1_dot_model__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.ModelService/LoadModel',
+            sluice_dot_v1_dot_model__service__pb2.LoadModelRequest.SerializeToString,
+            sluice_dot_v1_dot_model__service__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.ModelService/UnloadModel',
+            sluice_dot_v1_dot_model__service__pb2.UnloadModelRequest.SerializeToString,
+            sluice_dot_v1_dot_model__service__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.ModelService/PromoteModel',
+            sluice_dot_v1_dot_model__service__pb2.PromoteModelRequest.SerializeToString,
+            sluice_dot_v1_dot_model__service__pb2.PromoteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.ModelService/RollbackModel',
+            sluice_dot_v1_dot_model__service__pb2.RollbackModelRequest.SerializeToString,
+            sluice_dot_v1_dot_model__service__pb2.RollbackModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.ModelService/GetModelHistory',
+            sluice_dot_v1_dot_model__service__pb2.GetModelHistoryRequest.SerializeToString,
+            sluice_dot_v1_dot_model__service__pb2.GetModelHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RescanRepository(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.ModelService/RescanRepository',
+            sluice_dot_v1_dot_model__service__pb2.RescanRepositoryRequest.SerializeToString,
+            sluice_dot_v1_dot_model__service__pb2.RescanRepositoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShadowReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.ModelService/GetShadowReport',
+            sluice_dot_v1_dot_model__service__pb2.GetShadowReportRequest.SerializeToString,
+            sluice_dot_v1_dot_model__service__pb2.GetShadowReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetShadowing(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.ModelService/SetShadowing',
+            sluice_dot_v1_dot_model__service__pb2.SetShadowingRequest.SerializeToString,
+            sluice_dot_v1_dot_model__service__pb2.SetShadowingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,10 +72,134 @@ export interface ModelVersionStatus {
   breakerState: BreakerState;
   /** Where calls go when it fails, in order ("model" or "model/version"). */
   fallbacks: string[];
+  /** This version answers calls that name no version. */
+  serving: boolean;
 }
 
 export interface ListModelsResponse {
   models: ModelVersionStatus[];
+}
+
+export interface LoadModelRequest {
+  modelName: string;
+  /** Empty: the versions the model's version policy selects. */
+  version: string;
+  /** Recorded in the model's history. */
+  reason: string;
+}
+
+export interface LoadModelResponse {
+  modelName: string;
+  /** Every loaded version after the load, ascending. */
+  versions: string[];
+  servingVersion: string;
+}
+
+export interface UnloadModelRequest {
+  modelName: string;
+  /** Empty: the whole model. */
+  version: string;
+  reason: string;
+}
+
+export interface UnloadModelResponse {
+}
+
+export interface PromoteModelRequest {
+  modelName: string;
+  version: string;
+  reason: string;
+}
+
+export interface PromoteModelResponse {
+  modelName: string;
+  fromVersion: string;
+  toVersion: string;
+}
+
+export interface RollbackModelRequest {
+  modelName: string;
+  reason: string;
+}
+
+export interface RollbackModelResponse {
+  modelName: string;
+  fromVersion: string;
+  toVersion: string;
+}
+
+export interface GetModelHistoryRequest {
+  modelName: string;
+}
+
+/** One change to what a model serves. */
+export interface HistoryEntry {
+  /** RFC 3339, UTC. */
+  time: string;
+  /** load, unload, promote, rollback, load_failed. */
+  action: string;
+  fromVersion: string;
+  toVersion: string;
+  /** The caller: the admin credential's name, or the peer address. */
+  who: string;
+  reason: string;
+}
+
+export interface GetModelHistoryResponse {
+  entries: HistoryEntry[];
+}
+
+export interface RescanRepositoryRequest {
+}
+
+export interface RescanRepositoryResponse {
+  /** What the rescan loaded: "model/version". */
+  loaded: string[];
+  /** What failed to load, with why: "model/version: reason". */
+  failed: string[];
+}
+
+export interface GetShadowReportRequest {
+  /** Empty: every model with a shadow target. */
+  modelName: string;
+}
+
+export interface ShadowReport {
+  modelName: string;
+  /** "model" or "model/version". */
+  shadowTarget: string;
+  sampleFraction: number;
+  /**
+   * Calls mirrored, compared, failed on the shadow, and skipped (over the concurrency or
+   * budget limit).
+   */
+  mirrored: bigint;
+  compared: bigint;
+  failed: bigint;
+  skipped: bigint;
+  /** Tensor models: the largest differences seen over all compared outputs. */
+  maxAbsDiff: number;
+  maxRelDiff: number;
+  /**
+   * Generation models (greedy outputs): share of calls with exactly the same tokens, and
+   * share of token positions that agree.
+   */
+  exactMatchRate: number;
+  tokenAgreement: number;
+}
+
+export interface GetShadowReportResponse {
+  enabled: boolean;
+  reports: ShadowReport[];
+}
+
+export interface SetShadowingRequest {
+  enabled: boolean;
+  reason: string;
+}
+
+export interface SetShadowingResponse {
+  enabled: boolean;
 }
 
 function createBaseGetCapabilitiesRequest(): GetCapabilitiesRequest {
@@ -337,6 +461,7 @@ function createBaseModelVersionStatus(): ModelVersionStatus {
     device: "",
     breakerState: 0,
     fallbacks: [],
+    serving: false,
   };
 }
 
@@ -371,6 +496,9 @@ export const ModelVersionStatus: MessageFns<ModelVersionStatus> = {
     }
     for (const v of message.fallbacks) {
       writer.uint32(82).string(v!);
+    }
+    if (message.serving !== false) {
+      writer.uint32(88).bool(message.serving);
     }
     return writer;
   },
@@ -468,6 +596,14 @@ export const ModelVersionStatus: MessageFns<ModelVersionStatus> = {
             message.fallbacks.push(reader.string());
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.serving = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -495,6 +631,7 @@ export const ModelVersionStatus: MessageFns<ModelVersionStatus> = {
     message.device = object.device ?? "";
     message.breakerState = object.breakerState ?? 0;
     message.fallbacks = object.fallbacks?.map((e) => e) || [];
+    message.serving = object.serving ?? false;
     return message;
   },
 };
@@ -554,9 +691,1377 @@ export const ListModelsResponse: MessageFns<ListModelsResponse> = {
   },
 };
 
+function createBaseLoadModelRequest(): LoadModelRequest {
+  return { modelName: "", version: "", reason: "" };
+}
+
+export const LoadModelRequest: MessageFns<LoadModelRequest> = {
+  encode(message: LoadModelRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.modelName !== "") {
+      writer.uint32(10).string(message.modelName);
+    }
+    if (message.version !== "") {
+      writer.uint32(18).string(message.version);
+    }
+    if (message.reason !== "") {
+      writer.uint32(26).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoadModelRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoadModelRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.modelName = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.version = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<LoadModelRequest>, I>>(base?: I): LoadModelRequest {
+    return LoadModelRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LoadModelRequest>, I>>(object: I): LoadModelRequest {
+    const message = createBaseLoadModelRequest();
+    message.modelName = object.modelName ?? "";
+    message.version = object.version ?? "";
+    message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
+function createBaseLoadModelResponse(): LoadModelResponse {
+  return { modelName: "", versions: [], servingVersion: "" };
+}
+
+export const LoadModelResponse: MessageFns<LoadModelResponse> = {
+  encode(message: LoadModelResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.modelName !== "") {
+      writer.uint32(10).string(message.modelName);
+    }
+    for (const v of message.versions) {
+      writer.uint32(18).string(v!);
+    }
+    if (message.servingVersion !== "") {
+      writer.uint32(26).string(message.servingVersion);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoadModelResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoadModelResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.modelName = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.versions.push(reader.string());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.servingVersion = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<LoadModelResponse>, I>>(base?: I): LoadModelResponse {
+    return LoadModelResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LoadModelResponse>, I>>(object: I): LoadModelResponse {
+    const message = createBaseLoadModelResponse();
+    message.modelName = object.modelName ?? "";
+    message.versions = object.versions?.map((e) => e) || [];
+    message.servingVersion = object.servingVersion ?? "";
+    return message;
+  },
+};
+
+function createBaseUnloadModelRequest(): UnloadModelRequest {
+  return { modelName: "", version: "", reason: "" };
+}
+
+export const UnloadModelRequest: MessageFns<UnloadModelRequest> = {
+  encode(message: UnloadModelRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.modelName !== "") {
+      writer.uint32(10).string(message.modelName);
+    }
+    if (message.version !== "") {
+      writer.uint32(18).string(message.version);
+    }
+    if (message.reason !== "") {
+      writer.uint32(26).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnloadModelRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnloadModelRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.modelName = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.version = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<UnloadModelRequest>, I>>(base?: I): UnloadModelRequest {
+    return UnloadModelRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UnloadModelRequest>, I>>(object: I): UnloadModelRequest {
+    const message = createBaseUnloadModelRequest();
+    message.modelName = object.modelName ?? "";
+    message.version = object.version ?? "";
+    message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
+function createBaseUnloadModelResponse(): UnloadModelResponse {
+  return {};
+}
+
+export const UnloadModelResponse: MessageFns<UnloadModelResponse> = {
+  encode(_: UnloadModelResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnloadModelResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnloadModelResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<UnloadModelResponse>, I>>(base?: I): UnloadModelResponse {
+    return UnloadModelResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UnloadModelResponse>, I>>(_: I): UnloadModelResponse {
+    const message = createBaseUnloadModelResponse();
+    return message;
+  },
+};
+
+function createBasePromoteModelRequest(): PromoteModelRequest {
+  return { modelName: "", version: "", reason: "" };
+}
+
+export const PromoteModelRequest: MessageFns<PromoteModelRequest> = {
+  encode(message: PromoteModelRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.modelName !== "") {
+      writer.uint32(10).string(message.modelName);
+    }
+    if (message.version !== "") {
+      writer.uint32(18).string(message.version);
+    }
+    if (message.reason !== "") {
+      writer.uint32(26).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PromoteModelRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePromoteModelRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.modelName = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.version = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<PromoteModelRequest>, I>>(base?: I): PromoteModelRequest {
+    return PromoteModelRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PromoteModelRequest>, I>>(object: I): PromoteModelRequest {
+    const message = createBasePromoteModelRequest();
+    message.modelName = object.modelName ?? "";
+    message.version = object.version ?? "";
+    message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
+function createBasePromoteModelResponse(): PromoteModelResponse {
+  return { modelName: "", fromVersion: "", toVersion: "" };
+}
+
+export const PromoteModelResponse: MessageFns<PromoteModelResponse> = {
+  encode(message: PromoteModelResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.modelName !== "") {
+      writer.uint32(10).string(message.modelName);
+    }
+    if (message.fromVersion !== "") {
+      writer.uint32(18).string(message.fromVersion);
+    }
+    if (message.toVersion !== "") {
+      writer.uint32(26).string(message.toVersion);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PromoteModelResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePromoteModelResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.modelName = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.fromVersion = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.toVersion = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<PromoteModelResponse>, I>>(base?: I): PromoteModelResponse {
+    return PromoteModelResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PromoteModelResponse>, I>>(object: I): PromoteModelResponse {
+    const message = createBasePromoteModelResponse();
+    message.modelName = object.modelName ?? "";
+    message.fromVersion = object.fromVersion ?? "";
+    message.toVersion = object.toVersion ?? "";
+    return message;
+  },
+};
+
+function createBaseRollbackModelRequest(): RollbackModelRequest {
+  return { modelName: "", reason: "" };
+}
+
+export const RollbackModelRequest: MessageFns<RollbackModelRequest> = {
+  encode(message: RollbackModelRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.modelName !== "") {
+      writer.uint32(10).string(message.modelName);
+    }
+    if (message.reason !== "") {
+      writer.uint32(18).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RollbackModelRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRollbackModelRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.modelName = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<RollbackModelRequest>, I>>(base?: I): RollbackModelRequest {
+    return RollbackModelRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RollbackModelRequest>, I>>(object: I): RollbackModelRequest {
+    const message = createBaseRollbackModelRequest();
+    message.modelName = object.modelName ?? "";
+    message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
+function createBaseRollbackModelResponse(): RollbackModelResponse {
+  return { modelName: "", fromVersion: "", toVersion: "" };
+}
+
+export const RollbackModelResponse: MessageFns<RollbackModelResponse> = {
+  encode(message: RollbackModelResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.modelName !== "") {
+      writer.uint32(10).string(message.modelName);
+    }
+    if (message.fromVersion !== "") {
+      writer.uint32(18).string(message.fromVersion);
+    }
+    if (message.toVersion !== "") {
+      writer.uint32(26).string(message.toVersion);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RollbackModelResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRollbackModelResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.modelName = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.fromVersion = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.toVersion = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<RollbackModelResponse>, I>>(base?: I): RollbackModelResponse {
+    return RollbackModelResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RollbackModelResponse>, I>>(object: I): RollbackModelResponse {
+    const message = createBaseRollbackModelResponse();
+    message.modelName = object.modelName ?? "";
+    message.fromVersion = object.fromVersion ?? "";
+    message.toVersion = object.toVersion ?? "";
+    return message;
+  },
+};
+
+function createBaseGetModelHistoryRequest(): GetModelHistoryRequest {
+  return { modelName: "" };
+}
+
+export const GetModelHistoryRequest: MessageFns<GetModelHistoryRequest> = {
+  encode(message: GetModelHistoryRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.modelName !== "") {
+      writer.uint32(10).string(message.modelName);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetModelHistoryRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetModelHistoryRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.modelName = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<GetModelHistoryRequest>, I>>(base?: I): GetModelHistoryRequest {
+    return GetModelHistoryRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetModelHistoryRequest>, I>>(object: I): GetModelHistoryRequest {
+    const message = createBaseGetModelHistoryRequest();
+    message.modelName = object.modelName ?? "";
+    return message;
+  },
+};
+
+function createBaseHistoryEntry(): HistoryEntry {
+  return { time: "", action: "", fromVersion: "", toVersion: "", who: "", reason: "" };
+}
+
+export const HistoryEntry: MessageFns<HistoryEntry> = {
+  encode(message: HistoryEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.time !== "") {
+      writer.uint32(10).string(message.time);
+    }
+    if (message.action !== "") {
+      writer.uint32(18).string(message.action);
+    }
+    if (message.fromVersion !== "") {
+      writer.uint32(26).string(message.fromVersion);
+    }
+    if (message.toVersion !== "") {
+      writer.uint32(34).string(message.toVersion);
+    }
+    if (message.who !== "") {
+      writer.uint32(42).string(message.who);
+    }
+    if (message.reason !== "") {
+      writer.uint32(50).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HistoryEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHistoryEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.time = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.action = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.fromVersion = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.toVersion = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.who = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<HistoryEntry>, I>>(base?: I): HistoryEntry {
+    return HistoryEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<HistoryEntry>, I>>(object: I): HistoryEntry {
+    const message = createBaseHistoryEntry();
+    message.time = object.time ?? "";
+    message.action = object.action ?? "";
+    message.fromVersion = object.fromVersion ?? "";
+    message.toVersion = object.toVersion ?? "";
+    message.who = object.who ?? "";
+    message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
+function createBaseGetModelHistoryResponse(): GetModelHistoryResponse {
+  return { entries: [] };
+}
+
+export const GetModelHistoryResponse: MessageFns<GetModelHistoryResponse> = {
+  encode(message: GetModelHistoryResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.entries) {
+      HistoryEntry.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetModelHistoryResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetModelHistoryResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.entries.push(HistoryEntry.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<GetModelHistoryResponse>, I>>(base?: I): GetModelHistoryResponse {
+    return GetModelHistoryResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetModelHistoryResponse>, I>>(object: I): GetModelHistoryResponse {
+    const message = createBaseGetModelHistoryResponse();
+    message.entries = object.entries?.map((e) => HistoryEntry.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseRescanRepositoryRequest(): RescanRepositoryRequest {
+  return {};
+}
+
+export const RescanRepositoryRequest: MessageFns<RescanRepositoryRequest> = {
+  encode(_: RescanRepositoryRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RescanRepositoryRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRescanRepositoryRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<RescanRepositoryRequest>, I>>(base?: I): RescanRepositoryRequest {
+    return RescanRepositoryRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RescanRepositoryRequest>, I>>(_: I): RescanRepositoryRequest {
+    const message = createBaseRescanRepositoryRequest();
+    return message;
+  },
+};
+
+function createBaseRescanRepositoryResponse(): RescanRepositoryResponse {
+  return { loaded: [], failed: [] };
+}
+
+export const RescanRepositoryResponse: MessageFns<RescanRepositoryResponse> = {
+  encode(message: RescanRepositoryResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.loaded) {
+      writer.uint32(10).string(v!);
+    }
+    for (const v of message.failed) {
+      writer.uint32(18).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RescanRepositoryResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRescanRepositoryResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.loaded.push(reader.string());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.failed.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<RescanRepositoryResponse>, I>>(base?: I): RescanRepositoryResponse {
+    return RescanRepositoryResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RescanRepositoryResponse>, I>>(object: I): RescanRepositoryResponse {
+    const message = createBaseRescanRepositoryResponse();
+    message.loaded = object.loaded?.map((e) => e) || [];
+    message.failed = object.failed?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseGetShadowReportRequest(): GetShadowReportRequest {
+  return { modelName: "" };
+}
+
+export const GetShadowReportRequest: MessageFns<GetShadowReportRequest> = {
+  encode(message: GetShadowReportRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.modelName !== "") {
+      writer.uint32(10).string(message.modelName);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetShadowReportRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetShadowReportRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.modelName = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<GetShadowReportRequest>, I>>(base?: I): GetShadowReportRequest {
+    return GetShadowReportRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetShadowReportRequest>, I>>(object: I): GetShadowReportRequest {
+    const message = createBaseGetShadowReportRequest();
+    message.modelName = object.modelName ?? "";
+    return message;
+  },
+};
+
+function createBaseShadowReport(): ShadowReport {
+  return {
+    modelName: "",
+    shadowTarget: "",
+    sampleFraction: 0,
+    mirrored: 0n,
+    compared: 0n,
+    failed: 0n,
+    skipped: 0n,
+    maxAbsDiff: 0,
+    maxRelDiff: 0,
+    exactMatchRate: 0,
+    tokenAgreement: 0,
+  };
+}
+
+export const ShadowReport: MessageFns<ShadowReport> = {
+  encode(message: ShadowReport, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.modelName !== "") {
+      writer.uint32(10).string(message.modelName);
+    }
+    if (message.shadowTarget !== "") {
+      writer.uint32(18).string(message.shadowTarget);
+    }
+    if (message.sampleFraction !== 0) {
+      writer.uint32(25).double(message.sampleFraction);
+    }
+    if (message.mirrored !== 0n) {
+      if (BigInt.asUintN(64, message.mirrored) !== message.mirrored) {
+        throw new globalThis.Error("value provided for field message.mirrored of type uint64 too large");
+      }
+      writer.uint32(32).uint64(message.mirrored);
+    }
+    if (message.compared !== 0n) {
+      if (BigInt.asUintN(64, message.compared) !== message.compared) {
+        throw new globalThis.Error("value provided for field message.compared of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.compared);
+    }
+    if (message.failed !== 0n) {
+      if (BigInt.asUintN(64, message.failed) !== message.failed) {
+        throw new globalThis.Error("value provided for field message.failed of type uint64 too large");
+      }
+      writer.uint32(48).uint64(message.failed);
+    }
+    if (message.skipped !== 0n) {
+      if (BigInt.asUintN(64, message.skipped) !== message.skipped) {
+        throw new globalThis.Error("value provided for field message.skipped of type uint64 too large");
+      }
+      writer.uint32(56).uint64(message.skipped);
+    }
+    if (message.maxAbsDiff !== 0) {
+      writer.uint32(65).double(message.maxAbsDiff);
+    }
+    if (message.maxRelDiff !== 0) {
+      writer.uint32(73).double(message.maxRelDiff);
+    }
+    if (message.exactMatchRate !== 0) {
+      writer.uint32(81).double(message.exactMatchRate);
+    }
+    if (message.tokenAgreement !== 0) {
+      writer.uint32(89).double(message.tokenAgreement);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ShadowReport {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseShadowReport();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.modelName = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.shadowTarget = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.sampleFraction = reader.double();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.mirrored = reader.uint64() as bigint;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.compared = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.failed = reader.uint64() as bigint;
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.skipped = reader.uint64() as bigint;
+            continue;
+          }
+          case 8: {
+            if (tag !== 65) {
+              break;
+            }
+
+            message.maxAbsDiff = reader.double();
+            continue;
+          }
+          case 9: {
+            if (tag !== 73) {
+              break;
+            }
+
+            message.maxRelDiff = reader.double();
+            continue;
+          }
+          case 10: {
+            if (tag !== 81) {
+              break;
+            }
+
+            message.exactMatchRate = reader.double();
+            continue;
+          }
+          case 11: {
+            if (tag !== 89) {
+              break;
+            }
+
+            message.tokenAgreement = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ShadowReport>, I>>(base?: I): ShadowReport {
+    return ShadowReport.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ShadowReport>, I>>(object: I): ShadowReport {
+    const message = createBaseShadowReport();
+    message.modelName = object.modelName ?? "";
+    message.shadowTarget = object.shadowTarget ?? "";
+    message.sampleFraction = object.sampleFraction ?? 0;
+    message.mirrored = (object.mirrored !== undefined && object.mirrored !== null) ? BigInt(object.mirrored) : 0n;
+    message.compared = (object.compared !== undefined && object.compared !== null) ? BigInt(object.compared) : 0n;
+    message.failed = (object.failed !== undefined && object.failed !== null) ? BigInt(object.failed) : 0n;
+    message.skipped = (object.skipped !== undefined && object.skipped !== null) ? BigInt(object.skipped) : 0n;
+    message.maxAbsDiff = object.maxAbsDiff ?? 0;
+    message.maxRelDiff = object.maxRelDiff ?? 0;
+    message.exactMatchRate = object.exactMatchRate ?? 0;
+    message.tokenAgreement = object.tokenAgreement ?? 0;
+    return message;
+  },
+};
+
+function createBaseGetShadowReportResponse(): GetShadowReportResponse {
+  return { enabled: false, reports: [] };
+}
+
+export const GetShadowReportResponse: MessageFns<GetShadowReportResponse> = {
+  encode(message: GetShadowReportResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.enabled !== false) {
+      writer.uint32(8).bool(message.enabled);
+    }
+    for (const v of message.reports) {
+      ShadowReport.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetShadowReportResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetShadowReportResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.enabled = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.reports.push(ShadowReport.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<GetShadowReportResponse>, I>>(base?: I): GetShadowReportResponse {
+    return GetShadowReportResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetShadowReportResponse>, I>>(object: I): GetShadowReportResponse {
+    const message = createBaseGetShadowReportResponse();
+    message.enabled = object.enabled ?? false;
+    message.reports = object.reports?.map((e) => ShadowReport.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseSetShadowingRequest(): SetShadowingRequest {
+  return { enabled: false, reason: "" };
+}
+
+export const SetShadowingRequest: MessageFns<SetShadowingRequest> = {
+  encode(message: SetShadowingRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.enabled !== false) {
+      writer.uint32(8).bool(message.enabled);
+    }
+    if (message.reason !== "") {
+      writer.uint32(18).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetShadowingRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetShadowingRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.enabled = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<SetShadowingRequest>, I>>(base?: I): SetShadowingRequest {
+    return SetShadowingRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SetShadowingRequest>, I>>(object: I): SetShadowingRequest {
+    const message = createBaseSetShadowingRequest();
+    message.enabled = object.enabled ?? false;
+    message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
+function createBaseSetShadowingResponse(): SetShadowingResponse {
+  return { enabled: false };
+}
+
+export const SetShadowingResponse: MessageFns<SetShadowingResponse> = {
+  encode(message: SetShadowingResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.enabled !== false) {
+      writer.uint32(8).bool(message.enabled);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetShadowingResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetShadowingResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.enabled = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<SetShadowingResponse>, I>>(base?: I): SetShadowingResponse {
+    return SetShadowingResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SetShadowingResponse>, I>>(object: I): SetShadowingResponse {
+    const message = createBaseSetShadowingResponse();
+    message.enabled = object.enabled ?? false;
+    return message;
+  },
+};
+
 /**
- * Sluice's own model operations. Read-only views for now: what the machine offers, and
- * what each loaded model version runs on and how healthy it is.
+ * Sluice's own model operations: what the machine offers, what each model version runs on
+ * and how healthy it is, and the lifecycle of versions while traffic flows.
+ *
+ * Operations that change what is served (LoadModel, UnloadModel, PromoteModel,
+ * RollbackModel, RescanRepository, SetShadowing) are admin operations: refused with
+ * PERMISSION_DENIED unless the call carries the admin credential the server is configured
+ * with ("authorization: Bearer <token>"); with no credential configured, they are served
+ * only to callers on the loopback interface.
  */
 export type ModelServiceService = typeof ModelServiceService;
 export const ModelServiceService = {
@@ -572,7 +2077,10 @@ export const ModelServiceService = {
       Buffer.from(GetCapabilitiesResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): GetCapabilitiesResponse => GetCapabilitiesResponse.decode(value),
   },
-  /** Every model version in the repository: state, backend, device and breaker state. */
+  /**
+   * Every model version in the repository: state, backend, device, breaker state, and
+   * which version serves.
+   */
   listModels: {
     path: "/sluice.v1.ModelService/ListModels" as const,
     requestStream: false as const,
@@ -582,13 +2090,139 @@ export const ModelServiceService = {
     responseSerialize: (value: ListModelsResponse): Buffer => Buffer.from(ListModelsResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ListModelsResponse => ListModelsResponse.decode(value),
   },
+  /**
+   * Load a model, or one more version of it, beside what serves: it is warmed up with a
+   * real inference before it may serve. A failure leaves the serving version untouched.
+   */
+  loadModel: {
+    path: "/sluice.v1.ModelService/LoadModel" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: LoadModelRequest): Buffer => Buffer.from(LoadModelRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): LoadModelRequest => LoadModelRequest.decode(value),
+    responseSerialize: (value: LoadModelResponse): Buffer => Buffer.from(LoadModelResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): LoadModelResponse => LoadModelResponse.decode(value),
+  },
+  /**
+   * Unload a version (or the whole model) once its in-flight calls finish; its memory is
+   * released.
+   */
+  unloadModel: {
+    path: "/sluice.v1.ModelService/UnloadModel" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UnloadModelRequest): Buffer => Buffer.from(UnloadModelRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UnloadModelRequest => UnloadModelRequest.decode(value),
+    responseSerialize: (value: UnloadModelResponse): Buffer => Buffer.from(UnloadModelResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UnloadModelResponse => UnloadModelResponse.decode(value),
+  },
+  /** Make a loaded, healthy version the serving one (atomic for callers). */
+  promoteModel: {
+    path: "/sluice.v1.ModelService/PromoteModel" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: PromoteModelRequest): Buffer => Buffer.from(PromoteModelRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): PromoteModelRequest => PromoteModelRequest.decode(value),
+    responseSerialize: (value: PromoteModelResponse): Buffer =>
+      Buffer.from(PromoteModelResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): PromoteModelResponse => PromoteModelResponse.decode(value),
+  },
+  /** Return to the version that served before the last promote. */
+  rollbackModel: {
+    path: "/sluice.v1.ModelService/RollbackModel" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RollbackModelRequest): Buffer => Buffer.from(RollbackModelRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RollbackModelRequest => RollbackModelRequest.decode(value),
+    responseSerialize: (value: RollbackModelResponse): Buffer =>
+      Buffer.from(RollbackModelResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): RollbackModelResponse => RollbackModelResponse.decode(value),
+  },
+  /** The model's append-only history of changes. */
+  getModelHistory: {
+    path: "/sluice.v1.ModelService/GetModelHistory" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetModelHistoryRequest): Buffer =>
+      Buffer.from(GetModelHistoryRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetModelHistoryRequest => GetModelHistoryRequest.decode(value),
+    responseSerialize: (value: GetModelHistoryResponse): Buffer =>
+      Buffer.from(GetModelHistoryResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetModelHistoryResponse => GetModelHistoryResponse.decode(value),
+  },
+  /**
+   * Look for new models and version folders in the repository and load them (new
+   * versions load beside the serving one; nothing is promoted).
+   */
+  rescanRepository: {
+    path: "/sluice.v1.ModelService/RescanRepository" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RescanRepositoryRequest): Buffer =>
+      Buffer.from(RescanRepositoryRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RescanRepositoryRequest => RescanRepositoryRequest.decode(value),
+    responseSerialize: (value: RescanRepositoryResponse): Buffer =>
+      Buffer.from(RescanRepositoryResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): RescanRepositoryResponse => RescanRepositoryResponse.decode(value),
+  },
+  /** How shadow targets compare with the models they shadow. */
+  getShadowReport: {
+    path: "/sluice.v1.ModelService/GetShadowReport" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetShadowReportRequest): Buffer =>
+      Buffer.from(GetShadowReportRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetShadowReportRequest => GetShadowReportRequest.decode(value),
+    responseSerialize: (value: GetShadowReportResponse): Buffer =>
+      Buffer.from(GetShadowReportResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetShadowReportResponse => GetShadowReportResponse.decode(value),
+  },
+  /** The shadowing kill switch: off stops mirroring at once, on resumes it. */
+  setShadowing: {
+    path: "/sluice.v1.ModelService/SetShadowing" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SetShadowingRequest): Buffer => Buffer.from(SetShadowingRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SetShadowingRequest => SetShadowingRequest.decode(value),
+    responseSerialize: (value: SetShadowingResponse): Buffer =>
+      Buffer.from(SetShadowingResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SetShadowingResponse => SetShadowingResponse.decode(value),
+  },
 } as const;
 
 export interface ModelServiceServer extends UntypedServiceImplementation {
   /** What this machine offers the backends (detected once at start). */
   getCapabilities: handleUnaryCall<GetCapabilitiesRequest, GetCapabilitiesResponse>;
-  /** Every model version in the repository: state, backend, device and breaker state. */
+  /**
+   * Every model version in the repository: state, backend, device, breaker state, and
+   * which version serves.
+   */
   listModels: handleUnaryCall<ListModelsRequest, ListModelsResponse>;
+  /**
+   * Load a model, or one more version of it, beside what serves: it is warmed up with a
+   * real inference before it may serve. A failure leaves the serving version untouched.
+   */
+  loadModel: handleUnaryCall<LoadModelRequest, LoadModelResponse>;
+  /**
+   * Unload a version (or the whole model) once its in-flight calls finish; its memory is
+   * released.
+   */
+  unloadModel: handleUnaryCall<UnloadModelRequest, UnloadModelResponse>;
+  /** Make a loaded, healthy version the serving one (atomic for callers). */
+  promoteModel: handleUnaryCall<PromoteModelRequest, PromoteModelResponse>;
+  /** Return to the version that served before the last promote. */
+  rollbackModel: handleUnaryCall<RollbackModelRequest, RollbackModelResponse>;
+  /** The model's append-only history of changes. */
+  getModelHistory: handleUnaryCall<GetModelHistoryRequest, GetModelHistoryResponse>;
+  /**
+   * Look for new models and version folders in the repository and load them (new
+   * versions load beside the serving one; nothing is promoted).
+   */
+  rescanRepository: handleUnaryCall<RescanRepositoryRequest, RescanRepositoryResponse>;
+  /** How shadow targets compare with the models they shadow. */
+  getShadowReport: handleUnaryCall<GetShadowReportRequest, GetShadowReportResponse>;
+  /** The shadowing kill switch: off stops mirroring at once, on resumes it. */
+  setShadowing: handleUnaryCall<SetShadowingRequest, SetShadowingResponse>;
 }
 
 export interface ModelServiceClient extends Client {
@@ -608,7 +2242,10 @@ export interface ModelServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetCapabilitiesResponse) => void,
   ): ClientUnaryCall;
-  /** Every model version in the repository: state, backend, device and breaker state. */
+  /**
+   * Every model version in the repository: state, backend, device, breaker state, and
+   * which version serves.
+   */
   listModels(
     request: ListModelsRequest,
     callback: (error: ServiceError | null, response: ListModelsResponse) => void,
@@ -623,6 +2260,143 @@ export interface ModelServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ListModelsResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Load a model, or one more version of it, beside what serves: it is warmed up with a
+   * real inference before it may serve. A failure leaves the serving version untouched.
+   */
+  loadModel(
+    request: LoadModelRequest,
+    callback: (error: ServiceError | null, response: LoadModelResponse) => void,
+  ): ClientUnaryCall;
+  loadModel(
+    request: LoadModelRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: LoadModelResponse) => void,
+  ): ClientUnaryCall;
+  loadModel(
+    request: LoadModelRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: LoadModelResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Unload a version (or the whole model) once its in-flight calls finish; its memory is
+   * released.
+   */
+  unloadModel(
+    request: UnloadModelRequest,
+    callback: (error: ServiceError | null, response: UnloadModelResponse) => void,
+  ): ClientUnaryCall;
+  unloadModel(
+    request: UnloadModelRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UnloadModelResponse) => void,
+  ): ClientUnaryCall;
+  unloadModel(
+    request: UnloadModelRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UnloadModelResponse) => void,
+  ): ClientUnaryCall;
+  /** Make a loaded, healthy version the serving one (atomic for callers). */
+  promoteModel(
+    request: PromoteModelRequest,
+    callback: (error: ServiceError | null, response: PromoteModelResponse) => void,
+  ): ClientUnaryCall;
+  promoteModel(
+    request: PromoteModelRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: PromoteModelResponse) => void,
+  ): ClientUnaryCall;
+  promoteModel(
+    request: PromoteModelRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: PromoteModelResponse) => void,
+  ): ClientUnaryCall;
+  /** Return to the version that served before the last promote. */
+  rollbackModel(
+    request: RollbackModelRequest,
+    callback: (error: ServiceError | null, response: RollbackModelResponse) => void,
+  ): ClientUnaryCall;
+  rollbackModel(
+    request: RollbackModelRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: RollbackModelResponse) => void,
+  ): ClientUnaryCall;
+  rollbackModel(
+    request: RollbackModelRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: RollbackModelResponse) => void,
+  ): ClientUnaryCall;
+  /** The model's append-only history of changes. */
+  getModelHistory(
+    request: GetModelHistoryRequest,
+    callback: (error: ServiceError | null, response: GetModelHistoryResponse) => void,
+  ): ClientUnaryCall;
+  getModelHistory(
+    request: GetModelHistoryRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GetModelHistoryResponse) => void,
+  ): ClientUnaryCall;
+  getModelHistory(
+    request: GetModelHistoryRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetModelHistoryResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Look for new models and version folders in the repository and load them (new
+   * versions load beside the serving one; nothing is promoted).
+   */
+  rescanRepository(
+    request: RescanRepositoryRequest,
+    callback: (error: ServiceError | null, response: RescanRepositoryResponse) => void,
+  ): ClientUnaryCall;
+  rescanRepository(
+    request: RescanRepositoryRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: RescanRepositoryResponse) => void,
+  ): ClientUnaryCall;
+  rescanRepository(
+    request: RescanRepositoryRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: RescanRepositoryResponse) => void,
+  ): ClientUnaryCall;
+  /** How shadow targets compare with the models they shadow. */
+  getShadowReport(
+    request: GetShadowReportRequest,
+    callback: (error: ServiceError | null, response: GetShadowReportResponse) => void,
+  ): ClientUnaryCall;
+  getShadowReport(
+    request: GetShadowReportRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GetShadowReportResponse) => void,
+  ): ClientUnaryCall;
+  getShadowReport(
+    request: GetShadowReportRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetShadowReportResponse) => void,
+  ): ClientUnaryCall;
+  /** The shadowing kill switch: off stops mirroring at once, on resumes it. */
+  setShadowing(
+    request: SetShadowingRequest,
+    callback: (error: ServiceError | null, response: SetShadowingResponse) => void,
+  ): ClientUnaryCall;
+  setShadowing(
+    request: SetShadowingRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SetShadowingResponse) => void,
+  ): ClientUnaryCall;
+  setShadowing(
+    request: SetShadowingRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SetShadowingResponse) => void,
   ): ClientUnaryCall;
 }
 
