@@ -11,18 +11,16 @@ import asyncio
 import logging
 import signal
 import time
-from pathlib import Path
 
 from sluice.errors import ConfigError
 from sluice.metrics import Metrics
+from sluice.repository import EXAMPLE_REPOSITORY
 from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.server import create_server
 
 log = logging.getLogger(__name__)
-
-EXAMPLE_REPOSITORY = Path(__file__).parent / "example_models"
 
 
 async def serve(settings: Settings) -> int:

@@ -168,6 +168,43 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.shadow_requests = Counter(
+            "sluice_shadow_requests",
+            "Shadow traffic by the shadowed model: calls mirrored, compared, failed on the "
+            "shadow (error, budget or mismatched outputs), and skipped (over the concurrency).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.shadow_max_abs_diff = Gauge(
+            "sluice_shadow_max_abs_diff",
+            "Tensor models: the largest absolute difference between primary and shadow outputs.",
+            ["model"],
+            registry=r,
+        )
+        self.shadow_max_rel_diff = Gauge(
+            "sluice_shadow_max_rel_diff",
+            "Tensor models: the largest relative difference, |a - b| / max(|a|, |b|).",
+            ["model"],
+            registry=r,
+        )
+        self.shadow_exact_matches = Counter(
+            "sluice_shadow_exact_matches",
+            "Generation models: greedy calls whose shadow made exactly the same tokens.",
+            ["model"],
+            registry=r,
+        )
+        self.shadow_tokens = Counter(
+            "sluice_shadow_tokens",
+            "Generation models: token positions compared (the longer output's length).",
+            ["model"],
+            registry=r,
+        )
+        self.shadow_agreeing_tokens = Counter(
+            "sluice_shadow_agreeing_tokens",
+            "Generation models: token positions where primary and shadow made the same token.",
+            ["model"],
+            registry=r,
+        )
 
     def batch_observer(self, model: str, version: str) -> BatchMetrics:
         return BatchMetrics(self, model, version)

@@ -13,30 +13,14 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-import numpy as np
-
 from sluice.errors import SluiceError
 from sluice.service import InferenceService, ModelVersion
 from sluice.settings import ProbeSettings
-from sluice.tensors import Array, IOSpec
-from sluice_client.tensors import DATATYPES
+from sluice.tensors import probe_inputs
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-
-
-def probe_inputs(io: IOSpec) -> dict[str, Array]:
-    inputs: dict[str, Array] = {}
-    for spec in io.inputs:
-        shape = tuple(1 if dim < 0 else dim for dim in spec.shape(io.batched))
-        if spec.datatype == "BYTES":
-            array = np.empty(shape, dtype=object)
-            array.fill(b"")
-        else:
-            array = np.zeros(shape, dtype=DATATYPES[spec.datatype].numpy)
-        inputs[spec.name] = array
-    return inputs
 
 
 class HealthProber:

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sluice.errors import ConfigError
 from sluice.executors.base import DeclaredTensor
@@ -26,6 +33,12 @@ from sluice_client.tensors import DATATYPES
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
+
+EXAMPLE_REPOSITORY = Path(__file__).parent / "example_models"
+"""The models shipped with Sluice, served when no repository is configured."""
+
+STATE_FOLDER = ".sluice"
+"""Run-time state (serving pointers, histories) inside a repository; never a model."""
 
 
 class _Strict(BaseModel):
@@ -80,6 +93,27 @@ class VersionPolicy(_Strict):
         return ordered[-(self.latest or 1) :]
 
 
+class ShadowConfig(_Strict):
+    """Where sampled calls are mirrored after this model answered, to compare the answers."""
+
+    model: str = ""
+    """The shadow model (empty: this model, another version of it)."""
+    version: str = ""
+    """The shadow's version (empty: its serving version)."""
+    fraction: float = Field(ge=0, le=1)
+    """Share of this model's calls that are mirrored (generation: of its greedy calls)."""
+    max_concurrency: int | None = Field(None, ge=1)
+    """Mirrors in flight at once (default: the server's shadow.max_concurrency)."""
+    budget_s: float | None = Field(None, gt=0)
+    """Longest one mirror may take (default: the server's shadow.budget_s)."""
+
+    @model_validator(mode="after")
+    def _names_a_target(self) -> ShadowConfig:
+        if not (self.model or self.version):
+            raise ValueError("name the shadow's model, its version, or both")
+        return self
+
+
 class ModelConfig(_Strict):
     backend: str | None = None
     """Force a backend (onnxruntime, pytorch, tensorrt) or one rung of the capability ladder
@@ -98,6 +132,8 @@ class ModelConfig(_Strict):
     """Where a call goes, in order, when this model fails transiently or its breaker is open."""
     faults: FaultConfig | None = None
     """Injected faults (tests, game days)."""
+    shadow: ShadowConfig | None = None
+    """Mirror a sample of this model's calls to another model or version and compare."""
 
     @field_validator("backend")
     @classmethod

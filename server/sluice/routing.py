@@ -39,8 +39,9 @@ from sluice.generation.request import GenerationRequest
 from sluice.generation.scheduler import Generation
 from sluice.metrics import GenerationMetrics, Metrics
 from sluice.repository import ModelSpec
-from sluice.service import InferenceService
+from sluice.service import InferenceService, ModelVersion
 from sluice.settings import FallbackTarget, RetrySettings, Settings
+from sluice.shadow import GenerationTrace, Shadower
 from sluice.stats import ModelStats
 from sluice.tensors import InferRequest, InferResult
 from sluice.tracing import Attributes, Tracing, record_decode_summary
@@ -100,9 +101,11 @@ class Router:
         clock: Clock,
         rng: random.Random | None = None,
         tracing: Tracing | None = None,
+        shadow: Shadower | None = None,
     ) -> None:
         self._service = service
         self._tracing = tracing or Tracing.off()
+        self._shadow = shadow
         self._settings = settings.retry
         self._aliases = settings.aliases
         self._metrics = metrics
@@ -151,7 +154,10 @@ class Router:
                     break
                 attempt = await self._hop(request.model, chain, attempt, exc, number, deadline)
                 continue
-            return self._annotate(request.model, result, attempt, number)
+            result = self._annotate(request.model, result, attempt, number)
+            if self._shadow is not None:  # schedules a mirror, never waits for one
+                self._shadow.after_infer(request, result)
+            return result
         raise _combined(request.model, errors) if errors else self._nothing_to_try(request)
 
     def generates(self, name: str, version: str = "") -> bool:
@@ -206,6 +212,20 @@ class Router:
             self._service.ensure_can_serve(target.model, target.version, target.backend)
         except SluiceError as exc:
             raise _PassOver(exc, f"model '{target.model}' cannot serve now: {exc.message}") from exc
+        model.enter()  # an unload of this version waits until the generation ends
+        try:
+            return await self._first_chunk(request, target, model, deadline)
+        except BaseException:
+            model.leave()
+            raise
+
+    async def _first_chunk(
+        self,
+        request: GenerationRequest,
+        target: FallbackTarget,
+        model: ModelVersion,
+        deadline: float | None,
+    ) -> RoutedGeneration:
         generator = model.generator
         assert generator is not None
         prompt_ids = generator.tokenizer.encode(request.prompt)
@@ -243,10 +263,16 @@ class Router:
             first,
             model.spec,
             stats=model.stats,
+            on_end=model.leave,
             observer=self._metrics.generation_observer(target.model),
             decode_span=self._tracing.decode_span(model=target.model, version=model.spec.version),
             clock=self._clock,
             started=started,
+            shadow=(
+                self._shadow.generation_trace(target.model, request.prompt, request.params)
+                if self._shadow is not None
+                else None
+            ),
         )
 
     # -- one attempt ----------------------------------------------------------------------
@@ -491,16 +517,23 @@ class RoutedGeneration:
         spec: ModelSpec,
         *,
         stats: ModelStats,
+        on_end: Callable[[], None],
         observer: GenerationMetrics,
         decode_span: contextlib.AbstractContextManager[Span],
         clock: Clock,
         started: float,
+        shadow: GenerationTrace | None = None,
     ) -> None:
         self._stream = stream
         self._first: Chunk | None = first
+        #: A sampled call keeps its tokens for its shadow.
+        self._shadow = shadow
+        if shadow is not None:
+            shadow.keep(first)
         self.spec = spec
         self.fallback_reason = ""
         self._stats = stats
+        self._on_end = on_end
         self._clock = clock
         self._started = started
         self._first_token_s = clock() - started
@@ -535,10 +568,13 @@ class RoutedGeneration:
         if first is not None:
             return first
         try:
-            return await anext(self._stream)
+            chunk = await anext(self._stream)
         except SluiceError:
             self._failed = True
             raise
+        if self._shadow is not None:
+            self._shadow.keep(chunk)
+        return chunk
 
     def cancel(self) -> None:
         self._stream.cancel()
@@ -548,6 +584,7 @@ class RoutedGeneration:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stream.aclose()
+        self._on_end()
         self._record()
 
     def _record(self) -> None:
@@ -576,6 +613,8 @@ class RoutedGeneration:
             prompt_tokens=self.prompt_tokens,
         )
         self._tracing.close()
+        if ok and self._shadow is not None:
+            self._shadow.finished()
 
 
 def _retryable(exc: SluiceError) -> bool:

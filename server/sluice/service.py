@@ -7,7 +7,10 @@ with domain requests and get domain results; nothing here knows about protobuf o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,8 +35,11 @@ from sluice.executors.faults import FaultyExecutor
 from sluice.executors.registry import BackendRegistry
 from sluice.generation.request import GenerationRequest
 from sluice.generation.scheduler import ContinuousBatcher, SchedulerLimits
+from sluice.lifecycle import Change, ModelState
 from sluice.metrics import Metrics
 from sluice.repository import (
+    EXAMPLE_REPOSITORY,
+    STATE_FOLDER,
     ModelConfig,
     ModelSpec,
     ShadowConfig,
@@ -51,6 +57,7 @@ from sluice.tensors import (
     OutputTensor,
     check_requested_outputs,
     decode_inputs,
+    probe_inputs,
 )
 from sluice.tracing import Tracing
 
@@ -72,6 +79,27 @@ class ModelVersion:
     stats: ModelStats
     #: Generation models: the continuous batcher their streams use.
     generator: ContinuousBatcher | None = None
+    #: Calls and streams running on this version; an unload waits for ``idle``.
+    inflight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait (bounded) until no call runs on this version; False when some still do."""
+        if self.inflight == 0:
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.idle.wait()
+        return self.inflight == 0
 
 
 @dataclass(eq=False)
@@ -88,6 +116,13 @@ class ModelEntry:
     alternates: dict[tuple[str, str], ModelVersion] = field(default_factory=dict)
     #: Loaded versions that failed their last health probe, with the reason.
     unhealthy: dict[str, str] = field(default_factory=dict)
+    #: The serving pointer and history (kept across reloads of the model).
+    state: ModelState = field(default_factory=lambda: ModelState(None))
+
+    @property
+    def serving_version(self) -> str:
+        """The version calls without a version get, while it is loaded and healthy."""
+        return self.state.pointer.serving
 
     @property
     def ready(self) -> bool:
@@ -104,7 +139,10 @@ class ModelEntry:
         )
 
     def default_version(self, *, healthy: bool = True) -> ModelVersion:
+        """The serving version; while it is not loaded or unhealthy, the highest usable."""
         usable = [v for v in self.versions if not (healthy and v in self.unhealthy)]
+        if self.serving_version in usable:
+            return self.versions[self.serving_version]
         return self.versions[max(usable, key=int)]
 
 
@@ -116,6 +154,8 @@ class IndexEntry:
     reason: str
     #: The loaded version behind the row (None when it failed to load or is unloaded).
     loaded: ModelVersion | None = None
+    #: This version answers calls that name no version.
+    serving: bool = False
 
 
 class InferenceService:
@@ -139,6 +179,8 @@ class InferenceService:
         self._clock = clock
         self._breaker_store = open_breaker_store(settings.breaker)
         self._models: dict[str, ModelEntry] = {}
+        self._states: dict[str, ModelState] = {}
+        self._state_root = state_root(settings, repository)
         self._listeners: list[ReadinessListener] = []
         self._background: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
@@ -166,15 +208,23 @@ class InferenceService:
                 log.error("model %s failed to load: %s", name, exc.message)
         self.started = True
 
-    async def load(self, name: str) -> None:
-        """(Re)load a model from the repository: every version its policy selects."""
+    async def load(self, name: str, *, who: str = "sluice", reason: str = "") -> None:
+        """(Re)load a model from the repository: every version its policy selects. Loads
+        asked for by a caller (not the start-up load) go to the model's history."""
+        await self._load(name)
+        if who != "sluice":
+            self._models[name].state.record(
+                "load", from_version="", to_version="", who=who, reason=reason or "reload"
+            )
+
+    async def _load(self, name: str) -> None:
         async with self._lock:
             model_dir = self._repository / name
             if not self._in_repository(name):
                 raise ModelNotFoundError(
                     f"model '{name}' is not in the repository {self._repository}"
                 )
-            entry = ModelEntry(name)
+            entry = ModelEntry(name, state=self._state(name))
             try:
                 config = read_config(model_dir)
                 entry.fallbacks = tuple(config.fallbacks)
@@ -193,6 +243,7 @@ class InferenceService:
             for target in config.fallbacks:
                 if target.backend and target.model in ("", name):
                     await self._load_alternates(entry, target, config)
+            self._choose_serving(entry)
             await self._replace(name, entry)
             if not entry.versions:
                 raise ConfigError(
@@ -200,13 +251,187 @@ class InferenceService:
                     + "; ".join(f"{v}: {why}" for v, why in entry.failures.items())
                 )
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, *, who: str = "sluice", reason: str = "") -> None:
+        """Unload the whole model once its in-flight calls finish (bounded)."""
         async with self._lock:
             if name not in self._models:
                 raise ModelNotFoundError(f"model '{name}' is not loaded")
             old = self._models.pop(name)
             await self._notify(name, False)
             await self._close_entry(old)
+            if who != "sluice":
+                old.state.record(
+                    "unload", from_version="", to_version="", who=who, reason=reason or "unload"
+                )
+
+    # -- versions while traffic flows -------------------------------------------------
+
+    async def load_version(self, name: str, version: str, *, who: str, reason: str) -> None:
+        """Load one more version of a loaded model beside the serving one: warmed up with a
+        real inference before it may serve. A failure leaves what serves untouched."""
+        async with self._lock:
+            entry = self._loaded_entry(name)
+            if version in entry.versions:
+                return
+            if not (self._repository / name / version).is_dir() or not version.isdigit():
+                raise ModelNotFoundError(
+                    f"model '{name}' has no version folder '{version}' in {self._repository}"
+                )
+            try:
+                config = read_config(self._repository / name)
+                loaded = await self._load_version(name, version, config)
+                await self._warm_up(loaded)
+            except SluiceError as exc:
+                entry.failures[version] = exc.message
+                entry.state.record(
+                    "load_failed", from_version="", to_version=version, who=who, reason=exc.message
+                )
+                raise
+            entry.failures.pop(version, None)
+            entry.versions[version] = loaded
+            entry.state.record("load", from_version="", to_version=version, who=who, reason=reason)
+            await self._notify(name, entry.serving)
+
+    async def unload_version(self, name: str, version: str, *, who: str, reason: str) -> None:
+        """Take a version out of service, wait for its in-flight calls, release it."""
+        async with self._lock:
+            entry = self._loaded_entry(name)
+            loaded = entry.versions.get(version)
+            if loaded is None:
+                raise ModelNotFoundError(f"model '{name}' has no loaded version '{version}'")
+            if version == entry.default_version(healthy=False).spec.version:
+                raise ConfigError(
+                    f"model '{name}' version {version} is the serving version: promote another "
+                    "version first, or unload the whole model"
+                )
+            del entry.versions[version]
+            entry.unhealthy.pop(version, None)
+            await self._close_version(loaded)
+            entry.state.record(
+                "unload", from_version=version, to_version="", who=who, reason=reason
+            )
+            await self._notify(name, entry.serving)
+
+    async def promote(self, name: str, version: str, *, who: str, reason: str) -> tuple[str, str]:
+        """Make a loaded, healthy version the serving one: (from, to). Calls that already
+        chose a version finish on it; every later call gets the new one."""
+        async with self._lock:
+            entry = self._loaded_entry(name)
+            self._check_servable(entry, version)
+            before = entry.default_version(healthy=False).spec.version
+            entry.state.record(
+                "promote", from_version=before, to_version=version, who=who, reason=reason
+            )
+            log.info("model %s: version %s promoted (was %s) by %s", name, version, before, who)
+            return before, version
+
+    async def rollback(self, name: str, *, who: str, reason: str) -> tuple[str, str]:
+        """Return to the version that served before the last promote: (from, to)."""
+        async with self._lock:
+            entry = self._loaded_entry(name)
+            previous = entry.state.pointer.previous
+            if not previous:
+                raise ConfigError(f"model '{name}' has no earlier serving version to roll back to")
+            target = previous[-1]
+            self._check_servable(entry, target)
+            before = entry.default_version(healthy=False).spec.version
+            entry.state.record(
+                "rollback", from_version=before, to_version=target, who=who, reason=reason
+            )
+            log.info("model %s: rolled back from %s to %s by %s", name, before, target, who)
+            return before, target
+
+    def history(self, name: str) -> list[Change]:
+        if not self._in_repository(name):
+            raise ModelNotFoundError(f"model '{name}' is not in the repository {self._repository}")
+        return self._state(name).history
+
+    async def rescan(self, *, who: str) -> tuple[list[str], list[str]]:
+        """Load new models and new version folders (beside the serving ones; nothing is
+        promoted): what loaded and what failed ("model/version: why")."""
+        loaded: list[str] = []
+        failed: list[str] = []
+        for name in list_models(self._repository):
+            if name not in self._models:
+                try:
+                    await self.load(name)
+                    loaded += [f"{name}/{v}" for v in self._models[name].versions]
+                except SluiceError as exc:
+                    failed.append(f"{name}: {exc.message}")
+                continue
+            config = read_config(self._repository / name)
+            wanted = list_versions(self._repository / name, config.version_policy)
+            for version in [v for v in wanted if v not in self._models[name].versions]:
+                try:
+                    await self.load_version(name, version, who=who, reason="repository rescan")
+                    loaded.append(f"{name}/{version}")
+                except SluiceError as exc:
+                    failed.append(f"{name}/{version}: {exc.message}")
+        return loaded, failed
+
+    def _loaded_entry(self, name: str) -> ModelEntry:
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"model '{name}' is not loaded")
+        return entry
+
+    def _check_servable(self, entry: ModelEntry, version: str) -> None:
+        loaded = entry.versions.get(version)
+        if loaded is None:
+            raise ModelNotFoundError(
+                f"model '{entry.name}' has no loaded version '{version}'; load it first"
+            )
+        if version in entry.unhealthy or loaded.breaker.is_open():
+            raise ModelNotReadyError(
+                f"model '{entry.name}' version {version} is not healthy: "
+                f"{entry.unhealthy.get(version, 'its circuit breaker is open')}"
+            )
+
+    def _choose_serving(self, entry: ModelEntry) -> None:
+        """The first time a model loads, its highest version becomes the serving one."""
+        pointer = entry.state.pointer
+        if not entry.versions or pointer.serving in entry.versions:
+            return
+        if pointer.serving:
+            log.warning(
+                "model %s: serving version %s is not loaded; the highest loaded version serves "
+                "meanwhile",
+                entry.name,
+                pointer.serving,
+            )
+            return
+        first = max(entry.versions, key=int)
+        entry.state.record(
+            "promote", from_version="", to_version=first, who="sluice", reason="first load"
+        )
+
+    def _state(self, name: str) -> ModelState:
+        state = self._states.get(name)
+        if state is None:
+            directory = None if self._state_root is None else self._state_root / name
+            try:
+                state = ModelState.open(directory)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"model '{name}': its state in {directory} is unreadable: {exc}"
+                ) from exc
+            self._states[name] = state
+        return state
+
+    async def _warm_up(self, loaded: ModelVersion) -> None:
+        """A real test inference before the version may serve."""
+        inputs = loaded.executor.probe_inputs() or probe_inputs(loaded.spec.io)
+        timeout_s = self._settings.lifecycle.warm_up_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await loaded.batcher.infer(inputs, deadline=self._clock() + timeout_s)
+        except (TimeoutError, SluiceError) as exc:
+            await self._close_version(loaded)
+            why = exc.message if isinstance(exc, SluiceError) else f"no answer in {timeout_s}s"
+            raise ConfigError(
+                f"model '{loaded.spec.name}' version {loaded.spec.version} failed its warm-up "
+                f"inference: {why}"
+            ) from exc
 
     async def close(self) -> None:
         """Unload everything (the last step of a drain)."""
@@ -222,9 +447,24 @@ class InferenceService:
 
     async def _close_entry(self, entry: ModelEntry) -> None:
         for version in (*entry.versions.values(), *entry.alternates.values()):
-            await version.batcher.close()
-            await version.executor.close()
-            self._metrics.model_ready.labels(entry.name, version.spec.version).set(0)
+            await self._close_version(version)
+
+    async def _close_version(self, version: ModelVersion) -> None:
+        """Release a version taken out of service, once its in-flight calls finish (bounded
+        by ``lifecycle.unload_timeout_s``)."""
+        spec = version.spec
+        if not await version.wait_idle(self._settings.lifecycle.unload_timeout_s):
+            log.warning(
+                "model %s version %s: %d calls still running after %.0fs; releasing it anyway",
+                spec.name,
+                spec.version,
+                version.inflight,
+                self._settings.lifecycle.unload_timeout_s,
+            )
+        await version.batcher.close()
+        await version.executor.close()
+        self._metrics.model_ready.labels(spec.name, spec.version).set(0)
+        release_memory()
 
     def _refresh_soon(self, name: str) -> None:
         """A breaker changed state (synchronously, inside a call): update health after it."""
@@ -595,17 +835,17 @@ class InferenceService:
             if entry is None:
                 rows.append(IndexEntry(name, "", UNAVAILABLE, "unloaded"))
                 continue
+            serving = entry.default_version(healthy=False).spec.version if entry.versions else ""
             for version in sorted(entry.versions, key=int):
                 why = entry.unhealthy.get(version)
                 rows.append(
-                    IndexEntry(name, version, READY, "", entry.versions[version])
-                    if why is None
-                    else IndexEntry(
+                    IndexEntry(
                         name,
                         version,
-                        UNAVAILABLE,
-                        f"failed its health probe: {why}",
+                        READY if why is None else UNAVAILABLE,
+                        "" if why is None else f"failed its health probe: {why}",
                         entry.versions[version],
+                        serving=version == serving,
                     )
                 )
             for version, why in sorted(entry.failures.items()):
@@ -650,6 +890,7 @@ class InferenceService:
         inputs = decode_inputs(request, io)
         wanted = check_requested_outputs(request, io)
         started = self._clock()
+        model.enter()
         try:
             if model.generator is not None:
                 with model.breaker.calling():
@@ -664,6 +905,8 @@ class InferenceService:
         except BaseException:
             model.stats.record_end(ok=False, seconds=self._clock() - started)
             raise
+        finally:
+            model.leave()
         model.stats.record_end(ok=True, seconds=self._clock() - started)
         datatypes = {spec.name: spec.datatype for spec in io.outputs}
         return InferResult(
@@ -673,3 +916,22 @@ class InferenceService:
             id=request.id,
             outputs=[OutputTensor(name, datatypes[name], outputs[name]) for name in wanted],
         )
+
+
+def state_root(settings: Settings, repository: Path) -> Path | None:
+    """Where serving pointers and histories live: the configured directory, else
+    ``.sluice/`` in a configured model repository; the bundled examples keep them in memory
+    (the package's folder is no place for run-time state)."""
+    if settings.lifecycle.state_dir is not None:
+        return settings.lifecycle.state_dir
+    if repository.resolve() == EXAMPLE_REPOSITORY.resolve():
+        return None
+    return repository / STATE_FOLDER
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system after an unload (glibc keeps freed arenas
+    otherwise, and the process would never shrink back)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

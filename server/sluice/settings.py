@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -168,6 +168,28 @@ class TracingSettings(_Section):
     """At shutdown, the longest wait for queued spans to reach the collector."""
 
 
+class LifecycleSettings(_Section):
+    """Versions, promote / rollback and their history."""
+
+    state_dir: Path | None = None
+    """Where each model's serving pointer and history live (None: ``.sluice/`` inside the
+    model repository when one is configured; the bundled examples keep them in memory)."""
+    unload_timeout_s: float = Field(30.0, ge=0)
+    """Longest an unload waits for the version's in-flight calls before releasing it."""
+    warm_up_timeout_s: float = Field(60.0, gt=0)
+    """A newly loaded version must answer a real test inference within this to serve."""
+
+
+class AdminSettings(_Section):
+    """Who may change what is served (load, unload, promote, rollback, rescan, shadowing)."""
+
+    token: SecretStr | None = None
+    """The admin credential, sent as ``authorization: Bearer <token>``; None: admin calls
+    are served only to callers on the loopback interface."""
+    name: str = "admin"
+    """Who the history records for calls carrying the token."""
+
+
 class Settings(BaseSettings):
     """Root of the configuration."""
 
@@ -210,6 +232,8 @@ class Settings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     tracing: TracingSettings = TracingSettings()
     generation: GenerationSettings = GenerationSettings()
+    lifecycle: LifecycleSettings = LifecycleSettings()
+    admin: AdminSettings = AdminSettings()
     required_models: list[str] = []
     """Models that must all be able to infer for the server to be ready (empty: any one)."""
     retry: RetrySettings = RetrySettings()

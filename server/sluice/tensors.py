@@ -196,3 +196,20 @@ def _decode(tensor: InputTensor) -> Array:
             f"input '{tensor.name}' has values that do not fit {tensor.datatype}: {exc}"
         ) from exc
     return array.reshape(tensor.shape)
+
+
+def probe_inputs(io: IOSpec) -> dict[str, Array]:
+    """Inputs for a test inference: zeros (empty BYTES), one row, variable dimensions of 1;
+    optional inputs left out."""
+    inputs: dict[str, Array] = {}
+    for spec in io.inputs:
+        if spec.optional:
+            continue
+        shape = tuple(1 if dim < 0 else dim for dim in spec.shape(io.batched))
+        if spec.datatype == "BYTES":
+            array = np.empty(shape, dtype=object)
+            array.fill(b"")
+        else:
+            array = np.zeros(shape, dtype=DATATYPES[spec.datatype].numpy)
+        inputs[spec.name] = array
+    return inputs

@@ -24,6 +24,7 @@ from sluice_client.results import (
     BatchStats,
     DurationStat,
     GenerateChunk,
+    HistoryEntry,
     InferenceStats,
     InferResult,
     ModelMetadata,
@@ -160,24 +161,6 @@ def models() -> Call[pb.RepositoryIndexResponse, list[RepositoryModel]]:
     )
 
 
-def load_model(name: str) -> Call[pb.RepositoryModelLoadResponse, None]:
-    return Call(
-        _inference("RepositoryModelLoad"),
-        pb.RepositoryModelLoadRequest(model_name=name),
-        pb.RepositoryModelLoadResponse.FromString,
-        lambda r: None,
-    )
-
-
-def unload_model(name: str) -> Call[pb.RepositoryModelUnloadResponse, None]:
-    return Call(
-        _inference("RepositoryModelUnload"),
-        pb.RepositoryModelUnloadRequest(model_name=name),
-        pb.RepositoryModelUnloadResponse.FromString,
-        lambda r: None,
-    )
-
-
 def statistics(name: str, version: str) -> Call[pb.ModelStatisticsResponse, list[ModelStatistics]]:
     return Call(
         _inference("ModelStatistics"),
@@ -267,6 +250,7 @@ def _model_version_status(m: model_pb.ModelVersionStatus) -> ModelVersionStatus:
         device=m.device,
         breaker_state=_enum_name(m.breaker_state, model_pb.BreakerState, "BREAKER_STATE_"),
         fallbacks=list(m.fallbacks),
+        serving=m.serving,
     )
 
 
@@ -351,4 +335,80 @@ def _infer_result(r: pb.ModelInferResponse) -> InferResult:
             for t, data in zip(r.outputs, raw, strict=True)
         },
         datatypes={t.name: t.datatype for t in r.outputs},
+    )
+
+
+def _admin(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def load_model(
+    model: str, version: str, reason: str, token: str | None
+) -> Call[model_pb.LoadModelResponse, list[str]]:
+    return Call(
+        f"/{MODEL_SERVICE}/LoadModel",
+        model_pb.LoadModelRequest(model_name=model, version=version, reason=reason),
+        model_pb.LoadModelResponse.FromString,
+        lambda r: list(r.versions),
+        _admin(token),
+    )
+
+
+def unload_model(
+    model: str, version: str, reason: str, token: str | None
+) -> Call[model_pb.UnloadModelResponse, None]:
+    return Call(
+        f"/{MODEL_SERVICE}/UnloadModel",
+        model_pb.UnloadModelRequest(model_name=model, version=version, reason=reason),
+        model_pb.UnloadModelResponse.FromString,
+        lambda r: None,
+        _admin(token),
+    )
+
+
+def promote(
+    model: str, version: str, reason: str, token: str | None
+) -> Call[model_pb.PromoteModelResponse, tuple[str, str]]:
+    return Call(
+        f"/{MODEL_SERVICE}/PromoteModel",
+        model_pb.PromoteModelRequest(model_name=model, version=version, reason=reason),
+        model_pb.PromoteModelResponse.FromString,
+        lambda r: (r.from_version, r.to_version),
+        _admin(token),
+    )
+
+
+def rollback(
+    model: str, reason: str, token: str | None
+) -> Call[model_pb.RollbackModelResponse, tuple[str, str]]:
+    return Call(
+        f"/{MODEL_SERVICE}/RollbackModel",
+        model_pb.RollbackModelRequest(model_name=model, reason=reason),
+        model_pb.RollbackModelResponse.FromString,
+        lambda r: (r.from_version, r.to_version),
+        _admin(token),
+    )
+
+
+def history(model: str) -> Call[model_pb.GetModelHistoryResponse, list[HistoryEntry]]:
+    return Call(
+        f"/{MODEL_SERVICE}/GetModelHistory",
+        model_pb.GetModelHistoryRequest(model_name=model),
+        model_pb.GetModelHistoryResponse.FromString,
+        lambda r: [
+            HistoryEntry(e.time, e.action, e.from_version, e.to_version, e.who, e.reason)
+            for e in r.entries
+        ],
+    )
+
+
+def rescan(
+    token: str | None,
+) -> Call[model_pb.RescanRepositoryResponse, tuple[list[str], list[str]]]:
+    return Call(
+        f"/{MODEL_SERVICE}/RescanRepository",
+        model_pb.RescanRepositoryRequest(),
+        model_pb.RescanRepositoryResponse.FromString,
+        lambda r: (list(r.loaded), list(r.failed)),
+        _admin(token),
     )

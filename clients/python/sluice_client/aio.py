@@ -22,6 +22,7 @@ from sluice_client.errors import from_rpc_error
 from sluice_client.results import (
     GenerateChunk,
     GenerateResult,
+    HistoryEntry,
     InferResult,
     ModelMetadata,
     ModelStatistics,
@@ -45,6 +46,7 @@ class AsyncClient:
         timeout_s: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry: RetryPolicy | None = None,
+        admin_token: str | None = None,
     ) -> None:
         self._owns_channel = isinstance(target, str)
         self._channel = (
@@ -55,6 +57,7 @@ class AsyncClient:
             else target
         )
         self._timeout_s = timeout_s
+        self._admin_token = admin_token
 
     async def close(self) -> None:
         """Close the channel the client opened (a channel passed in is left open)."""
@@ -135,12 +138,6 @@ class AsyncClient:
     async def models(self, *, timeout_s: float | None = None) -> list[RepositoryModel]:
         return await self._send(_calls.models(), timeout_s)
 
-    async def load_model(self, name: str, *, timeout_s: float | None = None) -> None:
-        await self._send(_calls.load_model(name), timeout_s)
-
-    async def unload_model(self, name: str, *, timeout_s: float | None = None) -> None:
-        await self._send(_calls.unload_model(name), timeout_s)
-
     async def statistics(
         self, name: str = "", version: str = "", *, timeout_s: float | None = None
     ) -> list[ModelStatistics]:
@@ -158,6 +155,46 @@ class AsyncClient:
     ) -> InferResult:
         call = _calls.infer(model, inputs, outputs=outputs, version=version, request_id=request_id)
         return await self._send(call, timeout_s)
+
+    # -- model lifecycle (admin operations carry ``admin_token`` when one was given) ----
+
+    async def load_model(
+        self, model: str, *, version: str = "", reason: str = "", timeout_s: float | None = None
+    ) -> list[str]:
+        """Load a model (or one more version beside the serving one); the loaded versions."""
+        return await self._send(
+            _calls.load_model(model, version, reason, self._admin_token), timeout_s
+        )
+
+    async def unload_model(
+        self, model: str, *, version: str = "", reason: str = "", timeout_s: float | None = None
+    ) -> None:
+        """Unload a version (or the whole model) once its in-flight calls finish."""
+        return await self._send(
+            _calls.unload_model(model, version, reason, self._admin_token), timeout_s
+        )
+
+    async def promote(
+        self, model: str, version: str, *, reason: str = "", timeout_s: float | None = None
+    ) -> tuple[str, str]:
+        """Make ``version`` the serving one: (from, to)."""
+        return await self._send(
+            _calls.promote(model, version, reason, self._admin_token), timeout_s
+        )
+
+    async def rollback(
+        self, model: str, *, reason: str = "", timeout_s: float | None = None
+    ) -> tuple[str, str]:
+        """Return to the version that served before the last promote: (from, to)."""
+        return await self._send(_calls.rollback(model, reason, self._admin_token), timeout_s)
+
+    async def rescan(self, *, timeout_s: float | None = None) -> tuple[list[str], list[str]]:
+        """Load new models and version folders beside what serves: (loaded, failed)."""
+        return await self._send(_calls.rescan(self._admin_token), timeout_s)
+
+    async def history(self, model: str, *, timeout_s: float | None = None) -> list[HistoryEntry]:
+        """The model's append-only history of changes, oldest first."""
+        return await self._send(_calls.history(model), timeout_s)
 
     async def list_models(self, *, timeout_s: float | None = None) -> list[ModelVersionStatus]:
         return await self._send(_calls.list_models(), timeout_s)

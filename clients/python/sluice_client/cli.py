@@ -40,7 +40,18 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     health.add_argument("--model", help="a model's health instead of the server's")
     health.set_defaults(run=_with_client(_health))
 
-    models = sub.add_parser("models", parents=[common], help="list the model repository")
+    models = sub.add_parser(
+        "models",
+        parents=[common],
+        help="list the model repository, or change what a model serves",
+        description="sluice models [list] | history NAME | load NAME [VERSION] | "
+        "unload NAME [VERSION] | promote NAME VERSION | rollback NAME",
+    )
+    models.add_argument("action", nargs="?", default="list", choices=sorted(_MODEL_ACTIONS))
+    models.add_argument("name", nargs="?", help="the model")
+    models.add_argument("version", nargs="?", default="", help="the version")
+    models.add_argument("--reason", default="", help="recorded in the model's history")
+    models.add_argument("--admin-token", help="admin credential for changes (SLUICE_ADMIN_TOKEN)")
     models.set_defaults(run=_with_client(_models))
 
     infer = sub.add_parser("infer", parents=[common], help="run one inference")
@@ -73,7 +84,8 @@ def _with_client(action: Action) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         url = args.url or os.environ.get("SLUICE_URL") or DEFAULT_TARGET
         try:
-            with Client(url, timeout_s=args.timeout_s) as client:
+            admin_token = getattr(args, "admin_token", None) or os.environ.get("SLUICE_ADMIN_TOKEN")
+            with Client(url, timeout_s=args.timeout_s, admin_token=admin_token) as client:
                 return action(client, args)
         except (SluiceClientError, OSError, ValueError) as exc:
             print(f"sluice {args.command}: {exc}", file=sys.stderr)
@@ -101,8 +113,46 @@ def _health(client: Client, args: argparse.Namespace) -> int:
 
 
 def _models(client: Client, args: argparse.Namespace) -> int:
-    print(_table(client.models()))
+    if args.action == "list":
+        print(_table(client.models()))
+        return 0
+    if not args.name or (args.action == "promote" and not args.version):
+        print(f"sluice models {args.action}: name the model (and the version)", file=sys.stderr)
+        return 2
+    print(_MODEL_ACTIONS[args.action](client, args))
     return 0
+
+
+def _history(client: Client, args: argparse.Namespace) -> str:
+    rows = [("TIME", "ACTION", "FROM", "TO", "WHO", "REASON")]
+    rows += [
+        (e.time, e.action, e.from_version or "-", e.to_version or "-", e.who, e.reason)
+        for e in client.history(args.name)
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join(
+        "  ".join(f"{cell:<{w}}" for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5]
+        for row in rows
+    ).rstrip()
+
+
+def _unload(client: Client, args: argparse.Namespace) -> str:
+    client.unload_model(args.name, version=args.version, reason=args.reason)
+    return f"unloaded {args.name}" + (f" version {args.version}" if args.version else "")
+
+
+_MODEL_ACTIONS: dict[str, Callable[[Client, argparse.Namespace], str]] = {
+    "list": lambda client, args: "",
+    "history": _history,
+    "load": lambda c, a: (
+        "loaded versions: " + ", ".join(c.load_model(a.name, version=a.version, reason=a.reason))
+    ),
+    "unload": _unload,
+    "promote": lambda c, a: "serving: {} -> {}".format(
+        *c.promote(a.name, a.version, reason=a.reason)
+    ),
+    "rollback": lambda c, a: "serving: {} -> {}".format(*c.rollback(a.name, reason=a.reason)),
+}
 
 
 def _table(rows: list[RepositoryModel]) -> str:

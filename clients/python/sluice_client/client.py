@@ -22,6 +22,7 @@ from sluice_client.errors import from_rpc_error
 from sluice_client.results import (
     GenerateChunk,
     GenerateResult,
+    HistoryEntry,
     InferResult,
     ModelMetadata,
     ModelStatistics,
@@ -50,6 +51,7 @@ class Client:
         timeout_s: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry: RetryPolicy | None = None,
+        admin_token: str | None = None,
     ) -> None:
         self._owns_channel = isinstance(target, str)
         self._channel = (
@@ -60,6 +62,7 @@ class Client:
             else target
         )
         self._timeout_s = timeout_s
+        self._admin_token = admin_token
 
     def close(self) -> None:
         """Close the channel the client opened (a channel passed in is left open)."""
@@ -144,13 +147,6 @@ class Client:
         """Every model in the server's repository, one row per version, with its state."""
         return self._send(_calls.models(), timeout_s)
 
-    def load_model(self, name: str, *, timeout_s: float | None = None) -> None:
-        """Load (or reload) a model from the server's repository."""
-        self._send(_calls.load_model(name), timeout_s)
-
-    def unload_model(self, name: str, *, timeout_s: float | None = None) -> None:
-        self._send(_calls.unload_model(name), timeout_s)
-
     def statistics(
         self, name: str = "", version: str = "", *, timeout_s: float | None = None
     ) -> list[ModelStatistics]:
@@ -172,6 +168,40 @@ class Client:
         ``request_id`` is echoed back and names the call in the server's logs."""
         call = _calls.infer(model, inputs, outputs=outputs, version=version, request_id=request_id)
         return self._send(call, timeout_s)
+
+    # -- model lifecycle (admin operations carry ``admin_token`` when one was given) ----
+
+    def load_model(
+        self, model: str, *, version: str = "", reason: str = "", timeout_s: float | None = None
+    ) -> list[str]:
+        """Load a model (or one more version beside the serving one); the loaded versions."""
+        return self._send(_calls.load_model(model, version, reason, self._admin_token), timeout_s)
+
+    def unload_model(
+        self, model: str, *, version: str = "", reason: str = "", timeout_s: float | None = None
+    ) -> None:
+        """Unload a version (or the whole model) once its in-flight calls finish."""
+        return self._send(_calls.unload_model(model, version, reason, self._admin_token), timeout_s)
+
+    def promote(
+        self, model: str, version: str, *, reason: str = "", timeout_s: float | None = None
+    ) -> tuple[str, str]:
+        """Make ``version`` the serving one: (from, to)."""
+        return self._send(_calls.promote(model, version, reason, self._admin_token), timeout_s)
+
+    def rollback(
+        self, model: str, *, reason: str = "", timeout_s: float | None = None
+    ) -> tuple[str, str]:
+        """Return to the version that served before the last promote: (from, to)."""
+        return self._send(_calls.rollback(model, reason, self._admin_token), timeout_s)
+
+    def rescan(self, *, timeout_s: float | None = None) -> tuple[list[str], list[str]]:
+        """Load new models and version folders beside what serves: (loaded, failed)."""
+        return self._send(_calls.rescan(self._admin_token), timeout_s)
+
+    def history(self, model: str, *, timeout_s: float | None = None) -> list[HistoryEntry]:
+        """The model's append-only history of changes, oldest first."""
+        return self._send(_calls.history(model), timeout_s)
 
     def list_models(self, *, timeout_s: float | None = None) -> list[ModelVersionStatus]:
         """Every model version with its backend, device and breaker state

@@ -114,6 +114,8 @@ class ModelVersionStatus:
     breaker_state: str
     #: Where calls go when it fails, in order ("model" or "model/version").
     fallbacks: list[str]
+    #: This version answers calls that name no version.
+    serving: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,3 +171,16 @@ class GenerateResult:
             model=last.model if last else "",
             version=last.version if last else "",
         )
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One change to what a model serves (sluice.v1.ModelService/GetModelHistory)."""
+
+    time: str
+    #: load, unload, promote, rollback, load_failed.
+    action: str
+    from_version: str
+    to_version: str
+    who: str
+    reason: str

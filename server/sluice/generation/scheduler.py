@@ -359,6 +359,7 @@ class ContinuousBatcher:
         self._retire()
         if joining:
             self._prefill(joining)
+            self.stats.running = len(self._running)
             self._flush()  # first tokens go out now, not after the others' decode
         active = [
             s for s in self._running if s not in joining and s.cache is not None and self._ready(s)

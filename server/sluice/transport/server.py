@@ -19,6 +19,7 @@ from sluice.prober import HealthProber
 from sluice.routing import Router
 from sluice.service import InferenceService
 from sluice.settings import Settings
+from sluice.shadow import Shadower
 from sluice.tracing import Tracing
 from sluice.transport import interceptors
 from sluice.transport.health import HealthServicer
@@ -59,6 +60,7 @@ class SluiceServer:
     admission: AdmissionController
     servicer: InferenceServicer
     prober: HealthProber
+    shadow: Shadower
 
     async def mark_started(self) -> None:
         """After the start-up load: overall health follows whether anything can serve."""
@@ -89,6 +91,7 @@ class SluiceServer:
         self.health.end_watches()
         await self.grpc_server.stop(max(give_up_at - loop.time(), 0.0))
         log.info("calls and streams finished; unloading models")
+        await self.shadow.close()
         await self.service.close()
         log.info("drained")
 
@@ -105,7 +108,8 @@ async def create_server(
     tracing = tracing or Tracing.off()
     admission = AdmissionController(settings.admission, metrics)
     deadlines = DeadlinePolicy(settings.deadline, clock)
-    router = Router(service, settings, metrics=metrics, clock=clock, tracing=tracing)
+    shadow = Shadower(service, settings.shadow, metrics=metrics, clock=clock)
+    router = Router(service, settings, metrics=metrics, clock=clock, tracing=tracing, shadow=shadow)
     server = grpc.aio.server(
         interceptors=interceptors.build(
             settings=settings,
@@ -129,7 +133,7 @@ async def create_server(
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     models_pb_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        ModelServicer(service, service.capabilities), server
+        ModelServicer(service, service.capabilities, shadow=shadow), server
     )
     gen_pb_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
         GenerationServicer(
@@ -163,4 +167,4 @@ async def create_server(
     await server.start()
     log.info("gRPC listening on %s:%d", settings.host, port)
     prober = HealthProber(service, settings.probe, clock)
-    return SluiceServer(server, port, service, health_servicer, admission, servicer, prober)
+    return SluiceServer(server, port, service, health_servicer, admission, servicer, prober, shadow)

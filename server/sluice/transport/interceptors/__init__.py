@@ -14,6 +14,7 @@ from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.interceptors._wrap import Chain
 from sluice.transport.interceptors.admission import AdmissionInterceptor
+from sluice.transport.interceptors.auth import AuthInterceptor
 from sluice.transport.interceptors.breaker import BreakerInterceptor
 from sluice.transport.interceptors.deadline import DeadlineInterceptor
 from sluice.transport.interceptors.errors import ErrorInterceptor
@@ -37,6 +38,7 @@ def build(
             [
                 TelemetryInterceptor(metrics, service, clock=clock, tracing=tracing),
                 ErrorInterceptor(),
+                AuthInterceptor(settings.admin),
                 DeadlineInterceptor(deadlines, metrics),
                 AdmissionInterceptor(
                     admission, tenant_key=settings.admission.tenant_metadata_key, tracing=tracing

@@ -135,11 +135,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"Sluice loads '{request.model_name}' only from its repository's files; "
                 "change them there and load again"
             )
-        await self._service.load(request.model_name)
+        await self._service.load(
+            request.model_name, who=callctx.caller.get(), reason="RepositoryModelLoad"
+        )
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._service.unload(request.model_name)
+        await self._service.unload(
+            request.model_name, who=callctx.caller.get(), reason="RepositoryModelUnload"
+        )
         return pb.RepositoryModelUnloadResponse()

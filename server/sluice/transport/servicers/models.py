@@ -8,6 +8,8 @@ import grpc
 
 from sluice.executors.capabilities import Capabilities
 from sluice.service import READY, IndexEntry, InferenceService
+from sluice.shadow import Shadower, ShadowReport
+from sluice.transport import callctx
 from sluice_api.sluice.v1 import model_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2_grpc as pb_grpc
 
@@ -27,6 +29,7 @@ def _status(row: IndexEntry, fallbacks: list[str]) -> pb.ModelVersionStatus:
         state=pb.MODEL_STATE_READY if row.state == READY else pb.MODEL_STATE_UNAVAILABLE,
         reason=row.reason,
         fallbacks=fallbacks,
+        serving=row.serving,
     )
     if row.loaded is not None:
         spec = row.loaded.spec
@@ -40,10 +43,29 @@ def _status(row: IndexEntry, fallbacks: list[str]) -> pb.ModelVersionStatus:
     return status
 
 
+def _shadow_report(report: ShadowReport) -> pb.ShadowReport:
+    return pb.ShadowReport(
+        model_name=report.model,
+        shadow_target=report.target,
+        sample_fraction=report.fraction,
+        mirrored=report.mirrored,
+        compared=report.compared,
+        failed=report.failed,
+        skipped=report.skipped,
+        max_abs_diff=report.max_abs_diff,
+        max_rel_diff=report.max_rel_diff,
+        exact_match_rate=report.exact_match_rate,
+        token_agreement=report.token_agreement,
+    )
+
+
 class ModelServicer(pb_grpc.ModelServiceServicer):
-    def __init__(self, service: InferenceService, capabilities: Capabilities) -> None:
+    def __init__(
+        self, service: InferenceService, capabilities: Capabilities, *, shadow: Shadower
+    ) -> None:
         self._service = service
         self._capabilities = capabilities
+        self._shadow = shadow
 
     async def GetCapabilities(
         self, request: pb.GetCapabilitiesRequest, context: Context
@@ -74,3 +96,88 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             ]
             rows.append(_status(row, fallbacks))
         return pb.ListModelsResponse(models=rows)
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: Context
+    ) -> pb.LoadModelResponse:
+        who, name = callctx.caller.get(), request.model_name
+        if request.version:
+            await self._service.load_version(name, request.version, who=who, reason=request.reason)
+        else:
+            await self._service.load(name, who=who, reason=request.reason)
+        rows = [row for row in self._service.index() if row.name == name and row.loaded]
+        return pb.LoadModelResponse(
+            model_name=name,
+            versions=[row.version for row in rows],
+            serving_version=next((row.version for row in rows if row.serving), ""),
+        )
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: Context
+    ) -> pb.UnloadModelResponse:
+        who, name = callctx.caller.get(), request.model_name
+        if request.version:
+            await self._service.unload_version(
+                name, request.version, who=who, reason=request.reason
+            )
+        else:
+            await self._service.unload(name, who=who, reason=request.reason)
+        return pb.UnloadModelResponse()
+
+    async def PromoteModel(
+        self, request: pb.PromoteModelRequest, context: Context
+    ) -> pb.PromoteModelResponse:
+        before, after = await self._service.promote(
+            request.model_name, request.version, who=callctx.caller.get(), reason=request.reason
+        )
+        return pb.PromoteModelResponse(
+            model_name=request.model_name, from_version=before, to_version=after
+        )
+
+    async def RollbackModel(
+        self, request: pb.RollbackModelRequest, context: Context
+    ) -> pb.RollbackModelResponse:
+        before, after = await self._service.rollback(
+            request.model_name, who=callctx.caller.get(), reason=request.reason
+        )
+        return pb.RollbackModelResponse(
+            model_name=request.model_name, from_version=before, to_version=after
+        )
+
+    async def GetModelHistory(
+        self, request: pb.GetModelHistoryRequest, context: Context
+    ) -> pb.GetModelHistoryResponse:
+        changes = self._service.history(request.model_name)
+        return pb.GetModelHistoryResponse(
+            entries=[
+                pb.HistoryEntry(
+                    time=c.time,
+                    action=c.action,
+                    from_version=c.from_version,
+                    to_version=c.to_version,
+                    who=c.who,
+                    reason=c.reason,
+                )
+                for c in changes
+            ]
+        )
+
+    async def RescanRepository(
+        self, request: pb.RescanRepositoryRequest, context: Context
+    ) -> pb.RescanRepositoryResponse:
+        loaded, failed = await self._service.rescan(who=callctx.caller.get())
+        return pb.RescanRepositoryResponse(loaded=loaded, failed=failed)
+
+    async def GetShadowReport(
+        self, request: pb.GetShadowReportRequest, context: Context
+    ) -> pb.GetShadowReportResponse:
+        reports = self._shadow.reports(request.model_name)
+        return pb.GetShadowReportResponse(
+            enabled=self._shadow.enabled, reports=[_shadow_report(r) for r in reports]
+        )
+
+    async def SetShadowing(
+        self, request: pb.SetShadowingRequest, context: Context
+    ) -> pb.SetShadowingResponse:
+        enabled = self._shadow.set_enabled(request.enabled, reason=request.reason)
+        return pb.SetShadowingResponse(enabled=enabled)

@@ -1300,8 +1300,8 @@ type ShadowReport struct {
 	// "model" or "model/version".
 	ShadowTarget   string  `protobuf:"bytes,2,opt,name=shadow_target,json=shadowTarget,proto3" json:"shadow_target,omitempty"`
 	SampleFraction float64 `protobuf:"fixed64,3,opt,name=sample_fraction,json=sampleFraction,proto3" json:"sample_fraction,omitempty"`
-	// Calls mirrored, compared, failed on the shadow, and skipped (over the concurrency or
-	// budget limit).
+	// Calls mirrored, compared, failed on the shadow (an error, different outputs, or slower
+	// than its budget), and skipped (over the concurrency limit).
 	Mirrored uint64 `protobuf:"varint,4,opt,name=mirrored,proto3" json:"mirrored,omitempty"`
 	Compared uint64 `protobuf:"varint,5,opt,name=compared,proto3" json:"compared,omitempty"`
 	Failed   uint64 `protobuf:"varint,6,opt,name=failed,proto3" json:"failed,omitempty"`

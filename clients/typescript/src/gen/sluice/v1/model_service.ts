@@ -170,8 +170,8 @@ export interface ShadowReport {
   shadowTarget: string;
   sampleFraction: number;
   /**
-   * Calls mirrored, compared, failed on the shadow, and skipped (over the concurrency or
-   * budget limit).
+   * Calls mirrored, compared, failed on the shadow (an error, different outputs, or slower
+   * than its budget), and skipped (over the concurrency limit).
    */
   mirrored: bigint;
   compared: bigint;
