@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -20,8 +21,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sluice.repository import EXAMPLE_REPOSITORY
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+from sluice_api.sluice.v1 import generation_service_pb2 as gen
+from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
 from tests.conftest import REPO_ROOT, StartServer
 from tests.fakes import Behaviour, fake_backends, fake_repository
 from tests.observability.collector import Collector
@@ -50,6 +54,7 @@ def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
     )
     (root / "mlp" / "config.yaml").write_text("max_batch_size: 64\n")
+    shutil.copytree(EXAMPLE_REPOSITORY / "tiny_llama", root / "tiny_llama")
     return root
 
 
@@ -112,6 +117,8 @@ class Tally:
         self.stream_responses = 0
         self.stream_requests = 0
         self.spanning_ok = 0  # unary calls that started before SIGTERM and finished after it
+        self.generations: Counter[str] = Counter()  # how each Generate call ended
+        self.spanning_generations = 0  # token streams running at SIGTERM that completed
         self.signalled_at: float | None = None
 
     def began_before_signal(self, started: float) -> bool:
@@ -150,6 +157,32 @@ async def stream_worker(stub: pb_grpc.GRPCInferenceServiceStub, tally: Tally) ->
         sending.put_nowait(None)  # ends the request generator
 
 
+async def generation_worker(stub: gen_grpc.GenerationServiceStub, tally: Tally) -> None:
+    """Token streams back to back; each either completes with its final chunk or is refused
+    before it starts."""
+    request = gen.GenerateRequest(
+        model_name="tiny_llama",
+        prompt="Once upon a time",
+        parameters=gen.SamplingParameters(max_new_tokens=120, temperature=0.8, seed=1),
+    )
+    while True:
+        started = time.monotonic()
+        chunks = []
+        try:
+            async for chunk in stub.Generate(request, timeout=60):
+                chunks.append(chunk)
+        except grpc.aio.AioRpcError as exc:
+            assert not chunks, f"a started token stream was cut: {exc}"
+            tally.generations[exc.code().name] += 1
+            return
+        last = chunks[-1]
+        assert last.finish_reason != gen.FINISH_REASON_UNSPECIFIED, last
+        assert last.usage.completion_tokens == len(chunks)
+        tally.generations["OK"] += 1
+        if tally.began_before_signal(started):
+            tally.spanning_generations += 1
+
+
 async def test_sigterm_drains_in_flight_calls_and_streams_and_exits_zero(
     slow_repository: Path,
 ) -> None:
@@ -174,12 +207,19 @@ async def test_sigterm_drains_in_flight_calls_and_streams_and_exits_zero(
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         workers = [asyncio.create_task(unary_worker(stub, tally)) for _ in range(WORKERS)]
         streams = [asyncio.create_task(stream_worker(stub, tally)) for _ in range(STREAMS)]
+        generator = gen_grpc.GenerationServiceStub(channel)
+        token_streams = [
+            asyncio.create_task(generation_worker(generator, tally)) for _ in range(STREAMS)
+        ]
         while tally.unary["OK"] < 100 or tally.stream_responses < 20:
             await asyncio.sleep(0.01)
         scraped = await asyncio.to_thread(scrape, b"".join(log).decode())
         assert 'sluice_requests_total{code="OK",method="ModelInfer",model="mlp"}' in scraped
         assert "sluice_batch_size_bucket" in scraped
-        assert f"sluice_open_streams {STREAMS:.1f}" in scraped
+        open_streams = re.search(r"^sluice_open_streams (\S+)$", scraped, re.MULTILINE)
+        assert open_streams, scraped
+        # The ModelStreamInfer streams, and the token streams that are open at the moment.
+        assert STREAMS <= float(open_streams.group(1)) <= 2 * STREAMS, open_streams.group(0)
         tally.signalled_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         after = await watch.read()
@@ -187,7 +227,7 @@ async def test_sigterm_drains_in_flight_calls_and_streams_and_exits_zero(
         with pytest.raises(grpc.aio.AioRpcError) as refused:  # new streams are refused
             await stub.ModelStreamInfer(iter([infer_request()])).read()
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        await asyncio.wait_for(asyncio.gather(*workers, *streams), 60)
+        await asyncio.wait_for(asyncio.gather(*workers, *streams, *token_streams), 60)
         with pytest.raises(grpc.aio.AioRpcError) as watch_end:  # watchers do not hold it
             await asyncio.wait_for(watch.read(), 30)
         assert watch_end.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -205,6 +245,10 @@ async def test_sigterm_drains_in_flight_calls_and_streams_and_exits_zero(
     # A stream's requests were all answered, except at most the one it was sending when
     # the server stopped reading (the UNAVAILABLE status tells the client to resend it).
     assert tally.stream_requests - STREAMS <= tally.stream_responses <= tally.stream_requests
+    # Token streams running at SIGTERM finished with their last chunk; new ones were refused.
+    assert tally.generations["UNAVAILABLE"] == STREAMS, tally.generations
+    assert set(tally.generations) == {"OK", "UNAVAILABLE"}, tally.generations
+    assert tally.spanning_generations >= 1, tally.generations
 
     # Logs are JSON lines, and the drain ran in order, ending with the telemetry flush.
     entries = [json.loads(line) for line in text.splitlines()]
