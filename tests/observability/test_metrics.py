@@ -196,6 +196,15 @@ async def test_every_metric_the_dashboard_queries_is_exported(
     server.metrics.fallbacks.labels("fake", "fake").inc()
     server.metrics.breaker_changed("fake", "1", "fake", "open")
     server.metrics.dropped.labels("fake", "1", "deadline").inc()
+    server.metrics.shadow_requests.labels("fake", "compared").inc()
+    server.metrics.shadow_max_abs_diff.labels("fake").set(0.0)
+    server.metrics.shadow_max_rel_diff.labels("fake").set(0.0)
+    for counter in (
+        server.metrics.shadow_exact_matches,
+        server.metrics.shadow_tokens,
+        server.metrics.shadow_agreeing_tokens,
+    ):
+        counter.labels("fake").inc()
     async with grpc.aio.insecure_channel(server.address) as channel:
         await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(fake_request(1))
     exported = {name for name, _ in samples(await scrape(port))}
