@@ -411,3 +411,23 @@ async def test_a_drain_lets_streams_finish_their_generations_then_ends_sessions(
     assert "".join(c.text for c in session_chunks) == reference(PROMPT, 60)
     assert rest[-1].finish_reason == gen.FINISH_REASON_LENGTH
     assert len(rest) == 59
+
+
+async def test_a_decoupled_stream_that_ends_early_stops_every_generation_it_started(
+    server: RunningServer, channel: grpc.aio.Channel
+) -> None:
+    long_requests = []
+    for request_id in ("first", "second", "third"):
+        message = stream_request(request_id, stream=True)
+        message.inputs[1].contents.int_contents[0] = 170  # max_tokens
+        long_requests.append(message)
+    call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(long_requests))
+    first = await call.read()
+    assert first.infer_response.id == "first"
+    call.cancel()
+    model = server.service.lookup("tiny_llama")
+    counters = stats(server)
+    await until(lambda: counters.running == 0 and counters.waiting == 0)
+    await until(lambda: model.inflight == 0)
+    assert counters.cancelled == 3
+    assert counters.tokens_generated < 3 * 170

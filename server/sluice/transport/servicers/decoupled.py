@@ -11,7 +11,7 @@ API work unchanged.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from sluice.admission import Ticket
 from sluice.errors import SluiceError
@@ -43,7 +43,7 @@ def error_reply(request: pb.ModelInferRequest, exc: SluiceError, *, grpc_errors:
 
 
 class DecoupledReplies:
-    """The responses to one generation request; iterate once."""
+    """The responses to one generation request: ``replies()`` once, or ``close()``."""
 
     def __init__(
         self,
@@ -62,7 +62,16 @@ class DecoupledReplies:
         flag = request.parameters.get(EMPTY_FINAL)
         self._empty_final = flag is not None and flag.bool_param
 
-    async def __aiter__(self) -> AsyncIterator[Reply]:
+    async def close(self) -> None:
+        """End a generation whose responses will never be written."""
+        try:
+            async with self._generation:
+                self._generation.cancel()
+        finally:
+            self._ticket.release()
+
+    async def replies(self) -> AsyncGenerator[Reply, None]:
+        """The responses, in order (iterate once; close the iterator if you stop early)."""
         generation = self._generation
         try:
             async with generation:

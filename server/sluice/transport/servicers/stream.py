@@ -86,8 +86,9 @@ class StreamInferSession:
                 finally:
                     self._slots.release()
                 if isinstance(reply, DecoupledReplies):
-                    async for part in reply:
-                        yield await self._checked(part)
+                    async with contextlib.aclosing(reply.replies()) as parts:
+                        async for part in parts:
+                            yield await self._checked(part)
                     continue
                 yield await self._checked(reply)
             if drain.done() and drain.result():
@@ -102,6 +103,17 @@ class StreamInferSession:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+            await self._close_unwritten()
+
+    async def _close_unwritten(self) -> None:
+        """Generations started for requests whose responses will never be written (the call
+        ended first) stop now, and give back their admission."""
+        while not self._out.empty():
+            item = self._out.get_nowait()
+            if isinstance(item, asyncio.Task) and item.done() and not item.cancelled():
+                reply = item.result()
+                if isinstance(reply, DecoupledReplies):
+                    await reply.close()
 
     async def _checked(self, reply: Reply) -> pb.ModelStreamInferResponse:
         """A response to write; an error (``triton_grpc_error`` mode) ends the call."""
