@@ -14,7 +14,8 @@ import logging
 from collections.abc import Callable
 
 from sluice.errors import SluiceError
-from sluice.service import InferenceService, ModelVersion
+from sluice.loader import ModelVersion
+from sluice.service import InferenceService
 from sluice.settings import ProbeSettings
 from sluice.tensors import probe_inputs
 

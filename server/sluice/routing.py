@@ -37,9 +37,10 @@ from sluice.errors import (
 from sluice.generation.generate import Chunk, FinishReason
 from sluice.generation.request import GenerationRequest
 from sluice.generation.scheduler import Generation
+from sluice.loader import ModelVersion
 from sluice.metrics import GenerationMetrics, Metrics
 from sluice.repository import ModelSpec
-from sluice.service import InferenceService, ModelVersion
+from sluice.service import InferenceService
 from sluice.settings import FallbackTarget, RetrySettings, Settings
 from sluice.shadow import GenerationTrace, Shadower
 from sluice.stats import ModelStats

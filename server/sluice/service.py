@@ -7,18 +7,13 @@ with domain requests and get domain results; nothing here knows about protobuf o
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import dataclasses
-import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sluice.batching.dynamic import Clock, DynamicBatcher
-from sluice.breaker import BackendBreaker
+from sluice.batching.dynamic import Clock
 from sluice.breaker_state import open_breaker_store
 from sluice.errors import (
     BreakerOpenError,
@@ -28,26 +23,21 @@ from sluice.errors import (
     SluiceError,
     UnsupportedError,
 )
-from sluice.executors.base import Executor, LoadOptions
-from sluice.executors.capabilities import BackendPlan, Candidate, Capabilities, detect
-from sluice.executors.causal_lm import CausalLMExecutor, generate_text, text_request
-from sluice.executors.faults import FaultyExecutor
+from sluice.executors.capabilities import Capabilities, detect
+from sluice.executors.causal_lm import generate_text, text_request
 from sluice.executors.registry import BackendRegistry
 from sluice.generation.request import GenerationRequest
-from sluice.generation.scheduler import ContinuousBatcher, SchedulerLimits
 from sluice.lifecycle import Change, ModelState
+from sluice.loader import ModelVersion, VersionLoader
 from sluice.metrics import Metrics
 from sluice.repository import (
     EXAMPLE_REPOSITORY,
     STATE_FOLDER,
     ModelConfig,
-    ModelSpec,
     ShadowConfig,
     list_models,
     list_versions,
     read_config,
-    resolve_batching,
-    resolve_io,
 )
 from sluice.settings import FallbackTarget, Settings
 from sluice.stats import ModelStats
@@ -57,7 +47,6 @@ from sluice.tensors import (
     OutputTensor,
     check_requested_outputs,
     decode_inputs,
-    probe_inputs,
 )
 from sluice.tracing import Tracing
 
@@ -68,38 +57,6 @@ UNAVAILABLE = "UNAVAILABLE"
 
 #: Called with (model name, serving) whenever a model's readiness changes.
 ReadinessListener = Callable[[str, bool], Awaitable[None]]
-
-
-@dataclass(eq=False)
-class ModelVersion:
-    spec: ModelSpec
-    executor: Executor
-    batcher: DynamicBatcher
-    breaker: BackendBreaker
-    stats: ModelStats
-    #: Generation models: the continuous batcher their streams use.
-    generator: ContinuousBatcher | None = None
-    #: Calls and streams running on this version; an unload waits for ``idle``.
-    inflight: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def enter(self) -> None:
-        self.inflight += 1
-        self.idle.clear()
-
-    def leave(self) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            self.idle.set()
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait (bounded) until no call runs on this version; False when some still do."""
-        if self.inflight == 0:
-            return True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self.idle.wait()
-        return self.inflight == 0
 
 
 @dataclass(eq=False)
@@ -173,11 +130,19 @@ class InferenceService:
         self._settings = settings
         self._repository = repository
         self._metrics = metrics
-        self._tracing = tracing or Tracing.off()
-        self._backends = backends or BackendRegistry.default()
         self._capabilities = capabilities or detect(allow_cuda=settings.executor.use_cuda)
         self._clock = clock
-        self._breaker_store = open_breaker_store(settings.breaker)
+        self._loader = VersionLoader(
+            settings,
+            repository=repository,
+            metrics=metrics,
+            backends=backends or BackendRegistry.default(),
+            capabilities=self._capabilities,
+            breaker_store=open_breaker_store(settings.breaker),
+            on_breaker_change=self._refresh_soon,
+            clock=clock,
+            tracing=tracing or Tracing.off(),
+        )
         self._models: dict[str, ModelEntry] = {}
         self._states: dict[str, ModelState] = {}
         self._state_root = state_root(settings, repository)
@@ -236,7 +201,7 @@ class InferenceService:
                 raise
             for version in versions:
                 try:
-                    entry.versions[version] = await self._load_version(name, version, config)
+                    entry.versions[version] = await self._loader.load(name, version, config)
                 except SluiceError as exc:
                     entry.failures[version] = exc.message
                     log.error("model %s version %s failed to load: %s", name, version, exc)
@@ -279,8 +244,8 @@ class InferenceService:
                 )
             try:
                 config = read_config(self._repository / name)
-                loaded = await self._load_version(name, version, config)
-                await self._warm_up(loaded)
+                loaded = await self._loader.load(name, version, config)
+                await self._loader.warm_up(loaded)
             except SluiceError as exc:
                 entry.failures[version] = exc.message
                 entry.state.record(
@@ -306,7 +271,7 @@ class InferenceService:
                 )
             del entry.versions[version]
             entry.unhealthy.pop(version, None)
-            await self._close_version(loaded)
+            await self._loader.close(loaded)
             entry.state.record(
                 "unload", from_version=version, to_version="", who=who, reason=reason
             )
@@ -418,21 +383,6 @@ class InferenceService:
             self._states[name] = state
         return state
 
-    async def _warm_up(self, loaded: ModelVersion) -> None:
-        """A real test inference before the version may serve."""
-        inputs = loaded.executor.probe_inputs() or probe_inputs(loaded.spec.io)
-        timeout_s = self._settings.lifecycle.warm_up_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                await loaded.batcher.infer(inputs, deadline=self._clock() + timeout_s)
-        except (TimeoutError, SluiceError) as exc:
-            await self._close_version(loaded)
-            why = exc.message if isinstance(exc, SluiceError) else f"no answer in {timeout_s}s"
-            raise ConfigError(
-                f"model '{loaded.spec.name}' version {loaded.spec.version} failed its warm-up "
-                f"inference: {why}"
-            ) from exc
-
     async def close(self) -> None:
         """Unload everything (the last step of a drain)."""
         for name in list(self._models):
@@ -447,24 +397,7 @@ class InferenceService:
 
     async def _close_entry(self, entry: ModelEntry) -> None:
         for version in (*entry.versions.values(), *entry.alternates.values()):
-            await self._close_version(version)
-
-    async def _close_version(self, version: ModelVersion) -> None:
-        """Release a version taken out of service, once its in-flight calls finish (bounded
-        by ``lifecycle.unload_timeout_s``)."""
-        spec = version.spec
-        if not await version.wait_idle(self._settings.lifecycle.unload_timeout_s):
-            log.warning(
-                "model %s version %s: %d calls still running after %.0fs; releasing it anyway",
-                spec.name,
-                spec.version,
-                version.inflight,
-                self._settings.lifecycle.unload_timeout_s,
-            )
-        await version.batcher.close()
-        await version.executor.close()
-        self._metrics.model_ready.labels(spec.name, spec.version).set(0)
-        release_memory()
+            await self._loader.close(version)
 
     def _refresh_soon(self, name: str) -> None:
         """A breaker changed state (synchronously, inside a call): update health after it."""
@@ -487,7 +420,7 @@ class InferenceService:
         """Load another backend of this model's versions, named by one of its fallbacks."""
         for version in [target.version] if target.version else list(entry.versions):
             try:
-                entry.alternates[(version, target.backend)] = await self._load_version(
+                entry.alternates[(version, target.backend)] = await self._loader.load(
                     entry.name, version, config, forced=target.backend
                 )
             except SluiceError as exc:
@@ -499,179 +432,6 @@ class InferenceService:
                     target.backend,
                     exc.message,
                 )
-
-    async def _load_version(
-        self, name: str, version: str, config: ModelConfig, *, forced: str | None = None
-    ) -> ModelVersion:
-        """Load one version with the config its model was loaded with (read once per load)."""
-        model_dir = self._repository / name
-        forced, forced_by = (
-            (forced, f"a fallback in {model_dir / 'config.yaml'}")
-            if forced
-            else (config.backend, str(model_dir / "config.yaml"))
-            if config.backend is not None
-            else (self._settings.force_backend, "SLUICE_FORCE_BACKEND")
-        )
-        plan = self._backends.plan(
-            model_dir / version, self._capabilities, forced=forced, forced_by=forced_by
-        )
-        options = LoadOptions(
-            instance_count=config.instance_count,
-            settings=self._settings.executor,
-            declared_inputs=config.declared("inputs"),
-            declared_outputs=config.declared("outputs"),
-            generation=self._settings.generation,
-            compile=config.torch_compile,
-        )
-        load_started = self._clock()
-        executor, candidate = await self._load_first(plan, options, where=f"{name}/{version}")
-        self._metrics.model_load_seconds.labels(name, candidate.backend).observe(
-            self._clock() - load_started
-        )
-        generator = self._start_generator(executor, f"{name}/{version}", config)
-        faults = config.faults
-        if (
-            generator is None
-            and faults is not None
-            and faults.mode != "none"
-            and (not faults.backends or {candidate.backend, candidate.rung} & set(faults.backends))
-        ):
-            log.warning("model %s version %s: injecting faults %s", name, version, config.faults)
-            executor = FaultyExecutor(executor, faults)
-        try:
-            io = resolve_io(
-                config,
-                tuple(executor.inputs),
-                tuple(executor.outputs),
-                where=model_dir / "config.yaml",
-                default_max_batch=self._settings.batching.max_batch_size,
-            )
-        except ConfigError:
-            await executor.close()
-            raise
-        spec = ModelSpec(
-            name=name,
-            version=version,
-            backend=candidate.backend,
-            backend_rung=candidate.rung,
-            backend_reason=candidate.reason,
-            device=executor.device,
-            path=candidate.path,
-            io=io,
-            batching=resolve_batching(config, io, self._settings.batching),
-            # A generation model takes as many whole-text calls at once as it runs sequences.
-            instance_count=(
-                self._settings.generation.max_running_sequences
-                if generator is not None
-                else config.instance_count
-            ),
-            auto_configured=config.inputs is None,
-            decoupled=generator is not None,
-        )
-        log.info(
-            "loaded model %s version %s: backend %s on %s, max_batch_size %d%s",
-            name,
-            version,
-            spec.backend,
-            executor.device,
-            io.max_batch_size,
-            " (dynamic batching from the file's dynamic first dimension)"
-            if spec.auto_configured and io.batched
-            else "",
-        )
-        return self._assemble(spec, executor, generator)
-
-    def _start_generator(
-        self, executor: Executor, name: str, config: ModelConfig
-    ) -> ContinuousBatcher | None:
-        """A generation model's continuous batcher (its faults are injected there)."""
-        if not isinstance(executor, CausalLMExecutor):
-            return None
-        limits = self._settings.generation
-        return executor.start(
-            name=name,
-            limits=SchedulerLimits(
-                max_running_sequences=limits.max_running_sequences,
-                max_tokens_in_flight=limits.max_tokens_in_flight,
-                max_waiting=limits.max_waiting_requests,
-                max_buffered_chunks=limits.max_buffered_chunks,
-                pushback_ms=self._settings.admission.pushback_ms,
-            ),
-            faults=config.faults,
-            clock=self._clock,
-        )
-
-    async def _load_first(
-        self, plan: BackendPlan, options: LoadOptions, *, where: str
-    ) -> tuple[Executor, Candidate]:
-        """Load the ladder's best candidate that loads; log the choice and its reason."""
-        failures = []
-        for candidate in plan.candidates:
-            factory = self._backends.factory(candidate.backend)
-            placed = dataclasses.replace(options, device=candidate.device)
-            try:
-                executor = await asyncio.to_thread(factory.load, candidate.path, placed)
-            except SluiceError as exc:
-                log.warning("model %s: %s did not load: %s", where, candidate.rung, exc.message)
-                failures.append(f"{candidate.rung}: {exc.message}")
-                continue
-            log.info(
-                "model %s: backend %s (%s); %s",
-                where,
-                candidate.rung,
-                candidate.reason,
-                plan.describe(),
-            )
-            return executor, candidate
-        raise ConfigError(f"model {where}: no candidate backend loaded: " + "; ".join(failures))
-
-    def _assemble(
-        self, spec: ModelSpec, executor: Executor, generator: ContinuousBatcher | None = None
-    ) -> ModelVersion:
-        label = f"{spec.name}/{spec.version}/{spec.backend}"
-
-        def on_change(_old: str, new: str) -> None:
-            self._metrics.breaker_changed(spec.name, spec.version, spec.backend, new)
-            self._refresh_soon(spec.name)
-
-        breaker = BackendBreaker(
-            label,
-            self._settings.breaker,
-            clock=self._clock,
-            on_change=on_change,
-            store=self._breaker_store,
-        )
-        self._metrics.set_breaker_state(spec.name, spec.version, spec.backend, breaker.state)
-        stats = ModelStats()
-        batcher = DynamicBatcher(
-            name=f"{spec.name}/{spec.version}",
-            executor=executor,
-            policy=spec.batching,
-            batched=spec.io.batched,
-            breaker=breaker,
-            stats=stats,
-            observer=self._metrics.batch_observer(spec.name, spec.version),
-            instance_count=spec.instance_count,
-            pushback_ms=self._settings.admission.pushback_ms,
-            max_execution_s=self._settings.executor.max_batch_execution_s,
-            clock=self._clock,
-            tracing=self._tracing,
-            span_attributes={
-                "sluice.model": spec.name,
-                "sluice.model.version": spec.version,
-                "sluice.backend": spec.backend,
-            },
-        )
-        batcher.start()
-        self._metrics.model_ready.labels(spec.name, spec.version).set(1)
-        return ModelVersion(
-            spec=spec,
-            executor=executor,
-            batcher=batcher,
-            breaker=breaker,
-            stats=stats,
-            generator=generator,
-        )
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -927,11 +687,3 @@ def state_root(settings: Settings, repository: Path) -> Path | None:
     if repository.resolve() == EXAMPLE_REPOSITORY.resolve():
         return None
     return repository / STATE_FOLDER
-
-
-def release_memory() -> None:
-    """Hand freed memory back to the system after an unload (glibc keeps freed arenas
-    otherwise, and the process would never shrink back)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
