@@ -1,7 +1,9 @@
 """The protocol-neutral core: which models are loaded, and running inference on them.
 
-The service holds, per model version, a batcher that holds an executor. Servicers call it
-with domain requests and get domain results; nothing here knows about protobuf or gRPC.
+The service holds, per model version, a batcher that holds an executor (made and released by
+``loader.VersionLoader``), knows which version of each model serves and records every change
+to it (``lifecycle``). Servicers call it with domain requests and get domain results; nothing
+here knows about protobuf or gRPC.
 """
 
 from __future__ import annotations
