@@ -4,9 +4,10 @@ cancellation within one step, bounded buffering, deadlines, limits."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
+import torch
 
 from sluice.app import EXAMPLE_REPOSITORY
 from sluice.errors import (
@@ -19,6 +20,7 @@ from sluice.errors import (
 from sluice.executors.faults import FaultConfig
 from sluice.generation.causal_lm import CausalLM
 from sluice.generation.generate import FinishReason, generate
+from sluice.generation.kv_cache import SequenceCache
 from sluice.generation.sampling import SamplingParams
 from sluice.generation.scheduler import ContinuousBatcher, Generation, SchedulerLimits
 from sluice.generation.tokenizer import Tokenizer
@@ -285,3 +287,35 @@ async def test_every_architecture_batches_to_exactly_its_single_runs(
         await batcher.close()
     assert got == expected
     assert random_lm.live_sequences == 0
+
+
+class _FailingOnce(CausalLM):
+    """The bundled model with a bug injected into one decode step."""
+
+    fail_next = False
+
+    def decode(self, steps: Sequence[tuple[int, SequenceCache]]) -> torch.Tensor:
+        if self.fail_next:
+            self.fail_next = False
+            raise KeyError("a bug in a decode step")
+        return super().decode(steps)
+
+
+async def test_an_unexpected_engine_error_fails_the_running_streams_and_the_engine_goes_on(
+    tokenizer: Tokenizer,
+) -> None:
+    lm = _FailingOnce.load(TINY)
+    batcher = ContinuousBatcher(lm, tokenizer, name="tiny", limits=limits(), clock=FakeClock())
+    batcher.start(asyncio.get_running_loop())
+    try:
+        ids = tokenizer.encode(PROMPTS[0])
+        stream = batcher.submit(ids, SamplingParams(max_new_tokens=50), deadline=None)
+        await anext(stream)
+        lm.fail_next = True
+        with pytest.raises(ExecutorError, match="internal engine error"):
+            await collect(stream)
+        after = batcher.submit(ids, SamplingParams(max_new_tokens=5), deadline=None)
+        assert len(await collect(after)) == 5
+    finally:
+        await batcher.close()
+    assert lm.live_sequences == 0

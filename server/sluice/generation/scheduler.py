@@ -297,7 +297,11 @@ class ContinuousBatcher:
                 if self._closing:
                     break
                 joining = self._admit()
-            self._step(joining)
+            try:
+                self._step(joining)
+            except Exception:  # a bug here must not leave every stream waiting forever
+                log.exception("model %s: the generation engine failed a step", self.name)
+                self._fail_running(ExecutorError(f"model {self.name}: internal engine error"))
         self._shut_down()
 
     def _has_work(self) -> bool:
@@ -501,13 +505,20 @@ class ContinuousBatcher:
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
             self._loop.call_soon_threadsafe(_deliver, outbox)
 
-    def _shut_down(self) -> None:
-        error = ExecutorError(f"model {self.name} was unloaded while generating")
-        for sequence in [*self._running, *self._waiting]:
+    def _fail_running(self, error: SluiceError) -> None:
+        for sequence in list(self._running):
             self._leave(sequence, _End(None, error))
-        self._waiting.clear()
-        self.stats.running = self.stats.waiting = 0
+        self.stats.running = 0
         self._flush()
+
+    def _shut_down(self) -> None:
+        with self._condition:
+            waiting, self._waiting = list(self._waiting), deque()
+        error = ExecutorError(f"model {self.name} was unloaded while generating")
+        for sequence in waiting:
+            self._end(sequence, _End(None, error))
+        self.stats.waiting = 0
+        self._fail_running(error)
 
 
 def _deliver(outbox: list[tuple[Generation, Chunk | _End]]) -> None:
