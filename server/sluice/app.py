@@ -8,7 +8,9 @@ the metrics endpoint stops; the exit status is 0.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
+import os
 import signal
 import time
 
@@ -23,8 +25,20 @@ from sluice.transport.server import create_server
 log = logging.getLogger(__name__)
 
 
+def set_torch_threads(settings: Settings) -> None:
+    """Leave the event loop a core: torch's default (every core) starves it under load."""
+    if importlib.util.find_spec("torch") is None:
+        return
+    import torch
+
+    threads = settings.executor.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(threads)
+    log.info("torch uses %d intra-op thread(s)", threads)
+
+
 async def serve(settings: Settings) -> int:
     clock = time.monotonic
+    set_torch_threads(settings)
     metrics = Metrics()
     tracing = Tracing.from_environment(settings.tracing)
     repository = settings.model_repository or EXAMPLE_REPOSITORY

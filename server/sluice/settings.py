@@ -68,6 +68,9 @@ class BatchingSettings(_Section):
 
 
 class ExecutorSettings(_Section):
+    torch_threads: int = Field(0, ge=0)
+    """Threads PyTorch uses inside an operator, for the whole process (0: one fewer than the
+    CPU cores, at least 1, so the gRPC event loop keeps a core of its own)."""
     intra_op_threads: int = Field(0, ge=0)
     """Threads one ONNX Runtime session uses inside an operator (0: the runtime's choice)."""
     allow_spinning: bool = False
