@@ -229,7 +229,7 @@ class Router:
     ) -> RoutedGeneration:
         generator = model.generator
         assert generator is not None
-        prompt_ids = generator.tokenizer.encode(request.prompt)
+        prompt_ids = await generator.tokenizer.encode_off_loop(request.prompt)
         started = self._clock()
         try:
             stream = generator.submit(prompt_ids, request.params, deadline=deadline)

@@ -11,7 +11,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from sluice.app import EXAMPLE_REPOSITORY
 from sluice.errors import ConfigError
-from sluice.generation.tokenizer import Tokenizer
+from sluice.generation.tokenizer import OFF_LOOP_CHARS, Tokenizer
 
 TINY_LLAMA = EXAMPLE_REPOSITORY / "tiny_llama" / "1"
 TEXT = "Café crème, naïve. 中文字符测试 and emoji 😀🎉 — déjà vu! 日本語 👍🏽 end."
@@ -89,3 +89,12 @@ def test_end_of_sequence_from_config_json_without_generation_config(tmp_path: Pa
 def test_missing_tokenizer_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"tokenizer\.json: not a loadable tokenizer"):
         Tokenizer.load(tmp_path)
+
+
+async def test_long_texts_encode_off_the_loop_to_the_same_ids() -> None:
+    tokenizer = Tokenizer.load(TINY_LLAMA)
+    short = "Once upon a time"
+    long = " ".join([short] * 400)
+    assert len(long) >= OFF_LOOP_CHARS
+    assert await tokenizer.encode_off_loop(short) == tokenizer.encode(short)
+    assert await tokenizer.encode_off_loop(long) == tokenizer.encode(long)

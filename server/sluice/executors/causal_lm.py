@@ -109,7 +109,7 @@ async def generate_text(
 ) -> dict[str, Array]:
     """The whole generation for one request's tensors, as ``text_output``."""
     request = text_request(inputs, default_max_new_tokens=default_max_new_tokens)
-    prompt_ids = generator.tokenizer.encode(request.prompt)
+    prompt_ids = await generator.tokenizer.encode_off_loop(request.prompt)
     async with generator.submit(prompt_ids, request.params, deadline=deadline) as stream:
         text = "".join([chunk.text async for chunk in stream])
     return {TEXT_OUTPUT: text_output(text)}

@@ -8,6 +8,7 @@ End-of-sequence tokens are the union of what ``generation_config.json`` (or, wit
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,9 @@ MODEL_CONFIG_FILE = "config.json"
 
 REPLACEMENT_CHARACTER = "\ufffd"
 """What decoding yields for bytes that do not (yet) form a whole UTF-8 character."""
+
+OFF_LOOP_CHARS = 4096
+"""Texts at least this long are encoded off the event loop."""
 
 CONTEXT_TOKENS = 5
 """Prompt tokens a detokenizer decodes with the first generated ones, so that tokenizers
@@ -54,6 +58,13 @@ class Tokenizer:
         """Token ids for ``text``, with the special tokens (e.g. BOS) the tokenizer's
         post-processor adds unless ``add_special_tokens`` is false."""
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    async def encode_off_loop(self, text: str) -> list[int]:
+        """``encode`` for callers on the event loop: a long text is encoded in a worker
+        thread, so one big prompt never stalls every other call."""
+        if len(text) < OFF_LOOP_CHARS:
+            return self.encode(text)
+        return await asyncio.to_thread(self.encode, text)
 
     def count(self, text: str) -> int:
         return len(self.encode(text))

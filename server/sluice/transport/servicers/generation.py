@@ -67,5 +67,5 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
     ) -> gen.CountTokensResponse:
         model = self._service.generation_model(request.model_name, request.model_version)
         assert model.generator is not None
-        count = len(model.generator.tokenizer.encode(request.prompt))
+        count = len(await model.generator.tokenizer.encode_off_loop(request.prompt))
         return gen.CountTokensResponse(token_count=count, max_context=model.generator.max_context)
