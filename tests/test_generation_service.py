@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -431,3 +432,21 @@ async def test_a_decoupled_stream_that_ends_early_stops_every_generation_it_star
     await until(lambda: model.inflight == 0)
     assert counters.cancelled == 3
     assert counters.tokens_generated < 3 * 170
+
+
+async def test_decoupled_responses_interleave_across_requests_on_one_stream(
+    channel: grpc.aio.Channel,
+) -> None:
+    long = stream_request("long", stream=True)
+    long.inputs[1].contents.int_contents[0] = 150  # max_tokens
+    short = stream_request("short", stream=True)
+    call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([long, short]))
+    finished: list[str] = []
+    counts: Counter[str] = Counter()
+    async for response in call:
+        counts[response.infer_response.id] += 1
+        if final(response):
+            finished.append(response.infer_response.id)
+    # The short generation, sent second, ends while the long one, sent first, still runs.
+    assert finished == ["short", "long"]
+    assert counts["short"] == 8 and counts["long"] > 8

@@ -4,10 +4,14 @@ One reader task takes requests off the stream and starts one task per request (a
 ``max_pending`` at a time, so a client that does not read cannot make us buffer without
 bound). Every request gets the same admission, deadline and breaker rules as a unary call.
 Responses go out in the order the requests arrived, each with the request's ``id``: Triton
-does so for every model that is not decoupled (no Sluice model is), and clients such as
-tritonclient's stream callback, which gets no id with an error, rely on it. Requests still
-run concurrently; one that finishes early waits for those before it, holding its
-``max_pending`` slot until it is written. A failed request becomes a response with
+does so for every model that is not decoupled, and clients such as tritonclient's stream
+callback, which gets no id with an error, rely on it. Requests still run concurrently; one
+that finishes early waits for those before it, holding its ``max_pending`` slot until it is
+written. Generation models are decoupled: once a generation's turn comes, its responses go
+out as they are made, interleaved with the responses of later requests (each names its
+request id), and it holds its slot until it ends. At most ``max_pending`` responses wait to
+be written; a generation that cannot hand one over stops reading its stream, and the
+scheduler pauses it. A failed request becomes a response with
 ``error_message`` and the stream stays open, unless the client sent the
 ``triton_grpc_error: true`` header: then the first error (in request order) ends the call
 with its real status.
@@ -69,41 +73,59 @@ class StreamInferSession:
         #: One task per request, in arrival order, then ``_END``.
         self._out: asyncio.Queue[asyncio.Task[_Reply] | object] = asyncio.Queue()
         self._tasks: set[asyncio.Task[_Reply]] = set()
+        #: What the writer sends next, in order, then ``_END`` (bounded: backpressure).
+        self._responses: asyncio.Queue[Reply | object] = asyncio.Queue(max_pending)
+        self._pumps: set[asyncio.Task[None]] = set()
 
     async def run(
         self, requests: AsyncIterator[pb.ModelInferRequest]
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         reader = asyncio.create_task(self._read(requests))
         drain = asyncio.create_task(self._stop_reading_on_drain(reader))
+        orderer = asyncio.create_task(self._order())
         try:
-            while True:
-                item = await self._out.get()
-                if item is _END:
-                    break
-                assert isinstance(item, asyncio.Task)
-                try:
-                    reply = await item
-                finally:
-                    self._slots.release()
-                if isinstance(reply, DecoupledReplies):
-                    async with contextlib.aclosing(reply.replies()) as parts:
-                        async for part in parts:
-                            yield await self._checked(part)
-                    continue
-                yield await self._checked(reply)
+            while (item := await self._responses.get()) is not _END:
+                assert isinstance(item, pb.ModelStreamInferResponse | SluiceError)
+                yield await self._checked(item)
             if drain.done() and drain.result():
                 raise DrainingError(
                     "the server is draining: this stream took no more requests after the "
                     "responses already sent; send the rest on another replica"
                 )
         finally:
-            drain.cancel()
-            reader.cancel()
-            for task in list(self._tasks):
+            for task in (drain, reader, orderer, *self._tasks, *self._pumps):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await reader
+                await asyncio.gather(reader, orderer, *self._pumps, return_exceptions=True)
             await self._close_unwritten()
+
+    async def _order(self) -> None:
+        """Hand the writer each request's reply in arrival order; a generation's replies
+        are pumped from then on, beside the later requests'."""
+        while (item := await self._out.get()) is not _END:
+            assert isinstance(item, asyncio.Task)
+            try:
+                reply = await item
+            except BaseException:
+                self._slots.release()
+                raise
+            if isinstance(reply, DecoupledReplies):
+                pump = asyncio.create_task(self._pump(reply))
+                self._pumps.add(pump)
+                pump.add_done_callback(self._pumps.discard)
+                continue
+            self._slots.release()
+            await self._responses.put(reply)
+        await asyncio.gather(*self._pumps)
+        await self._responses.put(_END)
+
+    async def _pump(self, replies: DecoupledReplies) -> None:
+        try:
+            async with contextlib.aclosing(replies.replies()) as parts:
+                async for part in parts:
+                    await self._responses.put(part)
+        finally:
+            self._slots.release()
 
     async def _close_unwritten(self) -> None:
         """Generations started for requests whose responses will never be written (the call
