@@ -374,6 +374,15 @@ async def test_probes_and_statistics_cover_generation_models(server: RunningServ
     async with grpc.aio.insecure_channel(server.address) as channel:
         await collect(gen_grpc.GenerationServiceStub(channel).Generate(request(max_new_tokens=3)))
     assert server.service.lookup("tiny_llama").stats.inference_count == before + 1
+    # The whole text through ModelInfer counts too.
+    infer = pb.ModelInferRequest(model_name="tiny_llama")
+    text_input = infer.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    text_input.contents.bytes_contents.append(PROMPT.encode())
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer)
+    stats = server.service.lookup("tiny_llama").stats
+    assert stats.inference_count == before + 2
+    assert stats.execution_count >= 2 and stats.success.count >= 2
 
 
 async def test_a_drain_lets_streams_finish_their_generations_then_ends_sessions(
