@@ -124,7 +124,8 @@ class GenerationSession:
 
     async def _start(self, start: gen.StartGeneration) -> None:
         request_id = start.request_id
-        if request_id in self._tasks:
+        running = self._tasks.get(request_id)
+        if running is not None and not running.done():
             error = InvalidInputError(
                 f"request_id '{request_id}' is already running in this session; ids must be "
                 "unique among running generations"
@@ -134,7 +135,12 @@ class GenerationSession:
         await self._slots.acquire()
         task = asyncio.create_task(self._serve(request_id, start.request))
         self._tasks[request_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(request_id, None))
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        for request_id, known in list(self._tasks.items()):
+            if known is task:
+                del self._tasks[request_id]
 
     def _cancel(self, request_id: str) -> None:
         """Cancel a running generation; an id that already ended (a race) is ignored."""
