@@ -19,10 +19,7 @@ hook to call on every state change.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +32,7 @@ import pybreaker
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sluice.errors import ConfigError
+from sluice.files import write_atomically
 from sluice.settings import BreakerSettings
 
 if TYPE_CHECKING:
@@ -201,7 +199,7 @@ class BreakerStateStore:
             )
             data = _StateFile(breakers=self._saved).model_dump_json(indent=2).encode()
             try:
-                _write_atomically(self.path, data)
+                write_atomically(self.path, data)
             except OSError as exc:
                 log.warning("cannot write breaker state file %s: %s", self.path, exc)
 
@@ -283,24 +281,3 @@ def _read(path: Path) -> dict[str, _Saved]:
             "breaker state file %s is corrupt (%s: %s); ignoring it", path, where, first["msg"]
         )
         return {}
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data``: a reader, or a crash, sees the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

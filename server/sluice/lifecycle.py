@@ -20,15 +20,15 @@ interrupts, ``open`` restores a state that is either the old one or the new one:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sluice.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -149,26 +149,9 @@ class ModelState:
             "seq": self.pointer.seq,
             "last": asdict(self.pointer.last) if self.pointer.last else None,
         }
-        _replace_atomically(self._directory / POINTER_FILE, json.dumps(data, indent=2) + "\n")
-
-
-def _replace_atomically(path: Path, text: str) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        write_atomically(
+            self._directory / POINTER_FILE, (json.dumps(data, indent=2) + "\n").encode()
+        )
 
 
 def _read_history(path: Path) -> list[Change]:

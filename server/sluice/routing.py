@@ -593,13 +593,8 @@ class RoutedGeneration:
         queue time, the rest as compute (one execution per generation)."""
         seconds = self._clock() - self._started
         ok = not self._failed and self.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
-        self._stats.record_batch(size=1, input_s=0.0, infer_s=seconds, output_s=0.0)
-        self._stats.record_request(
-            rows=1,
-            queue_s=self._first_token_s,
-            input_s=0.0,
-            infer_s=seconds - self._first_token_s,
-            output_s=0.0,
+        self._stats.record_unbatched(
+            queue_s=self._first_token_s, infer_s=seconds - self._first_token_s
         )
         self._stats.record_end(ok=ok, seconds=seconds)
         self._observer.finished(

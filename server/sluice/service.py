@@ -662,12 +662,7 @@ class InferenceService:
                         default_max_new_tokens=self._settings.generation.default_max_new_tokens,
                         deadline=deadline,
                     )
-                # Counted as the batcher counts a request (one execution of one row).
-                elapsed = self._clock() - started
-                model.stats.record_batch(size=1, input_s=0.0, infer_s=elapsed, output_s=0.0)
-                model.stats.record_request(
-                    rows=1, queue_s=0.0, input_s=0.0, infer_s=elapsed, output_s=0.0
-                )
+                model.stats.record_unbatched(queue_s=0.0, infer_s=self._clock() - started)
             else:
                 outputs = await model.batcher.infer(inputs, deadline=deadline)
         except BaseException:

@@ -66,5 +66,11 @@ class ModelStats:
         self.compute_output.add(output_s)
         self.last_inference_ms = int(time.time() * 1000)
 
+    def record_unbatched(self, *, queue_s: float, infer_s: float) -> None:
+        """A request that ran alone, outside the dynamic batcher (a generation): one
+        execution of one row."""
+        self.record_batch(size=1, input_s=0.0, infer_s=queue_s + infer_s, output_s=0.0)
+        self.record_request(rows=1, queue_s=queue_s, input_s=0.0, infer_s=infer_s, output_s=0.0)
+
     def record_end(self, *, ok: bool, seconds: float) -> None:
         (self.success if ok else self.fail).add(seconds)
