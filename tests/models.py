@@ -160,3 +160,25 @@ def write_model_folder(
     if config is not None:
         (repository / name / "config.yaml").write_text(config)
     return repository / name
+
+
+def write_echo_repository(repository: Path, *, dims: tuple[int, ...] = (-1,)) -> Path:
+    """A repository of small identity models, one per datatype family, for tests that need
+    exact control of request and reply sizes: ``echo`` (FP32 ``x`` [batch, *dims] -> ``y``)
+    and ``echo_bytes`` (BYTES ``x`` [batch, -1] -> ``y``)."""
+    for name, element in (("echo", TensorProto.FLOAT), ("echo_bytes", TensorProto.STRING)):
+        shape: list[Any] = ["batch", *("n" if d < 0 else d for d in dims)]
+        if element == TensorProto.STRING:
+            shape = ["batch", "n"]
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            name,
+            [helper.make_tensor_value_info("x", element, shape)],
+            [helper.make_tensor_value_info("y", element, shape)],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        folder = repository / name / "1"
+        folder.mkdir(parents=True)
+        onnx.save(model, str(folder / "model.onnx"))
+    return repository

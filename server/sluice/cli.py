@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from sluice.app import serve
+    from sluice.app import run
 
     config = args.config or (
         Path(os.environ["SLUICE_CONFIG"]) if os.environ.get("SLUICE_CONFIG") else None
@@ -42,7 +41,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from sluice import logs
 
     logs.configure(settings.log_level, settings.log_format)
-    return asyncio.run(serve(settings))
+    return run(settings)
 
 
 def _capabilities_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from opentelemetry.trace import Span
 
 from sluice import logs
+from sluice.admission import Ticket
 from sluice.errors import (
     ContextOverflowError,
     DeadlineExceededError,
@@ -138,7 +139,9 @@ class Router:
                 return
         raise _combined(name, errors)
 
-    async def infer(self, request: InferRequest, *, deadline: float | None) -> InferResult:
+    async def infer(
+        self, request: InferRequest, *, deadline: float | None, ticket: Ticket | None = None
+    ) -> InferResult:
         chain = self.chain(request.model, request.version)
         self._budget.record_call()
         errors: list[SluiceError] = []
@@ -148,7 +151,7 @@ class Router:
                 break
             try:
                 with self._tracing.span("sluice.attempt", self._span_attributes(attempt, number)):
-                    result = await self._try(request, attempt, chain, deadline, number)
+                    result = await self._try(request, attempt, chain, deadline, number, ticket)
             except SluiceError as exc:
                 errors.append(exc)
                 if not _retryable(exc):
@@ -175,7 +178,7 @@ class Router:
         return dataclasses.replace(generation, model=request.model), stream
 
     async def generate(
-        self, request: GenerationRequest, *, deadline: float | None
+        self, request: GenerationRequest, *, deadline: float | None, ticket: Ticket | None = None
     ) -> RoutedGeneration:
         """Start a generation on the first candidate of the chain that can take it.
 
@@ -184,27 +187,37 @@ class Router:
         takes the call: the response says why). One that fails before its first token hands
         the call to the next; after the first token a failure ends the stream (the tokens
         sent stand). With no candidate left, the error is the most telling one: a context
-        overflow names both numbers.
+        overflow names both numbers. The prompt's tokens plus ``max_new_tokens`` are added
+        to the call's admission ``ticket`` before the generation is queued.
         """
         errors: list[SluiceError] = []
         reason = ""
         for index, target in enumerate(self.chain(request.model, request.version)):
             try:
-                started = await self._start_generation(request, target, deadline)
+                started = await self._start_generation(request, target, deadline, ticket)
             except _PassOver as passed:
                 errors.append(passed.error)
                 reason = reason or passed.reason
                 continue
             if index > 0:
                 self._metrics.fallbacks.labels(request.model, target.model).inc()
-                log.info("generation for %s served by %s: %s", request.model, target.model, reason)
+                log.info(
+                    "generation for %s served by %s: %s",
+                    logs.clip(request.model),
+                    logs.clip(target.model),
+                    reason,
+                )
             return started.with_fallback_reason(reason if index > 0 else "")
         if errors:
             raise _combined(request.model, errors)
         raise ModelNotReadyError(f"no candidate for '{request.model}' can generate now")
 
     async def _start_generation(
-        self, request: GenerationRequest, target: FallbackTarget, deadline: float | None
+        self,
+        request: GenerationRequest,
+        target: FallbackTarget,
+        deadline: float | None,
+        ticket: Ticket | None,
     ) -> RoutedGeneration:
         """The generation on one candidate, once its first chunk is out; ``_PassOver``
         when the next candidate should take it."""
@@ -215,7 +228,7 @@ class Router:
             raise _PassOver(exc, f"model '{target.model}' cannot serve now: {exc.message}") from exc
         model.enter()  # an unload of this version waits until the generation ends
         try:
-            return await self._first_chunk(request, target, model, deadline)
+            return await self._first_chunk(request, target, model, deadline, ticket)
         except BaseException:
             model.leave()
             raise
@@ -226,18 +239,21 @@ class Router:
         target: FallbackTarget,
         model: ModelVersion,
         deadline: float | None,
+        ticket: Ticket | None,
     ) -> RoutedGeneration:
         generator = model.generator
         assert generator is not None
-        prompt_ids = await generator.tokenizer.encode_off_loop(request.prompt)
         started = self._clock()
         try:
+            prompt_ids = await generator.encode_prompt(request.prompt)
+            generator.check_fits(len(prompt_ids), request.params.max_new_tokens)
+            if ticket is not None:
+                ticket.need(tokens=len(prompt_ids) + request.params.max_new_tokens)
             stream = generator.submit(prompt_ids, request.params, deadline=deadline)
         except ContextOverflowError as exc:
             raise _PassOver(
                 exc,
-                f"the prompt ({exc.prompt_tokens} tokens) and max_new_tokens "
-                f"({exc.max_new_tokens}) need a larger context than model '{target.model}' "
+                f"{exc.need} need a larger context than model '{target.model}' "
                 f"has ({exc.max_context})",
             ) from exc
         try:
@@ -285,6 +301,7 @@ class Router:
         chain: list[FallbackTarget],
         deadline: float | None,
         number: int,
+        ticket: Ticket | None,
     ) -> InferResult:
         target = attempt.target
         alone = len(chain) == 1
@@ -304,7 +321,7 @@ class Router:
             # Alone, the call's own deadline (batcher and interceptor) bounds the attempt;
             # with other candidates left, the attempt's share is enforced here.
             async with asyncio.timeout(None if alone else budget_s):
-                result = await self._service.infer(sub, deadline=attempt_deadline)
+                result = await self._service.infer(sub, deadline=attempt_deadline, ticket=ticket)
         except (TimeoutError, DeadlineExceededError) as exc:
             error = self._timeout_error(target, budget_s, deadline, exc)
             self._log(request, target, "", started, error, number)
@@ -476,9 +493,9 @@ class Router:
             "attempt %d called=%s model=%s version=%s backend=%s outcome=%s latency_ms=%.3f "
             "error_class=%s",
             number,
-            request.model,
-            target.model,
-            target.version or "serving",
+            logs.clip(request.model),
+            logs.clip(target.model),
+            logs.clip(target.version) or "serving",
             backend or "-",
             "ok" if error is None else "error",
             latency_ms,

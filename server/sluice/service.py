@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sluice.admission import Ticket
 from sluice.batching.dynamic import Clock
 from sluice.breaker_state import open_breaker_store
 from sluice.errors import (
@@ -22,6 +23,7 @@ from sluice.errors import (
     ConfigError,
     ModelNotFoundError,
     ModelNotReadyError,
+    RequestTooLargeError,
     SluiceError,
     UnsupportedError,
 )
@@ -44,11 +46,17 @@ from sluice.repository import (
 from sluice.settings import FallbackTarget, Settings
 from sluice.stats import ModelStats
 from sluice.tensors import (
+    Array,
     InferRequest,
     InferResult,
+    InputCheck,
     OutputTensor,
+    check_inputs,
     check_requested_outputs,
+    decode_checked,
     decode_inputs,
+    expected_reply_bytes,
+    reply_size,
 )
 from sluice.tracing import Tracing
 
@@ -240,7 +248,7 @@ class InferenceService:
             entry = self._loaded_entry(name)
             if version in entry.versions:
                 return
-            if not (self._repository / name / version).is_dir() or not version.isdigit():
+            if not version.isdigit() or not _is_dir(self._repository / name / version):
                 raise ModelNotFoundError(
                     f"model '{name}' has no version folder '{version}' in {self._repository}"
                 )
@@ -632,8 +640,7 @@ class InferenceService:
 
     def _in_repository(self, name: str) -> bool:
         """A plain folder name in the repository (never a path that leaves it)."""
-        plain = bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
-        return plain and (self._repository / name).is_dir()
+        return _plain_name(name) and _is_dir(self._repository / name)
 
     @staticmethod
     def _failure_text(entry: ModelEntry) -> str:
@@ -645,12 +652,23 @@ class InferenceService:
 
     # -- inference ------------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest, *, deadline: float | None) -> InferResult:
-        """Validate, queue, run and return one request; ``deadline`` is on the service clock."""
+    async def infer(
+        self, request: InferRequest, *, deadline: float | None, ticket: Ticket | None = None
+    ) -> InferResult:
+        """Validate, weigh, queue, run and return one request; ``deadline`` is on the
+        service clock. The reply's size (from the output shapes) is added to the call's
+        admission ``ticket`` before the request is queued."""
         model = self.get(request.model, request.version, request.backend)
         io = model.spec.io
-        inputs = decode_inputs(request, io)
+        checked = check_inputs(request, io)
         wanted = check_requested_outputs(request, io)
+        message = self._settings.max_message_bytes
+        limit = message - min(REPLY_OVERHEAD_BYTES, message // 8)
+        reply_bytes = expected_reply_bytes(io, wanted, checked.rows)
+        _check_reply_size(reply_bytes, limit, model.spec.name, known=True)
+        if ticket is not None:
+            ticket.need(work_bytes=checked.decoded_bytes + reply_bytes)
+        inputs = await _decode(request, checked)
         started = self._clock()
         model.enter()
         try:
@@ -661,10 +679,14 @@ class InferenceService:
                         inputs,
                         default_max_new_tokens=self._settings.generation.default_max_new_tokens,
                         deadline=deadline,
+                        ticket=ticket,
                     )
                 model.stats.record_unbatched(queue_s=0.0, infer_s=self._clock() - started)
             else:
                 outputs = await model.batcher.infer(inputs, deadline=deadline)
+            _check_reply_size(
+                reply_size(outputs[name] for name in wanted), limit, model.spec.name, known=False
+            )
         except BaseException:
             model.stats.record_end(ok=False, seconds=self._clock() - started)
             raise
@@ -679,6 +701,51 @@ class InferenceService:
             id=request.id,
             outputs=[OutputTensor(name, datatypes[name], outputs[name]) for name in wanted],
         )
+
+
+def _plain_name(name: str) -> bool:
+    """A name that can only mean a folder directly inside the repository."""
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and not any(character in name for character in ("/", "\\", "\0"))
+    )
+
+
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()`` that says no, instead of raising, for names the file system
+    refuses (too long, undecodable)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+REPLY_OVERHEAD_BYTES = 64 * 1024
+"""Room left in a reply message for everything but the output tensors' contents (at most
+an eighth of ``max_message_bytes``)."""
+
+OFF_LOOP_DECODE_BYTES = 256 * 1024
+"""Requests carrying more tensor bytes than this (or decoding more than this into Python
+objects) are decoded in a worker thread: decoding BYTES and typed contents is Python work,
+and a big request must not stall the event loop (a thread hands the GIL back every few
+milliseconds)."""
+
+
+async def _decode(request: InferRequest, checked: InputCheck) -> dict[str, Array]:
+    if max(checked.payload_bytes, checked.decoded_bytes) <= OFF_LOOP_DECODE_BYTES:
+        return decode_checked(request)
+    return await asyncio.to_thread(decode_checked, request)
+
+
+def _check_reply_size(size: int, limit: int, model: str, *, known: bool) -> None:
+    if size <= limit:
+        return
+    when = "its output shapes say the reply would be" if known else "the reply is"
+    raise RequestTooLargeError(
+        f"model '{model}': {when} {size} bytes, more than the {limit} a reply may carry "
+        "(max_message_bytes); send fewer rows or request fewer outputs"
+    )
 
 
 def state_root(settings: Settings, repository: Path) -> Path | None:

@@ -35,6 +35,19 @@ class AdmissionSettings(_Section):
     """Calls admitted at once across the server; more are shed with UNAVAILABLE + pushback."""
     tenant_max_inflight_requests: int = Field(0, ge=0)
     """Calls one tenant may have in flight (0: no per-tenant quota)."""
+    max_inflight_bytes: int | None = Field(None, ge=1)
+    """Bytes in flight across the server: every admitted request as received plus its
+    reply's size (known from the model's output shapes before it runs). None: 1/16 of the
+    memory the process may use (the machine's, or its container's limit), at least 64 MiB.
+    A call that does not fit now is shed with UNAVAILABLE + pushback; one larger than the
+    whole budget gets RESOURCE_EXHAUSTED."""
+    tenant_max_inflight_bytes: int = Field(0, ge=0)
+    """Bytes one tenant may have in flight (0: no per-tenant byte quota)."""
+    max_inflight_tokens: int = Field(262_144, ge=1)
+    """Generation tokens in flight across the server: each generation's prompt tokens plus
+    its ``max_new_tokens``, from the moment its prompt is tokenized until it ends."""
+    tenant_max_inflight_tokens: int = Field(0, ge=0)
+    """Generation tokens one tenant may have in flight (0: no per-tenant token quota)."""
     tenant_metadata_key: str = "x-sluice-tenant"
     """Request metadata key naming the caller's tenant."""
     pushback_ms: int = Field(50, ge=0)
@@ -138,6 +151,10 @@ class ShadowSettings(_Section):
 class StreamSettings(_Section):
     max_pending_requests: int = Field(256, ge=1)
     """Requests one ModelStreamInfer stream may have in flight before reading pauses."""
+    max_pending_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    """Bytes of requests one ModelStreamInfer stream may hold (read and not yet answered,
+    with their replies until written) before reading pauses; a single request larger than
+    this still runs when it is the only one."""
 
 
 class GenerationSettings(_Section):
@@ -216,6 +233,11 @@ class Settings(BaseSettings):
     """Largest gRPC message accepted or sent."""
     drain_grace_s: float = Field(30.0, ge=0)
     """Time in-flight calls get to finish after SIGTERM before they are cancelled."""
+    drain_unload_s: float = Field(5.0, ge=0)
+    """After the drain grace: the longest closing the transport and unloading the models
+    may take; a backend still busy then (hung) is abandoned and the process exits, so
+    SIGTERM to exit takes at most ``drain_grace_s + drain_unload_s`` (plus the tracing
+    flush, when tracing is on)."""
     drain_quiet_s: float = Field(0.2, ge=0)
     """After in-flight calls finish, how long no new call must arrive before the transport
     closes (calls arriving meanwhile are refused with UNAVAILABLE, which clients retry)."""

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from sluice.admission import Ticket
 from sluice.errors import ConfigError, InvalidInputError, SluiceError
 from sluice.executors.base import DeclaredTensor, Executor, ExecutorFactory, LoadOptions
 from sluice.executors.faults import FaultConfig
@@ -106,10 +107,15 @@ async def generate_text(
     *,
     default_max_new_tokens: int,
     deadline: float | None,
+    ticket: Ticket | None = None,
 ) -> dict[str, Array]:
-    """The whole generation for one request's tensors, as ``text_output``."""
+    """The whole generation for one request's tensors, as ``text_output``; its tokens are
+    added to the call's admission ``ticket`` before it is queued."""
     request = text_request(inputs, default_max_new_tokens=default_max_new_tokens)
-    prompt_ids = await generator.tokenizer.encode_off_loop(request.prompt)
+    prompt_ids = await generator.encode_prompt(request.prompt)
+    generator.check_fits(len(prompt_ids), request.params.max_new_tokens)
+    if ticket is not None:
+        ticket.need(tokens=len(prompt_ids) + request.params.max_new_tokens)
     async with generator.submit(prompt_ids, request.params, deadline=deadline) as stream:
         text = "".join([chunk.text async for chunk in stream])
     return {TEXT_OUTPUT: text_output(text)}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
+from sluice.admission import Ticket
 from sluice_client.names import PUSHBACK_KEY, REQUEST_ID_KEY
 
-__all__ = ["PUSHBACK_KEY", "REQUEST_ID_KEY", "caller", "deadline", "request_id"]
+__all__ = ["PUSHBACK_KEY", "REQUEST_ID_KEY", "caller", "deadline", "request_id", "ticket"]
 
 #: The call's request id (echoed in trailing metadata and in every error message).
 request_id: ContextVar[str] = ContextVar("sluice_request_id", default="")
@@ -15,3 +16,6 @@ deadline: ContextVar[float | None] = ContextVar("sluice_deadline", default=None)
 #: Who makes an admin call (the admin credential's name, or the loopback peer), for the
 #: history of what it changes.
 caller: ContextVar[str] = ContextVar("sluice_caller", default="")
+#: The call's admission ticket (unary inference calls), which the core grows by the reply's
+#: size and the generation's tokens before the work starts.
+ticket: ContextVar[Ticket | None] = ContextVar("sluice_ticket", default=None)

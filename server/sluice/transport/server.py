@@ -68,19 +68,20 @@ class SluiceServer:
             await self.health.set(name, _status(self.service.ready))
         self.prober.start()
 
-    async def drain(self, grace_s: float, quiet_s: float = 0.0) -> None:
+    async def drain(self, grace_s: float, quiet_s: float = 0.0, unload_s: float = 5.0) -> None:
         """NOT_SERVING first, refuse new calls and streams, let in-flight ones finish (open
         streams stop reading and end with UNAVAILABLE), end health watches, then unload.
 
-        Work still running when ``grace_s`` ends is cancelled by the transport, whose
-        clients get UNAVAILABLE; the drain itself never takes longer than the grace.
+        Calls still running when ``grace_s`` ends are stopped with UNAVAILABLE. Closing the
+        transport and unloading get at most ``unload_s`` more: a backend still busy then
+        (hung) is abandoned, so the drain never takes longer than ``grace_s + unload_s``.
         """
         log.info("draining: health NOT_SERVING, refusing new calls, %.1fs grace", grace_s)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + grace_s
         await self.prober.stop()
         await self.health.enter_graceful_shutdown()
-        self.admission.begin_drain()
+        self.admission.begin_drain(give_up_at)
         self.servicer.draining = True
         # While admitted calls and open streams finish, and until callers stop arriving, new
         # calls get a clean UNAVAILABLE from admission; only then does the transport close
@@ -89,11 +90,25 @@ class SluiceServer:
             async with asyncio.timeout_at(give_up_at):
                 await self.admission.wait_quiet(quiet_s)
         self.health.end_watches()
-        await self.grpc_server.stop(max(give_up_at - loop.time(), 0.0))
+        # Calls cut at the grace's end are writing their UNAVAILABLE: give them a moment.
+        closing_s = min(_CLOSE_S, unload_s)
+        await self.grpc_server.stop(max(give_up_at - loop.time(), 0.0) + closing_s)
         log.info("calls and streams finished; unloading models")
-        await self.shadow.close()
-        await self.service.close()
+        try:
+            async with asyncio.timeout(max(unload_s - closing_s, 0.0)):
+                await self.shadow.close()
+                await self.service.close()
+        except TimeoutError:
+            log.warning(
+                "unloading took longer than its %.1fs allowance (a backend still busy?); "
+                "abandoning what is left",
+                unload_s,
+            )
         log.info("drained")
+
+
+_CLOSE_S = 1.0
+"""After the grace, how long calls stopped with UNAVAILABLE get to finish writing it."""
 
 
 async def create_server(

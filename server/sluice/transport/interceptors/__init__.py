@@ -17,6 +17,7 @@ from sluice.transport.interceptors.admission import AdmissionInterceptor
 from sluice.transport.interceptors.auth import AuthInterceptor
 from sluice.transport.interceptors.breaker import BreakerInterceptor
 from sluice.transport.interceptors.deadline import DeadlineInterceptor
+from sluice.transport.interceptors.decode import DecodeInterceptor
 from sluice.transport.interceptors.errors import ErrorInterceptor
 from sluice.transport.interceptors.telemetry import TelemetryInterceptor
 
@@ -38,6 +39,7 @@ def build(
             [
                 TelemetryInterceptor(metrics, service, clock=clock, tracing=tracing),
                 ErrorInterceptor(),
+                DecodeInterceptor(),
                 AuthInterceptor(settings.admin),
                 DeadlineInterceptor(deadlines, metrics),
                 AdmissionInterceptor(

@@ -4,17 +4,26 @@ handler runs and left when the call (or the whole stream) ends.
 
 Wrapped handlers depend only on the method, so ``Chain`` wraps a method once and reuses it;
 per-call facts (metadata, the request) are read when the call runs.
+
+Requests reach the wrapper as bytes and are decoded inside the hooks (``CallInfo.decode``
+for unary requests, ``decoded_stream`` for each message of a request stream), so a message
+grpc could not decode is an ``InvalidInputError`` like any other bad input: it gets
+INVALID_ARGUMENT with the request id and is counted, instead of grpc's bare UNKNOWN.
 """
 
 from __future__ import annotations
 
 import abc
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
+
+from sluice.errors import InvalidInputError
+from sluice.transport.limits import check_strings
 
 # Health and reflection must answer even when the server sheds load or drains.
 OPERATIONAL_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -22,10 +31,22 @@ OPERATIONAL_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+Deserializer = Callable[[bytes], Any]
+
+
 class CallInfo:
     """One call as an interceptor sees it."""
 
-    __slots__ = ("context", "method", "request", "short_method", "streaming")
+    __slots__ = (
+        "_deserialize",
+        "_raw",
+        "context",
+        "method",
+        "request",
+        "short_method",
+        "size",
+        "streaming",
+    )
 
     def __init__(
         self,
@@ -35,14 +56,28 @@ class CallInfo:
         context: Context,
         *,
         streaming: bool = False,
+        raw: bytes | None = None,
+        deserialize: Deserializer | None = None,
     ) -> None:
         self.method = method
         self.short_method = short_method
-        #: The request message for unary-request calls; None for client-streaming calls.
+        #: The request message for unary-request calls once decoded; None for
+        #: client-streaming calls (and before ``decode``).
         self.request = request
         self.context = context
         #: The call streams requests, responses or both.
         self.streaming = streaming
+        self._raw = raw
+        self._deserialize = deserialize
+        #: The request message's size on the wire (unary-request calls; 0 for streams).
+        self.size = len(raw) if raw is not None else 0
+
+    def decode(self) -> None:
+        """Decode the request message (once); ``InvalidInputError`` when it cannot be."""
+        raw, self._raw = self._raw, None
+        if raw is None or self._deserialize is None:
+            return
+        self.request = decode_message(self._deserialize, raw, self.short_method)
 
     def metadata(self, key: str) -> str:
         """The first string value of request metadata ``key``, or ``""``."""
@@ -50,6 +85,35 @@ class CallInfo:
             if name == key and isinstance(value, str):
                 return value
         return ""
+
+
+def decode_message(deserialize: Deserializer, raw: bytes, method: str, index: int = 0) -> Any:
+    """One request message from its bytes, its strings within their bounds, or
+    ``InvalidInputError`` saying why not."""
+    where = f"message {index} of the {method} stream" if index else f"the {method} request"
+    try:
+        message = deserialize(raw)
+    except Exception as exc:  # protobuf's DecodeError, or anything a parser raises
+        raise InvalidInputError(
+            f"{where} could not be decoded ({len(raw)} bytes): {exc}; check that the client "
+            "sends this method's protobuf message and that every string field is UTF-8"
+        ) from exc
+    if isinstance(message, Message):
+        try:
+            check_strings(message)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{where}: {exc.message}") from exc
+    return message
+
+
+async def decoded_stream(
+    messages: AsyncIterable[bytes], deserialize: Deserializer, method: str
+) -> AsyncIterator[Any]:
+    """The messages of a request stream, decoded one by one as they are read."""
+    index = 0
+    async for raw in messages:
+        index += 1
+        yield decode_message(deserialize, raw, method, index)
 
 
 Around = Callable[[CallInfo, Context], AbstractAsyncContextManager[None]]
@@ -75,15 +139,25 @@ def wrap(
     short_method = method.rsplit("/", 1)[-1]
     streaming_request = handler.request_streaming
     streaming = handler.request_streaming or handler.response_streaming
+    deserialize: Deserializer = handler.request_deserializer or _identity
 
     def info(request: Any, context: Context) -> CallInfo:
+        if streaming_request:
+            return CallInfo(method, short_method, None, context, streaming=True)
         return CallInfo(
             method,
             short_method,
-            None if streaming_request else request,
+            None,
             context,
             streaming=streaming,
+            raw=request,
+            deserialize=deserialize,
         )
+
+    def argument(call: CallInfo, request: Any) -> Any:
+        if streaming_request:
+            return decoded_stream(request, deserialize, short_method)
+        return call.request
 
     behavior: Callable[..., Any]
     if handler.response_streaming and inspect.isasyncgenfunction(inner):
@@ -94,8 +168,9 @@ def wrap(
         # grpc abandon the generator mid-write; it is then closed later, in another task.)
 
         async def behavior(request: Any, context: Context) -> None:
-            async with around(info(request, context), context):
-                responses = inner(request, context)
+            call = info(request, context)
+            async with around(call, context):
+                responses = inner(argument(call, request), context)
                 try:
                     async for response in responses:
                         await context.write(response)
@@ -105,15 +180,21 @@ def wrap(
     else:
 
         async def behavior(request: Any, context: Context) -> Any:
-            async with around(info(request, context), context):
-                result = inner(request, context)
+            call = info(request, context)
+            async with around(call, context):
+                result = inner(argument(call, request), context)
                 return await result if isinstance(result, Awaitable) else result
 
+    # Requests arrive as bytes: ``CallInfo.decode`` and ``decoded_stream`` decode them.
     return factory(
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=None,
         response_serializer=handler.response_serializer,
     )
+
+
+def _identity(raw: bytes) -> bytes:
+    return raw
 
 
 class Interceptor(abc.ABC):
