@@ -18,7 +18,7 @@ import hmac
 import ipaddress
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -70,7 +70,7 @@ def _loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 class AdminAccess:
     """Who may make admin calls, decided once at start from the settings."""
 
-    token: bytes | None
+    token: bytes | None = field(repr=False)
     token_name: str
     identities: frozenset[str]
     host: str
