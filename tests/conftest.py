@@ -18,6 +18,7 @@ from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.server import SluiceServer, create_server
+from tests.certs import Certificates, make_certificates
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +56,12 @@ class RunningServer:
 
 
 StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A test CA with server and client certificates (tests/certs.py), made once."""
+    return make_certificates(tmp_path_factory.mktemp("certificates"))
 
 
 @pytest.fixture

@@ -156,17 +156,12 @@ async def test_a_generation_session_finishes_its_generations_before_failing(
             "name",
         ),
         (
-            "/sluice.v1.ModelService/PromoteModel",
-            models.PromoteModelRequest(model_name="mlp", version="1", reason="r" * 5000),
-            "reason",
-        ),
-        (
             "/sluice.v1.ModelService/GetModelHistory",
             models.GetModelHistoryRequest(model_name="é" * 200),  # 400 bytes of UTF-8
             "model_name",
         ),
     ],
-    ids=["model name", "request id", "tensor name", "admin reason", "multi-byte name"],
+    ids=["model name", "request id", "tensor name", "multi-byte name"],
 )
 async def test_strings_past_their_bound_are_refused(
     server: RunningServer, method: str, message: Message, field: str

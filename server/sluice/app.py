@@ -65,6 +65,11 @@ async def serve(settings: Settings) -> int:
         server = await create_server(
             settings, service, metrics=metrics, clock=clock, tracing=tracing
         )
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc.message)
+        if http is not None:
+            http.close()
+        return 1
     except (OSError, RuntimeError) as exc:
         log.error(
             "cannot listen on %s (grpc_port %s, metrics_port %s): %s",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -200,14 +200,77 @@ class LifecycleSettings(_Section):
     """A newly loaded version must answer a real test inference within this to serve."""
 
 
+class TLSSettings(_Section):
+    """TLS on the gRPC port. With a certificate configured the port speaks TLS only (no
+    plaintext port is open); the files are read again when they change, so a rotated
+    certificate serves new connections without a restart."""
+
+    cert_file: Path | None = None
+    """PEM certificate chain the server presents (None: plaintext gRPC)."""
+    key_file: Path | None = None
+    """PEM private key of ``cert_file`` (unencrypted)."""
+    client_ca_file: Path | None = None
+    """PEM bundle of the CAs whose client certificates are accepted (mTLS); goes with
+    ``require_client_cert`` (grpc's Python server either requires and verifies client
+    certificates or does not ask for them)."""
+    require_client_cert: bool = False
+    """Refuse connections without a client certificate signed by ``client_ca_file``."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> TLSSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together: set both or neither")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls.client_ca_file needs tls.cert_file and tls.key_file")
+        if self.client_ca_file is not None and not self.require_client_cert:
+            raise ValueError(
+                "tls.client_ca_file is set but tls.require_client_cert is false: grpc's Python "
+                "server cannot ask for optional client certificates; set "
+                "tls.require_client_cert (mTLS) or leave tls.client_ca_file out"
+            )
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError("tls.require_client_cert needs tls.client_ca_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
 class AdminSettings(_Section):
-    """Who may change what is served (load, unload, promote, rollback, rescan, shadowing)."""
+    """Who may change what is served (load, unload, promote, rollback, rescan, shadowing).
+
+    Admin calls need the token or a client certificate named in ``identities``; with
+    neither configured they are served only when the server listens on loopback alone.
+    """
 
     token: SecretStr | None = None
-    """The admin credential, sent as ``authorization: Bearer <token>``; None: admin calls
-    are served only to callers on the loopback interface."""
-    name: str = "admin"
+    """The admin credential, sent as ``authorization: Bearer <token>`` (never empty)."""
+    name: str = Field("admin", min_length=1, max_length=200)
     """Who the history records for calls carrying the token."""
+    identities: list[str] = []
+    """Client-certificate identities (subject CN or a subject alternative name) that may
+    make admin calls; needs mTLS (``tls.client_ca_file`` and ``tls.require_client_cert``)."""
+    max_reason_chars: int = Field(1000, ge=1)
+    """Longest ``reason`` an admin call may record in a model's history (longer:
+    INVALID_ARGUMENT)."""
+
+    @field_validator("token")
+    @classmethod
+    def _not_empty(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError(
+                "admin.token is empty: set a real token, or leave it unset (admin calls are "
+                "then served only when the server listens on loopback alone)"
+            )
+        return token
+
+    @field_validator("identities")
+    @classmethod
+    def _named(cls, identities: list[str]) -> list[str]:
+        if any(not identity.strip() for identity in identities):
+            raise ValueError("admin.identities holds an empty name")
+        return identities
 
 
 class Settings(BaseSettings):
@@ -259,6 +322,7 @@ class Settings(BaseSettings):
     generation: GenerationSettings = GenerationSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
     admin: AdminSettings = AdminSettings()
+    tls: TLSSettings = TLSSettings()
     required_models: list[str] = []
     """Models that must all be able to infer for the server to be ready (empty: any one)."""
     retry: RetrySettings = RetrySettings()
@@ -266,6 +330,15 @@ class Settings(BaseSettings):
     shadow: ShadowSettings = ShadowSettings()
     aliases: dict[str, list[FallbackTarget]] = {}
     """Names clients may call that route to an ordered chain of models (first = primary)."""
+
+    @model_validator(mode="after")
+    def _identities_need_mtls(self) -> Settings:
+        if self.admin.identities and not self.tls.require_client_cert:
+            raise ValueError(
+                "admin.identities needs client certificates: set tls.client_ca_file and "
+                "tls.require_client_cert"
+            )
+        return self
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

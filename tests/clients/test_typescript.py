@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 #: Tests in clients/typescript/test/client.test.ts, without and with a generation model.
-INFERENCE_TESTS = 10
+INFERENCE_TESTS = 13  # TLS included
 GENERATION_TESTS = 4
 
 

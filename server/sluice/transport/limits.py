@@ -4,7 +4,8 @@ Names, versions, ids and reasons reach error messages, logs, metric labels, hist
 file-system lookups: each has a length limit by field name, wherever it appears in a
 request (nested messages included). Past it the call gets INVALID_ARGUMENT naming the
 field and the limit. Free text with its own bound elsewhere (a prompt, bounded by the
-model's context) and map keys (never echoed) are not listed.
+model's context; an admin call's reason, ``admin.max_reason_chars``) and map keys (never
+echoed) are not listed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ MAX_BYTES: dict[str, int] = {
     "datatype": 16,
     "id": 256,
     "request_id": 256,
-    "reason": 1024,
     "stop_sequences": 256,
 }
 """Longest value (UTF-8 bytes) of string fields with these names, in any request message."""

@@ -23,9 +23,11 @@ from sluice.shadow import Shadower
 from sluice.tracing import Tracing
 from sluice.transport import interceptors
 from sluice.transport.health import HealthServicer
+from sluice.transport.interceptors.auth import AdminAccess
 from sluice.transport.servicers.generation import GenerationServicer
 from sluice.transport.servicers.inference import InferenceServicer
 from sluice.transport.servicers.models import ModelServicer
+from sluice.transport.tls import CertificateFiles
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_api.sluice.v1 import generation_service_pb2 as gen_pb
@@ -47,6 +49,11 @@ def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.Value
         if serving
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
+
+
+def _bind_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (``[::1]:8001``)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 @dataclass(eq=False)
@@ -119,8 +126,12 @@ async def create_server(
     clock: Clock,
     tracing: Tracing | None = None,
 ) -> SluiceServer:
-    """Build, bind and start the server; models load afterwards (health NOT_SERVING)."""
+    """Build, bind and start the server; models load afterwards (health NOT_SERVING).
+
+    Raises ConfigError when the TLS files do not load."""
     tracing = tracing or Tracing.off()
+    certificates = CertificateFiles(settings.tls) if settings.tls.enabled else None
+    admin = AdminAccess.from_settings(settings)
     admission = AdmissionController(settings.admission, metrics)
     deadlines = DeadlinePolicy(settings.deadline, clock)
     shadow = Shadower(service, settings.shadow, metrics=metrics, clock=clock)
@@ -135,6 +146,7 @@ async def create_server(
             metrics=metrics,
             clock=clock,
             tracing=tracing,
+            admin=admin,
         ),
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -148,7 +160,13 @@ async def create_server(
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     models_pb_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        ModelServicer(service, service.capabilities, shadow=shadow), server
+        ModelServicer(
+            service,
+            service.capabilities,
+            shadow=shadow,
+            max_reason_chars=settings.admin.max_reason_chars,
+        ),
+        server,
     )
     gen_pb_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
         GenerationServicer(
@@ -178,8 +196,14 @@ async def create_server(
                 await health_servicer.set(name, _status(service.ready))
 
     service.add_readiness_listener(on_readiness)
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = _bind_address(settings.host, settings.grpc_port)
+    if certificates is None:
+        port = server.add_insecure_port(address)
+    else:  # TLS only: no plaintext port
+        port = server.add_secure_port(address, certificates.credentials())
     await server.start()
-    log.info("gRPC listening on %s:%d", settings.host, port)
+    transport = "plaintext" if certificates is None else certificates.describe()
+    log.info("gRPC listening on %s:%d (%s)", settings.host, port, transport)
+    log.info("admin plane: %s", admin.describe())
     prober = HealthProber(service, settings.probe, clock)
     return SluiceServer(server, port, service, health_servicer, admission, servicer, prober, shadow)

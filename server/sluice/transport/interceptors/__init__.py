@@ -14,7 +14,7 @@ from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.interceptors._wrap import Chain
 from sluice.transport.interceptors.admission import AdmissionInterceptor
-from sluice.transport.interceptors.auth import AuthInterceptor
+from sluice.transport.interceptors.auth import AdminAccess, AuthInterceptor
 from sluice.transport.interceptors.breaker import BreakerInterceptor
 from sluice.transport.interceptors.deadline import DeadlineInterceptor
 from sluice.transport.interceptors.decode import DecodeInterceptor
@@ -32,6 +32,7 @@ def build(
     metrics: Metrics,
     clock: Clock,
     tracing: Tracing,
+    admin: AdminAccess,
 ) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors in execution order, outermost first (run as one chain)."""
     return [
@@ -40,7 +41,7 @@ def build(
                 TelemetryInterceptor(metrics, service, clock=clock, tracing=tracing),
                 ErrorInterceptor(),
                 DecodeInterceptor(),
-                AuthInterceptor(settings.admin),
+                AuthInterceptor(admin),
                 DeadlineInterceptor(deadlines, metrics),
                 AdmissionInterceptor(
                     admission, tenant_key=settings.admission.tenant_metadata_key, tracing=tracing
