@@ -181,6 +181,11 @@ class LifecycleSettings(_Section):
     """Longest an unload waits for the version's in-flight calls before releasing it."""
     warm_up_timeout_s: float = Field(60.0, gt=0)
     """A newly loaded version must answer a real test inference within this to serve."""
+    replace_failed_serving_version: bool = False
+    """When the version the serving pointer names cannot be loaded (its folder is gone or it
+    fails to load): True promotes the highest loaded version in its place (a promote by
+    ``sluice`` in the history, with the reason); False leaves the pointer alone, and calls
+    that name no version fail with UNAVAILABLE until it loads or another is promoted."""
 
 
 class AdminSettings(_Section):
