@@ -24,7 +24,7 @@ from sluice_client.aio import AsyncClient
 from sluice_client.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from tests.conftest import RunningServer, StartServer
 from tests.test_cli import sluice
-from tests.test_drain import processes, start_process  # noqa: F401 (a fixture)
+from tests.test_drain import start_process
 
 MLP_INPUT = {"input": np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)}
 

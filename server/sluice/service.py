@@ -104,7 +104,8 @@ class ModelEntry:
         """Why calls that name no version cannot be served now."""
         version = self.serving_version
         if version in self.unhealthy:
-            return f"its serving version {version} failed its health probe: {self.unhealthy[version]}"
+            why = self.unhealthy[version]
+            return f"its serving version {version} failed its health probe: {why}"
         if version in self.failures:
             return f"its serving version {version} failed to load: {self.failures[version]}"
         if version:
@@ -235,9 +236,7 @@ class InferenceService:
             return versions
         if (self._repository / entry.name / serving).is_dir():
             return [*versions, serving]
-        entry.failures[serving] = (
-            f"its folder {self._repository / entry.name / serving} is gone"
-        )
+        entry.failures[serving] = f"its folder {self._repository / entry.name / serving} is gone"
         return versions
 
     async def unload(self, name: str, *, who: str = "sluice", reason: str = "") -> None:

@@ -87,13 +87,15 @@ class ExecutorSettings(_Section):
 
 class RetrySettings(_Section):
     max_attempts: int = Field(3, ge=1)
-    """Attempts per call, the first included, across its fallback chain."""
+    """Attempts per call, the first included, not counting its fallbacks (each candidate of
+    the chain is tried once before any is retried; the chain's length bounds those)."""
     initial_backoff_ms: float = Field(5.0, ge=0)
     """Upper bound of the first retry's random (full jitter) back-off."""
     max_backoff_ms: float = Field(200.0, ge=0)
     """Cap of the exponential back-off."""
     budget_ratio: float = Field(0.2, ge=0, le=1)
-    """Retries allowed as a fraction of the calls seen in the window (a retry budget)."""
+    """Retries allowed as a fraction of the calls to the same name seen in the window (a
+    retry budget). A fallback that answers costs nothing; one that fails too is charged."""
     budget_min_retries: int = Field(3, ge=0)
     """Retries always allowed per window, so a quiet server can still retry."""
     budget_window_s: float = Field(10.0, gt=0)
