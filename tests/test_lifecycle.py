@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
@@ -20,6 +21,8 @@ from sluice.lifecycle import HISTORY_FILE, POINTER_FILE, ModelState
 from sluice.settings import AdminSettings
 from sluice.transport.interceptors._wrap import CallInfo
 from sluice.transport.interceptors.auth import AuthInterceptor
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_client.aio import AsyncClient
 from sluice_client.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from tests.conftest import RunningServer, StartServer
@@ -226,6 +229,35 @@ async def test_a_crash_inside_a_promote_restarts_on_the_promoted_version(
     await first.server.drain(0)
     (state / "mlp" / lost).write_bytes(before_promote)
     await _restart_serves_1(start_server, example_repository, state)
+
+
+async def test_no_load_changes_what_serves(
+    lifecycle_server: RunningServer, example_repository: Path
+) -> None:
+    await _roll_back_to_1(lifecycle_server)
+    shutil.copytree(example_repository / "mlp" / "2", example_repository / "mlp" / "3")
+    async with AsyncClient(lifecycle_server.address) as client:
+        assert await client.rescan() == (["mlp/3"], [])
+        assert await serving(client) == "1"
+        async with grpc.aio.insecure_channel(lifecycle_server.address) as channel:
+            await pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(model_name="mlp")
+            )
+        # The reload loads what the policy selects (3) and the serving version (1).
+        assert await serving(client) == "1"
+        assert sorted(m.version for m in await client.list_models() if m.name == "mlp") == [
+            "1",
+            "3",
+        ]
+        assert (await client.infer("mlp", MLP_INPUT)).version == "1"
+        history = await client.history("mlp")
+    assert [(e.action, e.to_version) for e in history] == [
+        ("promote", "2"),
+        ("load", "1"),
+        ("promote", "1"),
+        ("load", "3"),
+        ("load", ""),
+    ]
 
 
 async def _until_ready(client: AsyncClient) -> None:

@@ -115,6 +115,8 @@ class _Walk:
 
     chain: list[FallbackTarget]
     budget: RetryBudget
+    #: The first candidate's version is the caller's (any string), not the config's.
+    caller_version: bool
     tried: set[int] = field(default_factory=set)
     errors: list[SluiceError] = field(default_factory=list)
     #: Candidates passed over, by index: (metric reason, why).
@@ -514,7 +516,7 @@ class Router:
         if budget is None:
             budget = self._budgets[key] = RetryBudget(self._settings, self._clock)
         budget.record_call()
-        return _Walk(self.chain(name, version), budget)
+        return _Walk(self.chain(name, version), budget, caller_version=name not in self._aliases)
 
     def _usable(self, name: str, walk: _Walk, index: int, deadline: float | None) -> bool:
         target = walk.chain[index]
@@ -547,10 +549,12 @@ class Router:
         if index in walk.skipped:
             return
         walk.skipped[index] = (reason, why)
-        label = _label(walk.chain[index])
-        walk.unlogged.append(f"{label}: {reason}")
+        target = walk.chain[index]
+        walk.unlogged.append(f"{_label(target)}: {reason}")
         if why.transient:  # an unknown model or version is the caller's mistake, not a skip
-            self._metrics.fallback_skipped.labels(name, label, reason).inc()
+            if index == 0 and walk.caller_version:  # never a label value a caller made up
+                target = target.model_copy(update={"version": ""})
+            self._metrics.fallback_skipped.labels(name, _label(target), reason).inc()
 
     def _learn(self, result: InferResult, seconds: float) -> None:
         for key in ((result.model, result.version), (result.model, "")):
