@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -115,3 +116,15 @@ async def start_server() -> AsyncIterator[StartServer]:
 async def server(start_server: StartServer) -> RunningServer:
     """The example models, default settings."""
     return await start_server()
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """Server processes a test starts; any still running when it ends (a failed test) is
+    killed, so no server outlives its test."""
+    started: list[asyncio.subprocess.Process] = []
+    yield started
+    for proc in started:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

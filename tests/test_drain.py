@@ -58,18 +58,6 @@ def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """Server processes a test starts; any still running when it ends (a failed test) is
-    killed, so no server outlives its test."""
-    started: list[asyncio.subprocess.Process] = []
-    yield started
-    for proc in started:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
 async def start_process(
     repository: Path, extra_env: dict[str, str], processes: list[asyncio.subprocess.Process]
 ) -> tuple[asyncio.subprocess.Process, int, list[bytes]]:

@@ -20,7 +20,18 @@ from opentelemetry import trace
 from sluice.transport import callctx
 
 #: The optional per-record fields a call site may set (through ``fields``).
-FIELDS = ("model", "version", "backend", "outcome", "method", "code", "latency_ms", "attempt")
+FIELDS = (
+    "model",
+    "version",
+    "backend",
+    "outcome",
+    "method",
+    "code",
+    "latency_ms",
+    "attempt",
+    "skipped",
+    "next",
+)
 _EXTRA_KEY = "sluice_fields"
 
 

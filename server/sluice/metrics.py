@@ -131,8 +131,16 @@ class Metrics:
         )
         self.fallbacks = Counter(
             "sluice_fallbacks",
-            "Calls answered by a fallback candidate, by name and target.",
+            "Calls answered by a fallback candidate, by the name called and the target that "
+            "answered (model/version).",
             ["model", "target"],
+            registry=r,
+        )
+        self.fallback_skipped = Counter(
+            "sluice_fallback_skipped",
+            "Candidates of a call's chain passed over, by the name called, the candidate "
+            "(model[/version][@backend]) and why: breaker, health, deadline, budget.",
+            ["model", "target", "reason"],
             registry=r,
         )
         self.model_ready = Gauge(

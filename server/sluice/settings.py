@@ -100,13 +100,15 @@ class ExecutorSettings(_Section):
 
 class RetrySettings(_Section):
     max_attempts: int = Field(3, ge=1)
-    """Attempts per call, the first included, across its fallback chain."""
+    """Attempts per call, the first included, not counting its fallbacks (each candidate of
+    the chain is tried once before any is retried; the chain's length bounds those)."""
     initial_backoff_ms: float = Field(5.0, ge=0)
     """Upper bound of the first retry's random (full jitter) back-off."""
     max_backoff_ms: float = Field(200.0, ge=0)
     """Cap of the exponential back-off."""
     budget_ratio: float = Field(0.2, ge=0, le=1)
-    """Retries allowed as a fraction of the calls seen in the window (a retry budget)."""
+    """Retries allowed as a fraction of the calls to the same name seen in the window (a
+    retry budget). A fallback that answers costs nothing; one that fails too is charged."""
     budget_min_retries: int = Field(3, ge=0)
     """Retries always allowed per window, so a quiet server can still retry."""
     budget_window_s: float = Field(10.0, gt=0)
@@ -198,6 +200,11 @@ class LifecycleSettings(_Section):
     """Longest an unload waits for the version's in-flight calls before releasing it."""
     warm_up_timeout_s: float = Field(60.0, gt=0)
     """A newly loaded version must answer a real test inference within this to serve."""
+    replace_failed_serving_version: bool = False
+    """When the version the serving pointer names cannot be loaded (its folder is gone or it
+    fails to load): True promotes the highest loaded version in its place (a promote by
+    ``sluice`` in the history, with the reason); False leaves the pointer alone, and calls
+    that name no version fail with UNAVAILABLE until it loads or another is promoted."""
 
 
 class TLSSettings(_Section):
