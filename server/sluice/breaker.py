@@ -18,7 +18,8 @@ from datetime import UTC, datetime, timedelta
 
 import pybreaker
 
-from sluice.breaker_state import BreakerStore, Clock, MemoryBreakerStore
+from sluice.breaker_state import BreakerStore, MemoryBreakerStore
+from sluice.clock import Clock
 from sluice.errors import BreakerOpenError, ExecutorError
 from sluice.settings import BreakerSettings
 

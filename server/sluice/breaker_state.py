@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import pybreaker
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sluice.clock import Clock, WallClock
 from sluice.errors import ConfigError
 from sluice.files import write_atomically
 from sluice.settings import BreakerSettings
@@ -39,11 +40,6 @@ if TYPE_CHECKING:
     import redis  # type: ignore[import-not-found, unused-ignore]
 
 log = logging.getLogger(__name__)
-
-Clock = Callable[[], float]
-"""A monotonic clock, in seconds."""
-WallClock = Callable[[], float]
-"""Seconds since the Unix epoch (``time.time``)."""
 
 StateName = Literal["closed", "half-open", "open"]
 

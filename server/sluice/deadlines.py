@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from sluice.clock import Clock
 from sluice.errors import DeadlineExceededError
 from sluice.settings import DeadlineSettings
-
-Clock = Callable[[], float]
 
 
 class DeadlinePolicy:

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sluice.batching.dynamic import Clock, DynamicBatcher
+from sluice.batching.dynamic import DynamicBatcher
 from sluice.breaker import BackendBreaker
 from sluice.breaker_state import BreakerStore
+from sluice.clock import Clock
 from sluice.errors import ConfigError, SluiceError
 from sluice.executors.base import Executor, LoadOptions
 from sluice.executors.capabilities import BackendPlan, Candidate, Capabilities

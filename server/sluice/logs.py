@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from opentelemetry import trace
 
-from sluice.transport import callctx
+from sluice import callctx
 
 #: The optional per-record fields a call site may set (through ``fields``).
 FIELDS = (

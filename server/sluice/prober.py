@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 
+from sluice.clock import Clock
 from sluice.errors import SluiceError
 from sluice.loader import ModelVersion
 from sluice.service import InferenceService
@@ -20,8 +20,6 @@ from sluice.settings import ProbeSettings
 from sluice.tensors import probe_inputs
 
 log = logging.getLogger(__name__)
-
-Clock = Callable[[], float]
 
 
 class HealthProber:

@@ -30,6 +30,7 @@ from opentelemetry.trace import Span
 
 from sluice import logs
 from sluice.admission import Ticket
+from sluice.clock import Clock
 from sluice.errors import (
     BreakerOpenError,
     ContextOverflowError,
@@ -57,7 +58,6 @@ from sluice.tracing import Attributes, Tracing, current_again, record_decode_sum
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 
 _EWMA_WEIGHT = 0.2
 

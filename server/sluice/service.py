@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sluice.admission import Ticket
-from sluice.batching.dynamic import Clock
 from sluice.breaker_state import open_breaker_store
+from sluice.clock import Clock
 from sluice.errors import (
     BreakerOpenError,
     ConfigError,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sluice.clock import Clock
 from sluice.errors import ModelNotFoundError, SluiceError
 from sluice.generation.generate import Chunk
 from sluice.generation.sampling import SamplingParams
@@ -42,8 +43,6 @@ from sluice.settings import ShadowSettings
 from sluice.tensors import Array, InferRequest, InferResult, OutputTensor
 
 log = logging.getLogger(__name__)
-
-Clock = Callable[[], float]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,13 +14,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from sluice.breaker import BackendBreaker
+from sluice.clock import Clock
 from sluice.errors import (
     DeadlineExceededError,
     ExecutorError,
@@ -35,8 +36,6 @@ from sluice.tensors import Array
 from sluice.tracing import Context, Tracing, now_ns
 
 log = logging.getLogger(__name__)
-
-Clock = Callable[[], float]
 
 
 class BatchObserver(Protocol):

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from sluice.admission import Ticket
+from sluice.clock import Clock
 from sluice.errors import ConfigError, InvalidInputError, SluiceError
 from sluice.executors.base import DeclaredTensor, Executor, ExecutorFactory, LoadOptions
 from sluice.executors.faults import FaultConfig
 from sluice.generation.causal_lm import CausalLM
 from sluice.generation.sampling import SamplingParams
-from sluice.generation.scheduler import Clock, ContinuousBatcher, SchedulerLimits
+from sluice.generation.scheduler import ContinuousBatcher, SchedulerLimits
 from sluice.generation.tokenizer import TOKENIZER_FILE, Tokenizer
 from sluice.tensors import Array
 

@@ -28,12 +28,13 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
 import torch
 
+from sluice.clock import Clock
 from sluice.errors import (
     ContextOverflowError,
     DeadlineExceededError,
@@ -54,7 +55,6 @@ from sluice.threads import join_thread
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 
 _IDLE_WAIT_S = 1.0
 """Longest the idle engine sleeps before it looks at deadlines again."""

@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sluice.admission import AdmissionController
-from sluice.batching.dynamic import Clock
+from sluice.clock import Clock
 from sluice.deadlines import DeadlinePolicy
 from sluice.metrics import Metrics
 from sluice.prober import HealthProber

@@ -8,7 +8,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from sluice import errors
-from sluice.transport.callctx import PUSHBACK_KEY, REQUEST_ID_KEY
+from sluice.callctx import PUSHBACK_KEY, REQUEST_ID_KEY
 
 STATUS_BY_ERROR: dict[type[errors.SluiceError], grpc.StatusCode] = {
     errors.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from sluice.admission import AdmissionController
-from sluice.batching.dynamic import Clock
+from sluice.clock import Clock
 from sluice.deadlines import DeadlinePolicy
 from sluice.metrics import Metrics
 from sluice.routing import Router

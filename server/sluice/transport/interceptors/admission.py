@@ -19,9 +19,9 @@ from typing import Any
 
 import grpc
 
+from sluice import callctx
 from sluice.admission import AdmissionController
 from sluice.tracing import Tracing
-from sluice.transport import callctx
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
 
 # Streams (ModelStreamInfer, GenerateStream) admit each request they carry themselves.

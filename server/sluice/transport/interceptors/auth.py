@@ -23,9 +23,9 @@ from typing import Any
 
 import grpc
 
+from sluice import callctx
 from sluice.errors import PermissionDeniedError
 from sluice.settings import Settings
-from sluice.transport import callctx
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
 
 ADMIN_METHODS = frozenset(

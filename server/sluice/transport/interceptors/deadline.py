@@ -15,10 +15,11 @@ from typing import Any
 
 import grpc
 
+from sluice import callctx
 from sluice.deadlines import DeadlinePolicy
 from sluice.errors import DeadlineExceededError
 from sluice.metrics import Metrics
-from sluice.transport import callctx, convert
+from sluice.transport import convert
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
 from sluice_api.inference import grpc_service_pb2 as pb
 

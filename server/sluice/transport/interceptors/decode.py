@@ -16,8 +16,8 @@ from typing import Any
 
 import grpc
 
+from sluice import callctx
 from sluice.errors import InvalidInputError
-from sluice.transport import callctx
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
 from sluice.transport.limits import MAX_REQUEST_ID_CHARS, valid_request_id
 

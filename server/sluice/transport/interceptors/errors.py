@@ -13,8 +13,8 @@ from typing import Any
 
 import grpc
 
+from sluice import callctx
 from sluice.errors import SluiceError
-from sluice.transport import callctx
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
 from sluice.transport.status import message_for, status_for, trailers_for
 

@@ -14,11 +14,11 @@ from typing import Any
 import grpc
 from opentelemetry.trace import Span, Status, StatusCode
 
-from sluice.batching.dynamic import Clock
+from sluice import callctx
+from sluice.clock import Clock
 from sluice.metrics import Metrics
 from sluice.service import InferenceService
 from sluice.tracing import UNTRACED, Tracing
-from sluice.transport import callctx
 from sluice.transport.interceptors._wrap import OPERATIONAL_SERVICES, CallInfo, Interceptor
 from sluice.transport.limits import valid_request_id
 

@@ -7,12 +7,12 @@ from typing import Any
 
 import grpc
 
+from sluice import callctx
 from sluice.admission import AdmissionController
 from sluice.deadlines import DeadlinePolicy
 from sluice.routing import Router
 from sluice.service import InferenceService
 from sluice.settings import Settings
-from sluice.transport import callctx
 from sluice.transport.generation_convert import generate_response, generation_request
 from sluice.transport.servicers.generation_session import GenerationSession
 from sluice_api.sluice.v1 import generation_service_pb2 as gen

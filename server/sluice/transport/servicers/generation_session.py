@@ -21,13 +21,12 @@ from typing import Any
 
 import grpc
 
-from sluice import logs
+from sluice import callctx, logs
 from sluice.admission import AdmissionController
 from sluice.deadlines import DeadlinePolicy
 from sluice.errors import DeadlineExceededError, DrainingError, InvalidInputError, SluiceError
 from sluice.generation.generate import FinishReason
 from sluice.routing import RoutedGeneration, Router
-from sluice.transport import callctx
 from sluice.transport.generation_convert import generate_response, generation_request
 from sluice.transport.servicers.reading import read_failure
 from sluice.transport.status import message_for, status_for

@@ -7,14 +7,14 @@ from typing import Any
 
 import grpc
 
-from sluice import __version__
+from sluice import __version__, callctx
 from sluice.admission import AdmissionController
 from sluice.deadlines import DeadlinePolicy
 from sluice.errors import UnsupportedError
 from sluice.routing import Router
 from sluice.service import InferenceService
 from sluice.settings import Settings
-from sluice.transport import callctx, convert
+from sluice.transport import convert
 from sluice.transport.servicers.stream import StreamInferSession
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc

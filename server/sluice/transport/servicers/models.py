@@ -6,11 +6,11 @@ from typing import Any
 
 import grpc
 
+from sluice import callctx
 from sluice.errors import InvalidInputError
 from sluice.executors.capabilities import Capabilities
 from sluice.service import READY, IndexEntry, InferenceService
 from sluice.shadow import Shadower, ShadowReport
-from sluice.transport import callctx
 from sluice_api.sluice.v1 import model_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2_grpc as pb_grpc
 

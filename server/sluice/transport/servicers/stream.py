@@ -38,11 +38,12 @@ from typing import Any
 
 import grpc
 
+from sluice import callctx
 from sluice.admission import AdmissionController, Ticket
 from sluice.deadlines import DeadlinePolicy
 from sluice.errors import DeadlineExceededError, DrainingError, SluiceError
 from sluice.routing import Router
-from sluice.transport import callctx, convert
+from sluice.transport import convert
 from sluice.transport.servicers.decoupled import DecoupledReplies, Reply, error_reply
 from sluice.transport.servicers.reading import read_failure
 from sluice.transport.status import message_for, status_for, trailers_for

@@ -1,4 +1,7 @@
-"""Per-call values that interceptors set and servicers read (task-local context)."""
+"""Per-call values (task-local context): the transport's interceptors set them, servicers
+read them and hand them to the core, and log records carry the request id.
+
+They live outside ``transport/`` because the layers below read them too (``logs``)."""
 
 from __future__ import annotations
 
