@@ -101,9 +101,11 @@ def server_for(variant: str, repo: Path, work: Path, base: Path | None, sink_por
 def metrics_cost_us() -> dict[str, float]:
     """Microseconds of metric updates per ModelInfer call, timed in-process."""
     from sluice.metrics import Metrics
+    from sluice.stats import BatchRun, ModelStats
 
     metrics = Metrics()
-    batch = metrics.batch_observer("mlp", "1")
+    batch = metrics.batch_observer("mlp", "1", stats=ModelStats())
+    run = BatchRun(rows=(1,) * 8, queue_s=(0.0001,) * 8, input_s=0.0, infer_s=0.001, output_s=0.0)
     requests = metrics.requests
     seconds = metrics.request_seconds
 
@@ -118,7 +120,7 @@ def metrics_cost_us() -> dict[str, float]:
         metrics.inflight.set(2)
 
     def one_batch() -> None:
-        batch.batch_done(size=8, queue_s=[0.0001] * 8, compute_s=0.001)
+        batch.batch_done(run)
 
     n = 20000
     per_call = min(timeit.repeat(one_call, number=n, repeat=5)) / n * 1e6

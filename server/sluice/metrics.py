@@ -11,6 +11,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from sluice.stats import BatchRun, ModelStats
+
 _LATENCY_BUCKETS = (
     0.0002,
     0.0005,
@@ -237,8 +239,9 @@ class Metrics:
             registry=r,
         )
 
-    def batch_observer(self, model: str, version: str) -> BatchMetrics:
-        return BatchMetrics(self, model, version)
+    def batch_observer(self, model: str, version: str, *, stats: ModelStats) -> BatchMetrics:
+        """What one version's batcher reports to: these metrics and its ``stats``."""
+        return BatchMetrics(self, model, version, stats)
 
     def set_breaker_state(self, model: str, version: str, backend: str, state: str) -> None:
         self.breaker_state.labels(model, version, backend).set(_BREAKER_STATES.get(state, -1))
@@ -274,7 +277,8 @@ class MetricsEndpoint:
 
 
 class BatchMetrics:
-    """The batcher's view of the metrics for one model version (label children bound once)."""
+    """What one model version's batcher measures goes here: the Prometheus metrics (label
+    children bound once) and the version's statistics (the ModelStatistics RPC)."""
 
     __slots__ = (
         "_batch",
@@ -284,11 +288,13 @@ class BatchMetrics:
         "_queue",
         "metrics",
         "model",
+        "stats",
         "version",
     )
 
-    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+    def __init__(self, metrics: Metrics, model: str, version: str, stats: ModelStats) -> None:
         self.metrics = metrics
+        self.stats = stats
         self.model = model
         self.version = version
         self._depth = metrics.queue_depth.labels(model, version)
@@ -303,13 +309,15 @@ class BatchMetrics:
     def inflight(self, delta: int) -> None:
         self._inflight.inc(delta)
 
-    def batch_done(self, *, size: int, queue_s: list[float], compute_s: float) -> None:
-        self._batch.observe(size)
-        self._compute.observe(compute_s)
-        for waited in queue_s:
+    def batch_done(self, run: BatchRun) -> None:
+        self.stats.record_run(run)
+        self._batch.observe(run.size)
+        self._compute.observe(run.infer_s)
+        for waited in run.queue_s:
             self._queue.observe(waited)
 
     def dropped(self, reason: str) -> None:
+        self.stats.dropped += 1
         self.metrics.dropped.labels(self.model, self.version, reason).inc()
 
 

@@ -27,6 +27,26 @@ class BatchStats:
     compute_output: Duration = field(default_factory=Duration)
 
 
+@dataclass(frozen=True, slots=True)
+class BatchRun:
+    """One executor run as the dynamic batcher measured it."""
+
+    rows: tuple[int, ...]
+    """Each request's rows, in the batch's order."""
+    queue_s: tuple[float, ...]
+    """How long each request waited in the queue."""
+    input_s: float
+    """Building the batch's inputs."""
+    infer_s: float
+    """The executor's run."""
+    output_s: float
+    """Handing each request its rows of the outputs."""
+
+    @property
+    def size(self) -> int:
+        return sum(self.rows)
+
+
 @dataclass(slots=True)
 class ModelStats:
     last_inference_ms: int = 0
@@ -39,17 +59,32 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     dropped: int = 0
+    """Requests the batcher dropped without running them (queue full, caller gone, deadline
+    passed), as ``sluice_dropped_requests_total`` counts them."""
     batches: dict[int, BatchStats] = field(default_factory=dict)
 
-    def record_batch(self, *, size: int, input_s: float, infer_s: float, output_s: float) -> None:
-        """One executor run of ``size`` rows; per-request shares are added by the caller."""
+    def record_run(self, run: BatchRun) -> None:
+        """One successful executor run and each request's share of it."""
+        self._record_batch(
+            size=run.size, input_s=run.input_s, infer_s=run.infer_s, output_s=run.output_s
+        )
+        for rows, waited in zip(run.rows, run.queue_s, strict=True):
+            self._record_request(
+                rows=rows,
+                queue_s=waited,
+                input_s=run.input_s,
+                infer_s=run.infer_s,
+                output_s=run.output_s,
+            )
+
+    def _record_batch(self, *, size: int, input_s: float, infer_s: float, output_s: float) -> None:
         self.execution_count += 1
         batch = self.batches.setdefault(size, BatchStats())
         batch.compute_input.add(input_s)
         batch.compute_infer.add(infer_s)
         batch.compute_output.add(output_s)
 
-    def record_request(
+    def _record_request(
         self,
         *,
         rows: int,
@@ -58,7 +93,6 @@ class ModelStats:
         infer_s: float,
         output_s: float,
     ) -> None:
-        """One request's share of a successful batch (counted as it leaves the queue)."""
         self.inference_count += rows
         self.queue.add(queue_s)
         self.compute_input.add(input_s)
@@ -69,8 +103,8 @@ class ModelStats:
     def record_unbatched(self, *, queue_s: float, infer_s: float) -> None:
         """A request that ran alone, outside the dynamic batcher (a generation): one
         execution of one row."""
-        self.record_batch(size=1, input_s=0.0, infer_s=queue_s + infer_s, output_s=0.0)
-        self.record_request(rows=1, queue_s=queue_s, input_s=0.0, infer_s=infer_s, output_s=0.0)
+        self._record_batch(size=1, input_s=0.0, infer_s=queue_s + infer_s, output_s=0.0)
+        self._record_request(rows=1, queue_s=queue_s, input_s=0.0, infer_s=infer_s, output_s=0.0)
 
     def record_end(self, *, ok: bool, seconds: float) -> None:
         (self.success if ok else self.fail).add(seconds)

@@ -39,7 +39,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -263,30 +263,33 @@ class Tracing:
             leaf=True,
         )
 
-    def record_queue_wait(
-        self, parent: Context | None, *, start_ns: int, attributes: Attributes | None = None
-    ) -> None:
-        """A finished ``sluice.queue_wait`` span from ``start_ns`` (``time.time_ns``) to now."""
-        if self._tracer is None or parent is None:
+    def record_queue_waits(self, waits: Iterable[tuple[Context | None, int]]) -> None:
+        """A finished ``sluice.queue_wait`` span for each (request context, start in
+        ``time.time_ns``), ending now; nothing while tracing is off."""
+        if self._tracer is None:
             return
-        span = self._tracer.start_span(
-            "sluice.queue_wait", parent, attributes=attributes, start_time=start_ns
-        )
-        span.end()
+        for parent, start_ns in waits:
+            if parent is not None:
+                self._tracer.start_span("sluice.queue_wait", parent, start_time=start_ns).end()
 
     def batch_span(
-        self, requests: Sequence[Context | None], attributes: Attributes
+        self, requests: Iterable[Context | None], attributes: Attributes, *, rows: int
     ) -> contextlib.AbstractContextManager[Span]:
-        """One executor run: a root span linked to the span of every request in the batch."""
+        """One executor run of ``rows`` rows: a root span linked to the span of every request
+        in the batch (``requests``: their captured contexts)."""
         if self._tracer is None:
             return _OFF
-        links = [
-            Link(trace.get_current_span(ctx).get_span_context())
-            for ctx in requests
-            if ctx is not None
-        ]
+        contexts = [ctx for ctx in requests if ctx is not None]
+        links = [Link(trace.get_current_span(ctx).get_span_context()) for ctx in contexts]
         span = self._tracer.start_span(
-            "sluice.batch", Context(), links=links, attributes=attributes
+            "sluice.batch",
+            Context(),
+            links=links,
+            attributes={
+                **attributes,
+                "sluice.batch.size": rows,
+                "sluice.batch.requests": len(contexts),
+            },
         )
         return self._ended(span)
 

@@ -6,6 +6,10 @@ rows; with ``max_queue_delay_us`` it may first wait a little for more (a preferr
 the wait). Requests whose caller has gone or whose deadline has passed are dropped before
 they reach the executor. A batch the backend rejects as bad input is re-run one request at a
 time, so one bad request never fails its neighbours.
+
+How inputs become a batch and outputs become answers is ``batching.arithmetic``; what the
+batcher measures (queue depth, drops, each run's timings) goes to its ``BatchObserver``
+only.
 """
 
 from __future__ import annotations
@@ -18,8 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
-
+from sluice.batching import arithmetic
 from sluice.breaker import BackendBreaker
 from sluice.clock import Clock
 from sluice.errors import (
@@ -31,7 +34,7 @@ from sluice.errors import (
 )
 from sluice.executors.base import Executor
 from sluice.repository import BatchingPolicy
-from sluice.stats import ModelStats
+from sluice.stats import BatchRun
 from sluice.tensors import Array
 from sluice.tracing import Context, Tracing, now_ns
 
@@ -39,11 +42,11 @@ log = logging.getLogger(__name__)
 
 
 class BatchObserver(Protocol):
-    """Receives what the batcher measures (metrics live in the transport's registry)."""
+    """Receives everything the batcher measures (metrics and the version's statistics)."""
 
     def queue_depth(self, depth: int) -> None: ...
     def inflight(self, delta: int) -> None: ...
-    def batch_done(self, *, size: int, queue_s: list[float], compute_s: float) -> None: ...
+    def batch_done(self, run: BatchRun) -> None: ...
     def dropped(self, reason: str) -> None: ...
 
 
@@ -51,20 +54,13 @@ class BatchObserver(Protocol):
 class _Pending:
     inputs: Mapping[str, Array]
     rows: int
-    signature: tuple[object, ...]
+    signature: arithmetic.Signature
     deadline: float | None
     enqueued_at: float
     future: asyncio.Future[dict[str, Array]] = field(repr=False)
     #: The caller's trace context and enqueue time (wall clock, ns) while tracing is on.
     trace: Context | None = field(default=None, repr=False)
     enqueued_ns: int = 0
-
-
-def _signature(inputs: Mapping[str, Array], batched: bool) -> tuple[object, ...]:
-    return tuple(
-        (name, array.dtype.str, array.shape[1:] if batched else array.shape)
-        for name, array in sorted(inputs.items())
-    )
 
 
 class DynamicBatcher:
@@ -76,7 +72,6 @@ class DynamicBatcher:
         policy: BatchingPolicy,
         batched: bool,
         breaker: BackendBreaker,
-        stats: ModelStats,
         observer: BatchObserver,
         instance_count: int = 1,
         pushback_ms: int = 50,
@@ -90,7 +85,6 @@ class DynamicBatcher:
         self._policy = policy
         self._batched = batched
         self._breaker = breaker
-        self._stats = stats
         self._observer = observer
         self._pushback_ms = pushback_ms
         self._max_execution_s = max_execution_s
@@ -123,17 +117,17 @@ class DynamicBatcher:
                 "retry after the suggested back-off",
                 retry_after_ms=self._pushback_ms,
             )
-        rows = next(iter(inputs.values())).shape[0] if self._batched and inputs else 1
+        trace = self._tracing.capture()
         pending = _Pending(
             inputs=inputs,
-            rows=rows,
-            signature=_signature(inputs, self._batched),
+            rows=arithmetic.rows(inputs, batched=self._batched),
+            signature=arithmetic.signature(inputs, batched=self._batched),
             deadline=deadline,
             enqueued_at=self._clock(),
             future=asyncio.get_running_loop().create_future(),
+            trace=trace,
+            enqueued_ns=0 if trace is None else now_ns(),
         )
-        if self._tracing.enabled:
-            pending.trace, pending.enqueued_ns = self._tracing.capture(), now_ns()
         self._queue.append(pending)
         self._observer.queue_depth(len(self._queue))
         self._observer.inflight(1)
@@ -254,7 +248,6 @@ class DynamicBatcher:
             self._observer.queue_depth(len(kept))
 
     def _count_drop(self, reason: str) -> None:
-        self._stats.dropped += 1
         self._observer.dropped(reason)
 
     # -- execution ------------------------------------------------------------------------
@@ -262,10 +255,7 @@ class DynamicBatcher:
     async def _execute(self, batch: list[_Pending]) -> None:
         started = self._clock()
         try:
-            if self._tracing.enabled:
-                outputs, input_s, infer_s = await self._run_traced(batch)
-            else:
-                outputs, input_s, infer_s = await self._run_batch(batch)
+            outputs, input_s, infer_s = await self._run_batch(batch)
         except InvalidInputError as exc:
             if len(batch) == 1:
                 _resolve_error(batch[0].future, exc)
@@ -278,48 +268,43 @@ class DynamicBatcher:
                 _resolve_error(pending.future, exc)
             return
         split_started = self._clock()
-        self._deliver(batch, outputs)
+        request_rows = [p.rows for p in batch]
+        for pending, part in zip(batch, arithmetic.split(outputs, request_rows), strict=True):
+            _resolve_result(pending.future, part)
         output_s = self._clock() - split_started
-        queue_s = [started - p.enqueued_at for p in batch]
-        size = sum(p.rows for p in batch)
-        self._stats.record_batch(size=size, input_s=input_s, infer_s=infer_s, output_s=output_s)
-        for pending, waited in zip(batch, queue_s, strict=True):
-            self._stats.record_request(
-                rows=pending.rows,
-                queue_s=waited,
+        self._observer.batch_done(
+            BatchRun(
+                rows=tuple(request_rows),
+                queue_s=tuple(started - p.enqueued_at for p in batch),
                 input_s=input_s,
                 infer_s=infer_s,
                 output_s=output_s,
             )
-        self._observer.batch_done(size=size, queue_s=queue_s, compute_s=infer_s)
-
-    async def _run_traced(self, batch: list[_Pending]) -> tuple[dict[str, Array], float, float]:
-        """``_run_batch`` in a ``sluice.batch`` span linked to its requests' spans, after a
-        ``sluice.queue_wait`` span for each of them."""
-        for pending in batch:  # its attempt span, the parent, says where it queued
-            self._tracing.record_queue_wait(pending.trace, start_ns=pending.enqueued_ns)
-        attributes: dict[str, str | int] = {
-            **self._span_attributes,
-            "sluice.batch.size": sum(p.rows for p in batch),
-            "sluice.batch.requests": len(batch),
-        }
-        with self._tracing.batch_span([p.trace for p in batch], attributes):
-            return await self._run_batch(batch)
+        )
 
     async def _run_batch(self, batch: list[_Pending]) -> tuple[dict[str, Array], float, float]:
-        t0 = self._clock()
-        if len(batch) == 1:
-            inputs = dict(batch[0].inputs)
-        else:
-            inputs = {
-                name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs
-            }
-        t1 = self._clock()
-        limit_s = self._execution_limit_s(batch)
+        """Run one batch in its ``sluice.batch`` span (linked to its requests' spans, after a
+        ``sluice.queue_wait`` span for each): its outputs, and the seconds spent building
+        its inputs and running it."""
+        rows = sum(p.rows for p in batch)
+        self._tracing.record_queue_waits((p.trace, p.enqueued_ns) for p in batch)
+        with self._tracing.batch_span((p.trace for p in batch), self._span_attributes, rows=rows):
+            t0 = self._clock()
+            inputs = arithmetic.merge([p.inputs for p in batch])
+            t1 = self._clock()
+            outputs = await self._run_executor(inputs, self._execution_limit_s(batch))
+            t2 = self._clock()
+            if self._batched:
+                arithmetic.check_rows(outputs, rows, model=self.name)
+        return outputs, t1 - t0, t2 - t1
+
+    async def _run_executor(self, inputs: dict[str, Array], limit_s: float) -> dict[str, Array]:
+        """The executor's run, guarded by the version's breaker; anything the backend does
+        wrong (a hang past ``limit_s``, an exception of its own) is a backend fault."""
         with self._breaker.calling():
             try:
                 async with asyncio.timeout(limit_s):
-                    outputs = await self._executor.run(inputs)
+                    return await self._executor.run(inputs)
             except TimeoutError as exc:  # a hung backend is a backend fault
                 raise ExecutorError(
                     f"model {self.name}: the backend did not finish a batch in {limit_s:.3f}s"
@@ -330,16 +315,6 @@ class DynamicBatcher:
                 raise ExecutorError(
                     f"model {self.name}: the backend raised {type(exc).__name__}"
                 ) from exc
-        t2 = self._clock()
-        rows = sum(p.rows for p in batch)
-        if self._batched:
-            wrong = [n for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != rows]
-            if wrong:
-                raise ExecutorError(
-                    f"model {self.name} returned output(s) {', '.join(wrong)} whose first "
-                    f"dimension is not the batch size {rows}"
-                )
-        return outputs, t1 - t0, t2 - t1
 
     def _execution_limit_s(self, batch: list[_Pending]) -> float:
         """How long a batch may run: until its last caller's deadline, at most the cap."""
@@ -347,16 +322,6 @@ class DynamicBatcher:
         if len(deadlines) < len(batch):
             return self._max_execution_s
         return max(0.0, min(self._max_execution_s, max(deadlines) - self._clock()))
-
-    def _deliver(self, batch: list[_Pending], outputs: dict[str, Array]) -> None:
-        if len(batch) == 1:
-            _resolve_result(batch[0].future, outputs)
-            return
-        offset = 0
-        for pending in batch:
-            stop = offset + pending.rows
-            _resolve_result(pending.future, {n: a[offset:stop] for n, a in outputs.items()})
-            offset = stop
 
 
 def _resolve_result(future: asyncio.Future[dict[str, Array]], value: dict[str, Array]) -> None:
