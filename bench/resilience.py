@@ -20,11 +20,11 @@ import numpy as np
 
 from sluice.app import EXAMPLE_REPOSITORY
 from sluice.breaker import BackendBreaker
+from sluice.domain import InferRequest, InferResult, InputTensor
 from sluice.metrics import Metrics
 from sluice.routing import Router
 from sluice.service import InferenceService
 from sluice.settings import BreakerSettings, Settings
-from sluice.tensors import InferRequest, InferResult, InputTensor
 
 ONES = np.ones((1, 16), dtype=np.int32).tobytes()
 

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sluice.errors import InvalidInputError, SluiceError
-from sluice.executors.causal_lm import text_request
 from sluice.generation.sampling import SamplingParams
+from sluice.generation.text import text_request
 from sluice.tensors import (
     IOSpec,
     TensorSpec,

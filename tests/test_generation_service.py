@@ -60,9 +60,9 @@ async def collect(call: grpc.aio.UnaryStreamCall) -> list[gen.GenerateResponse]:
 
 
 def stats(server: RunningServer, model: str = "tiny_llama") -> SchedulerStats:
-    generator = server.service.lookup(model).generator
-    assert generator is not None
-    return generator.stats
+    engine = server.service.lookup(model).engine
+    assert engine is not None
+    return engine.stats
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -141,7 +141,7 @@ async def test_a_client_that_goes_away_stops_its_decode_within_one_step(
     await until(lambda: counters.running == 0)
     assert counters.max_steps_after_cancel <= 1
     assert counters.tokens_generated < 170
-    assert server.service.lookup("tiny_llama").generator.lm.live_sequences == 0  # type: ignore[union-attr]
+    assert server.service.lookup("tiny_llama").engine.lm.live_sequences == 0  # type: ignore[union-attr]
 
 
 async def test_a_session_interleaves_generations_and_cancels_one(

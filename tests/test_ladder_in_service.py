@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sluice.domain import InferRequest, InputTensor
 from sluice.executors.capabilities import Capabilities
 from sluice.metrics import Metrics
 from sluice.service import InferenceService
 from sluice.settings import Settings
-from sluice.tensors import InferRequest, InputTensor
 from tests import models
 
 FAKE_GPU = Capabilities(

@@ -14,11 +14,11 @@ import grpc
 import numpy as np
 import pytest
 
+from sluice.domain import OutputTensor
 from sluice.errors import ConfigError
 from sluice.executors.registry import BackendRegistry
 from sluice.repository import read_config
 from sluice.shadow import Mismatch, compare_tensors, compare_tokens
-from sluice.tensors import OutputTensor
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_api.sluice.v1 import generation_service_pb2 as gen

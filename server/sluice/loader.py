@@ -1,7 +1,7 @@
 """Building and releasing model versions: the capability ladder's choice of backend, the
-executor, its breaker and its batcher (or, for generation models, its continuous batcher),
-the warm-up inference before a version may serve, and releasing all of it once the
-version's in-flight calls have finished.
+executor, its breaker and its batcher (and, for generation models, the engine the
+executor starts), the warm-up inference before a version may serve, and releasing all of
+it once the version's in-flight calls have finished.
 
 ``InferenceService`` decides which versions are loaded and which one serves; this module
 only knows how to make one and how to let it go.
@@ -24,12 +24,11 @@ from sluice.breaker import BackendBreaker
 from sluice.breaker_state import BreakerStore
 from sluice.clock import Clock
 from sluice.errors import ConfigError, SluiceError
-from sluice.executors.base import Executor, LoadOptions
+from sluice.executors.base import EngineOptions, Executor, FaultConfig, LoadOptions
 from sluice.executors.capabilities import BackendPlan, Candidate, Capabilities
-from sluice.executors.causal_lm import CausalLMExecutor
 from sluice.executors.faults import FaultyExecutor
 from sluice.executors.registry import BackendRegistry
-from sluice.generation.scheduler import ContinuousBatcher, SchedulerLimits
+from sluice.generation.engine import GenerationEngine, SchedulerLimits
 from sluice.metrics import Metrics
 from sluice.repository import ModelConfig, ModelSpec, resolve_batching, resolve_io
 from sluice.settings import Settings
@@ -47,8 +46,8 @@ class ModelVersion:
     batcher: DynamicBatcher
     breaker: BackendBreaker
     stats: ModelStats
-    #: Generation models: the continuous batcher their streams use.
-    generator: ContinuousBatcher | None = None
+    #: Generation models: the engine every generation of the version runs through.
+    engine: GenerationEngine | None = None
     #: Calls and streams running on this version; an unload waits for ``idle``.
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -126,15 +125,17 @@ class VersionLoader:
         self._metrics.model_load_seconds.labels(name, candidate.backend).observe(
             self._clock() - load_started
         )
-        generator = self._start_generator(executor, f"{name}/{version}", config)
-        faults = config.faults
-        if (
-            generator is None
-            and faults is not None
-            and faults.mode != "none"
-            and (not faults.backends or {candidate.backend, candidate.rung} & set(faults.backends))
-        ):
-            log.warning("model %s version %s: injecting faults %s", name, version, config.faults)
+        faults = _faults_for(config.faults, candidate)
+        engine = executor.start_engine(
+            EngineOptions(
+                name=f"{name}/{version}",
+                limits=self._engine_limits(),
+                clock=self._clock,
+                faults=faults,
+            )
+        )
+        if engine is None and faults is not None:
+            log.warning("model %s version %s: injecting faults %s", name, version, faults)
             executor = FaultyExecutor(executor, faults)
         try:
             io = resolve_io(
@@ -160,11 +161,11 @@ class VersionLoader:
             # A generation model takes as many whole-text calls at once as it runs sequences.
             instance_count=(
                 self._settings.generation.max_running_sequences
-                if generator is not None
+                if engine is not None
                 else config.instance_count
             ),
             auto_configured=config.inputs is None,
-            decoupled=generator is not None,
+            decoupled=engine is not None,
         )
         log.info(
             "loaded model %s version %s: backend %s on %s, max_batch_size %d%s",
@@ -177,26 +178,16 @@ class VersionLoader:
             if spec.auto_configured and io.batched
             else "",
         )
-        return self._assemble(spec, executor, generator)
+        return self._assemble(spec, executor, engine)
 
-    def _start_generator(
-        self, executor: Executor, name: str, config: ModelConfig
-    ) -> ContinuousBatcher | None:
-        """A generation model's continuous batcher (its faults are injected there)."""
-        if not isinstance(executor, CausalLMExecutor):
-            return None
+    def _engine_limits(self) -> SchedulerLimits:
         limits = self._settings.generation
-        return executor.start(
-            name=name,
-            limits=SchedulerLimits(
-                max_running_sequences=limits.max_running_sequences,
-                max_tokens_in_flight=limits.max_tokens_in_flight,
-                max_waiting=limits.max_waiting_requests,
-                max_buffered_chunks=limits.max_buffered_chunks,
-                pushback_ms=self._settings.admission.pushback_ms,
-            ),
-            faults=config.faults,
-            clock=self._clock,
+        return SchedulerLimits(
+            max_running_sequences=limits.max_running_sequences,
+            max_tokens_in_flight=limits.max_tokens_in_flight,
+            max_waiting=limits.max_waiting_requests,
+            max_buffered_chunks=limits.max_buffered_chunks,
+            pushback_ms=self._settings.admission.pushback_ms,
         )
 
     async def _load_first(
@@ -224,7 +215,7 @@ class VersionLoader:
         raise ConfigError(f"model {where}: no candidate backend loaded: " + "; ".join(failures))
 
     def _assemble(
-        self, spec: ModelSpec, executor: Executor, generator: ContinuousBatcher | None = None
+        self, spec: ModelSpec, executor: Executor, engine: GenerationEngine | None = None
     ) -> ModelVersion:
         label = f"{spec.name}/{spec.version}/{spec.backend}"
 
@@ -267,7 +258,7 @@ class VersionLoader:
             batcher=batcher,
             breaker=breaker,
             stats=stats,
-            generator=generator,
+            engine=engine,
         )
 
     async def warm_up(self, loaded: ModelVersion) -> None:
@@ -301,6 +292,15 @@ class VersionLoader:
         await version.executor.close()
         self._metrics.model_ready.labels(spec.name, spec.version).set(0)
         release_memory()
+
+
+def _faults_for(faults: FaultConfig | None, candidate: Candidate) -> FaultConfig | None:
+    """The model's configured faults, when they apply to the backend it loaded on."""
+    if faults is None or faults.mode == "none":
+        return None
+    if faults.backends and not {candidate.backend, candidate.rung} & set(faults.backends):
+        return None
+    return faults
 
 
 def release_memory() -> None:

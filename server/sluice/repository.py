@@ -23,9 +23,8 @@ from pydantic import (
 )
 
 from sluice.errors import ConfigError
-from sluice.executors.base import DeclaredTensor
+from sluice.executors.base import DeclaredTensor, FaultConfig
 from sluice.executors.capabilities import forceable
-from sluice.executors.faults import FaultConfig
 from sluice.settings import BatchingSettings, FallbackTarget
 from sluice.tensors import IOSpec, TensorSpec
 from sluice_client.tensors import DATATYPES

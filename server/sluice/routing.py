@@ -31,6 +31,7 @@ from opentelemetry.trace import Span
 from sluice import logs
 from sluice.admission import Ticket
 from sluice.clock import Clock
+from sluice.domain import Chunk, FinishReason, GenerationRequest, InferRequest, InferResult, Routing
 from sluice.errors import (
     BreakerOpenError,
     ContextOverflowError,
@@ -43,9 +44,7 @@ from sluice.errors import (
     SluiceError,
     UnavailableError,
 )
-from sluice.generation.generate import Chunk, FinishReason
-from sluice.generation.request import GenerationRequest
-from sluice.generation.scheduler import Generation
+from sluice.generation.engine import TokenStream
 from sluice.loader import ModelVersion
 from sluice.metrics import GenerationMetrics, Metrics
 from sluice.repository import ModelSpec
@@ -53,7 +52,6 @@ from sluice.service import InferenceService
 from sluice.settings import FallbackTarget, RetrySettings, Settings
 from sluice.shadow import GenerationTrace, Shadower
 from sluice.stats import ModelStats
-from sluice.tensors import InferRequest, InferResult
 from sluice.tracing import Attributes, Tracing, current_again, record_decode_summary
 
 log = logging.getLogger(__name__)
@@ -317,15 +315,15 @@ class Router:
     ) -> RoutedGeneration:
         """Submit and wait for the first chunk, at most ``budget_s`` (None: the generation's
         own deadline bounds it); the breaker counts a candidate that made none in time."""
-        generator = model.generator
-        assert generator is not None
+        engine = model.engine
+        assert engine is not None
         started = self._clock()
         try:
-            prompt_ids = await generator.encode_prompt(request.prompt)
-            generator.check_fits(len(prompt_ids), request.params.max_new_tokens)
+            prompt_ids = await engine.encode(request.prompt)
+            engine.check_fits(len(prompt_ids), request.params.max_new_tokens)
             if ticket is not None:
                 ticket.need(tokens=len(prompt_ids) + request.params.max_new_tokens)
-            stream = generator.submit(prompt_ids, request.params, deadline=deadline)
+            stream = engine.submit(prompt_ids, request.params, deadline=deadline)
         except ContextOverflowError as exc:
             raise _PassOver(
                 exc,
@@ -589,11 +587,7 @@ class Router:
         fallback = attempt.index > 0
         if fallback:
             self._metrics.fallbacks.labels(name, f"{result.model}/{result.version}").inc()
-        result.parameters.update(
-            sluice_served_by=f"{result.model}/{result.version}/{result.backend}",
-            sluice_fallback=fallback,
-            sluice_attempts=attempts,
-        )
+        result.routing = Routing(attempts=attempts, fallback=fallback)
         return result
 
     def _log(
@@ -670,7 +664,7 @@ class RoutedGeneration:
 
     def __init__(
         self,
-        stream: Generation,
+        stream: TokenStream,
         first: Chunk,
         spec: ModelSpec,
         *,

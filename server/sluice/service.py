@@ -18,6 +18,7 @@ from pathlib import Path
 from sluice.admission import Ticket
 from sluice.breaker_state import open_breaker_store
 from sluice.clock import Clock
+from sluice.domain import GenerationRequest, InferRequest, InferResult, OutputTensor
 from sluice.errors import (
     BreakerOpenError,
     ConfigError,
@@ -28,9 +29,8 @@ from sluice.errors import (
     UnsupportedError,
 )
 from sluice.executors.capabilities import Capabilities, detect
-from sluice.executors.causal_lm import generate_text, text_request
 from sluice.executors.registry import BackendRegistry
-from sluice.generation.request import GenerationRequest
+from sluice.generation.text import generate_text, text_request
 from sluice.lifecycle import Change, ModelState
 from sluice.loader import ModelVersion, VersionLoader
 from sluice.metrics import Metrics
@@ -47,10 +47,7 @@ from sluice.settings import FallbackTarget, Settings
 from sluice.stats import ModelStats
 from sluice.tensors import (
     Array,
-    InferRequest,
-    InferResult,
     InputCheck,
-    OutputTensor,
     check_inputs,
     check_requested_outputs,
     decode_checked,
@@ -591,7 +588,7 @@ class InferenceService:
     def generation_model(self, name: str, version: str = "", backend: str = "") -> ModelVersion:
         """The version that serves a generation: as ``get``, and a generation model."""
         model = self.get(name, version, backend)
-        if model.generator is None:
+        if model.engine is None:
             raise UnsupportedError(
                 f"model '{name}' does not generate text (it is a {model.spec.backend} tensor "
                 "model); call ModelInfer"
@@ -600,7 +597,7 @@ class InferenceService:
 
     def is_generation_model(self, name: str, version: str = "") -> bool:
         try:
-            return self.lookup(name, version).generator is not None
+            return self.lookup(name, version).engine is not None
         except SluiceError:
             return False
 
@@ -702,10 +699,10 @@ class InferenceService:
         started = self._clock()
         model.enter()
         try:
-            if model.generator is not None:
+            if model.engine is not None:
                 with model.breaker.calling():
                     outputs = await generate_text(
-                        model.generator,
+                        model.engine,
                         inputs,
                         default_max_new_tokens=self._settings.generation.default_max_new_tokens,
                         deadline=deadline,

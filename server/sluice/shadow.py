@@ -33,14 +33,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from sluice.clock import Clock
+from sluice.domain import Chunk, InferRequest, InferResult, OutputTensor, SamplingParams
 from sluice.errors import ModelNotFoundError, SluiceError
-from sluice.generation.generate import Chunk
-from sluice.generation.sampling import SamplingParams
 from sluice.metrics import Metrics
 from sluice.repository import ShadowConfig
 from sluice.service import InferenceService
 from sluice.settings import ShadowSettings
-from sluice.tensors import Array, InferRequest, InferResult, OutputTensor
+from sluice.tensors import Array
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +230,11 @@ class Shadower:
 
         async def mirror(deadline: float) -> _Compared:
             target = self._service.generation_model(config.model or model, config.version)
-            generator = target.generator
-            assert generator is not None
-            prompt_ids = await generator.encode_prompt(trace.prompt)
+            engine = target.engine
+            assert engine is not None
+            prompt_ids = await engine.encode(trace.prompt)
             with target.breaker.calling():
-                async with generator.submit(prompt_ids, trace.params, deadline=deadline) as out:
+                async with engine.submit(prompt_ids, trace.params, deadline=deadline) as out:
                     tokens = [chunk.token_id async for chunk in out]
             return _Compared(tokens=compare_tokens(trace.tokens, tokens))
 

@@ -1,4 +1,4 @@
-"""Protocol-neutral requests and results, and the validation of input tensors.
+"""Tensors a model version accepts and returns, and the validation of a request's inputs.
 
 Every check runs against the model's spec before anything is allocated: names, datatypes,
 ranks, dimensions, element counts and byte sizes. Numeric raw contents become zero-copy
@@ -7,13 +7,14 @@ numpy views of the request's bytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from sluice.domain import InferRequest, InputTensor
 from sluice.errors import InvalidInputError
 from sluice_client.tensors import DATATYPES, WireFormatError, element_count, from_raw
 
@@ -33,46 +34,6 @@ class TensorSpec:
     def shape(self, batched: bool) -> tuple[int, ...]:
         """The shape as the protocol reports it: ``[-1] + dims`` when the model batches."""
         return (-1, *self.dims) if batched else self.dims
-
-
-@dataclass(slots=True)
-class InputTensor:
-    """One input as it arrived: raw bytes or typed values, with its claimed type and shape."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    raw: bytes | None = None
-    values: Sequence[Any] | None = None
-
-
-@dataclass(slots=True)
-class InferRequest:
-    model: str
-    version: str = ""
-    id: str = ""
-    inputs: list[InputTensor] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)
-    parameters: dict[str, Any] = field(default_factory=dict)
-    #: A specific backend of the model (a fallback to another backend); empty: the primary.
-    backend: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class OutputTensor:
-    name: str
-    datatype: str
-    array: Array
-
-
-@dataclass(slots=True)
-class InferResult:
-    model: str
-    version: str
-    id: str
-    outputs: list[OutputTensor]
-    backend: str = ""
-    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from sluice.errors import (
     InvalidInputError,
     OverloadedError,
 )
-from sluice.executors.faults import FaultConfig
+from sluice.executors.faults import FaultConfig, FaultyEngine
 from sluice.generation.causal_lm import CausalLM
 from sluice.generation.generate import FinishReason, generate
 from sluice.generation.kv_cache import SequenceCache
@@ -66,15 +66,12 @@ async def start(
 ) -> AsyncIterator[Callable[..., ContinuousBatcher]]:
     started: list[ContinuousBatcher] = []
 
-    def make(
-        *, clock: Callable[[], float] | None = None, faults: FaultConfig | None = None, **kw: int
-    ) -> ContinuousBatcher:
+    def make(*, clock: Callable[[], float] | None = None, **kw: int) -> ContinuousBatcher:
         batcher = ContinuousBatcher(
             lm,
             tokenizer,
             name="tiny_llama/1",
             limits=limits(**kw),
-            faults=faults,
             clock=clock or FakeClock(),
         )
         batcher.start(asyncio.get_running_loop())
@@ -241,10 +238,10 @@ async def test_injected_faults_fail_generations_before_or_after_tokens(
     start: Callable[..., ContinuousBatcher], tokenizer: Tokenizer
 ) -> None:
     ids = tokenizer.encode(PROMPTS[0])
-    before = start(faults=FaultConfig(mode="fail"))
+    before = FaultyEngine(start(), FaultConfig(mode="fail"))
     with pytest.raises(ExecutorError, match="injected fault"):
         await collect(before.submit(ids, SamplingParams(max_new_tokens=5), deadline=None))
-    after = start(faults=FaultConfig(mode="fail", after_tokens=3))
+    after = FaultyEngine(start(), FaultConfig(mode="fail", after_tokens=3))
     stream = after.submit(ids, SamplingParams(max_new_tokens=20), deadline=None)
     got = [await anext(stream) for _ in range(3)]
     with pytest.raises(ExecutorError):

@@ -2,7 +2,9 @@
 
 An executor is loaded from one model file, reports the tensors the file declares, runs one
 batch at a time per instance off the event loop, and is closed when its version unloads.
-Library exceptions are translated here into Sluice's error tree, chained with ``from``.
+A generation backend also starts a ``GenerationEngine`` (``start_engine``), through which
+every generation of its version runs; tensor backends have none. Library exceptions are
+translated here into Sluice's error tree, chained with ``from``.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from sluice.clock import Clock
+from sluice.generation.engine import GenerationEngine, SchedulerLimits
 from sluice.settings import ExecutorSettings, GenerationSettings
 from sluice.tensors import Array
 
@@ -47,6 +53,39 @@ class LoadOptions:
     the load returns, so the version reports ready only once compiled."""
 
 
+class FaultConfig(BaseModel):
+    """``faults:`` in a model's config.yaml (injected by ``executors.faults``)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    mode: Literal["none", "fail", "hang", "slow", "dead"] = "none"
+    """fail: a transient backend error; hang: never answers (until the call gives up);
+    slow: answers after ``delay_ms``; dead: the backend reports it can run nothing more."""
+    probability: float = Field(1.0, ge=0, le=1)
+    """Share of batches (generation models: of generations) the fault hits."""
+    delay_ms: float = Field(0.0, ge=0)
+    """Added latency for ``slow``."""
+    backends: list[str] = []
+    """Backends (or ladder rungs) the fault applies to; empty: all of the model's."""
+    seed: int | None = None
+    """Seed for the draw (None: a fresh random sequence)."""
+    after_tokens: int = Field(0, ge=0)
+    """Generation models: a hit generation fails (or hangs) once it has made this many
+    tokens (0: before its first). The draw is per generation, not per decode step."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """What a generation backend's engine is started with."""
+
+    name: str
+    """``model/version``, for logs and errors."""
+    limits: SchedulerLimits
+    clock: Clock
+    faults: FaultConfig | None = None
+    """Faults to inject into the engine's generations (``executors.faults.FaultyEngine``)."""
+
+
 class Executor(abc.ABC):
     """Runs batches for one model version."""
 
@@ -71,6 +110,11 @@ class Executor(abc.ABC):
 
     def probe_inputs(self) -> dict[str, Array] | None:
         """Inputs for a health probe, where the backend knows better than zeros (None)."""
+        return None
+
+    def start_engine(self, options: EngineOptions) -> GenerationEngine | None:
+        """A generation backend makes and starts its engine here, on the running event loop
+        (the executor's ``run`` uses it too); tensor backends have none."""
         return None
 
     @abc.abstractmethod

@@ -3,36 +3,14 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
+from sluice.domain import Chunk, FinishReason, SamplingParams
 from sluice.errors import InvalidInputError
 from sluice.generation.causal_lm import CausalLM
-from sluice.generation.sampling import SamplingParams, TokenSampler
+from sluice.generation.sampling import TokenSampler
 from sluice.generation.stopping import StopSequences
 from sluice.generation.tokenizer import Tokenizer
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"
-    """An end-of-sequence token, a stop token or a stop sequence."""
-    LENGTH = "length"
-    """``max_new_tokens`` reached."""
-    CANCELLED = "cancelled"
-    """The caller cancelled the generation."""
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """What one generated token adds to a request's output."""
-
-    text: str
-    """Newly complete text: empty while a character or a possible stop sequence is
-    incomplete; never a stop sequence or a stop token's text."""
-    token_id: int
-    """The token (a stop token included: it was generated and counts as usage)."""
-    finish_reason: FinishReason | None = None
 
 
 def check_fits(prompt_tokens: int, max_new_tokens: int, max_context: int) -> None:

@@ -14,77 +14,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from sluice.errors import InvalidInputError
-
-MAX_SEED = 2**63 - 1
-MAX_STOP_SEQUENCES = 16
-"""Stop sequences one request may give (each is matched against the text at every token)."""
-MAX_STOP_SEQUENCE_CHARS = 256
-MAX_STOP_TOKEN_IDS = 256
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class SamplingParams:
-    """One request's generation parameters; invalid values raise ``InvalidInputError``."""
-
-    max_new_tokens: int = 16
-    """Most tokens to generate; the prompt and these must fit the model's context."""
-    temperature: float = 0.0
-    """0 picks the most likely token (greedy); higher values flatten the distribution."""
-    top_k: int = 0
-    """Draw only among the k most likely tokens; 0 turns this off."""
-    top_p: float = 1.0
-    """Draw only among the most likely tokens whose probabilities reach this sum."""
-    repetition_penalty: float = 1.0
-    """Above 1, tokens of the prompt and the output so far become less likely."""
-    seed: int | None = None
-    """Makes the draws repeatable; None draws a fresh seed."""
-    stop_token_ids: tuple[int, ...] = ()
-    """End the generation on these tokens (besides the model's end-of-sequence tokens)."""
-    stop_sequences: tuple[str, ...] = ()
-    """End the generation when the text contains one of these; it is not returned."""
-
-    def __post_init__(self) -> None:
-        problems = [
-            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
-            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, ">= 0"),
-            ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            (
-                "repetition_penalty",
-                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-                "> 0 (1 turns it off)",
-            ),
-            ("seed", self.seed is None or 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
-            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "token ids (>= 0)"),
-            ("stop_sequences", all(self.stop_sequences), "non-empty strings"),
-            (
-                "stop_sequences",
-                len(self.stop_sequences) <= MAX_STOP_SEQUENCES
-                and all(len(stop) <= MAX_STOP_SEQUENCE_CHARS for stop in self.stop_sequences),
-                f"at most {MAX_STOP_SEQUENCES} strings of at most {MAX_STOP_SEQUENCE_CHARS} "
-                "characters",
-            ),
-            (
-                "stop_token_ids",
-                len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
-                f"at most {MAX_STOP_TOKEN_IDS} token ids",
-            ),
-        ]
-        for field, valid, expected in problems:
-            if not valid:
-                got = repr(getattr(self, field))
-                got = got if len(got) <= 80 else f"{got[:80]}... ({len(got)} characters)"
-                raise InvalidInputError(f"{field} must be {expected}, got {got}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from sluice.domain import SamplingParams
 
 
 class TokenSampler:

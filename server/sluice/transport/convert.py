@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from sluice.domain import InferRequest, InferResult, InputTensor
 from sluice.errors import InvalidInputError
 from sluice.repository import ModelSpec
 from sluice.service import IndexEntry
 from sluice.stats import Duration, ModelStats
-from sluice.tensors import InferRequest, InferResult, InputTensor
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import model_config_pb2 as mc
+from sluice_client.names import FALLBACK_KEY, SERVED_BY_KEY
 from sluice_client.tensors import to_raw
 
 # Which InferTensorContents field carries each datatype (FP16 / BF16 travel raw only).
@@ -59,17 +60,6 @@ PLATFORMS = {
 def parameter_value(param: pb.InferParameter) -> Any:
     kind = param.WhichOneof("parameter_choice")
     return getattr(param, kind) if kind else None
-
-
-def set_parameter(target: pb.InferParameter, value: Any) -> None:
-    if isinstance(value, bool):
-        target.bool_param = value
-    elif isinstance(value, int):
-        target.int64_param = value
-    elif isinstance(value, float):
-        target.double_param = value
-    else:
-        target.string_param = str(value)
 
 
 def timeout_parameter_s(msg: pb.ModelInferRequest) -> float | None:
@@ -147,9 +137,19 @@ def infer_response(result: InferResult) -> pb.ModelInferResponse:
     for output in result.outputs:
         response.outputs.add(name=output.name, datatype=output.datatype, shape=output.array.shape)
         response.raw_output_contents.append(to_raw(output.array, output.datatype))
-    for key, value in result.parameters.items():
-        set_parameter(response.parameters[key], value)
+    if result.routing is not None:
+        response.parameters["sluice_served_by"].string_param = result.served_by
+        response.parameters["sluice_fallback"].bool_param = result.routing.fallback
+        response.parameters["sluice_attempts"].int64_param = result.routing.attempts
     return response
+
+
+def routing_trailers(result: InferResult) -> tuple[tuple[str, str], ...]:
+    """Who answered, as trailing metadata (routed results only)."""
+    if result.routing is None:
+        return ()
+    fallback = "true" if result.routing.fallback else "false"
+    return ((SERVED_BY_KEY, result.served_by), (FALLBACK_KEY, fallback))
 
 
 def model_metadata(spec: ModelSpec, versions: list[str]) -> pb.ModelMetadataResponse:

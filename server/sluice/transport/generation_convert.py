@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from sluice.generation.generate import Chunk, FinishReason
-from sluice.generation.request import GenerationRequest
-from sluice.generation.sampling import SamplingParams
+from sluice.domain import Chunk, FinishReason, GenerationRequest, SamplingParams
 from sluice.routing import RoutedGeneration
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
 

@@ -68,6 +68,6 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         self, request: gen.CountTokensRequest, context: Context
     ) -> gen.CountTokensResponse:
         model = self._service.generation_model(request.model_name, request.model_version)
-        assert model.generator is not None
-        count = len(await model.generator.encode_prompt(request.prompt))
-        return gen.CountTokensResponse(token_count=count, max_context=model.generator.max_context)
+        assert model.engine is not None
+        count = len(await model.engine.encode(request.prompt))
+        return gen.CountTokensResponse(token_count=count, max_context=model.engine.max_context)

@@ -24,8 +24,8 @@ import grpc
 from sluice import callctx, logs
 from sluice.admission import AdmissionController
 from sluice.deadlines import DeadlinePolicy
+from sluice.domain import FinishReason
 from sluice.errors import DeadlineExceededError, DrainingError, InvalidInputError, SluiceError
-from sluice.generation.generate import FinishReason
 from sluice.routing import RoutedGeneration, Router
 from sluice.transport.generation_convert import generate_response, generation_request
 from sluice.transport.servicers.reading import read_failure

@@ -18,7 +18,6 @@ from sluice.transport import convert
 from sluice.transport.servicers.stream import StreamInferSession
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
-from sluice_client.names import FALLBACK_KEY, SERVED_BY_KEY
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -91,15 +90,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         result = await self._router.infer(
             domain, deadline=callctx.deadline.get(), ticket=callctx.ticket.get()
         )
-        served_by = result.parameters.get("sluice_served_by")
-        if served_by:
-            context.set_trailing_metadata(
-                (
-                    *(context.trailing_metadata() or ()),
-                    (SERVED_BY_KEY, str(served_by)),
-                    (FALLBACK_KEY, "true" if result.parameters.get("sluice_fallback") else "false"),
-                )
-            )
+        context.set_trailing_metadata(
+            (*(context.trailing_metadata() or ()), *convert.routing_trailers(result))
+        )
         return convert.infer_response(result)
 
     async def ModelStreamInfer(
