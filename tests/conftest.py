@@ -15,7 +15,7 @@ import pytest
 from sluice.app import EXAMPLE_REPOSITORY
 from sluice.executors.registry import BackendRegistry
 from sluice.metrics import Metrics
-from sluice.service import InferenceService
+from sluice.registry import ModelRegistry
 from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.server import SluiceServer, create_server
@@ -52,8 +52,8 @@ class RunningServer:
         return f"127.0.0.1:{self.server.port}"
 
     @property
-    def service(self) -> InferenceService:
-        return self.server.service
+    def service(self) -> ModelRegistry:
+        return self.server.registry
 
 
 StartServer = Callable[..., Awaitable[RunningServer]]
@@ -90,7 +90,7 @@ async def start_server() -> AsyncIterator[StartServer]:
             {"grpc_port": 0, "metrics_port": None, "model_repository": repository, **overrides}
         )
         metrics = Metrics()
-        service = InferenceService(
+        registry = ModelRegistry(
             settings,
             repository=repository,
             metrics=metrics,
@@ -99,9 +99,9 @@ async def start_server() -> AsyncIterator[StartServer]:
             tracing=tracing,
         )
         server = await create_server(
-            settings, service, metrics=metrics, clock=clock, tracing=tracing
+            settings, registry, metrics=metrics, clock=clock, tracing=tracing
         )
-        await service.load_all()
+        await registry.load_all()
         await server.mark_started()
         running = RunningServer(server=server, metrics=metrics, settings=settings)
         started.append(running)

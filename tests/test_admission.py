@@ -231,7 +231,7 @@ async def test_request_and_reply_bytes_are_weighed_before_the_model_runs(
 ) -> None:
     repository = write_echo_repository(tmp_path / "models", dims=(WIDTH,))
     running = await start_server(repository=repository, admission={"max_inflight_bytes": 3 * MiB})
-    model = running.service.lookup("echo")
+    model = running.service.get("echo", healthy=False)
     runs = model.stats.execution_count
     async with grpc.aio.insecure_channel(running.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)

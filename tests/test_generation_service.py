@@ -60,7 +60,7 @@ async def collect(call: grpc.aio.UnaryStreamCall) -> list[gen.GenerateResponse]:
 
 
 def stats(server: RunningServer, model: str = "tiny_llama") -> SchedulerStats:
-    engine = server.service.lookup(model).engine
+    engine = server.service.get(model, healthy=False).engine
     assert engine is not None
     return engine.stats
 
@@ -141,7 +141,7 @@ async def test_a_client_that_goes_away_stops_its_decode_within_one_step(
     await until(lambda: counters.running == 0)
     assert counters.max_steps_after_cancel <= 1
     assert counters.tokens_generated < 170
-    assert server.service.lookup("tiny_llama").engine.lm.live_sequences == 0  # type: ignore[union-attr]
+    assert server.service.get("tiny_llama", healthy=False).engine.lm.live_sequences == 0  # type: ignore[union-attr]
 
 
 async def test_a_session_interleaves_generations_and_cancels_one(
@@ -395,17 +395,17 @@ async def test_model_stream_infer_serves_generation_models_decoupled(
 async def test_probes_and_statistics_cover_generation_models(server: RunningServer) -> None:
     await HealthProber(server.service, server.settings.probe, clock=time.monotonic).probe_all()
     assert server.service.is_ready("tiny_llama")
-    before = server.service.lookup("tiny_llama").stats.inference_count
+    before = server.service.get("tiny_llama", healthy=False).stats.inference_count
     async with grpc.aio.insecure_channel(server.address) as channel:
         await collect(gen_grpc.GenerationServiceStub(channel).Generate(request(max_new_tokens=3)))
-    assert server.service.lookup("tiny_llama").stats.inference_count == before + 1
+    assert server.service.get("tiny_llama", healthy=False).stats.inference_count == before + 1
     # The whole text through ModelInfer counts too.
     infer = pb.ModelInferRequest(model_name="tiny_llama")
     text_input = infer.inputs.add(name="text_input", datatype="BYTES", shape=[1])
     text_input.contents.bytes_contents.append(PROMPT.encode())
     async with grpc.aio.insecure_channel(server.address) as channel:
         await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer)
-    stats = server.service.lookup("tiny_llama").stats
+    stats = server.service.get("tiny_llama", healthy=False).stats
     assert stats.inference_count == before + 2
     assert stats.execution_count >= 2 and stats.success.count >= 2
 
@@ -460,7 +460,7 @@ async def test_a_decoupled_stream_that_ends_early_stops_every_generation_it_star
     first = await call.read()
     assert first.infer_response.id == "first"
     call.cancel()
-    model = server.service.lookup("tiny_llama")
+    model = server.service.get("tiny_llama", healthy=False)
     counters = stats(server)
     await until(lambda: counters.running == 0 and counters.waiting == 0)
     await until(lambda: model.inflight == 0)

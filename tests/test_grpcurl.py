@@ -17,7 +17,7 @@ import pytest
 
 from sluice.app import EXAMPLE_REPOSITORY
 from sluice.metrics import Metrics
-from sluice.service import InferenceService
+from sluice.registry import ModelRegistry
 from sluice.settings import Settings
 from sluice.transport.server import SluiceServer, create_server
 from tests.compat.procs import Completed, grpcurl_binary, run
@@ -134,7 +134,7 @@ async def unloaded_server() -> AsyncIterator[SluiceServer]:
         {"grpc_port": 0, "metrics_port": None, "model_repository": EXAMPLE_REPOSITORY}
     )
     metrics = Metrics()
-    service = InferenceService(
+    service = ModelRegistry(
         settings, repository=EXAMPLE_REPOSITORY, metrics=metrics, clock=time.monotonic
     )
     server = await create_server(settings, service, metrics=metrics, clock=time.monotonic)
@@ -150,7 +150,7 @@ async def test_health_not_serving_until_models_load() -> None:
         assert await health(address) == "NOT_SERVING"
         assert await health(address, SERVICE) == "NOT_SERVING"
         assert await health(address, "sluice.model.simple") == "NotFound"
-        await server.service.load_all()
+        await server.registry.load_all()
         await server.mark_started()
         assert await health(address) == "SERVING"
         assert await health(address, SERVICE) == "SERVING"

@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.app import EXAMPLE_REPOSITORY
 from sluice.metrics import Metrics
-from sluice.service import InferenceService
+from sluice.registry import ModelRegistry
 from sluice.settings import Settings
 from sluice.transport.server import create_server
 from tests.conftest import RunningServer
@@ -27,7 +27,7 @@ async def check(stub: health_pb2_grpc.HealthStub, service: str = "") -> int:
 async def test_not_serving_until_models_load() -> None:
     settings = Settings(grpc_port=0, metrics_port=None)
     metrics = Metrics()
-    service = InferenceService(settings, repository=EXAMPLE_REPOSITORY, metrics=metrics)
+    service = ModelRegistry(settings, repository=EXAMPLE_REPOSITORY, metrics=metrics)
     server = await create_server(settings, service, metrics=metrics, clock=time.monotonic)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

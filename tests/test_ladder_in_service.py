@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sluice.domain import InferRequest, InputTensor
+from sluice.dataplane import DataPlane
+from sluice.domain import Call, InferRequest, InputTensor
 from sluice.executors.capabilities import Capabilities
 from sluice.metrics import Metrics
-from sluice.service import InferenceService
+from sluice.registry import ModelRegistry
 from sluice.settings import Settings
 from tests import models
 
@@ -36,18 +38,19 @@ def arts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-async def _service(repo: Path, caps: Capabilities, **overrides: object) -> InferenceService:
+async def _service(repo: Path, caps: Capabilities, **overrides: object) -> ModelRegistry:
     settings = Settings.model_validate({"grpc_port": 0, "metrics_port": None, **overrides})
-    service = InferenceService(settings, repository=repo, metrics=Metrics(), capabilities=caps)
+    service = ModelRegistry(settings, repository=repo, metrics=Metrics(), capabilities=caps)
     await service.load_all()
     return service
 
 
-async def _infer(service: InferenceService, name: str) -> dict[str, np.ndarray]:
+async def _infer(service: ModelRegistry, name: str) -> dict[str, np.ndarray]:
     x = models.sample(3)
-    result = await service.infer(
+    plane = DataPlane(service, Settings(), metrics=Metrics(), clock=time.monotonic)
+    result = await plane.infer(
         InferRequest(model=name, inputs=[InputTensor("input", "FP32", (3, 64), raw=x.tobytes())]),
-        deadline=None,
+        Call(),
     )
     return {o.name: o.array for o in result.outputs}
 

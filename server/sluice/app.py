@@ -24,8 +24,8 @@ from typing import Any
 
 from sluice.errors import ConfigError
 from sluice.metrics import Metrics
+from sluice.registry import ModelRegistry
 from sluice.repository import EXAMPLE_REPOSITORY
-from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.server import create_server
@@ -51,7 +51,7 @@ async def serve(settings: Settings) -> int:
     tracing = Tracing.from_environment(settings.tracing)
     repository = settings.model_repository or EXAMPLE_REPOSITORY
     try:
-        service = InferenceService(
+        registry = ModelRegistry(
             settings, repository=repository, metrics=metrics, clock=clock, tracing=tracing
         )
     except ConfigError as exc:
@@ -63,7 +63,7 @@ async def serve(settings: Settings) -> int:
             http = metrics.serve_http(settings.host, settings.metrics_port)
             log.info("metrics on http://%s:%d/metrics", settings.host, http.port)
         server = await create_server(
-            settings, service, metrics=metrics, clock=clock, tracing=tracing
+            settings, registry, metrics=metrics, clock=clock, tracing=tracing
         )
     except ConfigError as exc:
         log.error("cannot start: %s", exc.message)
@@ -88,9 +88,9 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, stop.set)
 
     log.info("loading models from %s", repository)
-    if await _until_stopped(service.load_all(), stop):
+    if await _until_stopped(registry.load_all(), stop):
         await server.mark_started()
-        log.info("ready: %s", ", ".join(service.model_names()) or "no models")
+        log.info("ready: %s", ", ".join(registry.model_names()) or "no models")
         await stop.wait()
     else:
         log.info("stopping before the start-up load finished")

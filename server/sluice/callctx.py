@@ -1,5 +1,5 @@
 """Per-call values (task-local context): the transport's interceptors set them, servicers
-read them and hand them to the core, and log records carry the request id.
+read them and hand the core a ``Call`` (``call()``), and log records carry the request id.
 
 They live outside ``transport/`` because the layers below read them too (``logs``)."""
 
@@ -8,12 +8,14 @@ from __future__ import annotations
 from contextvars import ContextVar
 
 from sluice.admission import Ticket
+from sluice.domain import Call
 from sluice_client.names import PUSHBACK_KEY, REQUEST_ID_KEY
 
 __all__ = [
     "LOCAL_CALLER",
     "PUSHBACK_KEY",
     "REQUEST_ID_KEY",
+    "call",
     "caller",
     "deadline",
     "request_id",
@@ -32,3 +34,8 @@ caller: ContextVar[str] = ContextVar("sluice_caller", default="")
 ticket: ContextVar[Ticket | None] = ContextVar("sluice_ticket", default=None)
 #: The caller of admin calls served without a credential on a loopback-only server.
 LOCAL_CALLER = "local"
+
+
+def call() -> Call:
+    """The current call's facts, as the core takes them."""
+    return Call(deadline=deadline.get(), ticket=ticket.get())

@@ -155,6 +155,8 @@ class GenerationRequest:
     params: SamplingParams
     version: str = ""
     id: str = ""
+    #: A specific backend of the model (a fallback to another backend); empty: the primary.
+    backend: str = ""
 
 
 class FinishReason(enum.Enum):

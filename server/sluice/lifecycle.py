@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 HISTORY_FILE = "history.jsonl"
 POINTER_FILE = "serving.json"
 
+SERVER = "sluice"
+"""Who the history names for a change the server makes itself (a model's first serving
+version, a failed serving version replaced)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Change:

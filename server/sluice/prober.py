@@ -15,7 +15,7 @@ import logging
 from sluice.clock import Clock
 from sluice.errors import SluiceError
 from sluice.loader import ModelVersion
-from sluice.service import InferenceService
+from sluice.registry import ModelRegistry
 from sluice.settings import ProbeSettings
 from sluice.tensors import probe_inputs
 
@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class HealthProber:
-    def __init__(self, service: InferenceService, settings: ProbeSettings, clock: Clock) -> None:
-        self._service = service
+    def __init__(self, registry: ModelRegistry, settings: ProbeSettings, clock: Clock) -> None:
+        self._registry = registry
         self._settings = settings
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
@@ -42,7 +42,7 @@ class HealthProber:
 
     async def probe_all(self) -> None:
         """Probe every loaded version once, concurrently."""
-        versions = self._service.loaded_versions()
+        versions = self._registry.loaded_versions()
         await asyncio.gather(*(self._probe(version) for version in versions))
 
     async def _loop(self) -> None:
@@ -62,4 +62,4 @@ class HealthProber:
             problem = f"no answer within {self._settings.timeout_s:.3f}s"
         except SluiceError as exc:
             problem = exc.message
-        await self._service.set_health(spec.name, spec.version, problem)
+        await self._registry.set_health(spec.name, spec.version, problem)

@@ -3,8 +3,9 @@
 A model's config names a shadow (another model, or another version of itself) and the share
 of its calls to mirror. After the primary has answered, ``Shadower`` draws whether to mirror
 the call. A sampled call becomes a background task that nobody on the request path awaits:
-it sends the same request straight to the service (never through the router, so a shadow has
-no fallbacks, retries or shadows of its own) under its own budget, and compares the answers:
+it sends the same request straight to the data plane (never through the router, so a shadow
+has no fallbacks, retries or shadows of its own) under its own budget, and compares the
+answers:
 
 - tensor models: the largest absolute and relative difference over all outputs, the
   relative one as ``|a - b| / max(|a|, |b|)`` (0 where both are 0, at most 2 otherwise);
@@ -33,11 +34,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from sluice.clock import Clock
-from sluice.domain import Chunk, InferRequest, InferResult, OutputTensor, SamplingParams
+from sluice.dataplane import DataPlane
+from sluice.domain import (
+    Call,
+    Chunk,
+    GenerationRequest,
+    InferRequest,
+    InferResult,
+    OutputTensor,
+    SamplingParams,
+)
 from sluice.errors import ModelNotFoundError, SluiceError
 from sluice.metrics import Metrics
+from sluice.registry.table import ModelTable
 from sluice.repository import ShadowConfig
-from sluice.service import InferenceService
 from sluice.settings import ShadowSettings
 from sluice.tensors import Array
 
@@ -165,14 +175,16 @@ class Shadower:
 
     def __init__(
         self,
-        service: InferenceService,
+        table: ModelTable,
+        plane: DataPlane,
         settings: ShadowSettings,
         *,
         metrics: Metrics,
         clock: Clock,
         rng: random.Random | None = None,
     ) -> None:
-        self._service = service
+        self._table = table
+        self._plane = plane
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
@@ -196,7 +208,7 @@ class Shadower:
         """``model`` answered ``request`` with ``result``: maybe mirror the call."""
         model = result.model
         config = self._config(model)
-        if config is None or self._service.is_generation_model(model, result.version):
+        if config is None or self._plane.generates(model, result.version):
             return
         if not self._drawn(config):
             return
@@ -205,7 +217,7 @@ class Shadower:
         )
 
         async def mirror(deadline: float) -> _Compared:
-            answer = await self._service.infer(sent, deadline=deadline)
+            answer = await self._plane.infer(sent, Call(deadline=deadline))
             return _Compared(*compare_tensors(result.outputs, answer.outputs))
 
         self._launch(model, config, mirror)
@@ -228,20 +240,23 @@ class Shadower:
         if config is None:  # switched off (or the model reloaded without one) meanwhile
             return
 
+        request = GenerationRequest(
+            model=config.model or model,
+            version=config.version,
+            prompt=trace.prompt,
+            params=trace.params,
+        )
+
         async def mirror(deadline: float) -> _Compared:
-            target = self._service.generation_model(config.model or model, config.version)
-            engine = target.engine
-            assert engine is not None
-            prompt_ids = await engine.encode(trace.prompt)
-            with target.breaker.calling():
-                async with engine.submit(prompt_ids, trace.params, deadline=deadline) as out:
-                    tokens = [chunk.token_id async for chunk in out]
+            served = await self._plane.generate(request, Call(deadline=deadline))
+            async with served:
+                tokens = [chunk.token_id async for chunk in served]
             return _Compared(tokens=compare_tokens(trace.tokens, tokens))
 
         self._launch(model, config, mirror)
 
     def _config(self, model: str) -> ShadowConfig | None:
-        return self._service.shadow(model) if self.enabled else None
+        return self._table.shadow(model) if self.enabled else None
 
     def _drawn(self, config: ShadowConfig) -> bool:
         return self._random.random() < config.fraction
@@ -318,16 +333,16 @@ class Shadower:
     def reports(self, model: str = "") -> list[ShadowReport]:
         """One model's report, or every model's that has (or had) a shadow target."""
         if model:
-            if not self._service.has_model(model) and model not in self._tallies:
+            if not self._table.has_model(model) and model not in self._tallies:
                 raise ModelNotFoundError(f"unknown model '{model}'")
             names = [model]
         else:
-            configured = [n for n in self._service.model_names() if self._service.shadow(n)]
+            configured = [n for n in self._table.model_names() if self._table.shadow(n)]
             names = sorted({*configured, *self._tallies})
         return [self._report(name) for name in names]
 
     def _report(self, model: str) -> ShadowReport:
-        config = self._service.shadow(model)
+        config = self._table.shadow(model)
         tally = self._tallies.get(model)
         if tally is None or (config is not None and tally.target != _target(model, config)):
             tally = _Tally(_target(model, config) if config is not None else "")

@@ -1,11 +1,11 @@
 """The dynamic batcher: one per model version.
 
-Requests wait in a bounded queue. Whenever an executor instance is free, the batcher takes
-the oldest request and every queued request of the same shape, up to ``max_batch_size``
-rows; with ``max_queue_delay_us`` it may first wait a little for more (a preferred size ends
-the wait). Requests whose caller has gone or whose deadline has passed are dropped before
-they reach the executor. A batch the backend rejects as bad input is re-run one request at a
-time, so one bad request never fails its neighbours.
+Requests wait in a bounded queue (``batching.queue``). Whenever an executor instance is
+free, the batcher takes the next batch from it: the oldest request and every queued request
+of the same shape, up to ``max_batch_size`` rows, after waiting up to
+``max_queue_delay_us`` for more. Requests whose caller has gone or whose deadline has passed
+are dropped before they reach the executor. A batch the backend rejects as bad input is
+re-run one request at a time, so one bad request never fails its neighbours.
 
 How inputs become a batch and outputs become answers is ``batching.arithmetic``; what the
 batcher measures (queue depth, drops, each run's timings) goes to its ``BatchObserver``
@@ -17,16 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from sluice.batching import arithmetic
+from sluice.batching.queue import BatchQueue, Pending
 from sluice.breaker import BackendBreaker
 from sluice.clock import Clock
 from sluice.errors import (
-    DeadlineExceededError,
     ExecutorError,
     InvalidInputError,
     OverloadedError,
@@ -36,7 +34,7 @@ from sluice.executors.base import Executor
 from sluice.repository import BatchingPolicy
 from sluice.stats import BatchRun
 from sluice.tensors import Array
-from sluice.tracing import Context, Tracing, now_ns
+from sluice.tracing import Tracing, now_ns
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +46,6 @@ class BatchObserver(Protocol):
     def inflight(self, delta: int) -> None: ...
     def batch_done(self, run: BatchRun) -> None: ...
     def dropped(self, reason: str) -> None: ...
-
-
-@dataclass(eq=False, slots=True)
-class _Pending:
-    inputs: Mapping[str, Array]
-    rows: int
-    signature: arithmetic.Signature
-    deadline: float | None
-    enqueued_at: float
-    future: asyncio.Future[dict[str, Array]] = field(repr=False)
-    #: The caller's trace context and enqueue time (wall clock, ns) while tracing is on.
-    trace: Context | None = field(default=None, repr=False)
-    enqueued_ns: int = 0
 
 
 class DynamicBatcher:
@@ -82,7 +67,6 @@ class DynamicBatcher:
     ) -> None:
         self.name = name
         self._executor = executor
-        self._policy = policy
         self._batched = batched
         self._breaker = breaker
         self._observer = observer
@@ -91,8 +75,14 @@ class DynamicBatcher:
         self._clock = clock
         self._tracing = tracing or Tracing.off()
         self._span_attributes = dict(span_attributes or {"sluice.batcher": name})
-        self._queue: deque[_Pending] = deque()
-        self._arrived = asyncio.Event()
+        self._queue = BatchQueue(
+            name=name,
+            policy=policy,
+            batched=batched,
+            observer=observer,
+            clock=clock,
+            pushback_ms=pushback_ms,
+        )
         self._slots = asyncio.Semaphore(instance_count)
         self._running: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -110,15 +100,8 @@ class DynamicBatcher:
         self, inputs: Mapping[str, Array], *, deadline: float | None
     ) -> dict[str, Array]:
         """Queue one request and wait for its outputs (all of them, batch rows sliced)."""
-        if len(self._queue) >= self._policy.max_queue_size:
-            self._observer.dropped("queue_full")
-            raise OverloadedError(
-                f"model {self.name} has {len(self._queue)} requests queued (the limit); "
-                "retry after the suggested back-off",
-                retry_after_ms=self._pushback_ms,
-            )
         trace = self._tracing.capture()
-        pending = _Pending(
+        pending = Pending(
             inputs=inputs,
             rows=arithmetic.rows(inputs, batched=self._batched),
             signature=arithmetic.signature(inputs, batched=self._batched),
@@ -128,10 +111,8 @@ class DynamicBatcher:
             trace=trace,
             enqueued_ns=0 if trace is None else now_ns(),
         )
-        self._queue.append(pending)
-        self._observer.queue_depth(len(self._queue))
+        self._queue.put(pending)
         self._observer.inflight(1)
-        self._arrived.set()
         try:
             return await pending.future
         finally:
@@ -145,15 +126,12 @@ class DynamicBatcher:
                 await self._loop_task
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
-        while self._queue:
-            _resolve_error(
-                self._queue.popleft().future,
-                OverloadedError(
-                    f"model {self.name} was unloaded before this request ran",
-                    retry_after_ms=self._pushback_ms,
-                ),
+        self._queue.fail_all(
+            OverloadedError(
+                f"model {self.name} was unloaded before this request ran",
+                retry_after_ms=self._pushback_ms,
             )
-        self._observer.queue_depth(0)
+        )
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -161,7 +139,7 @@ class DynamicBatcher:
         while True:
             await self._slots.acquire()
             try:
-                batch = await self._next_batch()
+                batch = await self._queue.next_batch()
             except BaseException:
                 self._slots.release()
                 raise
@@ -175,84 +153,9 @@ class DynamicBatcher:
         if not task.cancelled() and task.exception() is not None:
             log.error("batch task failed", exc_info=task.exception())
 
-    async def _next_batch(self) -> list[_Pending]:
-        while True:
-            self._drop_gone()
-            if not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
-            await self._maybe_wait_for_more()
-            batch = self._take()
-            if batch:
-                return batch
-
-    async def _maybe_wait_for_more(self) -> None:
-        delay_s = self._policy.max_queue_delay_us / 1e6
-        if delay_s <= 0:
-            return
-        head = self._queue[0]
-        while not self._ready_to_go(head):
-            remaining = head.enqueued_at + delay_s - self._clock()
-            if remaining <= 0:
-                return
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-
-    def _ready_to_go(self, head: _Pending) -> bool:
-        rows = sum(p.rows for p in self._queue if p.signature == head.signature)
-        return rows >= self._policy.max_batch_size or rows in self._policy.preferred_batch_sizes
-
-    def _take(self) -> list[_Pending]:
-        """Pop the head and the queued requests that fit its batch, in arrival order."""
-        self._drop_gone()
-        if not self._queue:
-            return []
-        head = self._queue[0]
-        batch: list[_Pending] = []
-        rest: deque[_Pending] = deque()
-        rows = 0
-        for pending in self._queue:
-            fits = rows + pending.rows <= self._policy.max_batch_size
-            if pending.signature == head.signature and fits and (self._batched or not batch):
-                batch.append(pending)
-                rows += pending.rows
-            else:
-                rest.append(pending)
-        self._queue = rest
-        self._observer.queue_depth(len(self._queue))
-        return batch
-
-    def _drop_gone(self) -> None:
-        """Drop requests whose caller left or whose deadline passed while they queued."""
-        if not self._queue:
-            return
-        now = self._clock()
-        kept: deque[_Pending] = deque()
-        for pending in self._queue:
-            if pending.future.done():
-                self._count_drop("cancelled")
-            elif pending.deadline is not None and now >= pending.deadline:
-                self._count_drop("deadline")
-                pending.future.set_exception(
-                    DeadlineExceededError(
-                        f"the deadline passed after {now - pending.enqueued_at:.3f}s in "
-                        f"model {self.name}'s queue, before the request could run"
-                    )
-                )
-            else:
-                kept.append(pending)
-        if len(kept) != len(self._queue):
-            self._queue = kept
-            self._observer.queue_depth(len(kept))
-
-    def _count_drop(self, reason: str) -> None:
-        self._observer.dropped(reason)
-
     # -- execution ------------------------------------------------------------------------
 
-    async def _execute(self, batch: list[_Pending]) -> None:
+    async def _execute(self, batch: list[Pending]) -> None:
         started = self._clock()
         try:
             outputs, input_s, infer_s = await self._run_batch(batch)
@@ -282,7 +185,7 @@ class DynamicBatcher:
             )
         )
 
-    async def _run_batch(self, batch: list[_Pending]) -> tuple[dict[str, Array], float, float]:
+    async def _run_batch(self, batch: list[Pending]) -> tuple[dict[str, Array], float, float]:
         """Run one batch in its ``sluice.batch`` span (linked to its requests' spans, after a
         ``sluice.queue_wait`` span for each): its outputs, and the seconds spent building
         its inputs and running it."""
@@ -316,7 +219,7 @@ class DynamicBatcher:
                     f"model {self.name}: the backend raised {type(exc).__name__}"
                 ) from exc
 
-    def _execution_limit_s(self, batch: list[_Pending]) -> float:
+    def _execution_limit_s(self, batch: list[Pending]) -> float:
         """How long a batch may run: until its last caller's deadline, at most the cap."""
         deadlines = [p.deadline for p in batch if p.deadline is not None]
         if len(deadlines) < len(batch):

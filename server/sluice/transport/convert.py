@@ -6,8 +6,8 @@ from typing import Any
 
 from sluice.domain import InferRequest, InferResult, InputTensor
 from sluice.errors import InvalidInputError
+from sluice.registry import IndexEntry
 from sluice.repository import ModelSpec
-from sluice.service import IndexEntry
 from sluice.stats import Duration, ModelStats
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import model_config_pb2 as mc

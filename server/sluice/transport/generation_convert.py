@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from sluice.dataplane import ServedGeneration
 from sluice.domain import Chunk, FinishReason, GenerationRequest, SamplingParams
-from sluice.routing import RoutedGeneration
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
 
 FINISH_REASONS = {
@@ -39,7 +39,7 @@ def generation_request(
     )
 
 
-def generate_response(generation: RoutedGeneration, chunk: Chunk | None) -> gen.GenerateResponse:
+def generate_response(generation: ServedGeneration, chunk: Chunk | None) -> gen.GenerateResponse:
     """One chunk; ``None`` (or a chunk that ends the generation) makes the last message,
     with the finish reason and usage."""
     response = gen.GenerateResponse(

@@ -13,11 +13,12 @@ from grpc_reflection.v1alpha import reflection
 
 from sluice.admission import AdmissionController
 from sluice.clock import Clock
+from sluice.dataplane import DataPlane
 from sluice.deadlines import DeadlinePolicy
 from sluice.metrics import Metrics
 from sluice.prober import HealthProber
+from sluice.registry import ModelRegistry
 from sluice.routing import Router
-from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.shadow import Shadower
 from sluice.tracing import Tracing
@@ -62,7 +63,7 @@ class SluiceServer:
 
     grpc_server: grpc.aio.Server
     port: int
-    service: InferenceService
+    registry: ModelRegistry
     health: HealthServicer
     admission: AdmissionController
     servicer: InferenceServicer
@@ -72,7 +73,7 @@ class SluiceServer:
     async def mark_started(self) -> None:
         """After the start-up load: overall health follows whether anything can serve."""
         for name in ("", INFERENCE_SERVICE):
-            await self.health.set(name, _status(self.service.ready))
+            await self.health.set(name, _status(self.registry.ready))
         self.prober.start()
 
     async def drain(self, grace_s: float, quiet_s: float = 0.0, unload_s: float = 5.0) -> None:
@@ -104,7 +105,7 @@ class SluiceServer:
         try:
             async with asyncio.timeout(max(unload_s - closing_s, 0.0)):
                 await self.shadow.close()
-                await self.service.close()
+                await self.registry.close()
         except TimeoutError:
             log.warning(
                 "unloading took longer than its %.1fs allowance (a backend still busy?); "
@@ -120,7 +121,7 @@ _CLOSE_S = 1.0
 
 async def create_server(
     settings: Settings,
-    service: InferenceService,
+    registry: ModelRegistry,
     *,
     metrics: Metrics,
     clock: Clock,
@@ -134,12 +135,15 @@ async def create_server(
     admin = AdminAccess.from_settings(settings)
     admission = AdmissionController(settings.admission, metrics)
     deadlines = DeadlinePolicy(settings.deadline, clock)
-    shadow = Shadower(service, settings.shadow, metrics=metrics, clock=clock)
-    router = Router(service, settings, metrics=metrics, clock=clock, tracing=tracing, shadow=shadow)
+    plane = DataPlane(registry, settings, metrics=metrics, clock=clock, tracing=tracing)
+    shadow = Shadower(registry, plane, settings.shadow, metrics=metrics, clock=clock)
+    router = Router(
+        registry, plane, settings, metrics=metrics, clock=clock, tracing=tracing, shadow=shadow
+    )
     server = grpc.aio.server(
         interceptors=interceptors.build(
             settings=settings,
-            service=service,
+            registry=registry,
             router=router,
             admission=admission,
             deadlines=deadlines,
@@ -156,13 +160,12 @@ async def create_server(
         ],
     )
     servicer = InferenceServicer(
-        service, router=router, settings=settings, admission=admission, deadlines=deadlines
+        registry, router=router, settings=settings, admission=admission, deadlines=deadlines
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     models_pb_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ModelServicer(
-            service,
-            service.capabilities,
+            registry,
             shadow=shadow,
             max_reason_chars=settings.admin.max_reason_chars,
         ),
@@ -170,7 +173,11 @@ async def create_server(
     )
     gen_pb_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
         GenerationServicer(
-            service, router=router, settings=settings, admission=admission, deadlines=deadlines
+            router=router,
+            plane=plane,
+            settings=settings,
+            admission=admission,
+            deadlines=deadlines,
         ),
         server,
     )
@@ -191,11 +198,11 @@ async def create_server(
 
     async def on_readiness(model: str, ready: bool) -> None:
         await health_servicer.set(model_health_service(model), _status(ready))
-        if service.started:  # before that, mark_started decides
+        if registry.started:  # before that, mark_started decides
             for name in ("", INFERENCE_SERVICE):
-                await health_servicer.set(name, _status(service.ready))
+                await health_servicer.set(name, _status(registry.ready))
 
-    service.add_readiness_listener(on_readiness)
+    registry.add_readiness_listener(on_readiness)
     address = _bind_address(settings.host, settings.grpc_port)
     if certificates is None:
         port = server.add_insecure_port(address)
@@ -205,5 +212,7 @@ async def create_server(
     transport = "plaintext" if certificates is None else certificates.describe()
     log.info("gRPC listening on %s:%d (%s)", settings.host, port, transport)
     log.info("admin plane: %s", admin.describe())
-    prober = HealthProber(service, settings.probe, clock)
-    return SluiceServer(server, port, service, health_servicer, admission, servicer, prober, shadow)
+    prober = HealthProber(registry, settings.probe, clock)
+    return SluiceServer(
+        server, port, registry, health_servicer, admission, servicer, prober, shadow
+    )

@@ -8,8 +8,8 @@ from sluice.admission import AdmissionController
 from sluice.clock import Clock
 from sluice.deadlines import DeadlinePolicy
 from sluice.metrics import Metrics
+from sluice.registry import ModelTable
 from sluice.routing import Router
-from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.interceptors._wrap import Chain
@@ -25,7 +25,7 @@ from sluice.transport.interceptors.telemetry import TelemetryInterceptor
 def build(
     *,
     settings: Settings,
-    service: InferenceService,
+    registry: ModelTable,
     router: Router,
     admission: AdmissionController,
     deadlines: DeadlinePolicy,
@@ -38,7 +38,7 @@ def build(
     return [
         Chain(
             [
-                TelemetryInterceptor(metrics, service, clock=clock, tracing=tracing),
+                TelemetryInterceptor(metrics, registry, clock=clock, tracing=tracing),
                 ErrorInterceptor(),
                 DecodeInterceptor(),
                 AuthInterceptor(admin),

@@ -30,7 +30,7 @@ class BreakerInterceptor(Interceptor):
     ) -> AsyncIterator[None]:
         if call.request is not None and call.short_method in _INFERENCE_METHODS:
             try:
-                self._router.ensure_can_serve(call.request.model_name, call.request.model_version)
+                self._router.fail_fast(call.request.model_name, call.request.model_version)
             except BreakerOpenError:
                 self._metrics.rejected.labels("breaker").inc()
                 raise

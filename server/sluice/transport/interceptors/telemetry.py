@@ -17,7 +17,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from sluice import callctx
 from sluice.clock import Clock
 from sluice.metrics import Metrics
-from sluice.service import InferenceService
+from sluice.registry import ModelTable
 from sluice.tracing import UNTRACED, Tracing
 from sluice.transport.interceptors._wrap import OPERATIONAL_SERVICES, CallInfo, Interceptor
 from sluice.transport.limits import valid_request_id
@@ -48,7 +48,7 @@ class TelemetryInterceptor(Interceptor):
     def __init__(
         self,
         metrics: Metrics,
-        service: InferenceService,
+        models: ModelTable,
         *,
         clock: Clock,
         tracing: Tracing | None = None,
@@ -57,7 +57,7 @@ class TelemetryInterceptor(Interceptor):
         # Request ids: unique per process start, then a counter (cheaper than a uuid per call).
         self._id_prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count(1)
-        self._service = service
+        self._models = models
         self._clock = clock
         self._tracing = tracing or Tracing.off()
 
@@ -67,7 +67,7 @@ class TelemetryInterceptor(Interceptor):
     def _model_label(self, call: CallInfo) -> str:
         name = getattr(call.request, "model_name", "") or getattr(call.request, "name", "")
         # Only known models become label values: callers must not grow the label set.
-        return name if self._service.has_model(name) else ""
+        return name if self._models.has_model(name) else ""
 
     def _server_span(
         self, call: CallInfo, context: Context, rid: str

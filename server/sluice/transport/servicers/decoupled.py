@@ -15,10 +15,10 @@ from collections.abc import AsyncGenerator
 
 from sluice import callctx
 from sluice.admission import Ticket
+from sluice.dataplane import ServedGeneration
 from sluice.domain import InferResult, OutputTensor
 from sluice.errors import SluiceError
 from sluice.generation.text import TEXT_OUTPUT, text_output
-from sluice.routing import RoutedGeneration
 from sluice.transport import convert
 from sluice.transport.status import message_for
 from sluice_api.inference import grpc_service_pb2 as pb
@@ -48,7 +48,7 @@ class DecoupledReplies:
 
     def __init__(
         self,
-        generation: RoutedGeneration,
+        generation: ServedGeneration,
         request: pb.ModelInferRequest,
         *,
         stream: bool,

@@ -9,9 +9,9 @@ import grpc
 
 from sluice import callctx
 from sluice.admission import AdmissionController
+from sluice.dataplane import DataPlane
 from sluice.deadlines import DeadlinePolicy
 from sluice.routing import Router
-from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.transport.generation_convert import generate_response, generation_request
 from sluice.transport.servicers.generation_session import GenerationSession
@@ -24,15 +24,15 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class GenerationServicer(gen_grpc.GenerationServiceServicer):
     def __init__(
         self,
-        service: InferenceService,
         *,
         router: Router,
+        plane: DataPlane,
         settings: Settings,
         admission: AdmissionController,
         deadlines: DeadlinePolicy,
     ) -> None:
-        self._service = service
         self._router = router
+        self._plane = plane
         self._settings = settings
         self._admission = admission
         self._deadlines = deadlines
@@ -42,9 +42,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         self, request: gen.GenerateRequest, context: Context
     ) -> AsyncIterator[gen.GenerateResponse]:
         domain = generation_request(request, default_max_new_tokens=self._default_max_new_tokens)
-        generation = await self._router.generate(
-            domain, deadline=callctx.deadline.get(), ticket=callctx.ticket.get()
-        )
+        generation = await self._router.generate(domain, callctx.call())
         async with generation:
             async for chunk in generation:
                 yield generate_response(generation, chunk)
@@ -67,7 +65,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
     async def CountTokens(
         self, request: gen.CountTokensRequest, context: Context
     ) -> gen.CountTokensResponse:
-        model = self._service.generation_model(request.model_name, request.model_version)
-        assert model.engine is not None
-        count = len(await model.engine.encode(request.prompt))
-        return gen.CountTokensResponse(token_count=count, max_context=model.engine.max_context)
+        count = await self._plane.count_tokens(
+            request.model_name, request.model_version, request.prompt
+        )
+        return gen.CountTokensResponse(token_count=count.tokens, max_context=count.max_context)

@@ -23,10 +23,11 @@ import grpc
 
 from sluice import callctx, logs
 from sluice.admission import AdmissionController
+from sluice.dataplane import ServedGeneration
 from sluice.deadlines import DeadlinePolicy
-from sluice.domain import FinishReason
+from sluice.domain import Call, FinishReason
 from sluice.errors import DeadlineExceededError, DrainingError, InvalidInputError, SluiceError
-from sluice.routing import RoutedGeneration, Router
+from sluice.routing import Router
 from sluice.transport.generation_convert import generate_response, generation_request
 from sluice.transport.servicers.reading import read_failure
 from sluice.transport.status import message_for, status_for
@@ -64,7 +65,7 @@ class GenerationSession:
             asyncio.Queue()
         )
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._generations: dict[str, RoutedGeneration] = {}
+        self._generations: dict[str, ServedGeneration] = {}
         self._cancelled: set[str] = set()
 
     async def run(
@@ -195,7 +196,7 @@ class GenerationSession:
         try:
             async with asyncio.timeout(budget):
                 generation = await self._router.generate(
-                    domain, deadline=self._deadlines.deadline(budget), ticket=ticket
+                    domain, Call(deadline=self._deadlines.deadline(budget), ticket=ticket)
                 )
                 self._generations[request_id] = generation
                 async with generation:

@@ -11,8 +11,8 @@ from sluice import __version__, callctx
 from sluice.admission import AdmissionController
 from sluice.deadlines import DeadlinePolicy
 from sluice.errors import UnsupportedError
+from sluice.registry import READY, ModelRegistry
 from sluice.routing import Router
-from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.transport import convert
 from sluice.transport.servicers.stream import StreamInferSession
@@ -27,14 +27,14 @@ EXTENSIONS = ("model_repository", "model_configuration", "statistics")
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
-        service: InferenceService,
+        registry: ModelRegistry,
         *,
         router: Router,
         settings: Settings,
         admission: AdmissionController,
         deadlines: DeadlinePolicy,
     ) -> None:
-        self._service = service
+        self._registry = registry
         self._router = router
         self._settings = settings
         self._admission = admission
@@ -49,12 +49,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._service.ready and not self.draining)
+        return pb.ServerReadyResponse(ready=self._registry.ready and not self.draining)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Context
     ) -> pb.ModelReadyResponse:
-        ready = self._service.is_ready(request.name, request.version) and not self.draining
+        ready = self._registry.is_ready(request.name, request.version) and not self.draining
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(
@@ -65,20 +65,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        model = self._service.lookup(request.name, request.version)
-        versions = [v for _, v, _ in self._service.statistics(request.name)]
-        return convert.model_metadata(model.spec, versions)
+        spec = self._registry.describe(request.name, request.version)
+        versions = [v for _, v, _ in self._registry.statistics(request.name)]
+        return convert.model_metadata(spec, versions)
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
-        model = self._service.lookup(request.name, request.version)
-        return pb.ModelConfigResponse(config=convert.model_config(model.spec))
+        spec = self._registry.describe(request.name, request.version)
+        return pb.ModelConfigResponse(config=convert.model_config(spec))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        rows = self._service.statistics(request.name, request.version)
+        rows = self._registry.statistics(request.name, request.version)
         return pb.ModelStatisticsResponse(
             model_stats=[convert.model_statistics(name, v, stats) for name, v, stats in rows]
         )
@@ -87,9 +87,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
         domain = convert.infer_request(request)
-        result = await self._router.infer(
-            domain, deadline=callctx.deadline.get(), ticket=callctx.ticket.get()
-        )
+        result = await self._router.infer(domain, callctx.call())
         context.set_trailing_metadata(
             (*(context.trailing_metadata() or ()), *convert.routing_trailers(result))
         )
@@ -114,9 +112,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
-        rows = self._service.index()
+        rows = self._registry.index()
         if request.ready:
-            rows = [row for row in rows if row.state == "READY"]
+            rows = [row for row in rows if row.state == READY]
         return convert.repository_index(rows)
 
     async def RepositoryModelLoad(
@@ -132,7 +130,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"Sluice loads '{request.model_name}' only from its repository's files; "
                 "change them there and load again"
             )
-        await self._service.load(
+        await self._registry.load(
             request.model_name, who=callctx.caller.get(), reason="RepositoryModelLoad"
         )
         return pb.RepositoryModelLoadResponse()
@@ -140,7 +138,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._service.unload(
+        await self._registry.unload(
             request.model_name, who=callctx.caller.get(), reason="RepositoryModelUnload"
         )
         return pb.RepositoryModelUnloadResponse()

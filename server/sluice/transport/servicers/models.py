@@ -8,8 +8,7 @@ import grpc
 
 from sluice import callctx
 from sluice.errors import InvalidInputError
-from sluice.executors.capabilities import Capabilities
-from sluice.service import READY, IndexEntry, InferenceService
+from sluice.registry import READY, IndexEntry, ModelRegistry
 from sluice.shadow import Shadower, ShadowReport
 from sluice_api.sluice.v1 import model_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2_grpc as pb_grpc
@@ -34,15 +33,13 @@ def _status(row: IndexEntry, fallbacks: list[str]) -> pb.ModelVersionStatus:
         fallbacks=fallbacks,
         serving=row.serving,
     )
-    if row.loaded is not None:
-        spec = row.loaded.spec
+    if row.spec is not None:
+        spec = row.spec
         status.backend = spec.backend
         status.backend_rung = spec.backend_rung
         status.backend_reason = spec.backend_reason
         status.device = spec.device
-        status.breaker_state = _BREAKER_STATES.get(
-            row.loaded.breaker.state, pb.BREAKER_STATE_UNSPECIFIED
-        )
+        status.breaker_state = _BREAKER_STATES.get(row.breaker_state, pb.BREAKER_STATE_UNSPECIFIED)
     return status
 
 
@@ -69,16 +66,8 @@ def _who(recorded: str) -> str:
 
 
 class ModelServicer(pb_grpc.ModelServiceServicer):
-    def __init__(
-        self,
-        service: InferenceService,
-        capabilities: Capabilities,
-        *,
-        shadow: Shadower,
-        max_reason_chars: int,
-    ) -> None:
-        self._service = service
-        self._capabilities = capabilities
+    def __init__(self, registry: ModelRegistry, *, shadow: Shadower, max_reason_chars: int) -> None:
+        self._registry = registry
         self._shadow = shadow
         self._max_reason_chars = max_reason_chars
 
@@ -95,7 +84,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def GetCapabilities(
         self, request: pb.GetCapabilitiesRequest, context: Context
     ) -> pb.GetCapabilitiesResponse:
-        caps = self._capabilities
+        caps = self._registry.capabilities
         return pb.GetCapabilitiesResponse(
             python_version=caps.python,
             torch_version=caps.torch or "",
@@ -112,12 +101,12 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
         rows = []
-        for row in self._service.index():
+        for row in self._registry.index():
             fallbacks = [
                 (f.model or row.name)
                 + (f"/{f.version}" if f.version else "")
                 + (f"@{f.backend}" if f.backend else "")
-                for f in self._service.fallbacks(row.name)
+                for f in self._registry.fallbacks(row.name)
             ]
             rows.append(_status(row, fallbacks))
         return pb.ListModelsResponse(models=rows)
@@ -127,10 +116,10 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     ) -> pb.LoadModelResponse:
         who, name, reason = callctx.caller.get(), request.model_name, self._reason(request)
         if request.version:
-            await self._service.load_version(name, request.version, who=who, reason=reason)
+            await self._registry.load_version(name, request.version, who=who, reason=reason)
         else:
-            await self._service.load(name, who=who, reason=reason)
-        rows = [row for row in self._service.index() if row.name == name and row.loaded]
+            await self._registry.load(name, who=who, reason=reason)
+        rows = [row for row in self._registry.index() if row.name == name and row.spec]
         return pb.LoadModelResponse(
             model_name=name,
             versions=[row.version for row in rows],
@@ -142,15 +131,15 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     ) -> pb.UnloadModelResponse:
         who, name, reason = callctx.caller.get(), request.model_name, self._reason(request)
         if request.version:
-            await self._service.unload_version(name, request.version, who=who, reason=reason)
+            await self._registry.unload_version(name, request.version, who=who, reason=reason)
         else:
-            await self._service.unload(name, who=who, reason=reason)
+            await self._registry.unload(name, who=who, reason=reason)
         return pb.UnloadModelResponse()
 
     async def PromoteModel(
         self, request: pb.PromoteModelRequest, context: Context
     ) -> pb.PromoteModelResponse:
-        before, after = await self._service.promote(
+        before, after = await self._registry.promote(
             request.model_name,
             request.version,
             who=callctx.caller.get(),
@@ -163,7 +152,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def RollbackModel(
         self, request: pb.RollbackModelRequest, context: Context
     ) -> pb.RollbackModelResponse:
-        before, after = await self._service.rollback(
+        before, after = await self._registry.rollback(
             request.model_name, who=callctx.caller.get(), reason=self._reason(request)
         )
         return pb.RollbackModelResponse(
@@ -173,7 +162,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def GetModelHistory(
         self, request: pb.GetModelHistoryRequest, context: Context
     ) -> pb.GetModelHistoryResponse:
-        changes = self._service.history(request.model_name)
+        changes = self._registry.history(request.model_name)
         return pb.GetModelHistoryResponse(
             entries=[
                 pb.HistoryEntry(
@@ -191,7 +180,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def RescanRepository(
         self, request: pb.RescanRepositoryRequest, context: Context
     ) -> pb.RescanRepositoryResponse:
-        loaded, failed = await self._service.rescan(who=callctx.caller.get())
+        loaded, failed = await self._registry.rescan(who=callctx.caller.get())
         return pb.RescanRepositoryResponse(loaded=loaded, failed=failed)
 
     async def GetShadowReport(

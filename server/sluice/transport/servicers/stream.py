@@ -41,6 +41,7 @@ import grpc
 from sluice import callctx
 from sluice.admission import AdmissionController, Ticket
 from sluice.deadlines import DeadlinePolicy
+from sluice.domain import Call, InferResult
 from sluice.errors import DeadlineExceededError, DrainingError, SluiceError
 from sluice.routing import Router
 from sluice.transport import convert
@@ -270,9 +271,7 @@ class StreamInferSession:
     async def _start_generation(self, request: pb.ModelInferRequest, size: int) -> DecoupledReplies:
         """A generation model's request, started (its first token made) on this task; its
         responses are written in turn, while the generation goes on."""
-        generation_request, stream = self._router.text_generation_request(
-            convert.infer_request(request)
-        )
+        generation_request, stream = self._router.text_generation(convert.infer_request(request))
         budget = self._deadlines.budget_s(
             self._context.time_remaining(), convert.timeout_parameter_s(request)
         )
@@ -280,7 +279,8 @@ class StreamInferSession:
         try:
             async with asyncio.timeout(budget):
                 generation = await self._router.generate(
-                    generation_request, deadline=self._deadlines.deadline(budget), ticket=ticket
+                    generation_request,
+                    Call(deadline=self._deadlines.deadline(budget), ticket=ticket),
                 )
         except TimeoutError as exc:
             ticket.release()
@@ -294,7 +294,7 @@ class StreamInferSession:
             generation, request, stream=stream, ticket=ticket, grpc_errors=self._grpc_errors
         )
 
-    async def _infer(self, request: pb.ModelInferRequest, size: int) -> tuple[Any, Ticket]:
+    async def _infer(self, request: pb.ModelInferRequest, size: int) -> tuple[InferResult, Ticket]:
         """One tensor request's result, and its admission ticket, held until its response
         is written."""
         domain = convert.infer_request(request)
@@ -303,10 +303,10 @@ class StreamInferSession:
         )
         ticket = self._admission.admit(self._tenant, request_bytes=size)
         try:
-            self._router.ensure_can_serve(domain.model, domain.version)
+            self._router.fail_fast(domain.model, domain.version)
             async with asyncio.timeout(budget):
                 result = await self._router.infer(
-                    domain, deadline=self._deadlines.deadline(budget), ticket=ticket
+                    domain, Call(deadline=self._deadlines.deadline(budget), ticket=ticket)
                 )
         except TimeoutError as exc:
             ticket.release()

@@ -1,0 +1,292 @@
+"""The router: where the transport's data calls enter the core. It walks a call down its
+chain of candidates (``candidates``) and runs each attempt on the data plane."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+
+from sluice import logs
+from sluice.clock import Clock
+from sluice.dataplane import DataPlane, ServedGeneration
+from sluice.domain import Call, GenerationRequest, InferRequest, InferResult, Routing
+from sluice.errors import (
+    ContextOverflowError,
+    DeadlineExceededError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    SluiceError,
+    UnavailableError,
+    UnsupportedError,
+)
+from sluice.loader import ModelVersion
+from sluice.metrics import Metrics
+from sluice.registry.table import ModelTable
+from sluice.routing.candidates import Candidates
+from sluice.routing.report import log_attempt, span_attributes
+from sluice.routing.walk import Attempt, PassOver, Walk, combined, label, retryable
+from sluice.settings import FallbackTarget, Settings
+from sluice.shadow import Shadower
+from sluice.tracing import Attributes, Tracing, current_again
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    def __init__(
+        self,
+        table: ModelTable,
+        plane: DataPlane,
+        settings: Settings,
+        *,
+        metrics: Metrics,
+        clock: Clock,
+        rng: random.Random | None = None,
+        tracing: Tracing | None = None,
+        shadow: Shadower | None = None,
+    ) -> None:
+        self._table = table
+        self._plane = plane
+        self._tracing = tracing or Tracing.off()
+        self._shadow = shadow
+        self._attempt_share = settings.retry.attempt_share
+        self._metrics = metrics
+        self._clock = clock
+        self._candidates = Candidates(
+            table, settings, metrics=metrics, clock=clock, rng=rng or random.Random()
+        )
+
+    def fail_fast(self, name: str, version: str = "") -> None:
+        """Raise now when no candidate of the called name could take a call (every one not
+        ready or its breaker open): before anything is decoded or queued."""
+        errors: list[SluiceError] = []
+        for target in self._candidates.chain(name, version):
+            try:
+                self._candidates.check(target)
+            except SluiceError as exc:
+                errors.append(exc)
+            else:
+                return
+        raise combined(name, errors, {})
+
+    def generates(self, name: str, version: str = "") -> bool:
+        """Whether the called name's primary is a generation model."""
+        primary = self._candidates.chain(name, version)[0]
+        return self._plane.generates(primary.model, primary.version)
+
+    def text_generation(self, request: InferRequest) -> tuple[GenerationRequest, bool]:
+        """A generation model's tensor request as a generation request (and ``stream``)."""
+        primary = self._candidates.chain(request.model, request.version)[0]
+        generation, stream = self._plane.text_generation(
+            dataclasses.replace(request, model=primary.model, version=primary.version)
+        )
+        return dataclasses.replace(generation, model=request.model), stream
+
+    # -- tensors ------------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest, call: Call) -> InferResult:
+        candidates = self._candidates
+        walk = candidates.walk(request.model, request.version)
+        attempt = candidates.fallback(request.model, walk, call.deadline, after=-1)
+        while attempt is not None:
+            walk.attempts += 1
+            walk.tried.add(attempt.index)
+            started = self._clock()
+            try:
+                with self._tracing.span(
+                    "sluice.attempt", self._span_attributes(attempt, walk.attempts)
+                ) as span:
+                    result = await self._try(request, attempt, walk, call)
+                    log_attempt(request, attempt, walk, self._clock() - started, result=result)
+            except SluiceError as exc:
+                latency_s = self._clock() - started
+                failed, attempt = attempt, None
+                walk.errors.append(exc)
+                if failed.hop and exc.transient:  # a fallback that failed too: extra load
+                    walk.budget.charge()
+                if retryable(exc):
+                    attempt = await self._hop(request.model, walk, failed, exc, call.deadline)
+                with current_again(span):  # the record says where the call went next
+                    log_attempt(request, failed, walk, latency_s, error=exc, then=attempt)
+                continue
+            result.routing = Routing(attempts=walk.attempts, fallback=attempt.index > 0)
+            if attempt.index > 0:
+                self._metrics.fallbacks.labels(
+                    request.model, f"{result.model}/{result.version}"
+                ).inc()
+            if self._shadow is not None:  # schedules a mirror, never waits for one
+                self._shadow.after_infer(request, result)
+            return result
+        raise walk.failure(request.model)
+
+    async def _try(
+        self, request: InferRequest, attempt: Attempt, walk: Walk, call: Call
+    ) -> InferResult:
+        target = attempt.target
+        alone = walk.alone(attempt.index)
+        budget_s = self._attempt_budget_s(call.deadline, alone=alone)
+        sub = request
+        if (target.model, target.version, target.backend) != (
+            request.model,
+            request.version,
+            request.backend,
+        ):
+            sub = dataclasses.replace(
+                request, model=target.model, version=target.version, backend=target.backend
+            )
+        attempt_call = dataclasses.replace(
+            call, deadline=None if budget_s is None else self._clock() + budget_s
+        )
+        started = self._clock()
+        try:
+            # Alone, the call's own deadline (batcher and interceptor) bounds the attempt;
+            # with untried candidates left, the attempt's share is enforced here.
+            async with asyncio.timeout(None if alone else budget_s):
+                result = await self._plane.infer(sub, attempt_call)
+        except (TimeoutError, DeadlineExceededError) as exc:
+            error = self._timeout_error(target, call.deadline, budget_s, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        self._candidates.learn(result, self._clock() - started)
+        return result
+
+    def _attempt_budget_s(self, deadline: float | None, *, alone: bool) -> float | None:
+        if deadline is None:
+            return None
+        remaining = max(0.0, deadline - self._clock())
+        return remaining if alone else remaining * self._attempt_share
+
+    def _timeout_error(
+        self,
+        target: FallbackTarget,
+        deadline: float | None,
+        budget_s: float | None,
+        exc: BaseException,
+    ) -> SluiceError:
+        if deadline is not None and self._clock() < deadline:
+            # Only this attempt's share is spent: a transient failure, the chain goes on.
+            return UnavailableError(
+                f"model '{target.model}' did not answer within this attempt's "
+                f"{budget_s or 0:.3f}s share of the deadline"
+            )
+        if isinstance(exc, DeadlineExceededError):
+            return exc
+        return DeadlineExceededError(
+            f"the call's deadline passed while model '{target.model}' was working on it"
+        )
+
+    async def _hop(
+        self, name: str, walk: Walk, failed: Attempt, exc: SluiceError, deadline: float | None
+    ) -> Attempt | None:
+        """After a transient failure: the next untried candidate (a fallback), else the chain
+        again after a back-off (a retry): a ``sluice.fallback`` or ``sluice.retry`` span."""
+        attributes = {"sluice.from": label(failed.target), "error.type": type(exc).__name__}
+        with self._tracing.span("sluice.fallback", attributes, leaf=True) as span:
+            picked = self._candidates.fallback(name, walk, deadline, after=failed.index)
+            if picked is None:
+                picked = await self._candidates.retry(name, walk, deadline, after=failed.index)
+                if picked is not None:
+                    span.update_name("sluice.retry")
+            if picked is not None and span.is_recording():
+                span.set_attribute("sluice.to", label(picked.target))
+            return picked
+
+    def _span_attributes(self, attempt: Attempt, number: int) -> Attributes | None:
+        """What an attempt span says about where it goes (nothing is looked up when off)."""
+        if not self._tracing.enabled:
+            return None
+        target = attempt.target
+        model: ModelVersion | None
+        try:
+            model = self._table.get(target.model, target.version, backend=target.backend)
+        except SluiceError:
+            model = None
+        return span_attributes(attempt, number, model)
+
+    # -- generations --------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest, call: Call) -> ServedGeneration:
+        """Start a generation on the first candidate of the chain that can take it.
+
+        A candidate is passed over when it is not ready, its breaker is open, or the prompt
+        and ``max_new_tokens`` do not fit its context (so a fallback with a larger context
+        takes the call: the response says why). One that fails before its first token, or
+        makes none within its share of the deadline, hands the call to the next (a fallback,
+        as for ``infer``); after the first token a failure ends the stream (the tokens sent
+        stand). With no candidate left, the error is the most telling one: a context
+        overflow names both numbers. The prompt's tokens plus ``max_new_tokens`` are added
+        to the call's admission ticket before the generation is queued.
+        """
+        candidates = self._candidates
+        walk = candidates.walk(request.model, request.version)
+        reason = ""
+        for index, target in enumerate(walk.chain):
+            usable = candidates.usable(request.model, walk, index, call.deadline)
+            if not usable or not candidates.may_hop(request.model, walk, index):
+                why = walk.skipped[index][1].message
+                reason = reason or f"model '{target.model}' cannot serve now: {why}"
+                continue
+            hop = walk.after_transient_failure
+            walk.tried.add(index)
+            try:
+                served = await self._start(request, target, call, alone=walk.alone(index))
+            except PassOver as passed:
+                walk.errors.append(passed.error)
+                if hop and passed.error.transient:
+                    walk.budget.charge()
+                reason = reason or passed.reason
+                continue
+            return self._served(request, target, served, reason if index > 0 else "")
+        raise walk.failure(request.model)
+
+    async def _start(
+        self, request: GenerationRequest, target: FallbackTarget, call: Call, *, alone: bool
+    ) -> ServedGeneration:
+        """The generation on one candidate, once its first chunk is out; ``PassOver`` when
+        the next candidate should take it."""
+        sub = dataclasses.replace(
+            request, model=target.model, version=target.version, backend=target.backend
+        )
+        budget_s = None if alone else self._attempt_budget_s(call.deadline, alone=False)
+        try:
+            return await self._plane.generate(sub, call, first_token_s=budget_s)
+        except ContextOverflowError as exc:
+            raise PassOver(
+                exc,
+                f"{exc.need} need a larger context than model '{target.model}' "
+                f"has ({exc.max_context})",
+            ) from exc
+        except (ModelNotFoundError, ModelNotReadyError, UnsupportedError) as exc:
+            raise PassOver(exc, f"model '{target.model}' cannot serve now: {exc.message}") from exc
+        except SluiceError as exc:
+            if not retryable(exc):
+                raise
+            reason = f"model '{target.model}' failed before its first token: {exc.message}"
+            raise PassOver(exc, reason) from exc
+
+    def _served(
+        self,
+        request: GenerationRequest,
+        target: FallbackTarget,
+        served: ServedGeneration,
+        reason: str,
+    ) -> ServedGeneration:
+        """A started generation, with why a fallback serves it, mirrored when sampled."""
+        if reason:
+            spec = served.spec
+            self._metrics.fallbacks.labels(request.model, f"{spec.name}/{spec.version}").inc()
+            log.info(
+                "generation for %s served by %s: %s",
+                logs.clip(request.model),
+                logs.clip(target.model),
+                reason,
+            )
+            served.fallback_reason = reason
+        if self._shadow is not None:
+            trace = self._shadow.generation_trace(target.model, request.prompt, request.params)
+            if trace is not None:
+                served.listen(trace)
+        return served
