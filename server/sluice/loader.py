@@ -125,30 +125,59 @@ class VersionLoader:
         self._metrics.model_load_seconds.labels(name, candidate.backend).observe(
             self._clock() - load_started
         )
-        faults = _faults_for(config.faults, candidate)
-        engine = executor.start_engine(
-            EngineOptions(
-                name=f"{name}/{version}",
-                limits=self._engine_limits(),
-                clock=self._clock,
-                faults=faults,
-            )
-        )
-        if engine is None and faults is not None:
-            log.warning("model %s version %s: injecting faults %s", name, version, faults)
-            executor = FaultyExecutor(executor, faults)
+        executor, engine = self._start(executor, candidate, config, f"{name}/{version}")
         try:
-            io = resolve_io(
-                config,
-                tuple(executor.inputs),
-                tuple(executor.outputs),
-                where=model_dir / "config.yaml",
-                default_max_batch=self._settings.batching.max_batch_size,
-            )
+            spec = self._spec(name, version, config, executor, candidate, decoupled=bool(engine))
         except ConfigError:
             await executor.close()
             raise
-        spec = ModelSpec(
+        log.info(
+            "loaded model %s version %s: backend %s on %s, max_batch_size %d%s",
+            name,
+            version,
+            spec.backend,
+            executor.device,
+            spec.io.max_batch_size,
+            " (dynamic batching from the file's dynamic first dimension)"
+            if spec.auto_configured and spec.io.batched
+            else "",
+        )
+        return self._assemble(spec, executor, engine)
+
+    def _start(
+        self, executor: Executor, candidate: Candidate, config: ModelConfig, name: str
+    ) -> tuple[Executor, GenerationEngine | None]:
+        """Start the executor's engine (generation backends), with the model's faults
+        injected into it, or into the executor itself (tensor backends)."""
+        faults = _faults_for(config.faults, candidate)
+        options = EngineOptions(
+            name=name, limits=self._engine_limits(), clock=self._clock, faults=faults
+        )
+        engine = executor.start_engine(options)
+        if engine is None and faults is not None:
+            log.warning("model %s: injecting faults %s", name, faults)
+            executor = FaultyExecutor(executor, faults)
+        return executor, engine
+
+    def _spec(
+        self,
+        name: str,
+        version: str,
+        config: ModelConfig,
+        executor: Executor,
+        candidate: Candidate,
+        *,
+        decoupled: bool,
+    ) -> ModelSpec:
+        """What the version serves: the config checked against the executor's tensors."""
+        io = resolve_io(
+            config,
+            tuple(executor.inputs),
+            tuple(executor.outputs),
+            where=self._repository / name / "config.yaml",
+            default_max_batch=self._settings.batching.max_batch_size,
+        )
+        return ModelSpec(
             name=name,
             version=version,
             backend=candidate.backend,
@@ -161,24 +190,12 @@ class VersionLoader:
             # A generation model takes as many whole-text calls at once as it runs sequences.
             instance_count=(
                 self._settings.generation.max_running_sequences
-                if engine is not None
+                if decoupled
                 else config.instance_count
             ),
             auto_configured=config.inputs is None,
-            decoupled=engine is not None,
+            decoupled=decoupled,
         )
-        log.info(
-            "loaded model %s version %s: backend %s on %s, max_batch_size %d%s",
-            name,
-            version,
-            spec.backend,
-            executor.device,
-            io.max_batch_size,
-            " (dynamic batching from the file's dynamic first dimension)"
-            if spec.auto_configured and io.batched
-            else "",
-        )
-        return self._assemble(spec, executor, engine)
 
     def _engine_limits(self) -> SchedulerLimits:
         limits = self._settings.generation

@@ -7,25 +7,29 @@ import logging
 from sluice import logs
 from sluice.domain import InferRequest, InferResult
 from sluice.errors import SluiceError
-from sluice.loader import ModelVersion
+from sluice.registry.table import ModelTable
 from sluice.routing.walk import Attempt, Walk, label
 from sluice.tracing import Attributes
 
 log = logging.getLogger(__name__)
 
 
-def span_attributes(attempt: Attempt, number: int, model: ModelVersion | None) -> Attributes:
-    """Where an attempt goes (``model``: its version, when it resolves)."""
+def span_attributes(table: ModelTable, attempt: Attempt, number: int) -> Attributes:
+    """Where an attempt goes: its model, and the version, backend and breaker state when
+    the candidate resolves."""
     target = attempt.target
     attributes: dict[str, str | int | bool] = {
         "sluice.attempt": number,
         "sluice.model": target.model,
         "sluice.fallback": attempt.index > 0,
     }
-    if model is not None:
-        attributes["sluice.model.version"] = model.spec.version
-        attributes["sluice.backend"] = model.spec.backend
-        attributes["sluice.breaker.state"] = model.breaker.state
+    try:
+        model = table.get(target.model, target.version, backend=target.backend)
+    except SluiceError:
+        return attributes
+    attributes["sluice.model.version"] = model.spec.version
+    attributes["sluice.backend"] = model.spec.backend
+    attributes["sluice.breaker.state"] = model.breaker.state
     return attributes
 
 

@@ -21,7 +21,6 @@ from sluice.errors import (
     UnavailableError,
     UnsupportedError,
 )
-from sluice.loader import ModelVersion
 from sluice.metrics import Metrics
 from sluice.registry.table import ModelTable
 from sluice.routing.candidates import Candidates
@@ -29,7 +28,7 @@ from sluice.routing.report import log_attempt, span_attributes
 from sluice.routing.walk import Attempt, PassOver, Walk, combined, label, retryable
 from sluice.settings import FallbackTarget, Settings
 from sluice.shadow import Shadower
-from sluice.tracing import Attributes, Tracing, current_again
+from sluice.tracing import Tracing, current_again
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +94,12 @@ class Router:
             walk.tried.add(attempt.index)
             started = self._clock()
             try:
-                with self._tracing.span(
-                    "sluice.attempt", self._span_attributes(attempt, walk.attempts)
-                ) as span:
+                attributes = (
+                    span_attributes(self._table, attempt, walk.attempts)
+                    if self._tracing.enabled
+                    else None
+                )
+                with self._tracing.span("sluice.attempt", attributes) as span:
                     result = await self._try(request, attempt, walk, call)
                     log_attempt(request, attempt, walk, self._clock() - started, result=result)
             except SluiceError as exc:
@@ -193,18 +195,6 @@ class Router:
             if picked is not None and span.is_recording():
                 span.set_attribute("sluice.to", label(picked.target))
             return picked
-
-    def _span_attributes(self, attempt: Attempt, number: int) -> Attributes | None:
-        """What an attempt span says about where it goes (nothing is looked up when off)."""
-        if not self._tracing.enabled:
-            return None
-        target = attempt.target
-        model: ModelVersion | None
-        try:
-            model = self._table.get(target.model, target.version, backend=target.backend)
-        except SluiceError:
-            model = None
-        return span_attributes(attempt, number, model)
 
     # -- generations --------------------------------------------------------------------
 
