@@ -16,6 +16,7 @@ from sluice.clock import Clock
 from sluice.dataplane import DataPlane
 from sluice.deadlines import DeadlinePolicy
 from sluice.metrics import Metrics
+from sluice.policy import CallPolicy
 from sluice.prober import HealthProber
 from sluice.registry import ModelRegistry
 from sluice.routing import Router
@@ -140,13 +141,19 @@ async def create_server(
     router = Router(
         registry, plane, settings, metrics=metrics, clock=clock, tracing=tracing, shadow=shadow
     )
+    policy = CallPolicy(
+        tenant_key=settings.admission.tenant_metadata_key,
+        deadlines=deadlines,
+        admission=admission,
+        router=router,
+        metrics=metrics,
+        tracing=tracing,
+    )
     server = grpc.aio.server(
         interceptors=interceptors.build(
-            settings=settings,
             registry=registry,
-            router=router,
+            policy=policy,
             admission=admission,
-            deadlines=deadlines,
             metrics=metrics,
             clock=clock,
             tracing=tracing,
@@ -160,7 +167,7 @@ async def create_server(
         ],
     )
     servicer = InferenceServicer(
-        registry, router=router, settings=settings, admission=admission, deadlines=deadlines
+        registry, router=router, settings=settings, policy=policy, admission=admission
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     models_pb_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
@@ -176,8 +183,8 @@ async def create_server(
             router=router,
             plane=plane,
             settings=settings,
+            policy=policy,
             admission=admission,
-            deadlines=deadlines,
         ),
         server,
     )

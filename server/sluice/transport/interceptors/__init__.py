@@ -1,4 +1,8 @@
-"""Server interceptors, one concern each. ``build`` is the one place their order is set."""
+"""Server interceptors, one concern each. ``build`` is the one place their order is set.
+
+Which calls a hook acts on is the RPC table's say (``transport.rpcs``); the rules of the
+deadline, admission and breaker hooks are the ``CallPolicy``'s, which the stream sessions
+apply to each request a stream carries."""
 
 from __future__ import annotations
 
@@ -6,11 +10,9 @@ import grpc
 
 from sluice.admission import AdmissionController
 from sluice.clock import Clock
-from sluice.deadlines import DeadlinePolicy
 from sluice.metrics import Metrics
+from sluice.policy import CallPolicy
 from sluice.registry import ModelTable
-from sluice.routing import Router
-from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.interceptors._wrap import Chain
 from sluice.transport.interceptors.admission import AdmissionInterceptor
@@ -24,11 +26,9 @@ from sluice.transport.interceptors.telemetry import TelemetryInterceptor
 
 def build(
     *,
-    settings: Settings,
     registry: ModelTable,
-    router: Router,
+    policy: CallPolicy,
     admission: AdmissionController,
-    deadlines: DeadlinePolicy,
     metrics: Metrics,
     clock: Clock,
     tracing: Tracing,
@@ -42,11 +42,9 @@ def build(
                 ErrorInterceptor(),
                 DecodeInterceptor(),
                 AuthInterceptor(admin),
-                DeadlineInterceptor(deadlines, metrics),
-                AdmissionInterceptor(
-                    admission, tenant_key=settings.admission.tenant_metadata_key, tracing=tracing
-                ),
-                BreakerInterceptor(router, metrics),
+                DeadlineInterceptor(policy, metrics),
+                AdmissionInterceptor(admission, policy),
+                BreakerInterceptor(policy),
             ]
         )
     ]

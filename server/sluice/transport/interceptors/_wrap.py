@@ -24,9 +24,7 @@ from google.protobuf.message import Message
 
 from sluice.errors import InvalidInputError
 from sluice.transport.limits import check_strings
-
-# Health and reflection must answer even when the server sheds load or drains.
-OPERATIONAL_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+from sluice.transport.rpcs import Rpc, rpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -43,6 +41,7 @@ class CallInfo:
         "context",
         "method",
         "request",
+        "rpc",
         "short_method",
         "size",
         "streaming",
@@ -55,12 +54,15 @@ class CallInfo:
         request: Any,
         context: Context,
         *,
+        kind: Rpc,
         streaming: bool = False,
         raw: bytes | None = None,
         deserialize: Deserializer | None = None,
     ) -> None:
         self.method = method
         self.short_method = short_method
+        #: What the method is (``transport.rpcs``).
+        self.rpc = kind
         #: The request message for unary-request calls once decoded; None for
         #: client-streaming calls (and before ``decode``).
         self.request = request
@@ -133,22 +135,23 @@ _FACTORIES = {
 def wrap(
     handler: grpc.RpcMethodHandler[Any, Any], method: str, around: Around
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    kind = (handler.request_streaming, handler.response_streaming)
-    factory, attribute = _FACTORIES[kind]
+    factory, attribute = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
     inner = getattr(handler, attribute)
     short_method = method.rsplit("/", 1)[-1]
+    kind = rpc(method)
     streaming_request = handler.request_streaming
     streaming = handler.request_streaming or handler.response_streaming
     deserialize: Deserializer = handler.request_deserializer or _identity
 
     def info(request: Any, context: Context) -> CallInfo:
         if streaming_request:
-            return CallInfo(method, short_method, None, context, streaming=True)
+            return CallInfo(method, short_method, None, context, kind=kind, streaming=True)
         return CallInfo(
             method,
             short_method,
             None,
             context,
+            kind=kind,
             streaming=streaming,
             raw=request,
             deserialize=deserialize,
@@ -198,8 +201,9 @@ def _identity(raw: bytes) -> bytes:
 
 
 class Interceptor(abc.ABC):
-    """One concern's hook around every call. ``Chain`` installs them; calls to health and
-    reflection skip a hook unless it sets ``include_operational``."""
+    """One concern's hook around every call. ``Chain`` installs them; operational calls
+    (health, reflection: ``transport.rpcs``) skip a hook unless it sets
+    ``include_operational``."""
 
     include_operational = False
 
@@ -230,7 +234,7 @@ class Chain(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        around = self._operational if method.startswith(OPERATIONAL_SERVICES) else self._all
+        around = self._operational if rpc(method).operational else self._all
         wrapped = wrap(handler, method, around)
         self._wrapped[method] = (handler, wrapped)
         return wrapped

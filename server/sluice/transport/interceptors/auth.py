@@ -1,4 +1,5 @@
-"""Admin authorization: calls that change what is served need an admin credential.
+"""Admin authorization: calls that change what is served (``Rpc.admin`` in
+``transport.rpcs``) need an admin credential.
 
 Trust is configured, never inferred from a peer's address (behind a sidecar, a port-forward
 or a tunnel every remote caller looks local). An admin call is served when it carries
@@ -27,19 +28,6 @@ from sluice import callctx
 from sluice.errors import PermissionDeniedError
 from sluice.settings import Settings
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
-
-ADMIN_METHODS = frozenset(
-    {
-        "/sluice.v1.ModelService/LoadModel",
-        "/sluice.v1.ModelService/UnloadModel",
-        "/sluice.v1.ModelService/PromoteModel",
-        "/sluice.v1.ModelService/RollbackModel",
-        "/sluice.v1.ModelService/RescanRepository",
-        "/sluice.v1.ModelService/SetShadowing",
-        "/inference.GRPCInferenceService/RepositoryModelLoad",
-        "/inference.GRPCInferenceService/RepositoryModelUnload",
-    }
-)
 
 _CERTIFICATE_NAMES = ("x509_common_name", "x509_subject_alternative_name")
 
@@ -166,7 +154,7 @@ class AuthInterceptor(Interceptor):
     async def around(
         self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[None]:
-        if call.method not in ADMIN_METHODS:
+        if not call.rpc.admin:
             yield
             return
         token = callctx.caller.set(self._access.authorize(call, context))

@@ -1,14 +1,13 @@
 """Deadlines: a default budget when the client sent none, a cap, early rejection of calls
 that arrive already expired (counted as ``rejected{reason="deadline"}``), and the budget
-handed to the core through ``callctx``.
+handed to the core through ``callctx``, all through the ``CallPolicy``.
 
-Client-streaming calls (ModelStreamInfer) carry many requests: each one gets its own
-budget where it is read, so the stream itself gets none here.
+Client-streaming calls (ModelStreamInfer, GenerateStream) carry many requests: each one
+gets its own budget where it is read, so the stream itself gets none here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,9 +15,9 @@ from typing import Any
 import grpc
 
 from sluice import callctx
-from sluice.deadlines import DeadlinePolicy
 from sluice.errors import DeadlineExceededError
 from sluice.metrics import Metrics
+from sluice.policy import CallPolicy
 from sluice.transport import convert
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
 from sluice_api.inference import grpc_service_pb2 as pb
@@ -31,7 +30,7 @@ def _timeout_parameter_s(request: Any) -> float | None:
 
 
 class DeadlineInterceptor(Interceptor):
-    def __init__(self, policy: DeadlinePolicy, metrics: Metrics) -> None:
+    def __init__(self, policy: CallPolicy, metrics: Metrics) -> None:
         self._policy = policy
         self._metrics = metrics
 
@@ -46,18 +45,10 @@ class DeadlineInterceptor(Interceptor):
                 raise DeadlineExceededError("the stream's deadline had already passed")
             yield
             return
-        try:
-            budget = self._policy.budget_s(remaining, _timeout_parameter_s(call.request))
-        except DeadlineExceededError:
-            self._metrics.rejected.labels("deadline").inc()
-            raise
+        budget = self._policy.budget_s(remaining, _timeout_parameter_s(call.request))
         token = callctx.deadline.set(self._policy.deadline(budget))
         try:
-            async with asyncio.timeout(budget):
+            async with self._policy.within(budget, "the call"):
                 yield
-        except TimeoutError as exc:
-            raise DeadlineExceededError(
-                f"the call ran out of its {budget:.3f}s budget before finishing"
-            ) from exc
         finally:
             callctx.deadline.reset(token)

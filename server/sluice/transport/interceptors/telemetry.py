@@ -19,7 +19,7 @@ from sluice.clock import Clock
 from sluice.metrics import Metrics
 from sluice.registry import ModelTable
 from sluice.tracing import UNTRACED, Tracing
-from sluice.transport.interceptors._wrap import OPERATIONAL_SERVICES, CallInfo, Interceptor
+from sluice.transport.interceptors._wrap import CallInfo, Interceptor
 from sluice.transport.limits import valid_request_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -72,7 +72,7 @@ class TelemetryInterceptor(Interceptor):
     def _server_span(
         self, call: CallInfo, context: Context, rid: str
     ) -> contextlib.AbstractContextManager[Span]:
-        if not self._tracing.enabled or call.method.startswith(OPERATIONAL_SERVICES):
+        if not self._tracing.enabled or not call.rpc.traced:
             return UNTRACED
         return self._tracing.server_span(
             call.method, context.invocation_metadata() or (), {"sluice.request_id": rid}

@@ -10,7 +10,7 @@ import grpc
 from sluice import callctx
 from sluice.admission import AdmissionController
 from sluice.dataplane import DataPlane
-from sluice.deadlines import DeadlinePolicy
+from sluice.policy import CallPolicy
 from sluice.routing import Router
 from sluice.settings import Settings
 from sluice.transport.generation_convert import generate_response, generation_request
@@ -28,14 +28,14 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         router: Router,
         plane: DataPlane,
         settings: Settings,
+        policy: CallPolicy,
         admission: AdmissionController,
-        deadlines: DeadlinePolicy,
     ) -> None:
         self._router = router
         self._plane = plane
         self._settings = settings
+        self._policy = policy
         self._admission = admission
-        self._deadlines = deadlines
         self._default_max_new_tokens = settings.generation.default_max_new_tokens
 
     async def Generate(
@@ -53,10 +53,9 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         session = GenerationSession(
             self._router,
             context,
+            policy=self._policy,
             admission=self._admission,
-            deadlines=self._deadlines,
             max_running=self._settings.stream.max_pending_requests,
-            tenant_key=self._settings.admission.tenant_metadata_key,
             default_max_new_tokens=self._default_max_new_tokens,
         )
         async for response in session.run(request_iterator):

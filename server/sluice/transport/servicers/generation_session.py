@@ -24,9 +24,9 @@ import grpc
 from sluice import callctx, logs
 from sluice.admission import AdmissionController
 from sluice.dataplane import ServedGeneration
-from sluice.deadlines import DeadlinePolicy
-from sluice.domain import Call, FinishReason
-from sluice.errors import DeadlineExceededError, DrainingError, InvalidInputError, SluiceError
+from sluice.domain import FinishReason
+from sluice.errors import DrainingError, InvalidInputError, SluiceError
+from sluice.policy import CallPolicy
 from sluice.routing import Router
 from sluice.transport.generation_convert import generate_response, generation_request
 from sluice.transport.servicers.reading import read_failure
@@ -46,19 +46,17 @@ class GenerationSession:
         router: Router,
         context: Context,
         *,
+        policy: CallPolicy,
         admission: AdmissionController,
-        deadlines: DeadlinePolicy,
         max_running: int,
-        tenant_key: str,
         default_max_new_tokens: int,
     ) -> None:
         self._router = router
         self._context = context
+        self._policy = policy
         self._admission = admission
-        self._deadlines = deadlines
         self._default_max_new_tokens = default_max_new_tokens
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        self._tenant = metadata.get(tenant_key, "")
+        self._tenant = policy.tenant(context.invocation_metadata() or ())
         self._slots = asyncio.Semaphore(max_running)
         self._room = asyncio.Semaphore(max_running)
         self._out: asyncio.Queue[gen.GenerateStreamResponse | SluiceError | object] = (
@@ -191,25 +189,24 @@ class GenerationSession:
         domain = generation_request(
             request, default_max_new_tokens=self._default_max_new_tokens, request_id=request_id
         )
-        budget = self._deadlines.budget_s(self._context.time_remaining(), None)
-        ticket = self._admission.admit(self._tenant, request_bytes=request.ByteSize())
+        admitted = self._policy.admit_request(
+            tenant=self._tenant,
+            request_bytes=request.ByteSize(),
+            remaining_s=self._context.time_remaining(),
+            model=domain.model,
+            version=domain.version,
+        )
         try:
-            async with asyncio.timeout(budget):
-                generation = await self._router.generate(
-                    domain, Call(deadline=self._deadlines.deadline(budget), ticket=ticket)
-                )
+            async with self._policy.within(admitted.budget_s, f"generation '{request_id}'"):
+                generation = await self._router.generate(domain, admitted.call)
                 self._generations[request_id] = generation
                 async with generation:
                     async for chunk in generation:
                         await self._send(_chunk(request_id, generate_response(generation, chunk)))
                 if generation.finish_reason is FinishReason.CANCELLED:
                     await self._send(_chunk(request_id, generate_response(generation, None)))
-        except TimeoutError as exc:
-            raise DeadlineExceededError(
-                f"generation '{request_id}' ran out of its {budget:.3f}s budget"
-            ) from exc
         finally:
-            ticket.release()
+            admitted.ticket.release()
 
     async def _send(self, response: gen.GenerateStreamResponse) -> None:
         await self._room.acquire()

@@ -9,8 +9,8 @@ import grpc
 
 from sluice import __version__, callctx
 from sluice.admission import AdmissionController
-from sluice.deadlines import DeadlinePolicy
 from sluice.errors import UnsupportedError
+from sluice.policy import CallPolicy
 from sluice.registry import READY, ModelRegistry
 from sluice.routing import Router
 from sluice.settings import Settings
@@ -31,14 +31,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         *,
         router: Router,
         settings: Settings,
+        policy: CallPolicy,
         admission: AdmissionController,
-        deadlines: DeadlinePolicy,
     ) -> None:
         self._registry = registry
         self._router = router
         self._settings = settings
+        self._policy = policy
         self._admission = admission
-        self._deadlines = deadlines
         self.draining = False
 
     async def ServerLive(
@@ -99,12 +99,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         session = StreamInferSession(
             self._router,
             context,
+            policy=self._policy,
             admission=self._admission,
-            deadlines=self._deadlines,
             max_pending=self._settings.stream.max_pending_requests,
             max_pending_bytes=self._settings.stream.max_pending_bytes,
-            on_pending_bytes=self._admission.count_stream_bytes,
-            tenant_key=self._settings.admission.tenant_metadata_key,
         )
         async for response in session.run(request_iterator):
             yield response

@@ -2,21 +2,21 @@
 
 One reader task takes requests off the stream and starts one task per request (at most
 ``max_pending`` at a time, so a client that does not read cannot make us buffer without
-bound). Every request gets the same admission, deadline and breaker rules as a unary call.
-Responses go out in the order the requests arrived, each with the request's ``id``: Triton
-does so for every model that is not decoupled, and clients such as tritonclient's stream
-callback, which gets no id with an error, rely on it. Requests still run concurrently; one
-that finishes early waits for those before it, holding its ``max_pending`` slot until it is
-written. Generation models are decoupled: once a generation's turn comes, its responses go
-out as they are made, interleaved with the responses of later requests (each names its
-request id), and it holds its slot until it ends. At most ``max_pending`` responses wait to
-be written; a generation that cannot hand one over stops reading its stream, and the
-scheduler pauses it. Bytes are bounded too: the requests a stream has read and not yet
-answered, and their replies until written, hold at most ``max_pending_bytes`` of the
-stream's window (reading pauses past it), and each holds its admission ticket (request and
-reply bytes, server-wide) until its response is written, so a client that never reads
-holds a bounded amount of memory. A failed request becomes a response with
-``error_message`` and the stream stays open, unless the client sent the
+bound). Every request gets the same admission, deadline and breaker rules as a unary call
+(the ``CallPolicy``). Responses go out in the order the requests arrived, each with the
+request's ``id``: Triton does so for every model that is not decoupled, and clients such as
+tritonclient's stream callback, which gets no id with an error, rely on it. Requests still
+run concurrently; one that finishes early waits for those before it, holding its
+``max_pending`` slot until it is written. Generation models are decoupled: once a
+generation's turn comes, its responses go out as they are made, interleaved with the
+responses of later requests (each names its request id), and it holds its slot until it
+ends. At most ``max_pending`` responses wait to be written; a generation that cannot hand
+one over stops reading its stream, and the scheduler pauses it. Bytes are bounded too: the
+requests a stream has read and not yet answered, and their replies until written, hold at
+most ``max_pending_bytes`` of the stream's window (reading pauses past it), and each holds
+its admission ticket (request and reply bytes, server-wide) until its response is written,
+so a client that never reads holds a bounded amount of memory. A failed request becomes a
+response with ``error_message`` and the stream stays open, unless the client sent the
 ``triton_grpc_error: true`` header: then the first error (in request order) ends the call
 with its real status.
 
@@ -40,9 +40,9 @@ import grpc
 
 from sluice import callctx
 from sluice.admission import AdmissionController, Ticket
-from sluice.deadlines import DeadlinePolicy
-from sluice.domain import Call, InferResult
-from sluice.errors import DeadlineExceededError, DrainingError, SluiceError
+from sluice.domain import InferResult
+from sluice.errors import DrainingError, SluiceError
+from sluice.policy import Admitted, CallPolicy
 from sluice.routing import Router
 from sluice.transport import convert
 from sluice.transport.servicers.decoupled import DecoupledReplies, Reply, error_reply
@@ -109,22 +109,20 @@ class StreamInferSession:
         router: Router,
         context: Context,
         *,
+        policy: CallPolicy,
         admission: AdmissionController,
-        deadlines: DeadlinePolicy,
         max_pending: int,
         max_pending_bytes: int,
-        on_pending_bytes: Callable[[int], None],
-        tenant_key: str,
     ) -> None:
         self._router = router
         self._context = context
+        self._policy = policy
         self._admission = admission
-        self._deadlines = deadlines
         self._slots = asyncio.Semaphore(max_pending)
-        self._window = ByteWindow(max_pending_bytes, on_pending_bytes)
+        self._window = ByteWindow(max_pending_bytes, admission.count_stream_bytes)
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         self._grpc_errors = metadata.get("triton_grpc_error", "").lower() == "true"
-        self._tenant = metadata.get(tenant_key, "")
+        self._tenant = policy.tenant(context.invocation_metadata() or ())
         #: One task per request, in arrival order, then ``_END``.
         self._out: asyncio.Queue[asyncio.Task[_Served] | object] = asyncio.Queue()
         self._tasks: set[asyncio.Task[_Served]] = set()
@@ -272,48 +270,41 @@ class StreamInferSession:
         """A generation model's request, started (its first token made) on this task; its
         responses are written in turn, while the generation goes on."""
         generation_request, stream = self._router.text_generation(convert.infer_request(request))
-        budget = self._deadlines.budget_s(
-            self._context.time_remaining(), convert.timeout_parameter_s(request)
-        )
-        ticket = self._admission.admit(self._tenant, request_bytes=size)
+        admitted = self._admit(request, size)
         try:
-            async with asyncio.timeout(budget):
-                generation = await self._router.generate(
-                    generation_request,
-                    Call(deadline=self._deadlines.deadline(budget), ticket=ticket),
-                )
-        except TimeoutError as exc:
-            ticket.release()
-            raise DeadlineExceededError(
-                f"request '{request.id}' ran out of its {budget:.3f}s budget"
-            ) from exc
+            async with self._policy.within(admitted.budget_s, f"request '{request.id}'"):
+                generation = await self._router.generate(generation_request, admitted.call)
         except BaseException:
-            ticket.release()
+            admitted.ticket.release()
             raise
         return DecoupledReplies(
-            generation, request, stream=stream, ticket=ticket, grpc_errors=self._grpc_errors
+            generation,
+            request,
+            stream=stream,
+            ticket=admitted.ticket,
+            grpc_errors=self._grpc_errors,
         )
 
     async def _infer(self, request: pb.ModelInferRequest, size: int) -> tuple[InferResult, Ticket]:
         """One tensor request's result, and its admission ticket, held until its response
         is written."""
         domain = convert.infer_request(request)
-        budget = self._deadlines.budget_s(
-            self._context.time_remaining(), convert.timeout_parameter_s(request)
-        )
-        ticket = self._admission.admit(self._tenant, request_bytes=size)
+        admitted = self._admit(request, size)
         try:
-            self._router.fail_fast(domain.model, domain.version)
-            async with asyncio.timeout(budget):
-                result = await self._router.infer(
-                    domain, Call(deadline=self._deadlines.deadline(budget), ticket=ticket)
-                )
-        except TimeoutError as exc:
-            ticket.release()
-            raise DeadlineExceededError(
-                f"request '{domain.id}' ran out of its {budget:.3f}s budget"
-            ) from exc
+            async with self._policy.within(admitted.budget_s, f"request '{domain.id}'"):
+                result = await self._router.infer(domain, admitted.call)
         except BaseException:
-            ticket.release()
+            admitted.ticket.release()
             raise
-        return result, ticket
+        return result, admitted.ticket
+
+    def _admit(self, request: pb.ModelInferRequest, size: int) -> Admitted:
+        """One request through the rules a unary call passes (``CallPolicy``)."""
+        return self._policy.admit_request(
+            tenant=self._tenant,
+            request_bytes=size,
+            remaining_s=self._context.time_remaining(),
+            timeout_s=convert.timeout_parameter_s(request),
+            model=request.model_name,
+            version=request.model_version,
+        )

@@ -1,0 +1,120 @@
+"""The rules an inference request passes before it runs, in one place: its deadline budget
+(a default, a cap, refused when already spent), admission (in flight, bytes, tenant
+quotas), a breaker check (fail fast when no candidate could take it), and the timeout that
+holds it to its budget.
+
+The interceptors apply them to unary calls, one concern each (``deadline``, ``admission``,
+``breaker``); the stream sessions apply them, in the same order, to every request a stream
+carries (``admit_request``). Either way a refusal is counted in
+``sluice_rejected_requests_total`` and an admission gets its ``sluice.admission`` span.
+What the drain does with calls and open streams stays with ``AdmissionController``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sluice.admission import AdmissionController, Ticket
+from sluice.deadlines import DeadlinePolicy
+from sluice.domain import Call
+from sluice.errors import BreakerOpenError, DeadlineExceededError
+from sluice.metrics import Metrics
+from sluice.routing import Router
+from sluice.tracing import Tracing
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """One request a stream carries, admitted: its budget, and the call the core gets."""
+
+    budget_s: float
+    call: Call
+    ticket: Ticket
+
+
+class CallPolicy:
+    def __init__(
+        self,
+        *,
+        tenant_key: str,
+        deadlines: DeadlinePolicy,
+        admission: AdmissionController,
+        router: Router,
+        metrics: Metrics,
+        tracing: Tracing | None = None,
+    ) -> None:
+        self._tenant_key = tenant_key
+        self._deadlines = deadlines
+        self._admission = admission
+        self._router = router
+        self._metrics = metrics
+        self._tracing = tracing or Tracing.off()
+
+    def tenant(self, metadata: Iterable[tuple[str, Any]]) -> str:
+        """The tenant a call's metadata names (``admission.tenant_metadata_key``), or ""."""
+        for key, value in metadata:
+            if key == self._tenant_key and isinstance(value, str):
+                return value
+        return ""
+
+    def budget_s(self, remaining_s: float | None, timeout_s: float | None = None) -> float:
+        """Seconds the request may take: the tightest of the client's deadline, its
+        ``timeout`` and the cap; ``DeadlineExceededError`` when none is left."""
+        try:
+            return self._deadlines.budget_s(remaining_s, timeout_s)
+        except DeadlineExceededError:
+            self._metrics.rejected.labels("deadline").inc()
+            raise
+
+    def deadline(self, budget_s: float) -> float:
+        """The absolute deadline, on the service clock, of a budget starting now."""
+        return self._deadlines.deadline(budget_s)
+
+    def admit(self, tenant: str, *, request_bytes: int) -> Ticket:
+        """Admit one request of ``request_bytes`` or raise (release the ticket when done)."""
+        with self._tracing.span("sluice.admission", leaf=True):
+            return self._admission.admit(tenant, request_bytes=request_bytes)
+
+    def check_breakers(self, model: str, version: str) -> None:
+        """Fail fast when no candidate for the model could take the request now."""
+        try:
+            self._router.fail_fast(model, version)
+        except BreakerOpenError:
+            self._metrics.rejected.labels("breaker").inc()
+            raise
+
+    @contextlib.asynccontextmanager
+    async def within(self, budget_s: float, what: str) -> AsyncIterator[None]:
+        """Hold the work inside to ``budget_s``; past it, ``DeadlineExceededError``."""
+        try:
+            async with asyncio.timeout(budget_s):
+                yield
+        except TimeoutError as exc:
+            raise DeadlineExceededError(f"{what} ran out of its {budget_s:.3f}s budget") from exc
+
+    def admit_request(
+        self,
+        *,
+        tenant: str,
+        request_bytes: int,
+        remaining_s: float | None,
+        timeout_s: float | None = None,
+        model: str,
+        version: str,
+    ) -> Admitted:
+        """One request of a stream, through the same rules as a unary call, in the same
+        order: budget, admission, the breaker check of the model it names. The caller
+        releases the ticket once the request's answer is written."""
+        budget_s = self.budget_s(remaining_s, timeout_s)
+        deadline = self.deadline(budget_s)
+        ticket = self.admit(tenant, request_bytes=request_bytes)
+        try:
+            self.check_breakers(model, version)
+        except BaseException:
+            ticket.release()
+            raise
+        return Admitted(budget_s, Call(deadline=deadline, ticket=ticket), ticket)
