@@ -3,8 +3,8 @@ executor, its breaker and its batcher (and, for generation models, the engine th
 executor starts), the warm-up inference before a version may serve, and releasing all of
 it once the version's in-flight calls have finished.
 
-``InferenceService`` decides which versions are loaded and which one serves; this module
-only knows how to make one and how to let it go.
+``registry.ModelRegistry`` decides which versions are loaded and which one serves; this
+module only knows how to make one and how to let it go.
 """
 
 from __future__ import annotations
