@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sluice.shadow",),
     ("sluice.routing",),
     ("sluice.policy", "sluice.prober"),
+    ("sluice.core",),
     ("sluice.transport",),
     ("sluice.app", "sluice.cli", "sluice.__main__"),
 ]

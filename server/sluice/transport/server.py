@@ -13,13 +13,10 @@ from grpc_reflection.v1alpha import reflection
 
 from sluice.admission import AdmissionController
 from sluice.clock import Clock
-from sluice.dataplane import DataPlane
-from sluice.deadlines import DeadlinePolicy
+from sluice.core import build_core
 from sluice.metrics import Metrics
-from sluice.policy import CallPolicy
 from sluice.prober import HealthProber
 from sluice.registry import ModelRegistry
-from sluice.routing import Router
 from sluice.settings import Settings
 from sluice.shadow import Shadower
 from sluice.tracing import Tracing
@@ -134,21 +131,8 @@ async def create_server(
     tracing = tracing or Tracing.off()
     certificates = CertificateFiles(settings.tls) if settings.tls.enabled else None
     admin = AdminAccess.from_settings(settings)
-    admission = AdmissionController(settings.admission, metrics)
-    deadlines = DeadlinePolicy(settings.deadline, clock)
-    plane = DataPlane(registry, settings, metrics=metrics, clock=clock, tracing=tracing)
-    shadow = Shadower(registry, plane, settings.shadow, metrics=metrics, clock=clock)
-    router = Router(
-        registry, plane, settings, metrics=metrics, clock=clock, tracing=tracing, shadow=shadow
-    )
-    policy = CallPolicy(
-        tenant_key=settings.admission.tenant_metadata_key,
-        deadlines=deadlines,
-        admission=admission,
-        router=router,
-        metrics=metrics,
-        tracing=tracing,
-    )
+    core = build_core(settings, registry, metrics=metrics, clock=clock, tracing=tracing)
+    admission, router, shadow, policy = core.admission, core.router, core.shadow, core.policy
     server = grpc.aio.server(
         interceptors=interceptors.build(
             registry=registry,
@@ -181,7 +165,7 @@ async def create_server(
     gen_pb_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
         GenerationServicer(
             router=router,
-            plane=plane,
+            plane=core.plane,
             settings=settings,
             policy=policy,
             admission=admission,
