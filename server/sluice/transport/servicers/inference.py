@@ -100,7 +100,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     (FALLBACK_KEY, "true" if result.parameters.get("sluice_fallback") else "false"),
                 )
             )
-        return convert.infer_response(result)
+        return await convert.encode_response(result)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
