@@ -484,3 +484,22 @@ async def test_decoupled_responses_interleave_across_requests_on_one_stream(
     # The short generation, sent second, ends while the long one, sent first, still runs.
     assert finished == ["short", "long"]
     assert counts["short"] == 8 and counts["long"] > 8
+
+
+async def test_a_prompt_longer_than_the_context_could_hold_is_refused_untokenized(
+    server: RunningServer,
+) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = gen_grpc.GenerationServiceStub(channel)
+        prompt = "Once upon a time " * 2000  # 34 kB for a 256-token context
+        with pytest.raises(grpc.aio.AioRpcError) as generate:
+            async for _ in stub.Generate(
+                gen.GenerateRequest(model_name="tiny_llama", prompt=prompt)
+            ):
+                pass
+        with pytest.raises(grpc.aio.AioRpcError) as count:
+            await stub.CountTokens(gen.CountTokensRequest(model_name="tiny_llama", prompt=prompt))
+    for info in (generate, count):
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "34000 bytes" in str(info.value.details())
+        assert "can hold at most" in str(info.value.details())

@@ -49,9 +49,11 @@ class IOSpec:
         return self.max_batch_size > 0
 
 
-PYTHON_OBJECT_BYTES = 64
-"""Memory one decoded BYTES element costs beyond its contents (a Python bytes object and
-the array's pointer to it): what a call is weighed for each element it sends."""
+BYTES_ELEMENT_COST = 256
+"""Memory one BYTES element costs on its way through the server beyond its contents: a
+Python object and the array's pointer to it when decoded, the backend's own string, and,
+for a model that answers with as many elements (the common case, and what an identity
+does), the same again for the reply. What a call is weighed for each element it sends."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,7 @@ def check_inputs(request: InferRequest, io: IOSpec) -> InputCheck:
                 )
             batch = tensor.shape[0]
         if tensor.datatype == "BYTES":
-            decoded += element_count(tensor.shape) * PYTHON_OBJECT_BYTES
+            decoded += element_count(tensor.shape) * BYTES_ELEMENT_COST
         payload += len(tensor.raw) if tensor.raw is not None else 4 * len(tensor.values or ())
     missing = sorted(name for name, spec in specs.items() if not spec.optional)
     missing = [name for name in missing if name not in seen]

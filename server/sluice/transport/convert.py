@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sluice.domain import InferRequest, InferResult, InputTensor
@@ -128,6 +129,27 @@ def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
         outputs=[output.name for output in msg.outputs],
         parameters={key: parameter_value(value) for key, value in msg.parameters.items()},
     )
+
+
+OFF_LOOP_ELEMENTS = 4096
+"""BYTES outputs with more elements than this are encoded in a worker thread: each element
+is Python work, and a big reply must not stall the event loop."""
+OFF_LOOP_BYTES = 1024 * 1024
+"""Numeric outputs larger than this (copied twice on the way to the reply) too."""
+
+
+async def encode_response(result: InferResult) -> pb.ModelInferResponse:
+    """``infer_response`` for callers on the event loop: off the loop when the reply is
+    large or holds many BYTES elements."""
+    heavy = any(
+        output.array.size > OFF_LOOP_ELEMENTS
+        if output.datatype == "BYTES"
+        else output.array.nbytes > OFF_LOOP_BYTES
+        for output in result.outputs
+    )
+    if heavy:
+        return await asyncio.to_thread(infer_response, result)
+    return infer_response(result)
 
 
 def infer_response(result: InferResult) -> pb.ModelInferResponse:

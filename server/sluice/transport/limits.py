@@ -1,4 +1,4 @@
-"""Bounds on the strings a caller sends, checked before anything uses them.
+"""Bounds on the strings (and lists) a caller sends, checked before anything uses them.
 
 Names, versions, ids and reasons reach error messages, logs, metric labels, histories and
 file-system lookups: each has a length limit by field name, wherever it appears in a
@@ -33,6 +33,15 @@ MAX_BYTES: dict[str, int] = {
 }
 """Longest value (UTF-8 bytes) of string fields with these names, in any request message."""
 
+MAX_ITEMS: dict[str, int] = {
+    "inputs": 1024,
+    "outputs": 1024,
+    "raw_input_contents": 1024,
+    "parameters": 256,
+}
+"""Most entries of repeated and map fields with these names, in any request message (what
+a request is converted into is proportional to them, on the event loop)."""
+
 MAX_REQUEST_ID_CHARS = 128
 """Longest ``x-request-id`` a caller may send (printable ASCII)."""
 
@@ -40,7 +49,8 @@ _Check = Callable[[Message], None]
 
 
 def check_strings(message: Message) -> None:
-    """Raise ``InvalidInputError`` when a bounded string field of ``message`` is too long."""
+    """Raise ``InvalidInputError`` when a bounded string field of ``message`` is too long, or
+    a bounded repeated field has too many entries."""
     _checker(message.DESCRIPTOR)(message)
 
 
@@ -57,6 +67,11 @@ def _checker(descriptor: Descriptor) -> _Check:
         for field in descriptor.fields
         if field.type == FieldDescriptor.TYPE_STRING and field.name in MAX_BYTES
     ]
+    counted = [
+        (field.name, MAX_ITEMS[field.name])
+        for field in descriptor.fields
+        if field.is_repeated and field.name in MAX_ITEMS
+    ]
     nested = [
         (field.name, field.is_repeated, message_type)
         for field, message_type in _message_fields(descriptor)
@@ -64,6 +79,13 @@ def _checker(descriptor: Descriptor) -> _Check:
     ]
 
     def check(message: Message) -> None:
+        for name, most in counted:
+            items = len(getattr(message, name))
+            if items > most:
+                raise InvalidInputError(
+                    f"field '{name}' of {descriptor.name} has {items} entries; at most {most} "
+                    "are allowed"
+                )
         for name, limit, repeated in strings:
             value: Any = getattr(message, name)
             for text in value if repeated else (value,):

@@ -14,6 +14,7 @@ INVALID_ARGUMENT with the request id and is counted, instead of grpc's bare UNKN
 from __future__ import annotations
 
 import abc
+import asyncio
 import inspect
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -30,6 +31,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 Deserializer = Callable[[bytes], Any]
+
+OFF_LOOP_MESSAGE_BYTES = 1024 * 1024
+"""Messages larger than this are decoded and encoded in a worker thread."""
 
 
 class CallInfo:
@@ -74,12 +78,12 @@ class CallInfo:
         #: The request message's size on the wire (unary-request calls; 0 for streams).
         self.size = len(raw) if raw is not None else 0
 
-    def decode(self) -> None:
+    async def decode(self) -> None:
         """Decode the request message (once); ``InvalidInputError`` when it cannot be."""
         raw, self._raw = self._raw, None
         if raw is None or self._deserialize is None:
             return
-        self.request = decode_message(self._deserialize, raw, self.short_method)
+        self.request = await decode_off_loop(self._deserialize, raw, self.short_method)
 
     def metadata(self, key: str) -> str:
         """The first string value of request metadata ``key``, or ``""``."""
@@ -108,6 +112,16 @@ def decode_message(deserialize: Deserializer, raw: bytes, method: str, index: in
     return message
 
 
+async def decode_off_loop(
+    deserialize: Deserializer, raw: bytes, method: str, index: int = 0
+) -> Any:
+    """``decode_message``, in a worker thread for a large message (parsing one is C work
+    that holds the GIL; a thread hands it back to the event loop every few milliseconds)."""
+    if len(raw) <= OFF_LOOP_MESSAGE_BYTES:
+        return decode_message(deserialize, raw, method, index)
+    return await asyncio.to_thread(decode_message, deserialize, raw, method, index)
+
+
 async def decoded_stream(
     messages: AsyncIterable[bytes], deserialize: Deserializer, method: str
 ) -> AsyncIterator[Any]:
@@ -115,7 +129,17 @@ async def decoded_stream(
     index = 0
     async for raw in messages:
         index += 1
-        yield decode_message(deserialize, raw, method, index)
+        yield await decode_off_loop(deserialize, raw, method, index)
+
+
+Serializer = Callable[[Any], bytes]
+
+
+async def encode_off_loop(serialize: Serializer, message: Any) -> bytes:
+    """A response's bytes, made in a worker thread when the message is large."""
+    if isinstance(message, Message) and message.ByteSize() > OFF_LOOP_MESSAGE_BYTES:
+        return await asyncio.to_thread(serialize, message)
+    return serialize(message)
 
 
 Around = Callable[[CallInfo, Context], AbstractAsyncContextManager[None]]
@@ -143,10 +167,13 @@ def wrap(
     streaming = handler.request_streaming or handler.response_streaming
     deserialize: Deserializer = handler.request_deserializer or _identity
 
-    def info(request: Any, context: Context) -> CallInfo:
+    def start(request: Any, context: Context) -> tuple[CallInfo, Any]:
+        """The call as the hooks see it, and what the servicer gets: the decoded message
+        (once a hook decoded it) or the stream of decoded messages."""
         if streaming_request:
-            return CallInfo(method, short_method, None, context, kind=kind, streaming=True)
-        return CallInfo(
+            call = CallInfo(method, short_method, None, context, kind=kind, streaming=True)
+            return call, decoded_stream(request, deserialize, short_method)
+        call = CallInfo(
             method,
             short_method,
             None,
@@ -156,47 +183,69 @@ def wrap(
             raw=request,
             deserialize=deserialize,
         )
+        return call, None
 
-    def argument(call: CallInfo, request: Any) -> Any:
-        if streaming_request:
-            return decoded_stream(request, deserialize, short_method)
-        return call.request
-
-    behavior: Callable[..., Any]
+    serialize: Serializer = handler.response_serializer or _identity
     if handler.response_streaming and inspect.isasyncgenfunction(inner):
-        # The servicer's generator is driven here and its responses written with
-        # ``context.write``, so the whole call (hooks and the generator's cleanup) runs in
-        # the handler's own task: a client that goes away cancels that task, and every
-        # ``finally`` runs in the context the hooks set values in. (Yielding instead lets
-        # grpc abandon the generator mid-write; it is then closed later, in another task.)
-
-        async def behavior(request: Any, context: Context) -> None:
-            call = info(request, context)
-            async with around(call, context):
-                responses = inner(argument(call, request), context)
-                try:
-                    async for response in responses:
-                        await context.write(response)
-                finally:
-                    await responses.aclose()
-
+        behavior = _generated_responses(inner, start, around, serialize)
+    elif handler.response_streaming:
+        # A handler that writes its responses itself (``context.write``): grpc encodes them.
+        behavior = _one_response(inner, start, around, None)
+        return factory(
+            behavior, request_deserializer=None, response_serializer=handler.response_serializer
+        )
     else:
-
-        async def behavior(request: Any, context: Context) -> Any:
-            call = info(request, context)
-            async with around(call, context):
-                result = inner(argument(call, request), context)
-                return await result if isinstance(result, Awaitable) else result
-
-    # Requests arrive as bytes: ``CallInfo.decode`` and ``decoded_stream`` decode them.
-    return factory(
-        behavior,
-        request_deserializer=None,
-        response_serializer=handler.response_serializer,
-    )
+        behavior = _one_response(inner, start, around, serialize)
+    # Messages cross the wrapper as bytes: requests are decoded by ``CallInfo.decode`` and
+    # ``decoded_stream``, responses encoded by ``encode_off_loop``.
+    return factory(behavior, request_deserializer=None, response_serializer=None)
 
 
-def _identity(raw: bytes) -> bytes:
+Start = Callable[[Any, Context], tuple[CallInfo, Any]]
+
+
+def _argument(call: CallInfo, stream: Any) -> Any:
+    return stream if stream is not None else call.request
+
+
+def _generated_responses(
+    inner: Callable[..., Any], start: Start, around: Around, serialize: Serializer
+) -> Callable[..., Any]:
+    """The servicer's generator is driven here and its responses written with
+    ``context.write``, so the whole call (hooks and the generator's cleanup) runs in the
+    handler's own task: a client that goes away cancels that task, and every ``finally``
+    runs in the context the hooks set values in. (Yielding instead lets grpc abandon the
+    generator mid-write; it is then closed later, in another task.)"""
+
+    async def behavior(request: Any, context: Context) -> None:
+        call, stream = start(request, context)
+        async with around(call, context):
+            responses = inner(_argument(call, stream), context)
+            try:
+                async for response in responses:
+                    await context.write(await encode_off_loop(serialize, response))
+            finally:
+                await responses.aclose()
+
+    return behavior
+
+
+def _one_response(
+    inner: Callable[..., Any], start: Start, around: Around, serialize: Serializer | None
+) -> Callable[..., Any]:
+    """A handler that returns its response (encoded here unless ``serialize`` is None)."""
+
+    async def behavior(request: Any, context: Context) -> Any:
+        call, stream = start(request, context)
+        async with around(call, context):
+            result = inner(_argument(call, stream), context)
+            result = await result if isinstance(result, Awaitable) else result
+            return result if serialize is None else await encode_off_loop(serialize, result)
+
+    return behavior
+
+
+def _identity(raw: Any) -> Any:
     return raw
 
 

@@ -35,5 +35,5 @@ class DecodeInterceptor(Interceptor):
                 f"metadata '{callctx.REQUEST_ID_KEY}' must be at most {MAX_REQUEST_ID_CHARS} "
                 f"printable ASCII characters (got {len(given)} characters)"
             )
-        call.decode()
+        await call.decode()
         yield

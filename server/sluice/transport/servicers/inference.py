@@ -91,7 +91,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         context.set_trailing_metadata(
             (*(context.trailing_metadata() or ()), *convert.routing_trailers(result))
         )
-        return convert.infer_response(result)
+        return await convert.encode_response(result)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context

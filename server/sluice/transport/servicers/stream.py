@@ -259,7 +259,7 @@ class StreamInferSession:
                 ),
                 size,
             )
-        response = convert.infer_response(result)
+        response = await convert.encode_response(result)
         response.parameters["triton_final_response"].bool_param = True
         answer = pb.ModelStreamInferResponse(infer_response=response)
         reply_size = answer.ByteSize()
