@@ -7,6 +7,7 @@ runs, so their ratio shows how well requests batch.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -31,9 +32,9 @@ class BatchStats:
 class BatchRun:
     """One executor run as the dynamic batcher measured it."""
 
-    rows: tuple[int, ...]
+    rows: Sequence[int]
     """Each request's rows, in the batch's order."""
-    queue_s: tuple[float, ...]
+    queue_s: Sequence[float]
     """How long each request waited in the queue."""
     input_s: float
     """Building the batch's inputs."""

@@ -177,8 +177,8 @@ class DynamicBatcher:
         output_s = self._clock() - split_started
         self._observer.batch_done(
             BatchRun(
-                rows=tuple(request_rows),
-                queue_s=tuple(started - p.enqueued_at for p in batch),
+                rows=request_rows,
+                queue_s=[started - p.enqueued_at for p in batch],
                 input_s=input_s,
                 infer_s=infer_s,
                 output_s=output_s,
@@ -188,36 +188,33 @@ class DynamicBatcher:
     async def _run_batch(self, batch: list[Pending]) -> tuple[dict[str, Array], float, float]:
         """Run one batch in its ``sluice.batch`` span (linked to its requests' spans, after a
         ``sluice.queue_wait`` span for each): its outputs, and the seconds spent building
-        its inputs and running it."""
+        its inputs and running it. Anything the backend does wrong (a hang past the batch's
+        time limit, an exception of its own) is a backend fault, counted by its breaker."""
         rows = sum(p.rows for p in batch)
         self._tracing.record_queue_waits((p.trace, p.enqueued_ns) for p in batch)
         with self._tracing.batch_span((p.trace for p in batch), self._span_attributes, rows=rows):
             t0 = self._clock()
             inputs = arithmetic.merge([p.inputs for p in batch])
             t1 = self._clock()
-            outputs = await self._run_executor(inputs, self._execution_limit_s(batch))
+            limit_s = self._execution_limit_s(batch)
+            with self._breaker.calling():
+                try:
+                    async with asyncio.timeout(limit_s):
+                        outputs = await self._executor.run(inputs)
+                except TimeoutError as exc:  # a hung backend is a backend fault
+                    raise ExecutorError(
+                        f"model {self.name}: the backend did not finish a batch in {limit_s:.3f}s"
+                    ) from exc
+                except SluiceError:
+                    raise
+                except Exception as exc:  # a backend bug must still count against its breaker
+                    raise ExecutorError(
+                        f"model {self.name}: the backend raised {type(exc).__name__}"
+                    ) from exc
             t2 = self._clock()
             if self._batched:
                 arithmetic.check_rows(outputs, rows, model=self.name)
         return outputs, t1 - t0, t2 - t1
-
-    async def _run_executor(self, inputs: dict[str, Array], limit_s: float) -> dict[str, Array]:
-        """The executor's run, guarded by the version's breaker; anything the backend does
-        wrong (a hang past ``limit_s``, an exception of its own) is a backend fault."""
-        with self._breaker.calling():
-            try:
-                async with asyncio.timeout(limit_s):
-                    return await self._executor.run(inputs)
-            except TimeoutError as exc:  # a hung backend is a backend fault
-                raise ExecutorError(
-                    f"model {self.name}: the backend did not finish a batch in {limit_s:.3f}s"
-                ) from exc
-            except SluiceError:
-                raise
-            except Exception as exc:  # a backend bug must still count against its breaker
-                raise ExecutorError(
-                    f"model {self.name}: the backend raised {type(exc).__name__}"
-                ) from exc
 
     def _execution_limit_s(self, batch: list[Pending]) -> float:
         """How long a batch may run: until its last caller's deadline, at most the cap."""

@@ -16,7 +16,7 @@ about protobuf, grpc, or which class runs a model's generations.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 from sluice.clock import Clock
 from sluice.dataplane.served import ServedGeneration
@@ -106,16 +106,26 @@ class DataPlane:
             outputs=[OutputTensor(name, datatypes[name], outputs[name]) for name in wanted],
         )
 
-    async def _run(
+    def _run(
         self, model: ModelVersion, inputs: Mapping[str, Array], call: Call
-    ) -> dict[str, Array]:
+    ) -> Awaitable[dict[str, Array]]:
         """Tensors through the version's batcher; a generation model's through its engine."""
         if model.engine is None:
-            return await model.batcher.infer(inputs, deadline=call.deadline)
+            return model.batcher.infer(inputs, deadline=call.deadline)
+        return self._whole_text(model, model.engine, inputs, call)
+
+    async def _whole_text(
+        self,
+        model: ModelVersion,
+        engine: GenerationEngine,
+        inputs: Mapping[str, Array],
+        call: Call,
+    ) -> dict[str, Array]:
+        """A generation model's tensors: one whole-text generation, weighed in tokens."""
         started = self._clock()
         with model.breaker.calling():
             outputs = await generate_text(
-                model.engine,
+                engine,
                 inputs,
                 default_max_new_tokens=self._default_max_new_tokens,
                 deadline=call.deadline,
