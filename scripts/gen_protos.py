@@ -17,7 +17,10 @@ clients/typescript/src/gen/ and clients/go/gen/. buf (the pinned npm package) an
 TypeScript client's npm dependencies are installed here when missing.
 
 The output depends only on the .proto files and the pinned generator versions, so running
-the script twice gives identical bytes.
+the script twice gives identical bytes. The Python generator is the grpcio-tools release pinned
+in pyproject.toml's test extra: its protoc writes the gencode of the oldest protobuf runtime
+Sluice supports (a stub loads on its own protobuf version and every later one up to the next
+major, so one set of stubs serves protobuf 6 and 7), and the script refuses to run with another.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +52,31 @@ BUF = BUF_PREFIX / "node_modules" / ".bin" / "buf"
 TYPESCRIPT_DIR = REPO_ROOT / "clients" / "typescript"
 GO_PLUGINS = ("protoc-gen-go", "protoc-gen-go-grpc")
 GO_PLUGINS_HINT = "apt-get install protoc-gen-go protoc-gen-go-grpc"
+
+
+def pinned_tools_version() -> str:
+    """The grpcio-tools version pinned (``==``) in pyproject.toml's test extra."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    for requirement in pyproject["project"]["optional-dependencies"]["test"]:
+        found = re.fullmatch(r"grpcio-tools\s*==\s*([\w.]+)", requirement.strip())
+        if found:
+            return found.group(1)
+    raise SystemExit("pyproject.toml's test extra must pin grpcio-tools==VERSION")
+
+
+def check_tools_version() -> str:
+    """The installed grpcio-tools version, if it is the pinned one (else exit, saying so)."""
+    wanted = pinned_tools_version()
+    try:
+        installed = importlib.metadata.version("grpcio-tools")
+    except importlib.metadata.PackageNotFoundError:
+        installed = "none"
+    if installed != wanted:
+        raise SystemExit(
+            f"the Python stubs are generated with grpcio-tools {wanted} (installed: {installed});"
+            f" run: pip install grpcio-tools=={wanted}"
+        )
+    return installed
 
 
 def find_protos() -> list[str]:
@@ -214,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         help="do not write; exit 1 and list the files that differ if the stubs are stale",
     )
     args = parser.parse_args(argv)
+    tools = check_tools_version()
     generated = outputs()
     if args.check:
         stale = [
@@ -223,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if not stale:
             return 0
-        tools = importlib.metadata.version("grpcio-tools")
         print(
             f"Stale generated stubs (Python from grpcio-tools {tools}; {BUF_TEMPLATE.name}):",
             file=sys.stderr,
