@@ -3,6 +3,7 @@
 
     python scripts/gen_protos.py           # rewrite the committed stubs
     python scripts/gen_protos.py --check   # exit 1, listing stale files, if they are out of date
+    python scripts/gen_protos.py --python  # the Python stubs only (needs nothing but grpcio-tools)
 
 Python: grpcio-tools' protoc writes clients/python/sluice_api/. protoc runs with `-I protos`, so
 protos/inference/grpc_service.proto is registered in the descriptor pool as
@@ -226,9 +227,11 @@ def remove_empty_parents(root: Path, directory: Path) -> None:
         directory = directory.parent
 
 
-def outputs() -> list[tuple[Path, dict[str, bytes], dict[str, bytes]]]:
+def outputs(*, python_only: bool) -> list[tuple[Path, dict[str, bytes], dict[str, bytes]]]:
     """(directory, files wanted there, generated files there now) for every language."""
     result = [(PACKAGE_DIR, generate(), committed_files())]
+    if python_only:
+        return result
     for out, wanted in generate_with_buf().items():
         root = REPO_ROOT / out
         result.append((root, wanted, files_under(root)))
@@ -242,9 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not write; exit 1 and list the files that differ if the stubs are stale",
     )
+    parser.add_argument(
+        "--python",
+        action="store_true",
+        help="only the Python stubs (TypeScript and Go need buf, npm and protoc-gen-go)",
+    )
     args = parser.parse_args(argv)
     tools = check_tools_version()
-    generated = outputs()
+    generated = outputs(python_only=args.python)
     if args.check:
         stale = [
             f"{root.relative_to(REPO_ROOT).as_posix()}/{name}"

@@ -18,6 +18,7 @@ from sluice.service import InferenceService
 from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.server import SluiceServer, create_server
+from tests import toolchains
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +56,12 @@ class RunningServer:
 
 
 StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``toolchain(...)`` skip (or fail, where required) without those tools."""
+    for mark in item.iter_markers("toolchain"):
+        toolchains.require(*mark.args)
 
 
 @pytest.fixture

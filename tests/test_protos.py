@@ -7,7 +7,6 @@ tritonclient does here runs in a subprocess and messages cross the boundary as h
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import struct
@@ -24,6 +23,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from sluice_api.inference import grpc_service_pb2, model_config_pb2
+from tests import toolchains
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUF_PREFIX = REPO_ROOT / ".cache" / "buf"
@@ -56,9 +56,10 @@ def _as_dict(message: Message) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def buf() -> Path:
     """The buf binary, installed from npm into .cache/buf (git-ignored) if missing."""
+    toolchains.require("node")
     if not BUF.exists():
         npm = shutil.which("npm")
-        assert npm is not None, f"npm is needed to install {BUF_PACKAGE} into {BUF_PREFIX}"
+        assert npm is not None
         _run([npm, "install", "--prefix", str(BUF_PREFIX), BUF_PACKAGE])
     return BUF
 
@@ -125,8 +126,9 @@ def test_buf_exemptions_only_cover_protos_inference(buf: Path, tmp_path: Path) -
 # --- generated stubs ------------------------------------------------------------------
 
 
-def test_generated_stubs_are_up_to_date() -> None:
-    _run([sys.executable, str(REPO_ROOT / "scripts" / "gen_protos.py"), "--check"])
+def test_generated_python_stubs_are_up_to_date() -> None:
+    """The Python stubs need only grpcio-tools; tests/clients/test_codegen.py checks all."""
+    _run([sys.executable, str(REPO_ROOT / "scripts" / "gen_protos.py"), "--check", "--python"])
 
 
 def test_descriptor_file_names_match_import_paths() -> None:
@@ -291,17 +293,8 @@ TRITON_SIDE = textwrap.dedent(
 )
 
 
-def _tritonclient_available() -> bool:
-    # find_spec only locates tritonclient.grpc; nothing of it is loaded into this process.
-    try:
-        return importlib.util.find_spec("tritonclient.grpc") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-needs_tritonclient = pytest.mark.skipif(
-    not _tritonclient_available(), reason="tritonclient[grpc] is not installed"
-)
+# find_spec only locates tritonclient; nothing of it is loaded into this process.
+needs_tritonclient = pytest.mark.toolchain("tritonclient")
 
 
 def _triton_side(mode: str, payload: object = None) -> Any:

