@@ -213,6 +213,8 @@ async def test_generate_streams_the_text_as_it_is_made(generation_server: Runnin
         *("--url", generation_server.address, "--max-new-tokens", "50"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # As at a terminal: a shell's background jobs (CI's, say) inherit SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert process.stdout is not None
     assert await asyncio.wait_for(process.stdout.readexactly(len(first)), 60) == first
