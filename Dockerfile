@@ -39,6 +39,12 @@ RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0 \
 
 USER 10001
 WORKDIR /
+# Listening on every interface means admin calls (load, unload, promote, ...) are refused
+# until an admin credential is configured: SLUICE_ADMIN__TOKEN, or with mTLS
+# SLUICE_ADMIN__IDENTITIES. TLS: mount the files and set SLUICE_TLS__CERT_FILE and
+# SLUICE_TLS__KEY_FILE (mTLS: SLUICE_TLS__CLIENT_CA_FILE, SLUICE_TLS__REQUIRE_CLIENT_CERT);
+# the health check then needs SLUICE_CA_FILE and SLUICE_SERVER_NAME (mTLS: SLUICE_CERT_FILE,
+# SLUICE_KEY_FILE) in the environment too.
 ENV SLUICE_HOST=0.0.0.0
 EXPOSE 8001 8002
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,7 @@ from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.server import SluiceServer, create_server
 from tests import toolchains
+from tests.certs import Certificates, make_certificates
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +64,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Tests marked ``toolchain(...)`` skip (or fail, where required) without those tools."""
     for mark in item.iter_markers("toolchain"):
         toolchains.require(*mark.args)
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A test CA with server and client certificates (tests/certs.py), made once."""
+    return make_certificates(tmp_path_factory.mktemp("certificates"))
 
 
 @pytest.fixture
@@ -115,3 +123,15 @@ async def start_server() -> AsyncIterator[StartServer]:
 async def server(start_server: StartServer) -> RunningServer:
     """The example models, default settings."""
     return await start_server()
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """Server processes a test starts; any still running when it ends (a failed test) is
+    killed, so no server outlives its test."""
+    started: list[asyncio.subprocess.Process] = []
+    yield started
+    for proc in started:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

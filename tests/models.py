@@ -160,3 +160,48 @@ def write_model_folder(
     if config is not None:
         (repository / name / "config.yaml").write_text(config)
     return repository / name
+
+
+def write_identity(
+    repository: Path, name: str, *, element: int = TensorProto.FLOAT, dims: tuple[int, ...] = (-1,)
+) -> Path:
+    """``<repository>/<name>/1/model.onnx``: ``y`` = ``x`` of shape [batch, *dims] (-1: any)."""
+    shape: list[Any] = ["batch", *(f"d{i}" if d < 0 else d for i, d in enumerate(dims))]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        name,
+        [helper.make_tensor_value_info("x", element, shape)],
+        [helper.make_tensor_value_info("y", element, shape)],
+    )
+    return _save(repository, name, graph)
+
+
+def write_fanout(repository: Path, name: str, *, width: int) -> Path:
+    """``y`` [batch, width] = ``x`` [batch, 1] repeated: a tiny request, a reply as large as
+    ``width`` says (known from the model's shapes before it runs)."""
+    repeats = numpy_helper.from_array(np.array([1, width], dtype=np.int64), "repeats")
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["x", "repeats"], ["y"])],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=[repeats],
+    )
+    return _save(repository, name, graph)
+
+
+def _save(repository: Path, name: str, graph: onnx.GraphProto) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder = repository / name / "1"
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    return repository / name
+
+
+def write_echo_repository(repository: Path, *, dims: tuple[int, ...] = (-1,)) -> Path:
+    """Identity models for tests that need exact control of request and reply sizes:
+    ``echo`` (FP32 ``x`` [batch, *dims] -> ``y``) and ``echo_bytes`` (BYTES, [batch, -1])."""
+    write_identity(repository, "echo", dims=dims)
+    write_identity(repository, "echo_bytes", element=TensorProto.STRING)
+    return repository

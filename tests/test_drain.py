@@ -58,18 +58,6 @@ def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """Server processes a test starts; any still running when it ends (a failed test) is
-    killed, so no server outlives its test."""
-    started: list[asyncio.subprocess.Process] = []
-    yield started
-    for proc in started:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
 async def start_process(
     repository: Path, extra_env: dict[str, str], processes: list[asyncio.subprocess.Process]
 ) -> tuple[asyncio.subprocess.Process, int, list[bytes]]:
@@ -389,3 +377,67 @@ async def test_a_stream_the_client_already_closed_just_finishes_during_a_drain(
         assert await stream.code() == grpc.StatusCode.OK
         async with asyncio.timeout(10):
             await drain
+
+
+# -- a hung backend cannot stretch the drain -----------------------------------------------
+
+GRACE_S = 2.0
+UNLOAD_S = 2.0
+EXIT_SLACK_S = 5.0  # the interpreter's own start-to-exit costs, on a loaded machine
+
+
+@pytest.fixture
+def hung_repository(tmp_path: Path) -> Path:
+    """The example ``simple`` model with a backend that never answers."""
+    root = tmp_path / "models"
+    shutil.copytree(EXAMPLE_REPOSITORY / "simple", root / "simple")
+    (root / "simple" / "config.yaml").write_text("faults: {mode: hang}\n")
+    return root
+
+
+async def test_a_hung_backend_cannot_keep_the_process_past_its_drain_allowance(
+    hung_repository: Path, processes: list[asyncio.subprocess.Process]
+) -> None:
+    env = {
+        "SLUICE_DRAIN_GRACE_S": str(GRACE_S),
+        "SLUICE_DRAIN_UNLOAD_S": str(UNLOAD_S),
+        "SLUICE_PROBE__INTERVAL_S": "0",
+        "SLUICE_EXECUTOR__MAX_BATCH_EXECUTION_S": "120",
+    }
+    proc, port, log = await start_process(hung_repository, env, processes)
+    reader = asyncio.create_task(keep_reading(proc, log))
+    data = np.ones((1, 16), dtype=np.int32).tobytes()
+    request = pb.ModelInferRequest(
+        model_name="simple",
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(name=n, datatype="INT32", shape=[1, 16])
+            for n in ("INPUT0", "INPUT1")
+        ],
+        raw_input_contents=[data, data],
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
+        while (await watch.read()).status != health_pb2.HealthCheckResponse.SERVING:
+            pass
+        watch.cancel()
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        hung = asyncio.ensure_future(stub.ModelInfer(request, timeout=60))
+        async with asyncio.timeout(30):  # the call is in flight, on the hung backend
+            while (
+                "sluice_model_inflight_requests{"
+                not in (metrics := await asyncio.to_thread(scrape, b"".join(log).decode()))
+                or "sluice_inflight_requests 1.0" not in metrics
+            ):
+                await asyncio.sleep(0.05)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await hung
+        code = await asyncio.wait_for(proc.wait(), GRACE_S + UNLOAD_S + EXIT_SLACK_S)
+        took = time.monotonic() - signalled
+    await reader
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+    assert "drain grace ended" in str(info.value.details())
+    assert code == 0, b"".join(log).decode()[-3000:]
+    assert took < GRACE_S + UNLOAD_S + EXIT_SLACK_S

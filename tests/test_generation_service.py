@@ -272,6 +272,31 @@ async def test_a_primary_failing_before_its_first_token_hands_over_transparently
     assert "".join(c.text for c in chunks) == reference(PROMPT, 12)
 
 
+async def test_a_primary_hanging_before_its_first_token_hands_over_within_the_deadline(
+    start_server: StartServer, tmp_path: Path, reference: Callable[[str, int], str]
+) -> None:
+    hanging = {"config": "faults:\n  mode: hang\nfallbacks:\n  - model: tiny_llama\n"}
+    server = await start_server(repository=repository_with(tmp_path, hanging_llama=hanging))
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = gen_grpc.GenerationServiceStub(channel)
+        for number in range(8):
+            call = stub.Generate(request(model="hanging_llama", max_new_tokens=8), timeout=1.0)
+            chunks = await collect(call)  # a DEADLINE_EXCEEDED would fail the test
+            assert {c.model_name for c in chunks} == {"tiny_llama"}
+            assert "".join(c.text for c in chunks) == reference(PROMPT, 8)
+            assert chunks[-1].finish_reason == gen.FINISH_REASON_LENGTH
+            why = chunks[0].fallback_reason
+            if number < 5:  # each waited its share of the deadline, then was abandoned
+                assert "made no first token within this attempt's 0." in why, why
+            else:  # five failures opened its breaker: passed over at once
+                assert "circuit breaker is open" in why, why
+    breaker = {"model": "hanging_llama", "version": "1", "backend": "causal_lm"}
+    assert server.metrics.registry.get_sample_value("sluice_breaker_state", breaker) == 2
+    hung = stats(server, "hanging_llama")
+    await until(lambda: hung.running == 0)  # its engine dropped every abandoned sequence
+    assert hung.cancelled == 5 and hung.prefills == 0
+
+
 async def test_a_failure_after_the_first_token_ends_the_stream_with_unavailable(
     start_server: StartServer, tmp_path: Path
 ) -> None:
@@ -459,3 +484,22 @@ async def test_decoupled_responses_interleave_across_requests_on_one_stream(
     # The short generation, sent second, ends while the long one, sent first, still runs.
     assert finished == ["short", "long"]
     assert counts["short"] == 8 and counts["long"] > 8
+
+
+async def test_a_prompt_longer_than_the_context_could_hold_is_refused_untokenized(
+    server: RunningServer,
+) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = gen_grpc.GenerationServiceStub(channel)
+        prompt = "Once upon a time " * 2000  # 34 kB for a 256-token context
+        with pytest.raises(grpc.aio.AioRpcError) as generate:
+            async for _ in stub.Generate(
+                gen.GenerateRequest(model_name="tiny_llama", prompt=prompt)
+            ):
+                pass
+        with pytest.raises(grpc.aio.AioRpcError) as count:
+            await stub.CountTokens(gen.CountTokensRequest(model_name="tiny_llama", prompt=prompt))
+    for info in (generate, count):
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "34000 bytes" in str(info.value.details())
+        assert "can hold at most" in str(info.value.details())

@@ -9,21 +9,20 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
-from sluice.errors import PermissionDeniedError
 from sluice.lifecycle import HISTORY_FILE, POINTER_FILE, ModelState
-from sluice.settings import AdminSettings
-from sluice.transport.interceptors._wrap import CallInfo
-from sluice.transport.interceptors.auth import AuthInterceptor
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_client.aio import AsyncClient
-from sluice_client.errors import FailedPrecondition, NotFound, PermissionDenied
+from sluice_client.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from tests.conftest import RunningServer, StartServer
 from tests.test_cli import sluice
+from tests.test_drain import start_process
 
 MLP_INPUT = {"input": np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)}
 
@@ -126,7 +125,7 @@ async def test_load_beside_promote_rollback_and_history(lifecycle_server: Runnin
         ("rollback", "1", "2", "worse"),
         ("unload", "1", "", "done"),
     ]
-    assert history[1].who.startswith("ipv4:127.0.0.1:")
+    assert history[1].who == "local"  # the loopback-only server's caller, never an address
 
 
 async def test_promote_and_rollback_under_load_fail_no_call(
@@ -174,24 +173,168 @@ async def test_a_version_that_fails_to_load_leaves_the_serving_one_alone(
     assert history[-1].action == "load_failed" and history[-1].to_version == "3"
 
 
-async def test_the_serving_pointer_survives_a_restart(
-    start_server: StartServer, example_repository: Path, tmp_path: Path
-) -> None:
-    settings = {"lifecycle": {"state_dir": tmp_path / "state"}}
-    first = await start_server(repository=example_repository, **settings)
-    async with AsyncClient(first.address) as client:
-        await client.load_model("mlp", version="1")
-        await client.promote("mlp", "1")
-    await first.server.drain(0)
-    # The policy serves only version 2 at start-up; the pointer says 1: allow both.
-    (example_repository / "mlp" / "config.yaml").write_text(
-        (example_repository / "mlp" / "config.yaml").read_text() + "version_policy: {all: true}\n"
-    )
-    second = await start_server(repository=example_repository, **settings)
-    async with AsyncClient(second.address) as client:
+async def _roll_back_to_1(server: RunningServer) -> None:
+    async with AsyncClient(server.address) as client:
+        await client.load_model("mlp", version="1", reason="candidate")
+        await client.promote("mlp", "1", reason="version 2 is bad")
+
+
+async def _restart_serves_1(start_server: StartServer, repository: Path, state: Path) -> None:
+    """A new server on the same repository and state serves version 1, though the default
+    policy (``latest: 1``) selects only version 2, and nothing but a load changed it."""
+    server = await start_server(repository=repository, lifecycle={"state_dir": state})
+    async with AsyncClient(server.address) as client:
         assert await serving(client) == "1"
         assert (await client.infer("mlp", MLP_INPUT)).version == "1"
+        assert await client.health("sluice.model.mlp") == "SERVING"
+        assert await client.load_model("mlp", reason="reload") == ["1", "2"]
+        assert await serving(client) == "1", "a reload never changes what serves"
+        history = await client.history("mlp")
+    assert [(e.action, e.to_version) for e in history] == [
+        ("promote", "2"),
+        ("load", "1"),
+        ("promote", "1"),
+        ("load", ""),
+    ]
+
+
+async def test_a_restart_serves_the_version_promoted_before_it(
+    start_server: StartServer, example_repository: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    first = await start_server(repository=example_repository, lifecycle={"state_dir": state})
+    await _roll_back_to_1(first)
+    await first.server.drain(0)
+    await _restart_serves_1(start_server, example_repository, state)
+
+
+@pytest.mark.parametrize("lost", [POINTER_FILE, HISTORY_FILE])
+async def test_a_crash_inside_a_promote_restarts_on_the_promoted_version(
+    start_server: StartServer, example_repository: Path, tmp_path: Path, lost: str
+) -> None:
+    """The promote's history line reached the disk and its pointer did not (rolled forward
+    at start), or the other way round (the history entry is restored from the pointer);
+    either way the restarted server loads the version the promote named and serves it."""
+    state = tmp_path / "state"
+    first = await start_server(repository=example_repository, lifecycle={"state_dir": state})
+    async with AsyncClient(first.address) as client:
+        await client.load_model("mlp", version="1", reason="candidate")
+    before_promote = (state / "mlp" / lost).read_bytes()
+    await _roll_back_to_1(first)  # its load is a no-op now: version 1 is loaded
+    await first.server.drain(0)
+    (state / "mlp" / lost).write_bytes(before_promote)
+    await _restart_serves_1(start_server, example_repository, state)
+
+
+async def test_no_load_changes_what_serves(
+    lifecycle_server: RunningServer, example_repository: Path
+) -> None:
+    await _roll_back_to_1(lifecycle_server)
+    shutil.copytree(example_repository / "mlp" / "2", example_repository / "mlp" / "3")
+    async with AsyncClient(lifecycle_server.address) as client:
+        assert await client.rescan() == (["mlp/3"], [])
+        assert await serving(client) == "1"
+        async with grpc.aio.insecure_channel(lifecycle_server.address) as channel:
+            await pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(model_name="mlp")
+            )
+        # The reload loads what the policy selects (3) and the serving version (1).
+        assert await serving(client) == "1"
+        assert sorted(m.version for m in await client.list_models() if m.name == "mlp") == [
+            "1",
+            "3",
+        ]
+        assert (await client.infer("mlp", MLP_INPUT)).version == "1"
+        history = await client.history("mlp")
+    assert [(e.action, e.to_version) for e in history] == [
+        ("promote", "2"),
+        ("load", "1"),
+        ("promote", "1"),
+        ("load", "3"),
+        ("load", ""),
+    ]
+
+
+async def _until_ready(client: AsyncClient) -> None:
+    """A server process listens before its start-up load ends: wait for it to be ready."""
+    async with asyncio.timeout(60):
+        while await client.health() != "SERVING":
+            await asyncio.sleep(0.05)
+
+
+async def test_a_killed_server_process_restarts_on_the_promoted_version(
+    example_repository: Path, processes: list[asyncio.subprocess.Process]
+) -> None:
+    proc, port, _ = await start_process(example_repository, {}, processes)
+    async with AsyncClient(f"127.0.0.1:{port}") as client:
+        await _until_ready(client)
+        await client.load_model("mlp", version="1")
+        await client.promote("mlp", "1")
+    proc.kill()  # no drain: the pointer was written, the next start must load its version
+    await proc.wait()
+    _, port, _ = await start_process(example_repository, {}, processes)
+    async with AsyncClient(f"127.0.0.1:{port}") as client:
+        await _until_ready(client)
+        assert await serving(client) == "1"
+        assert (await client.infer("mlp", MLP_INPUT)).version == "1"
+        assert [e.action for e in await client.history("mlp")] == ["promote", "load", "promote"]
+
+
+async def test_a_serving_version_gone_at_restart_is_reported_and_nothing_else_serves(
+    start_server: StartServer,
+    example_repository: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state = tmp_path / "state"
+    first = await start_server(repository=example_repository, lifecycle={"state_dir": state})
+    await _roll_back_to_1(first)
+    await first.server.drain(0)
+    shutil.move(example_repository / "mlp" / "1", tmp_path / "mlp-1")
+    second = await start_server(repository=example_repository, lifecycle={"state_dir": state})
+    assert "model mlp: its serving version 1 failed to load: its folder" in caplog.text
+    async with AsyncClient(second.address) as client:
+        rows = {m.version: m for m in await client.list_models() if m.name == "mlp"}
+        assert rows["1"].state == "UNAVAILABLE" and not rows["1"].serving
+        assert "the serving version failed to load" in rows["1"].reason
+        assert not rows["2"].serving
+        assert await client.health("sluice.model.mlp") == "NOT_SERVING"
+        with pytest.raises(Unavailable, match="serving version 1 failed to load"):
+            await client.infer("mlp", MLP_INPUT)
+        assert (await client.infer("mlp", MLP_INPUT, version="2")).version == "2"
         assert [e.action for e in await client.history("mlp")][-1] == "promote"
+        # The files come back: loading the version makes the pointer's version serve again.
+        shutil.move(tmp_path / "mlp-1", example_repository / "mlp" / "1")
+        await client.load_model("mlp", version="1", reason="files restored")
+        assert await serving(client) == "1"
+        assert await client.health("sluice.model.mlp") == "SERVING"
+        # Or an operator decides that another version serves: a promote, in the history.
+        assert await client.promote("mlp", "2", reason="decided") == ("1", "2")
+        assert (await client.infer("mlp", MLP_INPUT)).version == "2"
+
+
+async def test_a_serving_version_that_fails_to_load_may_be_replaced_as_a_recorded_promote(
+    start_server: StartServer, example_repository: Path, tmp_path: Path
+) -> None:
+    settings = {"state_dir": tmp_path / "state", "replace_failed_serving_version": True}
+    first = await start_server(repository=example_repository, lifecycle=settings)
+    await _roll_back_to_1(first)
+    await first.server.drain(0)
+    (example_repository / "mlp" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    second = await start_server(repository=example_repository, lifecycle=settings)
+    async with AsyncClient(second.address) as client:
+        assert await serving(client) == "2"
+        assert (await client.infer("mlp", MLP_INPUT)).version == "2"
+        rows = {m.version: m for m in await client.list_models() if m.name == "mlp"}
+        last = (await client.history("mlp"))[-1]
+    assert rows["1"].state == "UNAVAILABLE" and "no candidate backend loaded" in rows["1"].reason
+    assert (last.action, last.from_version, last.to_version, last.who) == (
+        "promote",
+        "1",
+        "2",
+        "sluice",
+    )
+    assert last.reason.startswith("replaces the serving version: its serving version 1 failed")
 
 
 async def test_rescan_loads_new_version_folders_beside_the_serving_one(
@@ -226,27 +369,6 @@ async def test_admin_calls_need_the_configured_token(
     async with AsyncClient(server.address, admin_token="s3cret") as admin:
         assert await admin.load_model("mlp", version="1") == ["1", "2"]
         assert (await admin.history("mlp"))[-1].who == "admin"
-
-
-def _call(method: str, metadata: tuple[tuple[str, str], ...], peer: str) -> tuple[Any, Any]:
-    context = SimpleNamespace(invocation_metadata=lambda: metadata, peer=lambda: peer)
-    return CallInfo(method, method.rsplit("/", 1)[-1], None, context), context
-
-
-async def test_without_a_token_admin_calls_are_served_on_loopback_only() -> None:
-    guard = AuthInterceptor(AdminSettings())
-    method = "/sluice.v1.ModelService/PromoteModel"
-    for peer in ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000"):
-        call, context = _call(method, (), peer)
-        async with guard.around(call, context):
-            pass
-    call, context = _call(method, (), "ipv4:10.1.2.3:5000")
-    with pytest.raises(PermissionDeniedError, match="only on the loopback interface"):
-        async with guard.around(call, context):
-            pass
-    call, context = _call("/inference.GRPCInferenceService/ModelInfer", (), "ipv4:10.1.2.3:1")
-    async with guard.around(call, context):
-        pass  # the data plane is never an admin call
 
 
 # -- memory -------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests import toolchains
+from tests.certs import Certificates
 from tests.compat.procs import REPO_ROOT, run
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, StartServer
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +70,7 @@ async def profile(
     requests: int,
     streaming: bool = False,
     input_data: Path | None = None,
+    tls: tuple[str, ...] = (),
 ) -> tuple[dict[str, str], Counts]:
     """One perf_analyzer run of exactly ``requests`` requests (a fixed amount of work
     instead of time windows that must stabilise on a noisy machine). Returns the CSV row
@@ -82,6 +84,7 @@ async def profile(
         *("--request-count", str(requests), "-f", csv_path),
         *(["--streaming"] if streaming else []),
         *(["--input-data", str(input_data)] if input_data else []),
+        *tls,
         limit_s=60,
     )
     done.check()
@@ -144,3 +147,21 @@ async def test_perf_analyzer_streams_from_a_generation_model(
     assert float(row["Response Throughput"]) == pytest.approx(
         16 * float(row["Inferences/Second"]), rel=0.05
     ), row
+
+
+async def test_perf_analyzer_over_mtls(
+    start_server: StartServer, certificates: Certificates, tmp_path: Path
+) -> None:
+    """``--ssl-grpc-*``: the CA, and the client certificate the server requires."""
+    binary = await perf_analyzer()
+    server = await start_server(tls=certificates.server_settings())
+    tls = (
+        *("--ssl-grpc-use-ssl", "true"),
+        *("--ssl-grpc-root-certifications-file", str(certificates.ca)),
+        *("--ssl-grpc-private-key-file", str(certificates.client_key)),
+        *("--ssl-grpc-certificate-chain-file", str(certificates.client_cert)),
+    )
+    await profile(binary, server, tmp_path, "simple", concurrency=4, requests=200, tls=tls)
+    await profile(
+        binary, server, tmp_path, "simple", concurrency=4, requests=200, streaming=True, tls=tls
+    )

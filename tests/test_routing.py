@@ -3,7 +3,9 @@ ONNX example models (faults injected from the models' config)."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -69,9 +71,7 @@ async def test_failing_primary_opens_its_breaker_and_fallback_answers_every_call
     repository = with_backup(
         example_repository, "faults: {mode: fail}\nfallbacks: [{model: simple_b}]\n"
     )
-    server = await start_server(
-        repository=repository, breaker={"fail_max": 3}, retry={"budget_min_retries": 10}
-    )
+    server = await start_server(repository=repository, breaker={"fail_max": 3})
     stub = stub_for(server)  # type: ignore[operator]
     for _ in range(8):
         response, trailers = await call(stub, "simple")
@@ -83,7 +83,13 @@ async def test_failing_primary_opens_its_breaker_and_fallback_answers_every_call
     state = {"model": "simple", "version": "1", "backend": "onnxruntime"}
     assert sample(server, "sluice_breaker_state", state) == 2  # open
     # Three attempts on the primary opened it; the other calls went straight to the backup.
-    assert sample(server, "sluice_retries_total", {"model": "simple"}) == 3
+    # Falling back is not retrying: the retry budget was never touched.
+    assert sample(server, "sluice_retries_total", {"model": "simple"}) == 0
+    assert (
+        sample(server, "sluice_fallbacks_total", {"model": "simple", "target": "simple_b/1"}) == 8
+    )
+    skipped = {"model": "simple", "target": "simple", "reason": "breaker"}
+    assert sample(server, "sluice_fallback_skipped_total", skipped) == 5
     primary = server.service.statistics("simple")[0][2]
     assert primary.execution_count == 0 and primary.fail.count == 3
 
@@ -127,8 +133,39 @@ async def test_fatal_error_is_returned_at_once_and_retried_nowhere(
     assert server.service.statistics("simple_b")[0][2].fail.count == 0
 
 
-async def test_retry_budget_caps_attempts_in_a_total_outage(
+def backend_attempts(server: RunningServer, *names: str) -> int:
+    """Attempts the models' backends ran (each answered or failed)."""
+    stats = [server.service.statistics(name)[0][2] for name in names]
+    return sum(s.fail.count + s.success.count for s in stats)
+
+
+async def test_a_flaky_primary_with_a_healthy_fallback_fails_no_call(
     start_server: StartServer, example_repository: Path, stub_for: object
+) -> None:
+    repository = with_backup(
+        example_repository,
+        "faults: {mode: fail, probability: 0.5, seed: 7}\nfallbacks: [{model: simple_b}]\n",
+    )
+    server = await start_server(repository=repository)  # default retry and breaker settings
+    stub = stub_for(server)  # type: ignore[operator]
+    served: Counter[str] = Counter()
+
+    async def caller() -> None:
+        for _ in range(100):
+            _, trailers = await call(stub, "simple")  # any failure fails the test
+            served[trailers["x-sluice-served-by"]] += 1
+
+    await asyncio.gather(*(caller() for _ in range(8)))
+    assert sum(served.values()) == 800
+    assert served["simple_b/1/onnxruntime"] > 0, served
+    assert sample(server, "sluice_retries_total", {"model": "simple"}) == 0
+
+
+async def test_retry_budget_caps_attempts_in_a_total_outage(
+    start_server: StartServer,
+    example_repository: Path,
+    stub_for: object,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     failing = "faults: {mode: fail}\n"
     repository = with_backup(
@@ -144,11 +181,43 @@ async def test_retry_budget_caps_attempts_in_a_total_outage(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.ModelInfer(simple_request("simple"))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    attempts = sum(
-        server.service.statistics(name)[0][2].fail.count for name in ("simple", "simple_b")
+        assert "skipped simple_b: the retry budget is spent" in str(info.value.details())
+    # One attempt per call, plus two the budget allowed: the first call's fallback, which
+    # failed too and was charged, and its one retry of the primary.
+    assert backend_attempts(server, "simple", "simple_b") == 10 + 2
+    assert sample(server, "sluice_retries_total", {"model": "simple"}) == 1
+    skipped = {"model": "simple", "target": "simple_b", "reason": "budget"}
+    assert sample(server, "sluice_fallback_skipped_total", skipped) == 10
+    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attempt ")][-1]
+    assert "model=simple " in last and last.endswith("skipped=simple_b: budget next=none")
+
+
+async def test_retry_budget_caps_attempts_in_a_total_outage_under_concurrency(
+    start_server: StartServer, example_repository: Path, stub_for: object
+) -> None:
+    failing = "faults: {mode: fail}\n"
+    repository = with_backup(
+        example_repository, failing + "fallbacks: [{model: simple_b}]\n", failing
     )
-    assert attempts == 10 + 2  # one attempt per call, plus the two retries the budget allowed
-    assert sample(server, "sluice_retries_total", {"model": "simple"}) == 2
+    server = await start_server(
+        repository=repository,
+        breaker={"fail_max": 1000},
+        retry={"budget_ratio": 0.1, "budget_min_retries": 2},
+    )
+    stub = stub_for(server)  # type: ignore[operator]
+
+    async def caller() -> None:
+        for _ in range(25):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.ModelInfer(simple_request("simple"))
+
+    callers = 8
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    calls = callers * 25
+    budget = int(0.1 * calls)
+    # A fallback is charged when it fails, so callers already on their way to one when the
+    # budget ran out may each make one attempt more: never more than that.
+    assert calls < backend_attempts(server, "simple", "simple_b") <= calls + budget + callers
 
 
 async def test_every_breaker_open_fails_fast(

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sluice.app import EXAMPLE_REPOSITORY
+from tests.certs import ADMIN_CN, Certificates
 from tests.compat.procs import Completed, run_python
 from tests.conftest import RunningServer, StartServer
 
@@ -20,9 +21,14 @@ pytestmark = pytest.mark.toolchain("tritonclient")
 SCRIPT = "tritonclient_checks.py"
 
 
-async def run_checks(address: str, *checks: str, limit_s: float = 90.0) -> Completed:
+async def run_checks(
+    address: str, *checks: str, limit_s: float = 90.0, tls: tuple[str, ...] = ()
+) -> Completed:
     done = await run_python(
-        SCRIPT, "--url", address, "--models", str(EXAMPLE_REPOSITORY), *checks, limit_s=limit_s
+        SCRIPT,
+        *("--url", address, "--models", str(EXAMPLE_REPOSITORY), *tls),
+        *checks,
+        limit_s=limit_s,
     )
     done.check()
     results = done.json_lines()
@@ -68,3 +74,22 @@ async def test_tritonclient_load_unload(
     await run_checks(running.address, "load_unload")
     assert running.service.is_ready("mlp")
     assert running.service.is_ready("simple")
+
+
+async def test_tritonclient_over_mtls(
+    start_server: StartServer, example_repository: Path, certificates: Certificates
+) -> None:
+    """``ssl=True`` with the CA, the client certificate and key (sync and asyncio clients),
+    admin calls included: the certificate is named in admin.identities."""
+    running = await start_server(
+        repository=example_repository,
+        tls=certificates.server_settings(),
+        admin={"identities": [ADMIN_CN]},
+    )
+    tls = (
+        *("--ca-file", str(certificates.ca)),
+        *("--cert-file", str(certificates.admin_cert), "--key-file", str(certificates.admin_key)),
+    )
+    await run_checks(running.address, "liveness", "infer_simple", "stream", "aio", tls=tls)
+    await run_checks(running.address, "load_unload", tls=tls)
+    assert running.service.is_ready("mlp")

@@ -4,20 +4,27 @@ After the start-up load one line says what serves (``ready: serving ...``) and a
 failed to load and why; when nothing loaded, the server says so, stops, and exits 1.
 
 The drain's order: health NOT_SERVING, new calls refused (UNAVAILABLE), in-flight calls and
-streams finish within ``drain_grace_s``, models unload, then queued spans are flushed and
-the metrics endpoint stops; the exit status is 0.
+streams finish within ``drain_grace_s`` (those still running then get UNAVAILABLE), models
+unload within ``drain_unload_s``, then queued spans are flushed and the metrics endpoint
+stops; the exit status is 0. A backend thread still busy at the end (hung) never keeps the
+process alive (``run``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
 import signal
+import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from sluice.errors import ConfigError
 from sluice.metrics import Metrics
@@ -25,7 +32,7 @@ from sluice.repository import EXAMPLE_REPOSITORY
 from sluice.service import IndexEntry, InferenceService
 from sluice.settings import Settings
 from sluice.tracing import Tracing
-from sluice.transport.server import create_server
+from sluice.transport.server import SluiceServer, create_server
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,11 @@ async def serve(settings: Settings) -> int:
         server = await create_server(
             settings, service, metrics=metrics, clock=clock, tracing=tracing
         )
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc.message)
+        if http is not None:
+            http.close()
+        return 1
     except (OSError, RuntimeError) as exc:
         log.error(
             "cannot listen on %s (grpc_port %s, metrics_port %s): %s",
@@ -113,14 +125,82 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, stop.set)
 
     log.info("loading models from %s", repository)
-    await service.load_all()
-    serving = report_start(service, repository)
-    if serving:
-        await server.mark_started()
-        await stop.wait()
-    await server.drain(settings.drain_grace_s if serving else 0, settings.drain_quiet_s)
+    status = await _load_and_serve(service, server, repository, stop)
+    await server.drain(settings.drain_grace_s, settings.drain_quiet_s, settings.drain_unload_s)
     await tracing.shutdown()
     if http is not None:
         http.close()
     log.info("stopped")
-    return 0 if serving else 1
+    return status
+
+
+async def _load_and_serve(
+    service: InferenceService, server: SluiceServer, repository: Path, stop: asyncio.Event
+) -> int:
+    """Load the models, say what serves, serve until ``stop``: the exit status (1 when
+    nothing loaded)."""
+    if not await _until_stopped(service.load_all(), stop):
+        log.info("stopping before the start-up load finished")
+        return 0
+    if not report_start(service, repository):
+        return 1
+    await server.mark_started()
+    await stop.wait()
+    return 0
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run ``work`` unless ``stop`` is set first (then cancel it): whether it finished."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
+
+
+_IDLE_THREADS_EXIT_S = 1.0
+"""At exit, how long idle worker threads get to notice they are done."""
+
+
+def run(settings: Settings) -> int:
+    """Serve until SIGTERM / SIGINT and return the exit status.
+
+    Like ``asyncio.run``, but the end is bounded: ``asyncio.run`` waits without limit for
+    its worker threads, and the interpreter waits for them again at exit, so one call stuck
+    in a backend would keep the process alive after the drain. Here the workers are not
+    waited for; if any thread is still busy at the end, the process exits at once.
+    """
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    workers = ThreadPoolExecutor(thread_name_prefix="sluice-worker")
+    loop.set_default_executor(workers)
+    try:
+        code = loop.run_until_complete(serve(settings))
+    finally:
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        workers.shutdown(wait=False, cancel_futures=True)
+        asyncio.set_event_loop(None)
+        loop.close()
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    give_up_at = time.monotonic() + _IDLE_THREADS_EXIT_S
+    for thread in others:  # idle workers end at once; a busy one is not waited for
+        if not thread.daemon:
+            thread.join(max(0.0, give_up_at - time.monotonic()))
+    busy = [t.name for t in others if t.is_alive() and not t.daemon]
+    if busy:
+        log.warning("exiting with %d thread(s) still busy: %s", len(busy), ", ".join(busy))
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code

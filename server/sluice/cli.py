@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -24,25 +23,60 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="model repository (SLUICE_MODEL_REPOSITORY, default: the examples)",
     )
     p.add_argument("--config", type=Path, help="YAML settings file (SLUICE_CONFIG)")
+    tls = p.add_argument_group("TLS (plaintext without a certificate)")
+    tls.add_argument(
+        "--tls-cert-file", type=Path, help="PEM certificate chain (SLUICE_TLS__CERT_FILE)"
+    )
+    tls.add_argument("--tls-key-file", type=Path, help="its PEM key (SLUICE_TLS__KEY_FILE)")
+    tls.add_argument(
+        "--tls-client-ca-file",
+        type=Path,
+        help="CAs of accepted client certificates (SLUICE_TLS__CLIENT_CA_FILE)",
+    )
+    tls.add_argument(
+        "--tls-require-client-cert",
+        action="store_true",
+        default=None,
+        help="mTLS: refuse clients without a certificate (SLUICE_TLS__REQUIRE_CLIENT_CERT)",
+    )
+
+
+def _tls_flags(args: argparse.Namespace) -> dict[str, object] | None:
+    given = {
+        "cert_file": args.tls_cert_file,
+        "key_file": args.tls_key_file,
+        "client_ca_file": args.tls_client_ca_file,
+        "require_client_cert": args.tls_require_client_cert,
+    }
+    return {key: value for key, value in given.items() if value is not None} or None
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from sluice.app import serve
+    from pydantic import ValidationError
+
+    from sluice.app import run
 
     config = args.config or (
         Path(os.environ["SLUICE_CONFIG"]) if os.environ.get("SLUICE_CONFIG") else None
     )
-    settings = load_settings(
-        config,
-        host=args.host,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        model_repository=args.model_repository,
-    )
+    try:
+        settings = load_settings(
+            config,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            model_repository=args.model_repository,
+            tls=_tls_flags(args),
+        )
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            print(f"sluice serve: invalid settings: {where}: {error['msg']}", file=sys.stderr)
+        return 1
     from sluice import logs
 
     logs.configure(settings.log_level, settings.log_format)
-    return asyncio.run(serve(settings))
+    return run(settings)
 
 
 def _capabilities_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

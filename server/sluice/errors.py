@@ -3,11 +3,13 @@
     SluiceError
     ├── InvalidInputError        bad tensors, shapes, parameters       INVALID_ARGUMENT
     │   └── ContextOverflowError  prompt + max_new_tokens > the context
+    │       └── PromptTooLongError  more prompt bytes than the context holds
     ├── ModelNotFoundError       unknown model or version              NOT_FOUND
     ├── UnsupportedError         feature the model or server lacks     UNIMPLEMENTED
     ├── ConfigError              a model's config.yaml or files        FAILED_PRECONDITION
     ├── PermissionDeniedError    admin call without the credential    PERMISSION_DENIED
     ├── QuotaExceededError       a caller's quota is used up           RESOURCE_EXHAUSTED
+    ├── RequestTooLargeError     larger than a whole budget or limit   RESOURCE_EXHAUSTED
     ├── DeadlineExceededError    the call's budget ran out             DEADLINE_EXCEEDED
     ├── RequestCancelledError    the caller went away                  CANCELLED
     └── UnavailableError         retry later or elsewhere              UNAVAILABLE
@@ -43,7 +45,7 @@ class InvalidInputError(SluiceError):
 
 class ContextOverflowError(InvalidInputError):
     """A generation whose prompt and ``max_new_tokens`` cannot fit the model's context (a
-    fallback with a larger context may take it)."""
+    fallback with a larger context may take it). ``need`` says what did not fit."""
 
     def __init__(self, *, model: str, prompt_tokens: int, max_new_tokens: int, max_context: int):
         super().__init__(
@@ -52,8 +54,22 @@ class ContextOverflowError(InvalidInputError):
             f"of {max_context}; shorten the prompt, lower max_new_tokens or use a model with a "
             "larger context"
         )
-        self.prompt_tokens = prompt_tokens
-        self.max_new_tokens = max_new_tokens
+        self.need = f"the prompt ({prompt_tokens} tokens) and max_new_tokens ({max_new_tokens})"
+        self.max_context = max_context
+
+
+class PromptTooLongError(ContextOverflowError):
+    """A prompt with more bytes than the model's context could hold whatever its tokens,
+    refused before it is tokenized."""
+
+    def __init__(self, *, model: str, prompt_bytes: int, max_prompt_bytes: int, max_context: int):
+        InvalidInputError.__init__(
+            self,
+            f"model '{model}': the prompt has {prompt_bytes} bytes; its context of "
+            f"{max_context} tokens can hold at most {max_prompt_bytes} bytes of text; shorten "
+            "the prompt or use a model with a larger context",
+        )
+        self.need = f"the prompt ({prompt_bytes} bytes)"
         self.max_context = max_context
 
 
@@ -79,6 +95,11 @@ class QuotaExceededError(SluiceError):
     def __init__(self, message: str, *, subject: str, retry_after_ms: int | None = None) -> None:
         super().__init__(message, retry_after_ms=retry_after_ms)
         self.subject = subject
+
+
+class RequestTooLargeError(SluiceError):
+    """The call is larger than a whole budget (bytes or tokens in flight) or its reply
+    larger than the largest message: it can never run, so retrying cannot help."""
 
 
 class DeadlineExceededError(SluiceError):

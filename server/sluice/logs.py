@@ -21,8 +21,33 @@ from opentelemetry import trace
 from sluice.transport import callctx
 
 #: The optional per-record fields a call site may set (through ``fields``).
-FIELDS = ("model", "version", "backend", "outcome", "method", "code", "latency_ms", "attempt")
+FIELDS = (
+    "model",
+    "version",
+    "backend",
+    "outcome",
+    "method",
+    "code",
+    "latency_ms",
+    "attempt",
+    "skipped",
+    "next",
+)
 _EXTRA_KEY = "sluice_fields"
+
+
+MAX_VALUE_CHARS = 200
+"""Longest caller-supplied string a log line carries (``clip``)."""
+
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
+
+
+def clip(value: str, limit: int = MAX_VALUE_CHARS) -> str:
+    """A caller-supplied string made safe for a log line: at most ``limit`` characters
+    (saying how long it was) and no control characters (no forged lines)."""
+    if len(value) > limit:
+        value = f"{value[:limit]}...({len(value)} characters)"
+    return value.translate(_CONTROL)
 
 
 def fields(**values: str | int | float) -> dict[str, Any]:
@@ -64,8 +89,10 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record is one line: control characters in the message are escaped (the
+        # traceback, added after this, keeps its lines).
+        line = super().formatMessage(record).translate(_CONTROL)
         request_id = callctx.request_id.get()
         return f"{line} [request {request_id}]" if request_id else line
 

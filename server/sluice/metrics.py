@@ -76,6 +76,29 @@ class Metrics:
             "Calls admitted and not yet finished.",
             registry=r,
         )
+        self.inflight_bytes = Gauge(
+            "sluice_inflight_bytes",
+            "Bytes held by admitted calls: requests as received plus their replies' sizes.",
+            registry=r,
+        )
+        self.inflight_tokens = Gauge(
+            "sluice_inflight_tokens",
+            "Generation tokens held by admitted calls: prompt plus max_new_tokens.",
+            registry=r,
+        )
+        self.stream_pending_bytes = Gauge(
+            "sluice_stream_pending_bytes",
+            "Bytes held by open ModelStreamInfer streams: requests read and not yet answered, "
+            "replies not yet written (each stream holds at most stream.max_pending_bytes).",
+            registry=r,
+        )
+        self.admission_limit = Gauge(
+            "sluice_admission_limit",
+            "Admission budgets in force, by resource (requests, bytes, tokens) and scope "
+            "(server, tenant); 0: no limit.",
+            ["resource", "scope"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "sluice_queue_depth",
             "Requests waiting in a batcher queue.",
@@ -108,8 +131,16 @@ class Metrics:
         )
         self.fallbacks = Counter(
             "sluice_fallbacks",
-            "Calls answered by a fallback candidate, by name and target.",
+            "Calls answered by a fallback candidate, by the name called and the target that "
+            "answered (model/version).",
             ["model", "target"],
+            registry=r,
+        )
+        self.fallback_skipped = Counter(
+            "sluice_fallback_skipped",
+            "Candidates of a call's chain passed over, by the name called, the candidate "
+            "(model[/version][@backend]) and why: breaker, health, deadline, budget.",
+            ["model", "target", "reason"],
             registry=r,
         )
         self.model_ready = Gauge(

@@ -1,13 +1,18 @@
 """Routing: the name a client calls -> an ordered chain of candidates, and the one retry
-layer, which spends the call's deadline and a server-wide retry budget.
+layer, which spends the call's deadline and the called name's retry budget.
 
 A call tries the first candidate that is ready, whose breaker is closed and whose expected
-service time fits the remaining deadline. On a transient failure it moves down the chain
-(wrapping round to the top when it runs out), after a back-off with full jitter, while the
-deadline, ``max_attempts`` and the retry budget allow. A fatal error (bad input, unknown
-model) is returned at once and retried nowhere. While other candidates remain, one attempt
-may use only ``attempt_share`` of the remaining deadline, so a hung primary leaves time for
-its fallback.
+service time fits the remaining deadline. On a transient failure it falls back to the next
+candidate it has not tried yet: a fallback is not a retry, so it needs no back-off and costs
+the budget nothing when it answers (one that fails too is charged, so a total outage still
+cannot multiply the load beyond the budget). Once every candidate was tried, it retries the
+chain from the top after a back-off with full jitter, while the deadline, ``max_attempts`` and
+the budget allow. A fatal error (bad input, unknown model) is returned at once and retried
+nowhere. While untried candidates remain, one attempt (a generation: its first token) may use
+only ``attempt_share`` of the remaining deadline, so a hung primary leaves time for its
+fallback. A candidate passed over (breaker, health, deadline, budget) is logged with the
+attempt, counted in ``sluice_fallback_skipped_total`` and named in the error a failed call
+gets.
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry.trace import Span
 
 from sluice import logs
+from sluice.admission import Ticket
 from sluice.errors import (
+    BreakerOpenError,
     ContextOverflowError,
     DeadlineExceededError,
     DrainingError,
+    ExecutorError,
     ModelNotReadyError,
     OverloadedError,
     RequestCancelledError,
@@ -45,7 +53,7 @@ from sluice.settings import FallbackTarget, RetrySettings, Settings
 from sluice.shadow import GenerationTrace, Shadower
 from sluice.stats import ModelStats
 from sluice.tensors import InferRequest, InferResult
-from sluice.tracing import Attributes, Tracing, record_decode_summary
+from sluice.tracing import Attributes, Tracing, current_again, record_decode_summary
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +77,24 @@ class RetryBudget:
         self._calls.append(now)
         self._forget_before(now - self._settings.budget_window_s)
 
-    def try_spend(self) -> bool:
-        now = self._clock()
-        self._forget_before(now - self._settings.budget_window_s)
+    def has_room(self) -> bool:
+        """Whether a retry may be spent now (nothing is spent)."""
+        self._forget_before(self._clock() - self._settings.budget_window_s)
         allowed = max(
             self._settings.budget_min_retries, int(self._settings.budget_ratio * len(self._calls))
         )
-        if len(self._retries) >= allowed:
+        return len(self._retries) < allowed
+
+    def try_spend(self) -> bool:
+        """Spend one retry, if there is room."""
+        if not self.has_room():
             return False
-        self._retries.append(now)
+        self._retries.append(self._clock())
         return True
+
+    def charge(self) -> None:
+        """Count an extra attempt that was made and failed (a fallback), room or not."""
+        self._retries.append(self._clock())
 
     def _forget_before(self, horizon: float) -> None:
         for stamps in (self._calls, self._retries):
@@ -90,6 +106,42 @@ class RetryBudget:
 class _Attempt:
     target: FallbackTarget
     index: int
+    #: A fallback after a failure: charged to the budget if it fails too.
+    hop: bool = False
+
+
+@dataclass(slots=True)
+class _Walk:
+    """One call's way down its chain: what it tried, what failed, what it passed over."""
+
+    chain: list[FallbackTarget]
+    budget: RetryBudget
+    #: The first candidate's version is the caller's (any string), not the config's.
+    caller_version: bool
+    tried: set[int] = field(default_factory=set)
+    errors: list[SluiceError] = field(default_factory=list)
+    #: Candidates passed over, by index: (metric reason, why).
+    skipped: dict[int, tuple[str, SluiceError]] = field(default_factory=dict)
+    #: Skips not yet in an attempt's log record.
+    unlogged: list[str] = field(default_factory=list)
+    attempts: int = 0
+    retries: int = 0
+
+    def around(self, after: int) -> list[int]:
+        """Every candidate, down the chain from ``after`` and round to the top."""
+        return [(after + 1 + step) % len(self.chain) for step in range(len(self.chain))]
+
+    def untried(self, after: int) -> list[int]:
+        return [index for index in self.around(after) if index not in self.tried]
+
+    def alone(self, index: int) -> bool:
+        """Whether nothing is left to fall back to after the candidate at ``index`` (every
+        other one tried or passed over): then it may use the whole remaining deadline."""
+        return all(i == index or i in self.skipped for i in self.untried(index))
+
+    def failure(self, name: str) -> SluiceError:
+        skipped = {_label(self.chain[i]): why for i, (_, why) in self.skipped.items()}
+        return _combined(name, self.errors, skipped)
 
 
 class Router:
@@ -112,7 +164,7 @@ class Router:
         self._metrics = metrics
         self._clock = clock
         self._random = rng or random.Random()
-        self._budget = RetryBudget(settings.retry, clock)
+        self._budgets: dict[str, RetryBudget] = {}
         self._service_time: dict[tuple[str, str], float] = {}
 
     def chain(self, name: str, version: str = "") -> list[FallbackTarget]:
@@ -136,30 +188,39 @@ class Router:
                 errors.append(exc)
             else:
                 return
-        raise _combined(name, errors)
+        raise _combined(name, errors, {})
 
-    async def infer(self, request: InferRequest, *, deadline: float | None) -> InferResult:
-        chain = self.chain(request.model, request.version)
-        self._budget.record_call()
-        errors: list[SluiceError] = []
-        attempt = self._pick(chain, deadline, after=-1)
-        for number in range(1, self._settings.max_attempts + 1):
-            if attempt is None:
-                break
+    async def infer(
+        self, request: InferRequest, *, deadline: float | None, ticket: Ticket | None = None
+    ) -> InferResult:
+        walk = self._walk(request.model, request.version)
+        attempt = self._fallback(request.model, walk, deadline, after=-1)
+        while attempt is not None:
+            walk.attempts += 1
+            walk.tried.add(attempt.index)
+            started = self._clock()
             try:
-                with self._tracing.span("sluice.attempt", self._span_attributes(attempt, number)):
-                    result = await self._try(request, attempt, chain, deadline, number)
+                with self._tracing.span(
+                    "sluice.attempt", self._span_attributes(attempt, walk.attempts)
+                ) as span:
+                    result = await self._try(request, attempt, walk, deadline, ticket)
+                    self._log(request, attempt, walk, self._clock() - started, result=result)
             except SluiceError as exc:
-                errors.append(exc)
-                if not _retryable(exc):
-                    break
-                attempt = await self._hop(request.model, chain, attempt, exc, number, deadline)
+                latency_s = self._clock() - started
+                failed, attempt = attempt, None
+                walk.errors.append(exc)
+                if failed.hop and exc.transient:  # a fallback that failed too: extra load
+                    walk.budget.charge()
+                if _retryable(exc):
+                    attempt = await self._hop(request.model, walk, failed, exc, deadline)
+                with current_again(span):  # the record says where the call went next
+                    self._log(request, failed, walk, latency_s, error=exc, then=attempt)
                 continue
-            result = self._annotate(request.model, result, attempt, number)
+            result = self._annotate(request.model, result, attempt, walk.attempts)
             if self._shadow is not None:  # schedules a mirror, never waits for one
                 self._shadow.after_infer(request, result)
             return result
-        raise _combined(request.model, errors) if errors else self._nothing_to_try(request)
+        raise walk.failure(request.model)
 
     def generates(self, name: str, version: str = "") -> bool:
         """Whether the called name's primary is a generation model."""
@@ -175,47 +236,72 @@ class Router:
         return dataclasses.replace(generation, model=request.model), stream
 
     async def generate(
-        self, request: GenerationRequest, *, deadline: float | None
+        self, request: GenerationRequest, *, deadline: float | None, ticket: Ticket | None = None
     ) -> RoutedGeneration:
         """Start a generation on the first candidate of the chain that can take it.
 
         A candidate is passed over when it is not ready, its breaker is open, or the prompt
         and ``max_new_tokens`` do not fit its context (so a fallback with a larger context
-        takes the call: the response says why). One that fails before its first token hands
-        the call to the next; after the first token a failure ends the stream (the tokens
-        sent stand). With no candidate left, the error is the most telling one: a context
-        overflow names both numbers.
+        takes the call: the response says why). One that fails before its first token, or
+        makes none within its share of the deadline, hands the call to the next (a fallback,
+        as for ``infer``); after the first token a failure ends the stream (the tokens sent
+        stand). With no candidate left, the error is the most telling one: a context
+        overflow names both numbers. The prompt's tokens plus ``max_new_tokens`` are added
+        to the call's admission ``ticket`` before the generation is queued.
         """
-        errors: list[SluiceError] = []
+        walk = self._walk(request.model, request.version)
         reason = ""
-        for index, target in enumerate(self.chain(request.model, request.version)):
+        for index, target in enumerate(walk.chain):
+            if not self._usable(request.model, walk, index, deadline) or not self._may_hop(
+                request.model, walk, index
+            ):
+                why = walk.skipped[index][1].message
+                reason = reason or f"model '{target.model}' cannot serve now: {why}"
+                continue
+            hop = any(error.transient for error in walk.errors)
+            walk.tried.add(index)
             try:
-                started = await self._start_generation(request, target, deadline)
+                started = await self._start_generation(
+                    request, target, deadline, ticket, alone=walk.alone(index)
+                )
             except _PassOver as passed:
-                errors.append(passed.error)
+                walk.errors.append(passed.error)
+                if hop and passed.error.transient:
+                    walk.budget.charge()
                 reason = reason or passed.reason
                 continue
             if index > 0:
-                self._metrics.fallbacks.labels(request.model, target.model).inc()
-                log.info("generation for %s served by %s: %s", request.model, target.model, reason)
+                self._metrics.fallbacks.labels(
+                    request.model, f"{started.spec.name}/{started.spec.version}"
+                ).inc()
+                log.info(
+                    "generation for %s served by %s: %s",
+                    logs.clip(request.model),
+                    logs.clip(target.model),
+                    reason,
+                )
             return started.with_fallback_reason(reason if index > 0 else "")
-        if errors:
-            raise _combined(request.model, errors)
-        raise ModelNotReadyError(f"no candidate for '{request.model}' can generate now")
+        raise walk.failure(request.model)
 
     async def _start_generation(
-        self, request: GenerationRequest, target: FallbackTarget, deadline: float | None
+        self,
+        request: GenerationRequest,
+        target: FallbackTarget,
+        deadline: float | None,
+        ticket: Ticket | None,
+        *,
+        alone: bool,
     ) -> RoutedGeneration:
         """The generation on one candidate, once its first chunk is out; ``_PassOver``
         when the next candidate should take it."""
         try:
             model = self._service.generation_model(target.model, target.version, target.backend)
-            self._service.ensure_can_serve(target.model, target.version, target.backend)
         except SluiceError as exc:
             raise _PassOver(exc, f"model '{target.model}' cannot serve now: {exc.message}") from exc
         model.enter()  # an unload of this version waits until the generation ends
         try:
-            return await self._first_chunk(request, target, model, deadline)
+            budget_s = None if alone else self._attempt_budget_s(deadline, alone=False)
+            return await self._first_chunk(request, target, model, deadline, budget_s, ticket)
         except BaseException:
             model.leave()
             raise
@@ -226,18 +312,24 @@ class Router:
         target: FallbackTarget,
         model: ModelVersion,
         deadline: float | None,
+        budget_s: float | None,
+        ticket: Ticket | None,
     ) -> RoutedGeneration:
+        """Submit and wait for the first chunk, at most ``budget_s`` (None: the generation's
+        own deadline bounds it); the breaker counts a candidate that made none in time."""
         generator = model.generator
         assert generator is not None
-        prompt_ids = await generator.tokenizer.encode_off_loop(request.prompt)
         started = self._clock()
         try:
+            prompt_ids = await generator.encode_prompt(request.prompt)
+            generator.check_fits(len(prompt_ids), request.params.max_new_tokens)
+            if ticket is not None:
+                ticket.need(tokens=len(prompt_ids) + request.params.max_new_tokens)
             stream = generator.submit(prompt_ids, request.params, deadline=deadline)
         except ContextOverflowError as exc:
             raise _PassOver(
                 exc,
-                f"the prompt ({exc.prompt_tokens} tokens) and max_new_tokens "
-                f"({exc.max_new_tokens}) need a larger context than model '{target.model}' "
+                f"{exc.need} need a larger context than model '{target.model}' "
                 f"has ({exc.max_context})",
             ) from exc
         try:
@@ -247,9 +339,13 @@ class Router:
                 ),
                 model.breaker.calling(),
             ):
-                first = await anext(stream, None)
+                try:
+                    async with asyncio.timeout(budget_s):
+                        first = await anext(stream, None)
+                except TimeoutError as exc:  # inside the breaker: a backend fault
+                    raise self._no_first_token(target, budget_s, deadline) from exc
         except SluiceError as exc:
-            await stream.aclose()
+            await stream.aclose()  # the engine drops the sequence at its next step
             if not _retryable(exc):
                 raise
             reason = f"model '{target.model}' failed before its first token: {exc.message}"
@@ -282,12 +378,12 @@ class Router:
         self,
         request: InferRequest,
         attempt: _Attempt,
-        chain: list[FallbackTarget],
+        walk: _Walk,
         deadline: float | None,
-        number: int,
+        ticket: Ticket | None,
     ) -> InferResult:
         target = attempt.target
-        alone = len(chain) == 1
+        alone = walk.alone(attempt.index)
         budget_s = self._attempt_budget_s(deadline, alone=alone)
         attempt_deadline = None if budget_s is None else self._clock() + budget_s
         sub = request
@@ -302,20 +398,15 @@ class Router:
         started = self._clock()
         try:
             # Alone, the call's own deadline (batcher and interceptor) bounds the attempt;
-            # with other candidates left, the attempt's share is enforced here.
+            # with untried candidates left, the attempt's share is enforced here.
             async with asyncio.timeout(None if alone else budget_s):
-                result = await self._service.infer(sub, deadline=attempt_deadline)
+                result = await self._service.infer(sub, deadline=attempt_deadline, ticket=ticket)
         except (TimeoutError, DeadlineExceededError) as exc:
             error = self._timeout_error(target, budget_s, deadline, exc)
-            self._log(request, target, "", started, error, number)
             if error is exc:
                 raise
             raise error from exc
-        except SluiceError as exc:
-            self._log(request, target, "", started, exc, number)
-            raise
         self._learn(result, self._clock() - started)
-        self._log(request, target, result.backend, started, None, number, version=result.version)
         return result
 
     def _attempt_budget_s(self, deadline: float | None, *, alone: bool) -> float | None:
@@ -323,6 +414,18 @@ class Router:
             return None
         remaining = max(0.0, deadline - self._clock())
         return remaining if alone else remaining * self._settings.attempt_share
+
+    def _no_first_token(
+        self, target: FallbackTarget, budget_s: float | None, deadline: float | None
+    ) -> SluiceError:
+        if deadline is not None and self._clock() >= deadline:
+            return DeadlineExceededError(
+                f"the call's deadline passed before model '{target.model}' made its first token"
+            )
+        return ExecutorError(
+            f"model '{target.model}' made no first token within this attempt's "
+            f"{budget_s or 0:.3f}s share of the deadline"
+        )
 
     def _timeout_error(
         self,
@@ -343,42 +446,64 @@ class Router:
             f"the call's deadline passed while model '{target.model}' was working on it"
         )
 
-    async def _may_retry(self, name: str, number: int, deadline: float | None) -> bool:
-        if number >= self._settings.max_attempts or not self._budget.try_spend():
-            return False
+    async def _hop(
+        self, name: str, walk: _Walk, failed: _Attempt, exc: SluiceError, deadline: float | None
+    ) -> _Attempt | None:
+        """After a transient failure: the next untried candidate (a fallback), else the chain
+        again after a back-off (a retry): a ``sluice.fallback`` or ``sluice.retry`` span."""
+        attributes = {"sluice.from": _label(failed.target), "error.type": type(exc).__name__}
+        with self._tracing.span("sluice.fallback", attributes, leaf=True) as span:
+            picked = self._fallback(name, walk, deadline, after=failed.index)
+            if picked is None:
+                picked = await self._retry(name, walk, deadline, after=failed.index)
+                if picked is not None:
+                    span.update_name("sluice.retry")
+            if picked is not None and span.is_recording():
+                span.set_attribute("sluice.to", _label(picked.target))
+            return picked
+
+    def _fallback(
+        self, name: str, walk: _Walk, deadline: float | None, *, after: int
+    ) -> _Attempt | None:
+        """The first usable candidate not tried yet, down the chain from ``after``."""
+        for index in walk.untried(after):
+            if self._usable(name, walk, index, deadline) and self._may_hop(name, walk, index):
+                return _Attempt(walk.chain[index], index, hop=bool(walk.errors))
+        return None
+
+    def _may_hop(self, name: str, walk: _Walk, index: int) -> bool:
+        """A fallback after a transient failure needs room in the budget (it is charged only
+        when it fails too); the call's first candidate, or one after a context overflow,
+        needs none."""
+        if not any(error.transient for error in walk.errors) or walk.budget.has_room():
+            return True
+        self._skip(name, walk, index, "budget", UnavailableError("the retry budget is spent"))
+        return False
+
+    async def _retry(
+        self, name: str, walk: _Walk, deadline: float | None, *, after: int
+    ) -> _Attempt | None:
+        """A candidate already tried, again, after a back-off: within ``max_attempts``, the
+        deadline and the budget."""
+        if walk.retries + 1 >= self._settings.max_attempts:
+            return None
+        index = next((i for i in walk.around(after) if self._usable(name, walk, i, deadline)), None)
+        if index is None:
+            return None
         cap_ms = min(
-            self._settings.max_backoff_ms, self._settings.initial_backoff_ms * 2 ** (number - 1)
+            self._settings.max_backoff_ms, self._settings.initial_backoff_ms * 2**walk.retries
         )
         pause_s = self._random.uniform(0, cap_ms) / 1000
         if deadline is not None and self._clock() + pause_s >= deadline:
-            return False
+            return None
+        if not walk.budget.try_spend():
+            self._skip(name, walk, index, "budget", UnavailableError("the retry budget is spent"))
+            return None
+        walk.retries += 1
         self._metrics.retries.labels(name).inc()
         if pause_s > 0:
             await asyncio.sleep(pause_s)
-        return True
-
-    async def _hop(
-        self,
-        name: str,
-        chain: list[FallbackTarget],
-        failed: _Attempt,
-        exc: SluiceError,
-        number: int,
-        deadline: float | None,
-    ) -> _Attempt | None:
-        """After a transient failure: back off and pick the next candidate, if the deadline,
-        the attempts and the retry budget allow (a ``sluice.fallback`` span, or
-        ``sluice.retry`` when the same candidate is tried again)."""
-        attributes = {"sluice.from": _label(failed.target), "error.type": type(exc).__name__}
-        with self._tracing.span("sluice.fallback", attributes, leaf=True) as span:
-            if not await self._may_retry(name, number, deadline):
-                return None
-            picked = self._pick(chain, deadline, after=failed.index)
-            if picked is not None and span.is_recording():
-                span.set_attribute("sluice.to", _label(picked.target))
-                if picked.index == failed.index:
-                    span.update_name("sluice.retry")
-            return picked
+        return _Attempt(walk.chain[index], index)
 
     def _span_attributes(self, attempt: _Attempt, number: int) -> Attributes | None:
         """What an attempt span says about where it goes (nothing is looked up when off)."""
@@ -401,25 +526,53 @@ class Router:
 
     # -- choosing -------------------------------------------------------------------------
 
-    def _pick(
-        self, chain: list[FallbackTarget], deadline: float | None, *, after: int
-    ) -> _Attempt | None:
-        """The next usable candidate after index ``after``, wrapping round to the top."""
-        order = list(range(after + 1, len(chain))) + list(range(after + 1))
-        for index in order:
-            if self._usable(chain[index], deadline):
-                return _Attempt(chain[index], index)
-        return None
+    def _walk(self, name: str, version: str) -> _Walk:
+        """A new call's walk; the call counts in its name's retry budget."""
+        known = name in self._aliases or self._service.has_model(name)
+        key = name if known else ""  # never one budget per name a caller makes up
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = RetryBudget(self._settings, self._clock)
+        budget.record_call()
+        return _Walk(self.chain(name, version), budget, caller_version=name not in self._aliases)
 
-    def _usable(self, target: FallbackTarget, deadline: float | None) -> bool:
+    def _usable(self, name: str, walk: _Walk, index: int, deadline: float | None) -> bool:
+        target = walk.chain[index]
         try:
             self._service.ensure_can_serve(target.model, target.version, target.backend)
-        except SluiceError:
+        except SluiceError as exc:
+            reason = "breaker" if isinstance(exc, BreakerOpenError) else "health"
+            self._skip(name, walk, index, reason, exc)
             return False
         if deadline is None:
             return True
         expected = self._service_time.get((target.model, target.version), 0.0)
-        return self._clock() + expected < deadline
+        if self._clock() + expected < deadline:
+            return True
+        self._skip(
+            name,
+            walk,
+            index,
+            "deadline",
+            ModelNotReadyError(
+                f"model '{target.model}' usually takes {expected:.3f}s, more than the deadline "
+                "leaves"
+            ),
+        )
+        return False
+
+    def _skip(self, name: str, walk: _Walk, index: int, reason: str, why: SluiceError) -> None:
+        """Note a candidate passed over (once per call and candidate): for the attempt's log
+        record, the metric and the error the call may end with."""
+        if index in walk.skipped:
+            return
+        walk.skipped[index] = (reason, why)
+        target = walk.chain[index]
+        walk.unlogged.append(f"{_label(target)}: {reason}")
+        if why.transient:  # an unknown model or version is the caller's mistake, not a skip
+            if index == 0 and walk.caller_version:  # never a label value a caller made up
+                target = target.model_copy(update={"version": ""})
+            self._metrics.fallback_skipped.labels(name, _label(target), reason).inc()
 
     def _learn(self, result: InferResult, seconds: float) -> None:
         for key in ((result.model, result.version), (result.model, "")):
@@ -428,15 +581,6 @@ class Router:
                 seconds if old is None else old + _EWMA_WEIGHT * (seconds - old)
             )
 
-    def _nothing_to_try(self, request: InferRequest) -> SluiceError:
-        try:
-            self.ensure_can_serve(request.model, request.version)
-        except SluiceError as exc:
-            return exc
-        return ModelNotReadyError(
-            f"no candidate for '{request.model}' can answer within the remaining deadline"
-        )
-
     # -- reporting ------------------------------------------------------------------------
 
     def _annotate(
@@ -444,7 +588,7 @@ class Router:
     ) -> InferResult:
         fallback = attempt.index > 0
         if fallback:
-            self._metrics.fallbacks.labels(name, attempt.target.model).inc()
+            self._metrics.fallbacks.labels(name, f"{result.model}/{result.version}").inc()
         result.parameters.update(
             sluice_served_by=f"{result.model}/{result.version}/{result.backend}",
             sluice_fallback=fallback,
@@ -455,47 +599,60 @@ class Router:
     def _log(
         self,
         request: InferRequest,
-        target: FallbackTarget,
-        backend: str,
-        started: float,
-        error: SluiceError | None,
-        number: int,
+        attempt: _Attempt,
+        walk: _Walk,
+        latency_s: float,
         *,
-        version: str = "",
+        result: InferResult | None = None,
+        error: SluiceError | None = None,
+        then: _Attempt | None = None,
     ) -> None:
-        """One record per attempt. A first attempt that succeeds on the primary is the common
-        case and goes to DEBUG (a log write per call costs the event loop); any call that
-        needed a retry or a fallback has all its attempts at INFO, failures at WARNING."""
-        plain = error is None and number == 1 and target.model == request.model
+        """One record per attempt: its outcome, the candidates passed over since the last
+        record and, after a failure, where the call goes next. A first attempt that succeeds
+        on the primary is the common case and goes to DEBUG (a log write per call costs the
+        event loop); any call that needed a retry or a fallback has all its attempts at INFO,
+        failures at WARNING."""
+        skipped, walk.unlogged = ", ".join(walk.unlogged) or "-", []
+        target = attempt.target
+        plain = error is None and walk.attempts == 1 and target.model == request.model
         level = logging.DEBUG if plain else logging.INFO if error is None else logging.WARNING
         if not log.isEnabledFor(level):
             return
-        latency_ms = (self._clock() - started) * 1000
+        backend = result.backend if result is not None else "-"
+        version = result.version if result is not None else target.version or "serving"
+        then_text = "-" if error is None else _label(then.target) if then else "none"
         log.log(
             level,
             "attempt %d called=%s model=%s version=%s backend=%s outcome=%s latency_ms=%.3f "
-            "error_class=%s",
-            number,
-            request.model,
-            target.model,
-            target.version or "serving",
-            backend or "-",
+            "error_class=%s skipped=%s next=%s",
+            walk.attempts,
+            logs.clip(request.model),
+            logs.clip(target.model),
+            logs.clip(version),
+            backend,
             "ok" if error is None else "error",
-            latency_ms,
+            latency_s * 1000,
             "-" if error is None else ("transient" if error.transient else "fatal"),
+            skipped,
+            then_text,
             extra=logs.fields(
                 model=target.model,
-                version=version or target.version or "serving",
-                backend=backend or "-",
+                version=version,
+                backend=backend,
                 outcome="ok" if error is None else type(error).__name__,
-                attempt=number,
-                latency_ms=round(latency_ms, 3),
+                attempt=walk.attempts,
+                latency_ms=round(latency_s * 1000, 3),
+                skipped=skipped,
+                next=then_text,
             ),
         )
 
 
 def _label(target: FallbackTarget) -> str:
-    return "/".join(part for part in (target.model, target.version, target.backend) if part)
+    """A candidate as ListModels names it: ``model[/version][@backend]``."""
+    version = f"/{target.version}" if target.version else ""
+    backend = f"@{target.backend}" if target.backend else ""
+    return f"{target.model}{version}{backend}"
 
 
 class _PassOver(Exception):
@@ -619,12 +776,20 @@ def _retryable(exc: SluiceError) -> bool:
     return exc.transient and not isinstance(exc, OverloadedError | DrainingError)
 
 
-def _combined(name: str, errors: list[SluiceError]) -> SluiceError:
-    """The error to report: a fatal one as is; otherwise the last, naming every candidate."""
-    fatal = [e for e in errors if not e.transient]
-    if fatal or len(errors) == 1:
-        return (fatal or errors)[0]
-    detail = "; ".join(e.message for e in errors)
+def _combined(name: str, errors: list[SluiceError], skipped: dict[str, SluiceError]) -> SluiceError:
+    """The error to report: a fatal one as is; a lone one as is; otherwise one naming every
+    candidate: what each tried one answered and why each other one was passed over."""
+    fatal = [e for e in errors if not e.transient] or [
+        e for e in skipped.values() if not e.transient and not errors
+    ]
+    if fatal:
+        return fatal[0]
+    if len(errors) + len(skipped) == 1:
+        return (errors or list(skipped.values()))[0]
+    detail = "; ".join(
+        [e.message for e in errors]
+        + [f"skipped {label}: {e.message}" for label, e in skipped.items()]
+    )
     pushbacks = [e.retry_after_ms for e in errors if e.retry_after_ms is not None]
     return UnavailableError(
         f"no candidate for '{name}' could serve the call: {detail}",

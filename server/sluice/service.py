@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sluice.admission import Ticket
 from sluice.batching.dynamic import Clock
 from sluice.breaker_state import open_breaker_store
 from sluice.errors import (
@@ -22,6 +23,7 @@ from sluice.errors import (
     ConfigError,
     ModelNotFoundError,
     ModelNotReadyError,
+    RequestTooLargeError,
     SluiceError,
     UnsupportedError,
 )
@@ -44,11 +46,17 @@ from sluice.repository import (
 from sluice.settings import FallbackTarget, Settings
 from sluice.stats import ModelStats
 from sluice.tensors import (
+    Array,
     InferRequest,
     InferResult,
+    InputCheck,
     OutputTensor,
+    check_inputs,
     check_requested_outputs,
+    decode_checked,
     decode_inputs,
+    expected_reply_bytes,
+    reply_size,
 )
 from sluice.tracing import Tracing
 
@@ -80,29 +88,39 @@ class ModelEntry:
 
     @property
     def serving_version(self) -> str:
-        """The version calls without a version get, while it is loaded and healthy."""
+        """The version calls without a version get (the serving pointer's)."""
         return self.state.pointer.serving
 
     @property
     def ready(self) -> bool:
-        """Some version can infer now (loaded and passing its health probe)."""
-        return any(v not in self.unhealthy for v in self.versions)
+        """The serving version can infer now (loaded and passing its health probe)."""
+        version = self.serving_version
+        return version in self.versions and version not in self.unhealthy
 
     @property
     def serving(self) -> bool:
-        """What the model's health says: a version passes its probe and its breaker is not
+        """What the model's health says: its serving version is ready and its breaker is not
         open (an open breaker half-opens on the next call or probe)."""
-        return any(
-            v not in self.unhealthy and not loaded.breaker.is_open()
-            for v, loaded in self.versions.items()
-        )
+        return self.ready and not self.versions[self.serving_version].breaker.is_open()
 
-    def default_version(self, *, healthy: bool = True) -> ModelVersion:
-        """The serving version; while it is not loaded or unhealthy, the highest usable."""
-        usable = [v for v in self.versions if not (healthy and v in self.unhealthy)]
-        if self.serving_version in usable:
-            return self.versions[self.serving_version]
-        return self.versions[max(usable, key=int)]
+    def described_version(self) -> ModelVersion:
+        """The version metadata describes: the serving one, else the highest loaded."""
+        found = self.versions.get(self.serving_version)
+        return found if found is not None else self.versions[max(self.versions, key=int)]
+
+    def not_ready_reason(self) -> str:
+        """Why calls that name no version cannot be served now."""
+        version = self.serving_version
+        if version in self.unhealthy:
+            why = self.unhealthy[version]
+            return f"its serving version {version} failed its health probe: {why}"
+        if version in self.failures:
+            return f"its serving version {version} failed to load: {self.failures[version]}"
+        if version:
+            return f"its serving version {version} is not loaded"
+        return "; ".join(f"{v or 'config'}: {why}" for v, why in self.failures.items()) or (
+            "no version loaded"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +219,7 @@ class InferenceService:
                 entry.failures[""] = exc.message
                 await self._replace(name, entry)
                 raise
-            for version in versions:
+            for version in self._with_serving(entry, versions):
                 try:
                     entry.versions[version] = await self._loader.load(name, version, config)
                 except SluiceError as exc:
@@ -217,6 +235,17 @@ class InferenceService:
                     f"model '{name}' has no loadable version: "
                     + "; ".join(f"{v}: {why}" for v, why in entry.failures.items())
                 )
+
+    def _with_serving(self, entry: ModelEntry, versions: list[str]) -> list[str]:
+        """The versions the policy selects, and the serving one whatever the policy says
+        (a failure to find its folder is recorded like a failure to load it)."""
+        serving = entry.serving_version
+        if not serving or serving in versions:
+            return versions
+        if (self._repository / entry.name / serving).is_dir():
+            return [*versions, serving]
+        entry.failures[serving] = f"its folder {self._repository / entry.name / serving} is gone"
+        return versions
 
     async def unload(self, name: str, *, who: str = "sluice", reason: str = "") -> None:
         """Unload the whole model once its in-flight calls finish (bounded)."""
@@ -240,7 +269,7 @@ class InferenceService:
             entry = self._loaded_entry(name)
             if version in entry.versions:
                 return
-            if not (self._repository / name / version).is_dir() or not version.isdigit():
+            if not version.isdigit() or not _is_dir(self._repository / name / version):
                 raise ModelNotFoundError(
                     f"model '{name}' has no version folder '{version}' in {self._repository}"
                 )
@@ -266,7 +295,7 @@ class InferenceService:
             loaded = entry.versions.get(version)
             if loaded is None:
                 raise ModelNotFoundError(f"model '{name}' has no loaded version '{version}'")
-            if version == entry.default_version(healthy=False).spec.version:
+            if version == entry.serving_version:
                 raise ConfigError(
                     f"model '{name}' version {version} is the serving version: promote another "
                     "version first, or unload the whole model"
@@ -285,7 +314,7 @@ class InferenceService:
         async with self._lock:
             entry = self._loaded_entry(name)
             self._check_servable(entry, version)
-            before = entry.default_version(healthy=False).spec.version
+            before = entry.serving_version
             entry.state.record(
                 "promote", from_version=before, to_version=version, who=who, reason=reason
             )
@@ -301,7 +330,7 @@ class InferenceService:
                 raise ConfigError(f"model '{name}' has no earlier serving version to roll back to")
             target = previous[-1]
             self._check_servable(entry, target)
-            before = entry.default_version(healthy=False).spec.version
+            before = entry.serving_version
             entry.state.record(
                 "rollback", from_version=before, to_version=target, who=who, reason=reason
             )
@@ -355,22 +384,36 @@ class InferenceService:
             )
 
     def _choose_serving(self, entry: ModelEntry) -> None:
-        """The first time a model loads, its highest version becomes the serving one."""
+        """The first time a model loads, its highest version becomes the serving one. After
+        that the pointer decides; when its version cannot serve, the server says so and
+        serves another only when ``lifecycle.replace_failed_serving_version`` says to, as a
+        promote in the history."""
         pointer = entry.state.pointer
         if not entry.versions or pointer.serving in entry.versions:
             return
-        if pointer.serving:
-            log.warning(
-                "model %s: serving version %s is not loaded; the highest loaded version serves "
-                "meanwhile",
-                entry.name,
-                pointer.serving,
+        best = max(entry.versions, key=int)
+        if not pointer.serving:
+            entry.state.record(
+                "promote", from_version="", to_version=best, who="sluice", reason="first load"
             )
             return
-        first = max(entry.versions, key=int)
+        why = entry.not_ready_reason()
+        if not self._settings.lifecycle.replace_failed_serving_version:
+            log.error(
+                "model %s: %s; calls that name no version fail until it loads (LoadModel with "
+                "its version) or another version is promoted",
+                entry.name,
+                why,
+            )
+            return
         entry.state.record(
-            "promote", from_version="", to_version=first, who="sluice", reason="first load"
+            "promote",
+            from_version=pointer.serving,
+            to_version=best,
+            who="sluice",
+            reason=f"replaces the serving version: {why}",
         )
+        log.error("model %s: %s; version %s serves in its place", entry.name, why, best)
 
     def _state(self, name: str) -> ModelState:
         state = self._states.get(name)
@@ -486,7 +529,7 @@ class InferenceService:
         """A loaded version, healthy or not (for metadata, config and statistics)."""
         entry = self._models.get(name)
         if entry is not None and entry.versions and not version:
-            return entry.default_version(healthy=False)
+            return entry.described_version()
         if entry is not None and version in entry.versions:
             return entry.versions[version]
         return self.get(name, version)
@@ -519,10 +562,8 @@ class InferenceService:
             )
         if not version:
             if not entry.ready:
-                raise ModelNotReadyError(
-                    f"model '{name}' is not ready: {self._failure_text(entry)}"
-                )
-            return entry.default_version()
+                raise ModelNotReadyError(f"model '{name}' is not ready: {entry.not_ready_reason()}")
+            return entry.versions[entry.serving_version]
         found = entry.versions.get(version)
         if found is not None and version in entry.unhealthy:
             raise ModelNotReadyError(
@@ -597,7 +638,7 @@ class InferenceService:
             if entry is None:
                 rows.append(IndexEntry(name, "", UNAVAILABLE, "unloaded"))
                 continue
-            serving = entry.default_version(healthy=False).spec.version if entry.versions else ""
+            serving = entry.serving_version
             for version in sorted(entry.versions, key=int):
                 why = entry.unhealthy.get(version)
                 rows.append(
@@ -611,6 +652,11 @@ class InferenceService:
                     )
                 )
             for version, why in sorted(entry.failures.items()):
+                if version == serving:
+                    why = (
+                        "the serving version failed to load (calls that name no version fail "
+                        f"until it loads or another version is promoted): {why}"
+                    )
                 rows.append(IndexEntry(name, version, UNAVAILABLE, why))
         return rows
 
@@ -632,25 +678,27 @@ class InferenceService:
 
     def _in_repository(self, name: str) -> bool:
         """A plain folder name in the repository (never a path that leaves it)."""
-        plain = bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
-        return plain and (self._repository / name).is_dir()
-
-    @staticmethod
-    def _failure_text(entry: ModelEntry) -> str:
-        problems = [f"{v or 'config'}: {why}" for v, why in entry.failures.items()]
-        problems += [
-            f"version {v} failed its health probe: {why}" for v, why in entry.unhealthy.items()
-        ]
-        return "; ".join(problems) or "no version loaded"
+        return _plain_name(name) and _is_dir(self._repository / name)
 
     # -- inference ------------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest, *, deadline: float | None) -> InferResult:
-        """Validate, queue, run and return one request; ``deadline`` is on the service clock."""
+    async def infer(
+        self, request: InferRequest, *, deadline: float | None, ticket: Ticket | None = None
+    ) -> InferResult:
+        """Validate, weigh, queue, run and return one request; ``deadline`` is on the
+        service clock. The reply's size (from the output shapes) is added to the call's
+        admission ``ticket`` before the request is queued."""
         model = self.get(request.model, request.version, request.backend)
         io = model.spec.io
-        inputs = decode_inputs(request, io)
+        checked = check_inputs(request, io)
         wanted = check_requested_outputs(request, io)
+        message = self._settings.max_message_bytes
+        limit = message - min(REPLY_OVERHEAD_BYTES, message // 8)
+        reply_bytes = expected_reply_bytes(io, wanted, checked.rows)
+        _check_reply_size(reply_bytes, limit, model.spec.name, known=True)
+        if ticket is not None:
+            ticket.need(work_bytes=checked.decoded_bytes + reply_bytes)
+        inputs = await _decode(request, checked)
         started = self._clock()
         model.enter()
         try:
@@ -661,10 +709,14 @@ class InferenceService:
                         inputs,
                         default_max_new_tokens=self._settings.generation.default_max_new_tokens,
                         deadline=deadline,
+                        ticket=ticket,
                     )
                 model.stats.record_unbatched(queue_s=0.0, infer_s=self._clock() - started)
             else:
                 outputs = await model.batcher.infer(inputs, deadline=deadline)
+            _check_reply_size(
+                reply_size(outputs[name] for name in wanted), limit, model.spec.name, known=False
+            )
         except BaseException:
             model.stats.record_end(ok=False, seconds=self._clock() - started)
             raise
@@ -679,6 +731,51 @@ class InferenceService:
             id=request.id,
             outputs=[OutputTensor(name, datatypes[name], outputs[name]) for name in wanted],
         )
+
+
+def _plain_name(name: str) -> bool:
+    """A name that can only mean a folder directly inside the repository."""
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and not any(character in name for character in ("/", "\\", "\0"))
+    )
+
+
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()`` that says no, instead of raising, for names the file system
+    refuses (too long, undecodable)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+REPLY_OVERHEAD_BYTES = 64 * 1024
+"""Room left in a reply message for everything but the output tensors' contents (at most
+an eighth of ``max_message_bytes``)."""
+
+OFF_LOOP_DECODE_BYTES = 256 * 1024
+"""Requests carrying more tensor bytes than this (or decoding more than this into Python
+objects) are decoded in a worker thread: decoding BYTES and typed contents is Python work,
+and a big request must not stall the event loop (a thread hands the GIL back every few
+milliseconds)."""
+
+
+async def _decode(request: InferRequest, checked: InputCheck) -> dict[str, Array]:
+    if max(checked.payload_bytes, checked.decoded_bytes) <= OFF_LOOP_DECODE_BYTES:
+        return decode_checked(request)
+    return await asyncio.to_thread(decode_checked, request)
+
+
+def _check_reply_size(size: int, limit: int, model: str, *, known: bool) -> None:
+    if size <= limit:
+        return
+    when = "its output shapes say the reply would be" if known else "the reply is"
+    raise RequestTooLargeError(
+        f"model '{model}': {when} {size} bytes, more than the {limit} a reply may carry "
+        "(max_message_bytes); send fewer rows or request fewer outputs"
+    )
 
 
 def state_root(settings: Settings, repository: Path) -> Path | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -35,6 +35,19 @@ class AdmissionSettings(_Section):
     """Calls admitted at once across the server; more are shed with UNAVAILABLE + pushback."""
     tenant_max_inflight_requests: int = Field(0, ge=0)
     """Calls one tenant may have in flight (0: no per-tenant quota)."""
+    max_inflight_bytes: int | None = Field(None, ge=1)
+    """Bytes in flight across the server: every admitted request as received plus its
+    reply's size (known from the model's output shapes before it runs). None: 1/16 of the
+    memory the process may use (the machine's, or its container's limit), at least 64 MiB.
+    A call that does not fit now is shed with UNAVAILABLE + pushback; one larger than the
+    whole budget gets RESOURCE_EXHAUSTED."""
+    tenant_max_inflight_bytes: int = Field(0, ge=0)
+    """Bytes one tenant may have in flight (0: no per-tenant byte quota)."""
+    max_inflight_tokens: int = Field(262_144, ge=1)
+    """Generation tokens in flight across the server: each generation's prompt tokens plus
+    its ``max_new_tokens``, from the moment its prompt is tokenized until it ends."""
+    tenant_max_inflight_tokens: int = Field(0, ge=0)
+    """Generation tokens one tenant may have in flight (0: no per-tenant token quota)."""
     tenant_metadata_key: str = "x-sluice-tenant"
     """Request metadata key naming the caller's tenant."""
     pushback_ms: int = Field(50, ge=0)
@@ -87,13 +100,15 @@ class ExecutorSettings(_Section):
 
 class RetrySettings(_Section):
     max_attempts: int = Field(3, ge=1)
-    """Attempts per call, the first included, across its fallback chain."""
+    """Attempts per call, the first included, not counting its fallbacks (each candidate of
+    the chain is tried once before any is retried; the chain's length bounds those)."""
     initial_backoff_ms: float = Field(5.0, ge=0)
     """Upper bound of the first retry's random (full jitter) back-off."""
     max_backoff_ms: float = Field(200.0, ge=0)
     """Cap of the exponential back-off."""
     budget_ratio: float = Field(0.2, ge=0, le=1)
-    """Retries allowed as a fraction of the calls seen in the window (a retry budget)."""
+    """Retries allowed as a fraction of the calls to the same name seen in the window (a
+    retry budget). A fallback that answers costs nothing; one that fails too is charged."""
     budget_min_retries: int = Field(3, ge=0)
     """Retries always allowed per window, so a quiet server can still retry."""
     budget_window_s: float = Field(10.0, gt=0)
@@ -138,6 +153,10 @@ class ShadowSettings(_Section):
 class StreamSettings(_Section):
     max_pending_requests: int = Field(256, ge=1)
     """Requests one ModelStreamInfer stream may have in flight before reading pauses."""
+    max_pending_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    """Bytes of requests one ModelStreamInfer stream may hold (read and not yet answered,
+    with their replies until written) before reading pauses; a single request larger than
+    this still runs when it is the only one."""
 
 
 class GenerationSettings(_Section):
@@ -181,16 +200,84 @@ class LifecycleSettings(_Section):
     """Longest an unload waits for the version's in-flight calls before releasing it."""
     warm_up_timeout_s: float = Field(60.0, gt=0)
     """A newly loaded version must answer a real test inference within this to serve."""
+    replace_failed_serving_version: bool = False
+    """When the version the serving pointer names cannot be loaded (its folder is gone or it
+    fails to load): True promotes the highest loaded version in its place (a promote by
+    ``sluice`` in the history, with the reason); False leaves the pointer alone, and calls
+    that name no version fail with UNAVAILABLE until it loads or another is promoted."""
+
+
+class TLSSettings(_Section):
+    """TLS on the gRPC port. With a certificate configured the port speaks TLS only (no
+    plaintext port is open); the files are read again when they change, so a rotated
+    certificate serves new connections without a restart."""
+
+    cert_file: Path | None = None
+    """PEM certificate chain the server presents (None: plaintext gRPC)."""
+    key_file: Path | None = None
+    """PEM private key of ``cert_file`` (unencrypted)."""
+    client_ca_file: Path | None = None
+    """PEM bundle of the CAs whose client certificates are accepted (mTLS); goes with
+    ``require_client_cert`` (grpc's Python server either requires and verifies client
+    certificates or does not ask for them)."""
+    require_client_cert: bool = False
+    """Refuse connections without a client certificate signed by ``client_ca_file``."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> TLSSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together: set both or neither")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls.client_ca_file needs tls.cert_file and tls.key_file")
+        if self.client_ca_file is not None and not self.require_client_cert:
+            raise ValueError(
+                "tls.client_ca_file is set but tls.require_client_cert is false: grpc's Python "
+                "server cannot ask for optional client certificates; set "
+                "tls.require_client_cert (mTLS) or leave tls.client_ca_file out"
+            )
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError("tls.require_client_cert needs tls.client_ca_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
 
 
 class AdminSettings(_Section):
-    """Who may change what is served (load, unload, promote, rollback, rescan, shadowing)."""
+    """Who may change what is served (load, unload, promote, rollback, rescan, shadowing).
+
+    Admin calls need the token or a client certificate named in ``identities``; with
+    neither configured they are served only when the server listens on loopback alone.
+    """
 
     token: SecretStr | None = None
-    """The admin credential, sent as ``authorization: Bearer <token>``; None: admin calls
-    are served only to callers on the loopback interface."""
-    name: str = "admin"
+    """The admin credential, sent as ``authorization: Bearer <token>`` (never empty)."""
+    name: str = Field("admin", min_length=1, max_length=200)
     """Who the history records for calls carrying the token."""
+    identities: list[str] = []
+    """Client-certificate identities (subject CN or a subject alternative name) that may
+    make admin calls; needs mTLS (``tls.client_ca_file`` and ``tls.require_client_cert``)."""
+    max_reason_chars: int = Field(1000, ge=1)
+    """Longest ``reason`` an admin call may record in a model's history (longer:
+    INVALID_ARGUMENT)."""
+
+    @field_validator("token")
+    @classmethod
+    def _not_empty(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError(
+                "admin.token is empty: set a real token, or leave it unset (admin calls are "
+                "then served only when the server listens on loopback alone)"
+            )
+        return token
+
+    @field_validator("identities")
+    @classmethod
+    def _named(cls, identities: list[str]) -> list[str]:
+        if any(not identity.strip() for identity in identities):
+            raise ValueError("admin.identities holds an empty name")
+        return identities
 
 
 class Settings(BaseSettings):
@@ -216,6 +303,11 @@ class Settings(BaseSettings):
     """Largest gRPC message accepted or sent."""
     drain_grace_s: float = Field(30.0, ge=0)
     """Time in-flight calls get to finish after SIGTERM before they are cancelled."""
+    drain_unload_s: float = Field(5.0, ge=0)
+    """After the drain grace: the longest closing the transport and unloading the models
+    may take; a backend still busy then (hung) is abandoned and the process exits, so
+    SIGTERM to exit takes at most ``drain_grace_s + drain_unload_s`` (plus the tracing
+    flush, when tracing is on)."""
     drain_quiet_s: float = Field(0.2, ge=0)
     """After in-flight calls finish, how long no new call must arrive before the transport
     closes (calls arriving meanwhile are refused with UNAVAILABLE, which clients retry)."""
@@ -238,6 +330,7 @@ class Settings(BaseSettings):
     generation: GenerationSettings = GenerationSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
     admin: AdminSettings = AdminSettings()
+    tls: TLSSettings = TLSSettings()
     required_models: list[str] = []
     """Models that must all be able to infer for the server to be ready (empty: any one)."""
     retry: RetrySettings = RetrySettings()
@@ -245,6 +338,15 @@ class Settings(BaseSettings):
     shadow: ShadowSettings = ShadowSettings()
     aliases: dict[str, list[FallbackTarget]] = {}
     """Names clients may call that route to an ordered chain of models (first = primary)."""
+
+    @model_validator(mode="after")
+    def _identities_need_mtls(self) -> Settings:
+        if self.admin.identities and not self.tls.require_client_cert:
+            raise ValueError(
+                "admin.identities needs client certificates: set tls.client_ca_file and "
+                "tls.require_client_cert"
+            )
+        return self
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -234,7 +234,7 @@ class Shadower:
             target = self._service.generation_model(config.model or model, config.version)
             generator = target.generator
             assert generator is not None
-            prompt_ids = await generator.tokenizer.encode_off_loop(trace.prompt)
+            prompt_ids = await generator.encode_prompt(trace.prompt)
             with target.breaker.calling():
                 async with generator.submit(prompt_ids, trace.params, deadline=deadline) as out:
                     tokens = [chunk.token_id async for chunk in out]

@@ -7,7 +7,7 @@ numpy views of the request's bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,12 +88,32 @@ class IOSpec:
         return self.max_batch_size > 0
 
 
-def decode_inputs(request: InferRequest, io: IOSpec) -> dict[str, Array]:
-    """Validate ``request.inputs`` against ``io`` and decode them into arrays."""
+BYTES_ELEMENT_COST = 256
+"""Memory one BYTES element costs on its way through the server beyond its contents: a
+Python object and the array's pointer to it when decoded, the backend's own string, and,
+for a model that answers with as many elements (the common case, and what an identity
+does), the same again for the reply. What a call is weighed for each element it sends."""
+
+
+@dataclass(frozen=True, slots=True)
+class InputCheck:
+    """What validating a request's inputs learned, before anything is decoded."""
+
+    rows: int
+    """Batch rows (1 for a model without a batch dimension)."""
+    decoded_bytes: int
+    """Memory decoding will allocate beyond the request itself (BYTES elements)."""
+    payload_bytes: int
+    """Bytes of tensor contents the request carries."""
+
+
+def check_inputs(request: InferRequest, io: IOSpec) -> InputCheck:
+    """Validate ``request.inputs`` against ``io`` (names, datatypes, shapes, batch sizes,
+    which inputs are there) without decoding anything."""
     specs = {spec.name: spec for spec in io.inputs}
     seen: set[str] = set()
-    arrays: dict[str, Array] = {}
     batch: int | None = None
+    decoded = payload = 0
     for tensor in request.inputs:
         spec = specs.get(tensor.name)
         if spec is None:
@@ -105,6 +125,7 @@ def decode_inputs(request: InferRequest, io: IOSpec) -> dict[str, Array]:
             raise InvalidInputError(f"input '{tensor.name}' is given more than once")
         seen.add(tensor.name)
         _check_shape(tensor, spec, io)
+        _check_contents(tensor)
         if io.batched:
             if batch is not None and tensor.shape[0] != batch:
                 raise InvalidInputError(
@@ -112,7 +133,9 @@ def decode_inputs(request: InferRequest, io: IOSpec) -> dict[str, Array]:
                     f"input has {batch}; all inputs must share the batch dimension"
                 )
             batch = tensor.shape[0]
-        arrays[tensor.name] = _decode(tensor)
+        if tensor.datatype == "BYTES":
+            decoded += element_count(tensor.shape) * BYTES_ELEMENT_COST
+        payload += len(tensor.raw) if tensor.raw is not None else 4 * len(tensor.values or ())
     missing = sorted(name for name, spec in specs.items() if not spec.optional)
     missing = [name for name in missing if name not in seen]
     if missing:
@@ -120,7 +143,19 @@ def decode_inputs(request: InferRequest, io: IOSpec) -> dict[str, Array]:
             f"model '{request.model}' needs input(s) {', '.join(missing)} that the request "
             "does not carry"
         )
-    return arrays
+    return InputCheck(rows=batch or 1, decoded_bytes=decoded, payload_bytes=payload)
+
+
+def decode_checked(request: InferRequest) -> dict[str, Array]:
+    """Decode inputs that ``check_inputs`` has validated into arrays (numeric raw contents
+    as zero-copy views of the request's bytes)."""
+    return {tensor.name: _decode(tensor) for tensor in request.inputs}
+
+
+def decode_inputs(request: InferRequest, io: IOSpec) -> dict[str, Array]:
+    """Validate ``request.inputs`` against ``io`` and decode them into arrays."""
+    check_inputs(request, io)
+    return decode_checked(request)
 
 
 def check_requested_outputs(request: InferRequest, io: IOSpec) -> list[str]:
@@ -131,10 +166,42 @@ def check_requested_outputs(request: InferRequest, io: IOSpec) -> list[str]:
     unknown = [name for name in request.outputs if name not in known]
     if unknown:
         raise InvalidInputError(
-            f"unknown output(s) {', '.join(unknown)} requested from model "
+            f"unknown output(s) {', '.join(unknown[:8])} requested from model "
             f"'{request.model}'; it has: {', '.join(known)}"
         )
+    if len(set(request.outputs)) != len(request.outputs):
+        repeated = sorted({name for name in request.outputs if request.outputs.count(name) > 1})
+        raise InvalidInputError(
+            f"output(s) {', '.join(repeated)} requested more than once from model "
+            f"'{request.model}'; name each output at most once"
+        )
     return list(request.outputs)
+
+
+def expected_reply_bytes(io: IOSpec, wanted: list[str], rows: int) -> int:
+    """The reply's tensor bytes as far as the output shapes tell before the model runs
+    (variable dimensions and BYTES elements count as nothing: only known sizes are
+    weighed before running; the reply is measured again once it exists)."""
+    specs = {spec.name: spec for spec in io.outputs}
+    total = 0
+    for name in wanted:
+        spec = specs[name]
+        itemsize = DATATYPES[spec.datatype].itemsize
+        if itemsize == 0 or any(dim < 0 for dim in spec.dims):
+            continue
+        total += element_count(spec.dims) * itemsize * (rows if io.batched else 1)
+    return total
+
+
+def reply_size(outputs: Iterable[Array]) -> int:
+    """Bytes the outputs take on the wire (a BYTES element: its length and 4 bytes)."""
+    total = 0
+    for array in outputs:
+        if array.dtype == object:
+            total += 4 * array.size + sum(map(len, array.reshape(-1)))
+        else:
+            total += array.nbytes
+    return total
 
 
 def _check_shape(tensor: InputTensor, spec: TensorSpec, io: IOSpec) -> None:
@@ -163,32 +230,52 @@ def _check_shape(tensor: InputTensor, spec: TensorSpec, io: IOSpec) -> None:
         )
 
 
-def _decode(tensor: InputTensor) -> Array:
+def _check_contents(tensor: InputTensor) -> None:
+    """The contents hold what the shape says (checked before anything is decoded, so a
+    claimed shape never drives an allocation the bytes do not back)."""
     count = element_count(tensor.shape)
-    if tensor.raw is not None and tensor.values:
+    if tensor.raw is not None:
+        if tensor.values:
+            raise InvalidInputError(
+                f"input '{tensor.name}' carries both raw and typed contents; send one of them"
+            )
+        itemsize = DATATYPES[tensor.datatype].itemsize
+        if itemsize and len(tensor.raw) != count * itemsize:
+            raise InvalidInputError(
+                f"input '{tensor.name}': {len(tensor.raw)} bytes do not hold {count} "
+                f"{tensor.datatype} elements ({count * itemsize} bytes expected for shape "
+                f"{list(tensor.shape)})"
+            )
+        if not itemsize and len(tensor.raw) < 4 * count:
+            raise InvalidInputError(
+                f"input '{tensor.name}': {len(tensor.raw)} bytes of BYTES data cannot hold "
+                f"{count} elements (each needs a 4-byte length) for shape {list(tensor.shape)}"
+            )
+        return
+    if tensor.datatype in ("FP16", "BF16"):
         raise InvalidInputError(
-            f"input '{tensor.name}' carries both raw and typed contents; send one of them"
+            f"input '{tensor.name}' is {tensor.datatype}, which has no typed contents field; "
+            "send it as raw_input_contents"
         )
+    values = len(tensor.values) if tensor.values is not None else 0
+    if values != count:
+        raise InvalidInputError(
+            f"input '{tensor.name}' has {values} values but shape "
+            f"{list(tensor.shape)} holds {count}"
+        )
+
+
+def _decode(tensor: InputTensor) -> Array:
     if tensor.raw is not None:
         try:
             return from_raw(tensor.raw, tensor.datatype, tensor.shape)
         except WireFormatError as exc:
             raise InvalidInputError(f"input '{tensor.name}': {exc}") from exc
     values = tensor.values if tensor.values is not None else ()
-    if len(values) != count:
-        raise InvalidInputError(
-            f"input '{tensor.name}' has {len(values)} values but shape "
-            f"{list(tensor.shape)} holds {count}"
-        )
     if tensor.datatype == "BYTES":
-        out = np.empty(count, dtype=object)
+        out = np.empty(len(values), dtype=object)
         out[:] = list(values)
         return out.reshape(tensor.shape)
-    if tensor.datatype in ("FP16", "BF16"):
-        raise InvalidInputError(
-            f"input '{tensor.name}' is {tensor.datatype}, which has no typed contents field; "
-            "send it as raw_input_contents"
-        )
     try:
         array = np.asarray(values, dtype=DATATYPES[tensor.datatype].numpy)
     except (OverflowError, ValueError) as exc:

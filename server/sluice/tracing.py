@@ -90,6 +90,14 @@ _OFF = _Off()
 UNTRACED: contextlib.AbstractContextManager[Span] = _OFF
 
 
+def current_again(span: Span) -> contextlib.AbstractContextManager[Span]:
+    """``span``, already ended, as the current span again, so that a log record written
+    about it after the fact carries its ids; nothing while tracing is off."""
+    if not span.get_span_context().is_valid:
+        return _OFF
+    return trace.use_span(span, end_on_exit=False)
+
+
 def error_class(exc: BaseException) -> str:
     """``transient`` (worth retrying), ``fatal``, or ``internal`` for anything unexpected."""
     if isinstance(exc, SluiceError):

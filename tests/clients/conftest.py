@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sluice_client import AsyncClient
+from tests.certs import ADMIN_CN, Certificates
 from tests.conftest import RunningServer, StartServer
 
 #: The bundled causal LM in the example repository.
@@ -28,10 +29,14 @@ class ClientServers:
     main: RunningServer
     holding: RunningServer
     draining: RunningServer
+    #: Requires client certificates; the admin certificate may make admin calls.
+    mtls: RunningServer
+    certificates: Certificates
     generation_model: str
     expected_text: str
 
     def env(self) -> dict[str, str]:
+        certificates = self.certificates
         env = {
             "SLUICE_ADDRESS": self.main.address,
             "SLUICE_HOLDING_ADDRESS": self.holding.address,
@@ -39,6 +44,12 @@ class ClientServers:
             "SLUICE_PUSHBACK_MS": str(PUSHBACK_MS),
             "SLUICE_GENERATION_MODEL": self.generation_model,
             "SLUICE_GENERATION_PROMPT": GENERATION_PROMPT,
+            "SLUICE_TLS_ADDRESS": self.mtls.address,
+            "SLUICE_TLS_CA_FILE": str(certificates.ca),
+            "SLUICE_TLS_CLIENT_CERT_FILE": str(certificates.client_cert),
+            "SLUICE_TLS_CLIENT_KEY_FILE": str(certificates.client_key),
+            "SLUICE_TLS_ADMIN_CERT_FILE": str(certificates.admin_cert),
+            "SLUICE_TLS_ADMIN_KEY_FILE": str(certificates.admin_key),
         }
         if self.generation_model:
             env["SLUICE_EXPECTED_TEXT"] = self.expected_text
@@ -60,8 +71,11 @@ async def served_generation_model(address: str) -> str:
 
 
 @pytest.fixture
-async def client_servers(start_server: StartServer, example_repository: Path) -> ClientServers:
+async def client_servers(
+    start_server: StartServer, example_repository: Path, certificates: Certificates
+) -> ClientServers:
     main = await start_server()
+    mtls = await start_server(tls=certificates.server_settings(), admin={"identities": [ADMIN_CN]})
     # `simple` waits a minute to fill a batch of 32: every call to it outlives its deadline.
     (example_repository / "simple" / "config.yaml").write_text(
         "max_batch_size: 32\n"
@@ -77,4 +91,4 @@ async def client_servers(start_server: StartServer, example_repository: Path) ->
         async with AsyncClient(main.address) as client:
             result = await client.generate_text(model, GENERATION_PROMPT, max_new_tokens=8)
         expected = result.text
-    return ClientServers(main, holding, draining, model, expected)
+    return ClientServers(main, holding, draining, mtls, certificates, model, expected)

@@ -32,6 +32,8 @@ INFERENCE_TESTS = {
     "TestErrors",
     "TestDeadlines",
     "TestUnavailableIsRetriedAfterPushback",
+    "TestMutualTLS",
+    "TestTLSRefusals",
 }
 GENERATION_TESTS = {"TestGenerateStreams", "TestGenerateCancelAndDeadline"}
 

@@ -14,12 +14,15 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.certs import ADMIN_CN, Certificates
 from tests.clients.conftest import GENERATION_MODEL, served_generation_model
 from tests.compat.procs import grpcurl_binary, run
-from tests.conftest import REPO_ROOT, RunningServer
+from tests.conftest import REPO_ROOT, RunningServer, StartServer
 
 DOC = REPO_ROOT / "docs" / "grpcurl.md"
 DOC_ADDRESS = "127.0.0.1:8001"
+#: The admin token the doc's bearer-header recipe sends.
+DOC_ADMIN_TOKEN = "s3cret"
 GRPCURL = grpcurl_binary()
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.DOTALL)
 
@@ -89,17 +92,37 @@ def test_the_doc_has_every_recipe_the_issue_asks_for() -> None:
         "GenerationService/Generate",
     ):
         assert needed in names, needed
+    flags = {arg for recipe in RECIPES for arg in recipe.argv}
+    assert {"-cacert", "-cert", "-key", "-servername", "-H"} <= flags
+
+
+async def doc_server(
+    recipe: Recipe, start_server: StartServer, certificates: Certificates
+) -> RunningServer:
+    """The server a recipe assumes: plaintext (with the doc's admin token), TLS (`-cacert`
+    alone), or mTLS with the doc's admin identity (`-cert`)."""
+    if "-cert" in recipe.argv:
+        return await start_server(
+            tls=certificates.server_settings(), admin={"identities": [ADMIN_CN]}
+        )
+    if "-cacert" in recipe.argv:
+        return await start_server(tls=certificates.server_settings(mutual=False))
+    return await start_server(admin={"token": DOC_ADMIN_TOKEN})
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
-async def test_recipe(recipe: Recipe, server: RunningServer) -> None:
+async def test_recipe(
+    recipe: Recipe, start_server: StartServer, certificates: Certificates
+) -> None:
+    server = await doc_server(recipe, start_server, certificates)
     if GENERATION_MODEL in " ".join(recipe.argv) and not await served_generation_model(
         server.address
     ):
         pytest.skip(f"the server does not serve {GENERATION_MODEL}")
     assert GRPCURL is not None
     argv = [server.address if arg == DOC_ADDRESS else arg for arg in recipe.argv[1:]]
-    done = await run(GRPCURL, *argv, limit_s=60)
+    # The doc's certificate files (ca.pem, client.pem, ...) are in the working directory.
+    done = await run(GRPCURL, *argv, cwd=certificates.directory, limit_s=60)
     assert (done.returncode != 0) == recipe.fails, done.describe()
     actual = (done.stdout + done.stderr).splitlines()
     assert missing_lines(recipe.expected, actual) == [], done.describe()

@@ -20,7 +20,7 @@ NODE = shutil.which("node")
 pytestmark = [pytest.mark.slow, pytest.mark.toolchain("node")]
 
 #: Tests in clients/typescript/test/client.test.ts, without and with a generation model.
-INFERENCE_TESTS = 10
+INFERENCE_TESTS = 13  # TLS included
 GENERATION_TESTS = 4
 
 

@@ -74,8 +74,21 @@ def check(fn: Check) -> Check:
 # -- helpers -------------------------------------------------------------------------------
 
 
+def tls(args: argparse.Namespace) -> dict[str, Any]:
+    """tritonclient's own TLS arguments (PEM file paths) from --ca-file / --cert-file /
+    --key-file; plaintext without them."""
+    if args.ca_file is None:
+        return {}
+    return {
+        "ssl": True,
+        "root_certificates": args.ca_file,
+        "private_key": args.key_file,
+        "certificate_chain": args.cert_file,
+    }
+
+
 def client(args: argparse.Namespace) -> grpcclient.InferenceServerClient:
-    return grpcclient.InferenceServerClient(args.url)
+    return grpcclient.InferenceServerClient(args.url, **tls(args))
 
 
 def expect_error(status: str, fn: Callable[..., Any], *a: Any, **kw: Any) -> str:
@@ -630,7 +643,7 @@ def aio(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _aio(args: argparse.Namespace) -> dict[str, Any]:
-    c = aioclient.InferenceServerClient(args.url)
+    c = aioclient.InferenceServerClient(args.url, **tls(args))
     try:
         assert await c.is_server_live() is True
         assert await c.is_model_ready("simple") is True
@@ -745,6 +758,9 @@ def main() -> int:
         default=str(DEFAULT_MODELS),
         help="the example model repository (for the onnxruntime reference)",
     )
+    parser.add_argument("--ca-file", help="TLS: the CA that signed the server's certificate")
+    parser.add_argument("--cert-file", help="mTLS: the client certificate")
+    parser.add_argument("--key-file", help="mTLS: the client certificate's key")
     parser.add_argument("checks", nargs="+", choices=sorted(CHECKS))
     args = parser.parse_args()
     for name in args.checks:

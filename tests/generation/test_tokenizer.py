@@ -98,3 +98,22 @@ async def test_long_texts_encode_off_the_loop_to_the_same_ids() -> None:
     assert len(long) >= OFF_LOOP_CHARS
     assert await tokenizer.encode_off_loop(short) == tokenizer.encode(short)
     assert await tokenizer.encode_off_loop(long) == tokenizer.encode(long)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        TEXT * 50,
+        "中文字符测试" * 300,
+        "😀🎉👍🏽" * 300,
+        f"{EOS} " * 200,
+        "a" * 5000,
+        "\x00\x01\x7f" * 500,
+    ],
+    ids=["mixed", "cjk", "emoji", "special tokens", "one long word", "control bytes"],
+)
+def test_the_bytes_per_token_bound_never_undercounts(tokenizer: Tokenizer, text: str) -> None:
+    """A prompt longer than ``max_prompt_bytes(n)`` cannot fit in ``n`` tokens: checked
+    against the exact token count for texts with the fewest tokens per byte."""
+    tokens = len(tokenizer.encode(text))
+    assert len(text.encode("utf-8")) <= tokenizer.max_prompt_bytes(tokens)

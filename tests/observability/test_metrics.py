@@ -12,8 +12,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from sluice.metrics import Metrics
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import REPO_ROOT, FakeClock, RunningServer, StartServer
@@ -134,22 +136,26 @@ async def test_rejections_by_reason_and_breaker_state_and_transitions(
     assert value(text, "sluice_breaker_transitions_total", **backend, state="open") == 1
 
 
-async def test_retries_and_fallbacks_are_counted(
+async def test_fallbacks_and_skipped_candidates_are_counted(
     start_server: StartServer, example_repository: Path, scrape: Scrape
 ) -> None:
     repository = with_backup(
         example_repository, "faults: {mode: fail}\nfallbacks: [{model: simple_b}]\n"
     )
-    server = await start_server(repository=repository, retry={"initial_backoff_ms": 0})
+    server = await start_server(repository=repository, breaker={"fail_max": 1})
     endpoint = server.metrics.serve_http("127.0.0.1", 0)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
-            await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(simple_request("simple"))
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await stub.ModelInfer(simple_request("simple"))  # fails, opens, falls back
+            await stub.ModelInfer(simple_request("simple"))  # passed over: breaker open
         text = await scrape(endpoint.port)
     finally:
         endpoint.close()
-    assert value(text, "sluice_retries_total", model="simple") == 1
-    assert value(text, "sluice_fallbacks_total", model="simple", target="simple_b") == 1
+    assert value(text, "sluice_fallbacks_total", model="simple", target="simple_b/1") == 2
+    skipped = {"model": "simple", "target": "simple", "reason": "breaker"}
+    assert value(text, "sluice_fallback_skipped_total", **skipped) == 1
+    assert value(text, "sluice_retries_total", model="simple") is None  # a fallback is no retry
     assert value(
         text, "sluice_model_load_duration_seconds_count", model="simple", backend="onnxruntime"
     )
@@ -193,7 +199,8 @@ async def test_every_metric_the_dashboard_queries_is_exported(
     server.metrics.generation_observer("tiny").prompt(1)
     server.metrics.rejected.labels("overload").inc()
     server.metrics.retries.labels("fake").inc()
-    server.metrics.fallbacks.labels("fake", "fake").inc()
+    server.metrics.fallbacks.labels("fake", "fake/1").inc()
+    server.metrics.fallback_skipped.labels("fake", "fake", "breaker").inc()
     server.metrics.breaker_changed("fake", "1", "fake", "open")
     server.metrics.dropped.labels("fake", "1", "deadline").inc()
     server.metrics.shadow_requests.labels("fake", "compared").inc()
@@ -222,3 +229,38 @@ def test_metric_names_follow_prometheus_conventions(fake_server: tuple[RunningSe
             assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
         if family.type == "histogram" and "batch_size" not in family.name:
             assert family.name.endswith("_seconds"), family.name
+
+
+def readme_metrics() -> dict[str, frozenset[str]]:
+    """README's metric table: exported name -> label names."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text[text.index("**Metrics**") : text.index("**Traces**")]
+    rows = re.findall(r"^\| `(sluice_\w+)` \| ([^|]*) \|", section, re.MULTILINE)
+    table = {name: frozenset(re.findall(r"\w+", labels)) for name, labels in rows}
+    assert len(table) == len(rows), "a metric is listed twice"
+    return table
+
+
+def test_the_readme_lists_every_metric_with_its_labels() -> None:
+    metrics = Metrics()
+    listed = readme_metrics()
+    exported = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in metrics.registry.collect()
+    }
+    assert set(listed) == exported, (
+        f"not in README: {sorted(exported - set(listed))}; "
+        f"not registered: {sorted(set(listed) - exported)}"
+    )
+    for metric in vars(metrics).values():
+        if not isinstance(metric, Counter | Gauge | Histogram):
+            continue
+        family = metric.describe()[0]
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels = listed[name]
+        if labels:  # prometheus_client refuses any other set of label names
+            metric.labels(**dict.fromkeys(labels, "x"))
+        elif isinstance(metric, Histogram):
+            metric.observe(0)  # refused if the metric had labels
+        else:
+            metric.inc(0)

@@ -65,6 +65,7 @@ func ServiceConfig(p RetryPolicy) string {
 type options struct {
 	timeout time.Duration
 	retry   RetryPolicy
+	tls     *TLSConfig
 	dial    []grpc.DialOption
 }
 
@@ -77,8 +78,8 @@ func WithTimeout(d time.Duration) Option { return func(o *options) { o.timeout =
 // WithRetryPolicy replaces DefaultRetryPolicy.
 func WithRetryPolicy(p RetryPolicy) Option { return func(o *options) { o.retry = p } }
 
-// WithDialOptions adds gRPC dial options (credentials, interceptors); without transport
-// credentials the connection is plaintext.
+// WithDialOptions adds gRPC dial options (credentials, interceptors); without WithTLS or
+// transport credentials here the connection is plaintext.
 func WithDialOptions(opts ...grpc.DialOption) Option {
 	return func(o *options) { o.dial = append(o.dial, opts...) }
 }
@@ -101,11 +102,17 @@ func Dial(address string, opts ...Option) (*Client, error) {
 		opt(&o)
 	}
 	const maxBytes = 256 << 20
-	dial := append([]grpc.DialOption{
-		grpc.WithInsecure(),
+	transport := []grpc.DialOption{grpc.WithInsecure()}
+	if o.tls != nil {
+		var err error
+		if transport, err = o.tls.dialOptions(); err != nil {
+			return nil, err
+		}
+	}
+	dial := append(append(transport,
 		grpc.WithDefaultServiceConfig(ServiceConfig(o.retry)),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxBytes), grpc.MaxCallSendMsgSize(maxBytes)),
-	}, o.dial...)
+	), o.dial...)
 	conn, err := grpc.Dial(address, dial...)
 	if err != nil {
 		return nil, err

@@ -6,6 +6,10 @@ package sluice_test
 //   SLUICE_DRAINING_ADDRESS  sheds inference with UNAVAILABLE + SLUICE_PUSHBACK_MS pushback
 //   SLUICE_GENERATION_MODEL  a generation model's name ("" when none is served)
 //   SLUICE_EXPECTED_TEXT     what SLUICE_GENERATION_PROMPT generates greedily (8 tokens)
+//   SLUICE_TLS_ADDRESS       requires client certificates (mTLS); SLUICE_TLS_CA_FILE signed
+//                            its certificate and the client ones, SLUICE_TLS_CLIENT_* and
+//                            SLUICE_TLS_ADMIN_* (named in its admin.identities) are PEM
+//                            certificate / key pairs
 
 import (
 	"context"
@@ -195,6 +199,48 @@ func TestModelOperations(t *testing.T) {
 		t.Errorf("after load: ready %v, %v", ready, err)
 	}
 	wantCode(t, c.LoadModel(ctx, "nope"), codes.NotFound)
+}
+
+func mtls(who string) sluice.TLSConfig {
+	return sluice.TLSConfig{
+		CAFile:     os.Getenv("SLUICE_TLS_CA_FILE"),
+		CertFile:   os.Getenv("SLUICE_TLS_" + who + "_CERT_FILE"),
+		KeyFile:    os.Getenv("SLUICE_TLS_" + who + "_KEY_FILE"),
+		ServerName: "localhost",
+	}
+}
+
+func TestMutualTLS(t *testing.T) {
+	ctx := context.Background()
+	c := dial(t, "SLUICE_TLS_ADDRESS", sluice.WithTLS(mtls("CLIENT")))
+	if got, err := c.Health(ctx, ""); err != nil || got != "SERVING" {
+		t.Fatalf("Health() = %q, %v", got, err)
+	}
+	inputs, _, _ := simpleInputs()
+	if res, err := c.Infer(ctx, "simple", inputs, nil); err != nil || len(res.Outputs) != 2 {
+		t.Errorf("Infer over mTLS: %v, %v", res, err)
+	}
+	// Changes need a certificate named in admin.identities.
+	wantCode(t, c.LoadModel(ctx, "simple"), codes.PermissionDenied)
+	admin := dial(t, "SLUICE_TLS_ADDRESS", sluice.WithTLS(mtls("ADMIN")))
+	if err := admin.LoadModel(ctx, "simple"); err != nil {
+		t.Errorf("LoadModel with the admin certificate: %v", err)
+	}
+}
+
+func TestTLSRefusals(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	anonymous := dial(t, "SLUICE_TLS_ADDRESS", sluice.WithTLS(sluice.TLSConfig{CAFile: os.Getenv("SLUICE_TLS_CA_FILE")}))
+	_, err := anonymous.Health(ctx, "")
+	wantCode(t, err, codes.Unavailable)
+	misnamed := mtls("CLIENT")
+	misnamed.ServerName = "elsewhere.sluice.test"
+	_, err = dial(t, "SLUICE_TLS_ADDRESS", sluice.WithTLS(misnamed)).Health(ctx, "")
+	wantCode(t, err, codes.Unavailable)
+	if _, err := sluice.Dial("127.0.0.1:1", sluice.WithTLS(sluice.TLSConfig{CAFile: "/nonexistent.pem"})); err == nil {
+		t.Error("Dial with a missing CA file succeeded")
+	}
 }
 
 func TestErrors(t *testing.T) {

@@ -11,7 +11,7 @@
 """
 
 from sluice_client._calls import Sampling
-from sluice_client._channel import DEFAULT_TARGET, RetryPolicy, channel_options
+from sluice_client._channel import DEFAULT_TARGET, RetryPolicy, TLSConfig, channel_options
 from sluice_client.aio import AsyncClient
 from sluice_client.client import Client
 from sluice_client.errors import (
@@ -71,6 +71,7 @@ __all__ = [
     "Sampling",
     "ServerMetadata",
     "SluiceClientError",
+    "TLSConfig",
     "TensorMetadata",
     "TokenCount",
     "Unauthenticated",

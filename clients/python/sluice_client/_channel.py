@@ -1,10 +1,13 @@
-"""Channel options shared by the sync and asyncio clients: message limits and retries."""
+"""Channels shared by the sync and asyncio clients: TLS, message limits and retries."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
+
+import grpc
 
 #: Where ``sluice serve`` listens by default.
 DEFAULT_TARGET = "127.0.0.1:8001"
@@ -77,3 +80,60 @@ def channel_options(
         ("grpc.enable_retries", 1),
         ("grpc.service_config", service_config(retry or RetryPolicy())),
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """TLS for the channels the client opens; ``TLSConfig()`` verifies the server against
+    the system's CAs. The files are PEM and read when the client opens its channel."""
+
+    ca_file: str | os.PathLike[str] | None = None
+    """CA bundle that signed the server's certificate (None: the system's CAs)."""
+    cert_file: str | os.PathLike[str] | None = None
+    """Client certificate chain, for servers that require one (mTLS)."""
+    key_file: str | os.PathLike[str] | None = None
+    """The client certificate's unencrypted private key."""
+    server_name: str | None = None
+    """Name the server's certificate must carry, and the call authority, when it differs
+    from the target's host (e.g. connecting by IP address or through a tunnel)."""
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("TLSConfig: cert_file and key_file go together")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | os.PathLike[str] | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_file),
+            private_key=read(self.key_file),
+            certificate_chain=read(self.cert_file),
+        )
+
+    def options(self) -> list[tuple[str, Any]]:
+        if not self.server_name:
+            return []
+        return [
+            ("grpc.ssl_target_name_override", self.server_name),
+            ("grpc.default_authority", self.server_name),
+        ]
+
+
+def open_channel(
+    target: str,
+    *,
+    tls: TLSConfig | None,
+    max_message_bytes: int,
+    retry: RetryPolicy | None,
+    aio: bool,
+) -> Any:
+    """The channel a client opens for ``target``: plaintext, or TLS with ``tls``."""
+    options = channel_options(max_message_bytes=max_message_bytes, retry=retry)
+    grpc_module: Any = grpc.aio if aio else grpc
+    if tls is None:
+        return grpc_module.insecure_channel(target, options=options)
+    return grpc_module.secure_channel(target, tls.credentials(), options=options + tls.options())

@@ -16,7 +16,8 @@ from sluice_client._channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
     RetryPolicy,
-    channel_options,
+    TLSConfig,
+    open_channel,
 )
 from sluice_client.errors import from_rpc_error
 from sluice_client.results import (
@@ -47,11 +48,12 @@ class AsyncClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry: RetryPolicy | None = None,
         admin_token: str | None = None,
+        tls: TLSConfig | None = None,
     ) -> None:
         self._owns_channel = isinstance(target, str)
         self._channel = (
-            grpc.aio.insecure_channel(
-                target, options=channel_options(max_message_bytes=max_message_bytes, retry=retry)
+            open_channel(
+                target, tls=tls, max_message_bytes=max_message_bytes, retry=retry, aio=True
             )
             if isinstance(target, str)
             else target

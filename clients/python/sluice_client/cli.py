@@ -2,8 +2,10 @@
 ``generate`` and ``count-tokens``.
 
 ``sluice_client.cli.main`` runs them on their own (the ``sluice-client`` command of the
-standalone distribution). Every command takes ``--url`` (default ``$SLUICE_URL`` or
-127.0.0.1:8001) and ``--timeout-s``; a failed call prints one line to stderr and exits 1.
+standalone distribution). Every command takes the connection options (``--url``, default
+``$SLUICE_URL`` or 127.0.0.1:8001; ``--timeout-s``; TLS: ``--tls``, ``--ca-file``,
+``--cert-file``, ``--key-file``, ``--server-name``, each also read from the environment);
+a failed call prints one line to stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from sluice_client._channel import DEFAULT_TARGET
+from sluice_client._channel import DEFAULT_TARGET, TLSConfig
 from sluice_client.client import Client
 from sluice_client.errors import NotFound, SluiceClientError
 from sluice_client.names import model_health_service
@@ -33,9 +35,7 @@ Action = Callable[[Client, argparse.Namespace], int]
 
 def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``health``, ``models`` and ``infer``; each sets ``run`` (args -> exit status)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help=f"server HOST:PORT (SLUICE_URL, default {DEFAULT_TARGET})")
-    common.add_argument("--timeout-s", type=float, default=30.0, help="call deadline in seconds")
+    common = connection_arguments()
 
     health = sub.add_parser("health", parents=[common], help="grpc.health.v1 status")
     health.add_argument("--model", help="a model's health instead of the server's")
@@ -80,14 +80,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+def connection_arguments() -> argparse.ArgumentParser:
+    """The options every client command takes (a parent parser): where the server is, the
+    deadline, and TLS. ``connect`` turns them into a client."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help=f"server HOST:PORT (SLUICE_URL, default {DEFAULT_TARGET})")
+    common.add_argument("--timeout-s", type=float, default=30.0, help="call deadline in seconds")
+    tls = common.add_argument_group("TLS (any of these turns it on)")
+    tls.add_argument(
+        "--tls", action="store_true", help="TLS, verifying the server with the system's CAs"
+    )
+    for flag, (variable, meaning) in _TLS_OPTIONS.items():
+        tls.add_argument(f"--{flag}", help=f"{meaning} ({variable})")
+    return common
+
+
+#: TLS flags, the environment variables they fall back to, and what they give.
+_TLS_OPTIONS = {
+    "ca-file": ("SLUICE_CA_FILE", "PEM CAs that signed the server's certificate"),
+    "cert-file": ("SLUICE_CERT_FILE", "PEM client certificate, for mTLS"),
+    "key-file": ("SLUICE_KEY_FILE", "its PEM private key"),
+    "server-name": ("SLUICE_SERVER_NAME", "name to verify the server's certificate against"),
+}
+
+
+def _tls(args: argparse.Namespace) -> TLSConfig | None:
+    given = {
+        flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) or os.environ.get(variable)
+        for flag, (variable, _) in _TLS_OPTIONS.items()
+    }
+    if not (args.tls or any(given.values())):
+        return None
+    return TLSConfig(**{key: value or None for key, value in given.items()})
+
+
+def connect(args: argparse.Namespace) -> Client:
+    """A client for the connection options of ``connection_arguments``."""
+    url = args.url or os.environ.get("SLUICE_URL") or DEFAULT_TARGET
+    admin_token = getattr(args, "admin_token", None) or os.environ.get("SLUICE_ADMIN_TOKEN")
+    return Client(url, timeout_s=args.timeout_s, admin_token=admin_token, tls=_tls(args))
+
+
 def _with_client(action: Action) -> Callable[[argparse.Namespace], int]:
     """Run ``action`` with a client; failures become one line on stderr and exit 1."""
 
     def run(args: argparse.Namespace) -> int:
-        url = args.url or os.environ.get("SLUICE_URL") or DEFAULT_TARGET
         try:
-            admin_token = getattr(args, "admin_token", None) or os.environ.get("SLUICE_ADMIN_TOKEN")
-            with Client(url, timeout_s=args.timeout_s, admin_token=admin_token) as client:
+            with connect(args) as client:
                 return action(client, args)
         except (SluiceClientError, OSError, ValueError) as exc:
             print(f"sluice {args.command}: {exc}", file=sys.stderr)

@@ -16,7 +16,8 @@ from sluice_client._channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
     RetryPolicy,
-    channel_options,
+    TLSConfig,
+    open_channel,
 )
 from sluice_client.errors import from_rpc_error
 from sluice_client.results import (
@@ -38,10 +39,12 @@ T = TypeVar("T")
 class Client:
     """A blocking client for a Sluice (or any Open Inference Protocol v2) server.
 
-    ``target`` is ``"host:port"`` (an insecure channel with raised message limits and
-    retries on UNAVAILABLE is opened, and closed with the client) or a ``grpc.Channel``
-    you own and configure. Every call has a deadline: ``timeout_s`` here, or the call's own
-    ``timeout_s``. Failed calls raise ``SluiceClientError`` subclasses.
+    ``target`` is ``"host:port"`` (a channel with raised message limits and retries on
+    UNAVAILABLE is opened, and closed with the client: plaintext, or TLS with ``tls``, a
+    ``TLSConfig`` naming the CA, the client certificate and key for mTLS, and a server-name
+    override) or a ``grpc.Channel`` you own and configure. Every call has a deadline:
+    ``timeout_s`` here, or the call's own ``timeout_s``. Failed calls raise
+    ``SluiceClientError`` subclasses.
     """
 
     def __init__(
@@ -52,11 +55,12 @@ class Client:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry: RetryPolicy | None = None,
         admin_token: str | None = None,
+        tls: TLSConfig | None = None,
     ) -> None:
         self._owns_channel = isinstance(target, str)
         self._channel = (
-            grpc.insecure_channel(
-                target, options=channel_options(max_message_bytes=max_message_bytes, retry=retry)
+            open_channel(
+                target, tls=tls, max_message_bytes=max_message_bytes, retry=retry, aio=False
             )
             if isinstance(target, str)
             else target

@@ -7,6 +7,7 @@ import {
   Metadata,
   type ServiceError,
 } from "@grpc/grpc-js";
+import { readFileSync } from "node:fs";
 
 import { toSluiceError } from "./errors";
 import { GRPCInferenceServiceClient, type ModelInferRequest } from "./gen/inference/grpc_service";
@@ -47,10 +48,25 @@ export const DEFAULT_RETRY: RetryPolicy = {
   backoffMultiplier: 2,
 };
 
+/** TLS for the client's channel; PEM files, read when the client is made. */
+export interface TlsOptions {
+  /** The CAs that signed the server's certificate (default: Node's root CAs). */
+  caFile?: string;
+  /** Client certificate chain, for servers that require one (mTLS); with `keyFile`. */
+  certFile?: string;
+  /** The client certificate's unencrypted private key. */
+  keyFile?: string;
+  /** Name the server's certificate must carry (and the call authority) when it differs
+   * from the address's host, e.g. when connecting by IP address or through a tunnel. */
+  serverName?: string;
+}
+
 export interface ClientOptions {
   /** Default deadline of every call, in milliseconds (30 s). */
   timeoutMs?: number;
-  /** Channel credentials (default: plaintext). */
+  /** TLS, optionally with a client certificate (default: plaintext). */
+  tls?: TlsOptions;
+  /** Channel credentials of your own (instead of `tls`). */
   credentials?: ChannelCredentials;
   /** Retries on UNAVAILABLE; `false` turns them off. */
   retry?: RetryPolicy | false;
@@ -154,6 +170,20 @@ const FINISH_REASONS: Partial<Record<FinishReason, FinishReasonName>> = {
   [FinishReason.FINISH_REASON_ERROR]: "error",
 };
 
+/** Channel credentials and options for `tls`. */
+export function tlsChannel(tls: TlsOptions): { credentials: ChannelCredentials; options: ChannelOptions } {
+  if ((tls.certFile === undefined) !== (tls.keyFile === undefined)) {
+    throw new TypeError("tls.certFile and tls.keyFile go together");
+  }
+  const read = (path?: string): Buffer | null => (path === undefined ? null : readFileSync(path));
+  const credentials = grpcCredentials.createSsl(read(tls.caFile), read(tls.keyFile), read(tls.certFile));
+  const options: ChannelOptions =
+    tls.serverName === undefined
+      ? {}
+      : { "grpc.ssl_target_name_override": tls.serverName, "grpc.default_authority": tls.serverName };
+  return { credentials, options };
+}
+
 export function serviceConfig(retry: RetryPolicy): string {
   const seconds = (ms: number): string => `${ms / 1000}s`;
   return JSON.stringify({
@@ -193,7 +223,12 @@ export class SluiceClient {
       "grpc.enable_retries": retry === false ? 0 : 1,
       ...(retry === false ? {} : { "grpc.service_config": serviceConfig(retry) }),
     };
-    const creds = options.credentials ?? grpcCredentials.createInsecure();
+    let creds = options.credentials ?? grpcCredentials.createInsecure();
+    if (options.tls !== undefined && options.credentials === undefined) {
+      const tls = tlsChannel(options.tls);
+      creds = tls.credentials;
+      Object.assign(channelOptions, tls.options);
+    }
     this.inference = new GRPCInferenceServiceClient(address, creds, channelOptions);
     const shared = { channelOverride: this.inference.getChannel() };
     this.modelService = new ModelServiceClient(address, creds, shared);

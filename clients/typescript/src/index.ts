@@ -14,6 +14,8 @@ export {
   type RetryPolicy,
   serviceConfig,
   SluiceClient,
+  type TlsOptions,
+  tlsChannel,
 } from "./client";
 export { PUSHBACK_KEY, REQUEST_ID_KEY, SluiceError } from "./errors";
 export type { HealthStatus } from "./health";

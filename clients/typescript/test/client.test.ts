@@ -5,11 +5,15 @@
  *   SLUICE_DRAINING_ADDRESS  sheds inference with UNAVAILABLE + SLUICE_PUSHBACK_MS pushback
  *   SLUICE_GENERATION_MODEL  a generation model's name ("" when none is served)
  *   SLUICE_EXPECTED_TEXT     what SLUICE_GENERATION_PROMPT generates greedily (8 tokens)
+ *   SLUICE_TLS_ADDRESS       requires client certificates (mTLS); SLUICE_TLS_CA_FILE signed
+ *                            its certificate and the client ones, SLUICE_TLS_CLIENT_* and
+ *                            SLUICE_TLS_ADMIN_* (named in its admin.identities) are PEM
+ *                            certificate / key pairs
  */
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 
-import { SluiceClient, SluiceError, status } from "../src/index";
+import { SluiceClient, SluiceError, status, type TlsOptions } from "../src/index";
 
 const env = process.env;
 const address = env.SLUICE_ADDRESS;
@@ -158,6 +162,50 @@ describe("inference", { skip }, () => {
     // Four attempts, three waits of the server's pushback in between.
     assert.ok(performance.now() - started >= 3 * pushbackMs, "the pushback was honoured");
     assert.equal(await draining.live(), true);
+  });
+});
+
+describe("tls", { skip }, () => {
+  const simple = {
+    INPUT0: { shape: [1, 16], data: ints([...Array(16).keys()]) },
+    INPUT1: { shape: [1, 16], data: ints(Array(16).fill(1)) },
+  };
+
+  function tlsClient(tls: TlsOptions): SluiceClient {
+    const opened = new SluiceClient(env.SLUICE_TLS_ADDRESS, { tls, timeoutMs: 10_000 });
+    after(() => opened.close());
+    return opened;
+  }
+
+  function mtls(who: "CLIENT" | "ADMIN"): TlsOptions {
+    return {
+      caFile: env.SLUICE_TLS_CA_FILE,
+      certFile: env[`SLUICE_TLS_${who}_CERT_FILE`],
+      keyFile: env[`SLUICE_TLS_${who}_KEY_FILE`],
+      serverName: "localhost",
+    };
+  }
+
+  test("mTLS with a CA, a client certificate and a server name", async () => {
+    const secure = tlsClient(mtls("CLIENT"));
+    assert.equal(await secure.health(), "SERVING");
+    const result = await secure.infer("simple", simple);
+    assert.deepEqual(Array.from(result.outputs.OUTPUT0!.data as Int32Array), [...Array(16).keys()].map((x) => x + 1));
+    // Changes need a certificate named in admin.identities.
+    await assert.rejects(secure.loadModel("simple"), isSluiceError(status.PERMISSION_DENIED));
+  });
+
+  test("an admin certificate may change what is served", async () => {
+    const admin = tlsClient(mtls("ADMIN"));
+    await admin.loadModel("simple");
+    assert.equal(await admin.modelReady("simple"), true);
+  });
+
+  test("without a client certificate, or for another name, the handshake fails", async () => {
+    const anonymous = tlsClient({ caFile: env.SLUICE_TLS_CA_FILE });
+    await assert.rejects(anonymous.health(), isSluiceError(status.UNAVAILABLE));
+    const misnamed = tlsClient({ ...mtls("CLIENT"), serverName: "elsewhere.sluice.test" });
+    await assert.rejects(misnamed.health(), isSluiceError(status.UNAVAILABLE));
   });
 });
 

@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 from sluice.errors import ModelNotReadyError
 from sluice.executors.base import DeclaredTensor, Executor
 from sluice.tensors import Array
+from sluice.threads import join_thread
 
 Instance = TypeVar("Instance")
 Job = TypeVar("Job")
@@ -79,14 +80,16 @@ class InstanceThreads(Generic[Instance, Job, Result]):
                 item.loop.call_soon_threadsafe(_deliver, item.future, result)
 
     async def close(self) -> None:
-        """Let queued jobs finish, then stop every thread (once)."""
+        """Let queued jobs finish, then stop every thread (once); a thread still busy after
+        ``JOIN_TIMEOUT_S`` (a hung backend) is left behind, and being a daemon it never
+        keeps the process alive."""
         if self._closed:
             return
         self._closed = True
         for _ in self._threads:
             self._jobs.put(None)
         for thread in self._threads:
-            await asyncio.to_thread(thread.join)
+            await join_thread(thread)
 
 
 class ThreadedExecutor(Executor, Generic[Instance]):

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from sluice.admission import Ticket
 from sluice.errors import ConfigError, InvalidInputError, SluiceError
 from sluice.executors.base import DeclaredTensor, Executor, ExecutorFactory, LoadOptions
 from sluice.executors.faults import FaultConfig
@@ -83,15 +84,28 @@ def text_request(inputs: Mapping[str, Array], *, default_max_new_tokens: int) ->
         if (value := scalar(name)) is not None
     }
     params = SamplingParams(
-        max_new_tokens=int(values.get("max_tokens", default_max_new_tokens)),
-        temperature=float(values.get("temperature", 0.0)),
-        top_k=int(values.get("top_k", 0)),
-        top_p=float(values.get("top_p", 1.0)),
-        repetition_penalty=float(values.get("repetition_penalty", 1.0)),
-        seed=int(values["seed"]) if "seed" in values else None,
+        max_new_tokens=_number(values, "max_tokens", int, default_max_new_tokens),
+        temperature=_number(values, "temperature", float, 0.0),
+        top_k=_number(values, "top_k", int, 0),
+        top_p=_number(values, "top_p", float, 1.0),
+        repetition_penalty=_number(values, "repetition_penalty", float, 1.0),
+        seed=_number(values, "seed", int, None),
     )
     stream = scalar("stream")
     return TextRequest(prompt, params, bool(stream) if stream is not None else False)
+
+
+def _number(values: Mapping[str, Any], name: str, kind: type[Any], default: Any) -> Any:
+    """One sampling input as ``kind`` (int or float), or ``InvalidInputError``."""
+    if name not in values:
+        return default
+    value = values[name]
+    if isinstance(value, bytes | str) or (kind is int and isinstance(value, float)):
+        raise InvalidInputError(f"input '{name}' must be a number, got {str(value)[:40]!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"input '{name}' must be a number: {exc}") from exc
 
 
 def text_output(text: str) -> Array:
@@ -106,10 +120,15 @@ async def generate_text(
     *,
     default_max_new_tokens: int,
     deadline: float | None,
+    ticket: Ticket | None = None,
 ) -> dict[str, Array]:
-    """The whole generation for one request's tensors, as ``text_output``."""
+    """The whole generation for one request's tensors, as ``text_output``; its tokens are
+    added to the call's admission ``ticket`` before it is queued."""
     request = text_request(inputs, default_max_new_tokens=default_max_new_tokens)
-    prompt_ids = await generator.tokenizer.encode_off_loop(request.prompt)
+    prompt_ids = await generator.encode_prompt(request.prompt)
+    generator.check_fits(len(prompt_ids), request.params.max_new_tokens)
+    if ticket is not None:
+        ticket.need(tokens=len(prompt_ids) + request.params.max_new_tokens)
     async with generator.submit(prompt_ids, request.params, deadline=deadline) as stream:
         text = "".join([chunk.text async for chunk in stream])
     return {TEXT_OUTPUT: text_output(text)}

@@ -22,6 +22,10 @@ from torch import Tensor
 from sluice.errors import InvalidInputError
 
 MAX_SEED = 2**63 - 1
+MAX_STOP_SEQUENCES = 16
+"""Stop sequences one request may give (each is matched against the text at every token)."""
+MAX_STOP_SEQUENCE_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -59,10 +63,24 @@ class SamplingParams:
             ("seed", self.seed is None or 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "token ids (>= 0)"),
             ("stop_sequences", all(self.stop_sequences), "non-empty strings"),
+            (
+                "stop_sequences",
+                len(self.stop_sequences) <= MAX_STOP_SEQUENCES
+                and all(len(stop) <= MAX_STOP_SEQUENCE_CHARS for stop in self.stop_sequences),
+                f"at most {MAX_STOP_SEQUENCES} strings of at most {MAX_STOP_SEQUENCE_CHARS} "
+                "characters",
+            ),
+            (
+                "stop_token_ids",
+                len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+                f"at most {MAX_STOP_TOKEN_IDS} token ids",
+            ),
         ]
         for field, valid, expected in problems:
             if not valid:
-                raise InvalidInputError(f"{field} must be {expected}, got {getattr(self, field)!r}")
+                got = repr(getattr(self, field))
+                got = got if len(got) <= 80 else f"{got[:80]}... ({len(got)} characters)"
+                raise InvalidInputError(f"{field} must be {expected}, got {got}")
 
     @property
     def greedy(self) -> bool:

@@ -41,6 +41,7 @@ from sluice.errors import (
     ExecutorError,
     InvalidInputError,
     OverloadedError,
+    PromptTooLongError,
     SluiceError,
 )
 from sluice.executors.faults import FaultConfig
@@ -49,6 +50,7 @@ from sluice.generation.generate import Chunk, FinishReason, SequenceOutput
 from sluice.generation.kv_cache import SequenceCache
 from sluice.generation.sampling import SamplingParams, TokenSampler, sample_many
 from sluice.generation.tokenizer import Tokenizer
+from sluice.threads import join_thread
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +230,7 @@ class ContinuousBatcher:
             self._closing = True
             self._condition.notify()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+            await join_thread(self._thread)
             self._thread = None
 
     def wake(self) -> None:
@@ -236,6 +238,21 @@ class ContinuousBatcher:
             self._condition.notify()
 
     # -- the caller's side (event loop) ---------------------------------------------------
+
+    async def encode_prompt(self, prompt: str) -> list[int]:
+        """The prompt's token ids, exactly as the model will see them. A prompt with more
+        bytes than the context could hold is refused before any tokenizing; a long one is
+        tokenized off the event loop."""
+        size = len(prompt) if prompt.isascii() else len(prompt.encode("utf-8"))
+        bound = self.tokenizer.max_prompt_bytes(self.max_context)
+        if size > bound:
+            raise PromptTooLongError(
+                model=self.name,
+                prompt_bytes=size,
+                max_prompt_bytes=bound,
+                max_context=self.max_context,
+            )
+        return await self.tokenizer.encode_off_loop(prompt)
 
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         if prompt_tokens + max_new_tokens > self.max_context:

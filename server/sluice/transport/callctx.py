@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
+from sluice.admission import Ticket
 from sluice_client.names import PUSHBACK_KEY, REQUEST_ID_KEY
 
-__all__ = ["PUSHBACK_KEY", "REQUEST_ID_KEY", "caller", "deadline", "request_id"]
+__all__ = [
+    "LOCAL_CALLER",
+    "PUSHBACK_KEY",
+    "REQUEST_ID_KEY",
+    "caller",
+    "deadline",
+    "request_id",
+    "ticket",
+]
 
 #: The call's request id (echoed in trailing metadata and in every error message).
 request_id: ContextVar[str] = ContextVar("sluice_request_id", default="")
 #: The call's absolute deadline on the service clock, or None for streams.
 deadline: ContextVar[float | None] = ContextVar("sluice_deadline", default=None)
-#: Who makes an admin call (the admin credential's name, or the loopback peer), for the
-#: history of what it changes.
+#: Who makes an admin call (the admin token's name, the client certificate's identity, or
+#: LOCAL_CALLER), for the history of what it changes; never the peer's address.
 caller: ContextVar[str] = ContextVar("sluice_caller", default="")
+#: The call's admission ticket (unary inference calls), which the core grows by the reply's
+#: size and the generation's tokens before the work starts.
+ticket: ContextVar[Ticket | None] = ContextVar("sluice_ticket", default=None)
+#: The caller of admin calls served without a credential on a loopback-only server.
+LOCAL_CALLER = "local"

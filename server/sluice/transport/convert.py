@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sluice.errors import InvalidInputError
@@ -73,13 +74,42 @@ def set_parameter(target: pb.InferParameter, value: Any) -> None:
 
 
 def timeout_parameter_s(msg: pb.ModelInferRequest) -> float | None:
-    """Triton's per-request ``timeout`` parameter (microseconds) in seconds, if set."""
+    """Triton's per-request ``timeout`` parameter (microseconds) in seconds, if set (0:
+    none); anything but a non-negative integer is bad input."""
     if "timeout" not in msg.parameters:
         return None
     value = parameter_value(msg.parameters["timeout"])
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(
+            f"parameter 'timeout' must be a non-negative integer number of microseconds "
+            f"(int64_param or uint64_param), got {type(value).__name__} {str(value)[:40]!r}"
+        )
+    return value / 1e6 if value else None
+
+
+def _typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> Any:
+    """The typed values of an input, from the one contents field its datatype uses."""
+    if not tensor.HasField("contents"):
         return None
-    return value / 1e6
+    filled = [field.name for field, _ in tensor.contents.ListFields()]
+    expected = _TYPED_FIELD.get(tensor.datatype)
+    if len(filled) > 1:
+        raise InvalidInputError(
+            f"input '{tensor.name}' fills several contents fields ({', '.join(filled)}); "
+            f"a {tensor.datatype} tensor's values go in contents.{expected} only"
+        )
+    if filled and expected is None:
+        raise InvalidInputError(
+            f"input '{tensor.name}' is {tensor.datatype or '(no datatype)'}, which has no "
+            f"typed contents field (it filled contents.{filled[0]}); send it as "
+            "raw_input_contents"
+        )
+    if filled and filled[0] != expected:
+        raise InvalidInputError(
+            f"input '{tensor.name}' is {tensor.datatype}: its values go in "
+            f"contents.{expected}, not contents.{filled[0]}"
+        )
+    return getattr(tensor.contents, expected) if expected else None
 
 
 def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
@@ -91,8 +121,7 @@ def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
         )
     inputs = []
     for index, tensor in enumerate(msg.inputs):
-        field = _TYPED_FIELD.get(tensor.datatype)
-        typed = getattr(tensor.contents, field) if field and tensor.HasField("contents") else None
+        typed = _typed_contents(tensor)
         inputs.append(
             InputTensor(
                 name=tensor.name,
@@ -110,6 +139,27 @@ def infer_request(msg: pb.ModelInferRequest) -> InferRequest:
         outputs=[output.name for output in msg.outputs],
         parameters={key: parameter_value(value) for key, value in msg.parameters.items()},
     )
+
+
+OFF_LOOP_ELEMENTS = 4096
+"""BYTES outputs with more elements than this are encoded in a worker thread: each element
+is Python work, and a big reply must not stall the event loop."""
+OFF_LOOP_BYTES = 1024 * 1024
+"""Numeric outputs larger than this (copied twice on the way to the reply) too."""
+
+
+async def encode_response(result: InferResult) -> pb.ModelInferResponse:
+    """``infer_response`` for callers on the event loop: off the loop when the reply is
+    large or holds many BYTES elements."""
+    heavy = any(
+        output.array.size > OFF_LOOP_ELEMENTS
+        if output.datatype == "BYTES"
+        else output.array.nbytes > OFF_LOOP_BYTES
+        for output in result.outputs
+    )
+    if heavy:
+        return await asyncio.to_thread(infer_response, result)
+    return infer_response(result)
 
 
 def infer_response(result: InferResult) -> pb.ModelInferResponse:

@@ -22,9 +22,11 @@ from sluice.shadow import Shadower
 from sluice.tracing import Tracing
 from sluice.transport import interceptors, reflection
 from sluice.transport.health import HealthServicer
+from sluice.transport.interceptors.auth import AdminAccess
 from sluice.transport.servicers.generation import GenerationServicer
 from sluice.transport.servicers.inference import InferenceServicer
 from sluice.transport.servicers.models import ModelServicer
+from sluice.transport.tls import CertificateFiles
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_api.sluice.v1 import generation_service_pb2 as gen_pb
@@ -48,6 +50,11 @@ def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.Value
     )
 
 
+def _bind_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (``[::1]:8001``)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 @dataclass(eq=False)
 class SluiceServer:
     """A started server: its bound port, and the steps of an orderly shutdown."""
@@ -67,19 +74,20 @@ class SluiceServer:
             await self.health.set(name, _status(self.service.ready))
         self.prober.start()
 
-    async def drain(self, grace_s: float, quiet_s: float = 0.0) -> None:
+    async def drain(self, grace_s: float, quiet_s: float = 0.0, unload_s: float = 5.0) -> None:
         """NOT_SERVING first, refuse new calls and streams, let in-flight ones finish (open
         streams stop reading and end with UNAVAILABLE), end health watches, then unload.
 
-        Work still running when ``grace_s`` ends is cancelled by the transport, whose
-        clients get UNAVAILABLE; the drain itself never takes longer than the grace.
+        Calls still running when ``grace_s`` ends are stopped with UNAVAILABLE. Closing the
+        transport and unloading get at most ``unload_s`` more: a backend still busy then
+        (hung) is abandoned, so the drain never takes longer than ``grace_s + unload_s``.
         """
         log.info("draining: health NOT_SERVING, refusing new calls, %.1fs grace", grace_s)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + grace_s
         await self.prober.stop()
         await self.health.enter_graceful_shutdown()
-        self.admission.begin_drain()
+        self.admission.begin_drain(give_up_at)
         self.servicer.draining = True
         # While admitted calls and open streams finish, and until callers stop arriving, new
         # calls get a clean UNAVAILABLE from admission; only then does the transport close
@@ -88,11 +96,25 @@ class SluiceServer:
             async with asyncio.timeout_at(give_up_at):
                 await self.admission.wait_quiet(quiet_s)
         self.health.end_watches()
-        await self.grpc_server.stop(max(give_up_at - loop.time(), 0.0))
+        # Calls cut at the grace's end are writing their UNAVAILABLE: give them a moment.
+        closing_s = min(_CLOSE_S, unload_s)
+        await self.grpc_server.stop(max(give_up_at - loop.time(), 0.0) + closing_s)
         log.info("calls and streams finished; unloading models")
-        await self.shadow.close()
-        await self.service.close()
+        try:
+            async with asyncio.timeout(max(unload_s - closing_s, 0.0)):
+                await self.shadow.close()
+                await self.service.close()
+        except TimeoutError:
+            log.warning(
+                "unloading took longer than its %.1fs allowance (a backend still busy?); "
+                "abandoning what is left",
+                unload_s,
+            )
         log.info("drained")
+
+
+_CLOSE_S = 1.0
+"""After the grace, how long calls stopped with UNAVAILABLE get to finish writing it."""
 
 
 async def create_server(
@@ -103,8 +125,12 @@ async def create_server(
     clock: Clock,
     tracing: Tracing | None = None,
 ) -> SluiceServer:
-    """Build, bind and start the server; models load afterwards (health NOT_SERVING)."""
+    """Build, bind and start the server; models load afterwards (health NOT_SERVING).
+
+    Raises ConfigError when the TLS files do not load."""
     tracing = tracing or Tracing.off()
+    certificates = CertificateFiles(settings.tls) if settings.tls.enabled else None
+    admin = AdminAccess.from_settings(settings)
     admission = AdmissionController(settings.admission, metrics)
     deadlines = DeadlinePolicy(settings.deadline, clock)
     shadow = Shadower(service, settings.shadow, metrics=metrics, clock=clock)
@@ -119,6 +145,7 @@ async def create_server(
             metrics=metrics,
             clock=clock,
             tracing=tracing,
+            admin=admin,
         ),
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -132,7 +159,13 @@ async def create_server(
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     models_pb_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        ModelServicer(service, service.capabilities, shadow=shadow), server
+        ModelServicer(
+            service,
+            service.capabilities,
+            shadow=shadow,
+            max_reason_chars=settings.admin.max_reason_chars,
+        ),
+        server,
     )
     gen_pb_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
         GenerationServicer(
@@ -155,8 +188,14 @@ async def create_server(
                 await health_servicer.set(name, _status(service.ready))
 
     service.add_readiness_listener(on_readiness)
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = _bind_address(settings.host, settings.grpc_port)
+    if certificates is None:
+        port = server.add_insecure_port(address)
+    else:  # TLS only: no plaintext port
+        port = server.add_secure_port(address, certificates.credentials())
     await server.start()
-    log.info("gRPC listening on %s:%d", settings.host, port)
+    transport = "plaintext" if certificates is None else certificates.describe()
+    log.info("gRPC listening on %s:%d (%s)", settings.host, port, transport)
+    log.info("admin plane: %s", admin.describe())
     prober = HealthProber(service, settings.probe, clock)
     return SluiceServer(server, port, service, health_servicer, admission, servicer, prober, shadow)

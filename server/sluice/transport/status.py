@@ -17,6 +17,7 @@ STATUS_BY_ERROR: dict[type[errors.SluiceError], grpc.StatusCode] = {
     errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     errors.QuotaExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.RequestTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.RequestCancelledError: grpc.StatusCode.CANCELLED,
     errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,

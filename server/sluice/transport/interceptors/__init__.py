@@ -14,9 +14,10 @@ from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.interceptors._wrap import Chain
 from sluice.transport.interceptors.admission import AdmissionInterceptor
-from sluice.transport.interceptors.auth import AuthInterceptor
+from sluice.transport.interceptors.auth import AdminAccess, AuthInterceptor
 from sluice.transport.interceptors.breaker import BreakerInterceptor
 from sluice.transport.interceptors.deadline import DeadlineInterceptor
+from sluice.transport.interceptors.decode import DecodeInterceptor
 from sluice.transport.interceptors.errors import ErrorInterceptor
 from sluice.transport.interceptors.telemetry import TelemetryInterceptor
 
@@ -31,6 +32,7 @@ def build(
     metrics: Metrics,
     clock: Clock,
     tracing: Tracing,
+    admin: AdminAccess,
 ) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors in execution order, outermost first (run as one chain)."""
     return [
@@ -38,7 +40,8 @@ def build(
             [
                 TelemetryInterceptor(metrics, service, clock=clock, tracing=tracing),
                 ErrorInterceptor(),
-                AuthInterceptor(settings.admin),
+                DecodeInterceptor(),
+                AuthInterceptor(admin),
                 DeadlineInterceptor(deadlines, metrics),
                 AdmissionInterceptor(
                     admission, tenant_key=settings.admission.tenant_metadata_key, tracing=tracing

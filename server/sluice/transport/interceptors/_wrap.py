@@ -4,17 +4,27 @@ handler runs and left when the call (or the whole stream) ends.
 
 Wrapped handlers depend only on the method, so ``Chain`` wraps a method once and reuses it;
 per-call facts (metadata, the request) are read when the call runs.
+
+Requests reach the wrapper as bytes and are decoded inside the hooks (``CallInfo.decode``
+for unary requests, ``decoded_stream`` for each message of a request stream), so a message
+grpc could not decode is an ``InvalidInputError`` like any other bad input: it gets
+INVALID_ARGUMENT with the request id and is counted, instead of grpc's bare UNKNOWN.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
+
+from sluice.errors import InvalidInputError
+from sluice.transport.limits import check_strings
 
 # Health and reflection must answer even when the server sheds load or drains.
 OPERATIONAL_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -22,10 +32,25 @@ OPERATIONAL_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+Deserializer = Callable[[bytes], Any]
+
+OFF_LOOP_MESSAGE_BYTES = 1024 * 1024
+"""Messages larger than this are decoded and encoded in a worker thread."""
+
+
 class CallInfo:
     """One call as an interceptor sees it."""
 
-    __slots__ = ("context", "method", "request", "short_method", "streaming")
+    __slots__ = (
+        "_deserialize",
+        "_raw",
+        "context",
+        "method",
+        "request",
+        "short_method",
+        "size",
+        "streaming",
+    )
 
     def __init__(
         self,
@@ -35,14 +60,28 @@ class CallInfo:
         context: Context,
         *,
         streaming: bool = False,
+        raw: bytes | None = None,
+        deserialize: Deserializer | None = None,
     ) -> None:
         self.method = method
         self.short_method = short_method
-        #: The request message for unary-request calls; None for client-streaming calls.
+        #: The request message for unary-request calls once decoded; None for
+        #: client-streaming calls (and before ``decode``).
         self.request = request
         self.context = context
         #: The call streams requests, responses or both.
         self.streaming = streaming
+        self._raw = raw
+        self._deserialize = deserialize
+        #: The request message's size on the wire (unary-request calls; 0 for streams).
+        self.size = len(raw) if raw is not None else 0
+
+    async def decode(self) -> None:
+        """Decode the request message (once); ``InvalidInputError`` when it cannot be."""
+        raw, self._raw = self._raw, None
+        if raw is None or self._deserialize is None:
+            return
+        self.request = await decode_off_loop(self._deserialize, raw, self.short_method)
 
     def metadata(self, key: str) -> str:
         """The first string value of request metadata ``key``, or ``""``."""
@@ -50,6 +89,55 @@ class CallInfo:
             if name == key and isinstance(value, str):
                 return value
         return ""
+
+
+def decode_message(deserialize: Deserializer, raw: bytes, method: str, index: int = 0) -> Any:
+    """One request message from its bytes, its strings within their bounds, or
+    ``InvalidInputError`` saying why not."""
+    where = f"message {index} of the {method} stream" if index else f"the {method} request"
+    try:
+        message = deserialize(raw)
+    except Exception as exc:  # protobuf's DecodeError, or anything a parser raises
+        raise InvalidInputError(
+            f"{where} could not be decoded ({len(raw)} bytes): {exc}; check that the client "
+            "sends this method's protobuf message and that every string field is UTF-8"
+        ) from exc
+    if isinstance(message, Message):
+        try:
+            check_strings(message)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{where}: {exc.message}") from exc
+    return message
+
+
+async def decode_off_loop(
+    deserialize: Deserializer, raw: bytes, method: str, index: int = 0
+) -> Any:
+    """``decode_message``, in a worker thread for a large message (parsing one is C work
+    that holds the GIL; a thread hands it back to the event loop every few milliseconds)."""
+    if len(raw) <= OFF_LOOP_MESSAGE_BYTES:
+        return decode_message(deserialize, raw, method, index)
+    return await asyncio.to_thread(decode_message, deserialize, raw, method, index)
+
+
+async def decoded_stream(
+    messages: AsyncIterable[bytes], deserialize: Deserializer, method: str
+) -> AsyncIterator[Any]:
+    """The messages of a request stream, decoded one by one as they are read."""
+    index = 0
+    async for raw in messages:
+        index += 1
+        yield await decode_off_loop(deserialize, raw, method, index)
+
+
+Serializer = Callable[[Any], bytes]
+
+
+async def encode_off_loop(serialize: Serializer, message: Any) -> bytes:
+    """A response's bytes, made in a worker thread when the message is large."""
+    if isinstance(message, Message) and message.ByteSize() > OFF_LOOP_MESSAGE_BYTES:
+        return await asyncio.to_thread(serialize, message)
+    return serialize(message)
 
 
 Around = Callable[[CallInfo, Context], AbstractAsyncContextManager[None]]
@@ -75,45 +163,87 @@ def wrap(
     short_method = method.rsplit("/", 1)[-1]
     streaming_request = handler.request_streaming
     streaming = handler.request_streaming or handler.response_streaming
+    deserialize: Deserializer = handler.request_deserializer or _identity
 
-    def info(request: Any, context: Context) -> CallInfo:
-        return CallInfo(
+    def start(request: Any, context: Context) -> tuple[CallInfo, Any]:
+        """The call as the hooks see it, and what the servicer gets: the decoded message
+        (once a hook decoded it) or the stream of decoded messages."""
+        if streaming_request:
+            call = CallInfo(method, short_method, None, context, streaming=True)
+            return call, decoded_stream(request, deserialize, short_method)
+        call = CallInfo(
             method,
             short_method,
-            None if streaming_request else request,
+            None,
             context,
             streaming=streaming,
+            raw=request,
+            deserialize=deserialize,
         )
+        return call, None
 
-    behavior: Callable[..., Any]
+    serialize: Serializer = handler.response_serializer or _identity
     if handler.response_streaming and inspect.isasyncgenfunction(inner):
-        # The servicer's generator is driven here and its responses written with
-        # ``context.write``, so the whole call (hooks and the generator's cleanup) runs in
-        # the handler's own task: a client that goes away cancels that task, and every
-        # ``finally`` runs in the context the hooks set values in. (Yielding instead lets
-        # grpc abandon the generator mid-write; it is then closed later, in another task.)
-
-        async def behavior(request: Any, context: Context) -> None:
-            async with around(info(request, context), context):
-                responses = inner(request, context)
-                try:
-                    async for response in responses:
-                        await context.write(response)
-                finally:
-                    await responses.aclose()
-
+        behavior = _generated_responses(inner, start, around, serialize)
+    elif handler.response_streaming:
+        # A handler that writes its responses itself (``context.write``): grpc encodes them.
+        behavior = _one_response(inner, start, around, None)
+        return factory(
+            behavior, request_deserializer=None, response_serializer=handler.response_serializer
+        )
     else:
+        behavior = _one_response(inner, start, around, serialize)
+    # Messages cross the wrapper as bytes: requests are decoded by ``CallInfo.decode`` and
+    # ``decoded_stream``, responses encoded by ``encode_off_loop``.
+    return factory(behavior, request_deserializer=None, response_serializer=None)
 
-        async def behavior(request: Any, context: Context) -> Any:
-            async with around(info(request, context), context):
-                result = inner(request, context)
-                return await result if isinstance(result, Awaitable) else result
 
-    return factory(
-        behavior,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+Start = Callable[[Any, Context], tuple[CallInfo, Any]]
+
+
+def _argument(call: CallInfo, stream: Any) -> Any:
+    return stream if stream is not None else call.request
+
+
+def _generated_responses(
+    inner: Callable[..., Any], start: Start, around: Around, serialize: Serializer
+) -> Callable[..., Any]:
+    """The servicer's generator is driven here and its responses written with
+    ``context.write``, so the whole call (hooks and the generator's cleanup) runs in the
+    handler's own task: a client that goes away cancels that task, and every ``finally``
+    runs in the context the hooks set values in. (Yielding instead lets grpc abandon the
+    generator mid-write; it is then closed later, in another task.)"""
+
+    async def behavior(request: Any, context: Context) -> None:
+        call, stream = start(request, context)
+        async with around(call, context):
+            responses = inner(_argument(call, stream), context)
+            try:
+                async for response in responses:
+                    await context.write(await encode_off_loop(serialize, response))
+            finally:
+                await responses.aclose()
+
+    return behavior
+
+
+def _one_response(
+    inner: Callable[..., Any], start: Start, around: Around, serialize: Serializer | None
+) -> Callable[..., Any]:
+    """A handler that returns its response (encoded here unless ``serialize`` is None)."""
+
+    async def behavior(request: Any, context: Context) -> Any:
+        call, stream = start(request, context)
+        async with around(call, context):
+            result = inner(_argument(call, stream), context)
+            result = await result if isinstance(result, Awaitable) else result
+            return result if serialize is None else await encode_off_loop(serialize, result)
+
+    return behavior
+
+
+def _identity(raw: Any) -> Any:
+    return raw
 
 
 class Interceptor(abc.ABC):

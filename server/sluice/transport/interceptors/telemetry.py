@@ -20,6 +20,7 @@ from sluice.service import InferenceService
 from sluice.tracing import UNTRACED, Tracing
 from sluice.transport import callctx
 from sluice.transport.interceptors._wrap import OPERATIONAL_SERVICES, CallInfo, Interceptor
+from sluice.transport.limits import valid_request_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -31,9 +32,11 @@ def _code_name(context: Context, default: str) -> str:
     return default
 
 
-def _finish_span(span: Span, code: str) -> None:
+def _finish_span(span: Span, code: str, model: str) -> None:
     if not span.is_recording():
         return
+    if model:  # known once the request is decoded, inside the hooks
+        span.set_attribute("sluice.model", model)
     span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
     if code != "OK":
         span.set_status(Status(StatusCode.ERROR, code))
@@ -58,6 +61,9 @@ class TelemetryInterceptor(Interceptor):
         self._clock = clock
         self._tracing = tracing or Tracing.off()
 
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids):x}"
+
     def _model_label(self, call: CallInfo) -> str:
         name = getattr(call.request, "model_name", "") or getattr(call.request, "name", "")
         # Only known models become label values: callers must not grow the label set.
@@ -68,17 +74,14 @@ class TelemetryInterceptor(Interceptor):
     ) -> contextlib.AbstractContextManager[Span]:
         if not self._tracing.enabled or call.method.startswith(OPERATIONAL_SERVICES):
             return UNTRACED
-        attributes = {"sluice.request_id": rid}
-        model = self._model_label(call)
-        if model:
-            attributes["sluice.model"] = model
         return self._tracing.server_span(
-            call.method, context.invocation_metadata() or (), attributes
+            call.method, context.invocation_metadata() or (), {"sluice.request_id": rid}
         )
 
     @contextlib.asynccontextmanager
     async def around(self, call: CallInfo, context: Context) -> AsyncIterator[None]:
-        rid = call.metadata(callctx.REQUEST_ID_KEY) or f"{self._id_prefix}-{next(self._ids):x}"
+        given = call.metadata(callctx.REQUEST_ID_KEY)
+        rid = given if given and valid_request_id(given) else self._new_id()
         token = callctx.request_id.set(rid)
         context.set_trailing_metadata(((callctx.REQUEST_ID_KEY, rid),))
         started = self._clock()
@@ -95,7 +98,7 @@ class TelemetryInterceptor(Interceptor):
                     code = _code_name(context, "UNKNOWN")
                     raise
                 finally:
-                    _finish_span(span, code)
+                    _finish_span(span, code, self._model_label(call))
         finally:
             method, model = call.short_method, self._model_label(call)
             self._metrics.requests.labels(method, model, code).inc()

@@ -42,7 +42,9 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         self, request: gen.GenerateRequest, context: Context
     ) -> AsyncIterator[gen.GenerateResponse]:
         domain = generation_request(request, default_max_new_tokens=self._default_max_new_tokens)
-        generation = await self._router.generate(domain, deadline=callctx.deadline.get())
+        generation = await self._router.generate(
+            domain, deadline=callctx.deadline.get(), ticket=callctx.ticket.get()
+        )
         async with generation:
             async for chunk in generation:
                 yield generate_response(generation, chunk)
@@ -67,5 +69,5 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
     ) -> gen.CountTokensResponse:
         model = self._service.generation_model(request.model_name, request.model_version)
         assert model.generator is not None
-        count = len(await model.generator.tokenizer.encode_off_loop(request.prompt))
+        count = len(await model.generator.encode_prompt(request.prompt))
         return gen.CountTokensResponse(token_count=count, max_context=model.generator.max_context)

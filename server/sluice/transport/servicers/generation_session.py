@@ -4,9 +4,11 @@ One reader task takes the client's messages: ``start`` begins a generation (its 
 admitted and given a deadline like a unary call, at most ``max_running`` at a time),
 ``cancel`` ends one at the next decode step (its last message says CANCELLED, with usage).
 Chunks of all generations go out interleaved as they come. A generation that fails ends
-with FINISH_REASON_ERROR and its status; the session goes on. Backpressure: at most
-``max_running`` messages wait to be written; a generation that cannot hand over its chunk
-stops reading its stream, and the scheduler pauses its sequence.
+with FINISH_REASON_ERROR and its status; the session goes on. A message that cannot be
+read (it does not decode, or carries neither ``start`` nor ``cancel``) stops the reading:
+the running generations finish, then the session ends with that error's status.
+Backpressure: at most ``max_running`` messages wait to be written; a generation that
+cannot hand over its chunk stops reading its stream, and the scheduler pauses its sequence.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from sluice import logs
 from sluice.admission import AdmissionController
 from sluice.deadlines import DeadlinePolicy
 from sluice.errors import DeadlineExceededError, DrainingError, InvalidInputError, SluiceError
@@ -26,6 +29,7 @@ from sluice.generation.generate import FinishReason
 from sluice.routing import RoutedGeneration, Router
 from sluice.transport import callctx
 from sluice.transport.generation_convert import generate_response, generation_request
+from sluice.transport.servicers.reading import read_failure
 from sluice.transport.status import message_for, status_for
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
 
@@ -87,29 +91,33 @@ class GenerationSession:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _session(self, requests: AsyncIterator[gen.GenerateStreamRequest]) -> None:
-        """Read until the client is done (or a drain begins: then stop reading), let the
-        running generations finish, then end the session."""
+        """Read until the client is done (or a drain begins, or a message cannot be read:
+        then stop reading), let the running generations finish, then end the session (with
+        a status when reading stopped early)."""
         reader = asyncio.create_task(self._read(requests))
         drain = asyncio.create_task(self._admission.wait_drain())
         try:
             await asyncio.wait({reader, drain}, return_when=asyncio.FIRST_COMPLETED)
-            cut_short = not reader.done()
+            ending: SluiceError | None = None
+            if not reader.done():
+                ending = DrainingError(
+                    "the server is draining: this session took no more generations after "
+                    "the ones it finished; start the rest on another replica"
+                )
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await reader
+                ending = await reader or ending
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-            if cut_short:
-                self._out.put_nowait(
-                    DrainingError(
-                        "the server is draining: this session took no more generations after "
-                        "the ones it finished; start the rest on another replica"
-                    )
-                )
+            if ending is not None:
+                self._out.put_nowait(ending)
         finally:
             drain.cancel()
             self._out.put_nowait(_END)
 
-    async def _read(self, requests: AsyncIterator[gen.GenerateStreamRequest]) -> None:
+    async def _read(self, requests: AsyncIterator[gen.GenerateStreamRequest]) -> SluiceError | None:
+        """Start and cancel generations as the client asks; the error that stopped the
+        reading, if one did."""
+        count = 0
         try:
             async for message in requests:
                 action = message.WhichOneof("action")
@@ -118,9 +126,13 @@ class GenerationSession:
                 elif action == "cancel":
                     self._cancel(message.cancel.request_id)
                 else:
-                    raise InvalidInputError("a GenerateStreamRequest needs 'start' or 'cancel'")
-        except SluiceError as exc:
-            self._out.put_nowait(exc)
+                    raise InvalidInputError(
+                        f"message {count + 1} of the session has neither 'start' nor 'cancel'"
+                    )
+                count += 1
+        except Exception as exc:
+            return read_failure(exc, after=count)
+        return None
 
     async def _start(self, start: gen.StartGeneration) -> None:
         request_id = start.request_id
@@ -168,7 +180,7 @@ class GenerationSession:
         except SluiceError as exc:
             await self._send(_error_response(request_id, exc))
         except Exception:
-            log.exception("generation %r failed unexpectedly", request_id)
+            log.exception("generation %s failed unexpectedly", logs.clip(request_id))
             await self._send(_error_response(request_id, SluiceError("internal error")))
         finally:
             self._slots.release()
@@ -180,11 +192,11 @@ class GenerationSession:
             request, default_max_new_tokens=self._default_max_new_tokens, request_id=request_id
         )
         budget = self._deadlines.budget_s(self._context.time_remaining(), None)
-        ticket = self._admission.admit(self._tenant)
+        ticket = self._admission.admit(self._tenant, request_bytes=request.ByteSize())
         try:
             async with asyncio.timeout(budget):
                 generation = await self._router.generate(
-                    domain, deadline=self._deadlines.deadline(budget)
+                    domain, deadline=self._deadlines.deadline(budget), ticket=ticket
                 )
                 self._generations[request_id] = generation
                 async with generation:

@@ -88,7 +88,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
         domain = convert.infer_request(request)
-        result = await self._router.infer(domain, deadline=callctx.deadline.get())
+        result = await self._router.infer(
+            domain, deadline=callctx.deadline.get(), ticket=callctx.ticket.get()
+        )
         served_by = result.parameters.get("sluice_served_by")
         if served_by:
             context.set_trailing_metadata(
@@ -98,7 +100,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     (FALLBACK_KEY, "true" if result.parameters.get("sluice_fallback") else "false"),
                 )
             )
-        return convert.infer_response(result)
+        return await convert.encode_response(result)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -109,6 +111,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             admission=self._admission,
             deadlines=self._deadlines,
             max_pending=self._settings.stream.max_pending_requests,
+            max_pending_bytes=self._settings.stream.max_pending_bytes,
+            on_pending_bytes=self._admission.count_stream_bytes,
             tenant_key=self._settings.admission.tenant_metadata_key,
         )
         async for response in session.run(request_iterator):

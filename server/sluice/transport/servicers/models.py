@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 
+from sluice.errors import InvalidInputError
 from sluice.executors.capabilities import Capabilities
 from sluice.service import READY, IndexEntry, InferenceService
 from sluice.shadow import Shadower, ShadowReport
@@ -14,6 +15,8 @@ from sluice_api.sluice.v1 import model_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2_grpc as pb_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+_PEER_PREFIXES = ("ipv4:", "ipv6:", "unix:")
 
 _BREAKER_STATES = {
     "closed": pb.BREAKER_STATE_CLOSED,
@@ -59,13 +62,35 @@ def _shadow_report(report: ShadowReport) -> pb.ShadowReport:
     )
 
 
+def _who(recorded: str) -> str:
+    """The caller as the history shows it: histories written before callers were recorded
+    by identity hold loopback peer addresses, shown as the local caller they were."""
+    return callctx.LOCAL_CALLER if recorded.startswith(_PEER_PREFIXES) else recorded
+
+
 class ModelServicer(pb_grpc.ModelServiceServicer):
     def __init__(
-        self, service: InferenceService, capabilities: Capabilities, *, shadow: Shadower
+        self,
+        service: InferenceService,
+        capabilities: Capabilities,
+        *,
+        shadow: Shadower,
+        max_reason_chars: int,
     ) -> None:
         self._service = service
         self._capabilities = capabilities
         self._shadow = shadow
+        self._max_reason_chars = max_reason_chars
+
+    def _reason(self, request: Any) -> str:
+        """The admin call's ``reason``, bounded before it reaches a log or the history."""
+        reason: str = request.reason
+        if len(reason) > self._max_reason_chars:
+            raise InvalidInputError(
+                f"reason has {len(reason)} characters; at most {self._max_reason_chars} are "
+                "recorded (admin.max_reason_chars)"
+            )
+        return reason
 
     async def GetCapabilities(
         self, request: pb.GetCapabilitiesRequest, context: Context
@@ -100,11 +125,11 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: Context
     ) -> pb.LoadModelResponse:
-        who, name = callctx.caller.get(), request.model_name
+        who, name, reason = callctx.caller.get(), request.model_name, self._reason(request)
         if request.version:
-            await self._service.load_version(name, request.version, who=who, reason=request.reason)
+            await self._service.load_version(name, request.version, who=who, reason=reason)
         else:
-            await self._service.load(name, who=who, reason=request.reason)
+            await self._service.load(name, who=who, reason=reason)
         rows = [row for row in self._service.index() if row.name == name and row.loaded]
         return pb.LoadModelResponse(
             model_name=name,
@@ -115,20 +140,21 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: Context
     ) -> pb.UnloadModelResponse:
-        who, name = callctx.caller.get(), request.model_name
+        who, name, reason = callctx.caller.get(), request.model_name, self._reason(request)
         if request.version:
-            await self._service.unload_version(
-                name, request.version, who=who, reason=request.reason
-            )
+            await self._service.unload_version(name, request.version, who=who, reason=reason)
         else:
-            await self._service.unload(name, who=who, reason=request.reason)
+            await self._service.unload(name, who=who, reason=reason)
         return pb.UnloadModelResponse()
 
     async def PromoteModel(
         self, request: pb.PromoteModelRequest, context: Context
     ) -> pb.PromoteModelResponse:
         before, after = await self._service.promote(
-            request.model_name, request.version, who=callctx.caller.get(), reason=request.reason
+            request.model_name,
+            request.version,
+            who=callctx.caller.get(),
+            reason=self._reason(request),
         )
         return pb.PromoteModelResponse(
             model_name=request.model_name, from_version=before, to_version=after
@@ -138,7 +164,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self, request: pb.RollbackModelRequest, context: Context
     ) -> pb.RollbackModelResponse:
         before, after = await self._service.rollback(
-            request.model_name, who=callctx.caller.get(), reason=request.reason
+            request.model_name, who=callctx.caller.get(), reason=self._reason(request)
         )
         return pb.RollbackModelResponse(
             model_name=request.model_name, from_version=before, to_version=after
@@ -155,7 +181,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                     action=c.action,
                     from_version=c.from_version,
                     to_version=c.to_version,
-                    who=c.who,
+                    who=_who(c.who),
                     reason=c.reason,
                 )
                 for c in changes
@@ -179,5 +205,5 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def SetShadowing(
         self, request: pb.SetShadowingRequest, context: Context
     ) -> pb.SetShadowingResponse:
-        enabled = self._shadow.set_enabled(request.enabled, reason=request.reason)
+        enabled = self._shadow.set_enabled(request.enabled, reason=self._reason(request))
         return pb.SetShadowingResponse(enabled=enabled)

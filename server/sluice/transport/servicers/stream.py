@@ -11,14 +11,20 @@ written. Generation models are decoupled: once a generation's turn comes, its re
 out as they are made, interleaved with the responses of later requests (each names its
 request id), and it holds its slot until it ends. At most ``max_pending`` responses wait to
 be written; a generation that cannot hand one over stops reading its stream, and the
-scheduler pauses it. A failed request becomes a response with
+scheduler pauses it. Bytes are bounded too: the requests a stream has read and not yet
+answered, and their replies until written, hold at most ``max_pending_bytes`` of the
+stream's window (reading pauses past it), and each holds its admission ticket (request and
+reply bytes, server-wide) until its response is written, so a client that never reads
+holds a bounded amount of memory. A failed request becomes a response with
 ``error_message`` and the stream stays open, unless the client sent the
 ``triton_grpc_error: true`` header: then the first error (in request order) ends the call
 with its real status.
 
 When the server starts draining, a stream stops reading, finishes and writes the requests
 it has, and then ends with UNAVAILABLE (the client sends the rest elsewhere); a stream the
-client had already half-closed just finishes.
+client had already half-closed just finishes. A message that cannot be read (it does not
+decode) ends the stream the same way: the requests before it are answered, then the call
+ends with INVALID_ARGUMENT naming the message, so nothing is silently dropped.
 """
 
 from __future__ import annotations
@@ -26,17 +32,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from sluice.admission import AdmissionController
+from sluice.admission import AdmissionController, Ticket
 from sluice.deadlines import DeadlinePolicy
 from sluice.errors import DeadlineExceededError, DrainingError, SluiceError
 from sluice.routing import Router
 from sluice.transport import callctx, convert
 from sluice.transport.servicers.decoupled import DecoupledReplies, Reply, error_reply
+from sluice.transport.servicers.reading import read_failure
 from sluice.transport.status import message_for, status_for, trailers_for
 from sluice_api.inference import grpc_service_pb2 as pb
 
@@ -46,9 +54,51 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 _END = object()
 
-#: What one request's task produces: its response (or a generation model's responses), or
-#: the error that ends the call.
-_Reply = Reply | DecoupledReplies
+
+class ByteWindow:
+    """The bytes one stream holds; its reader waits while the window is full (one request
+    always fits an empty window, however large)."""
+
+    def __init__(self, limit: int, on_change: Callable[[int], None]) -> None:
+        self._limit = limit
+        self._used = 0
+        self._on_change = on_change
+        self._freed = asyncio.Event()
+
+    async def acquire(self, size: int) -> None:
+        while self._used and self._used + size > self._limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self.add(size)
+
+    def add(self, size: int) -> None:
+        self._used += size
+        self._on_change(size)
+
+    def release(self, size: int) -> None:
+        self._used -= size
+        self._on_change(-size)
+        self._freed.set()
+
+
+@dataclass(eq=False, slots=True)
+class _Answer:
+    """A response (or the error that ends the call) to write, and what it holds until it
+    is written: bytes of the stream's window and the request's admission ticket."""
+
+    reply: Reply
+    size: int = 0
+    ticket: Ticket | None = None
+
+    def done(self, window: ByteWindow) -> None:
+        window.release(self.size)
+        self.size = 0
+        if self.ticket is not None:
+            self.ticket.release()
+
+
+#: What one request's task produces: its answer, or a generation model's responses.
+_Served = _Answer | tuple[DecoupledReplies, int]
 
 
 class StreamInferSession:
@@ -60,6 +110,8 @@ class StreamInferSession:
         admission: AdmissionController,
         deadlines: DeadlinePolicy,
         max_pending: int,
+        max_pending_bytes: int,
+        on_pending_bytes: Callable[[int], None],
         tenant_key: str,
     ) -> None:
         self._router = router
@@ -67,15 +119,18 @@ class StreamInferSession:
         self._admission = admission
         self._deadlines = deadlines
         self._slots = asyncio.Semaphore(max_pending)
+        self._window = ByteWindow(max_pending_bytes, on_pending_bytes)
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         self._grpc_errors = metadata.get("triton_grpc_error", "").lower() == "true"
         self._tenant = metadata.get(tenant_key, "")
         #: One task per request, in arrival order, then ``_END``.
-        self._out: asyncio.Queue[asyncio.Task[_Reply] | object] = asyncio.Queue()
-        self._tasks: set[asyncio.Task[_Reply]] = set()
+        self._out: asyncio.Queue[asyncio.Task[_Served] | object] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[_Served]] = set()
         #: What the writer sends next, in order, then ``_END`` (bounded: backpressure).
-        self._responses: asyncio.Queue[Reply | object] = asyncio.Queue(max_pending)
+        self._responses: asyncio.Queue[_Answer | object] = asyncio.Queue(max_pending)
         self._pumps: set[asyncio.Task[None]] = set()
+        #: Why reading stopped before the client finished sending (ends the call).
+        self._read_error: SluiceError | None = None
 
     async def run(
         self, requests: AsyncIterator[pb.ModelInferRequest]
@@ -85,8 +140,13 @@ class StreamInferSession:
         orderer = asyncio.create_task(self._order())
         try:
             while (item := await self._responses.get()) is not _END:
-                assert isinstance(item, pb.ModelStreamInferResponse | SluiceError)
-                yield await self._checked(item)
+                assert isinstance(item, _Answer)
+                try:
+                    yield await self._checked(item.reply)
+                finally:
+                    item.done(self._window)
+            if self._read_error is not None:
+                raise self._read_error
             if drain.done() and drain.result():
                 raise DrainingError(
                     "the server is draining: this stream took no more requests after the "
@@ -100,42 +160,51 @@ class StreamInferSession:
             await self._close_unwritten()
 
     async def _order(self) -> None:
-        """Hand the writer each request's reply in arrival order; a generation's replies
+        """Hand the writer each request's answer in arrival order; a generation's replies
         are pumped from then on, beside the later requests'."""
         while (item := await self._out.get()) is not _END:
             assert isinstance(item, asyncio.Task)
             try:
-                reply = await item
+                served = await item
             except BaseException:
                 self._slots.release()
                 raise
-            if isinstance(reply, DecoupledReplies):
-                pump = asyncio.create_task(self._pump(reply))
+            if isinstance(served, tuple):
+                pump = asyncio.create_task(self._pump(*served))
                 self._pumps.add(pump)
                 pump.add_done_callback(self._pumps.discard)
                 continue
             self._slots.release()
-            await self._responses.put(reply)
+            await self._responses.put(served)
         await asyncio.gather(*self._pumps)
         await self._responses.put(_END)
 
-    async def _pump(self, replies: DecoupledReplies) -> None:
+    async def _pump(self, replies: DecoupledReplies, size: int) -> None:
         try:
             async with contextlib.aclosing(replies.replies()) as parts:
                 async for part in parts:
-                    await self._responses.put(part)
+                    await self._responses.put(_Answer(part))
         finally:
             self._slots.release()
+            self._window.release(size)
 
     async def _close_unwritten(self) -> None:
-        """Generations started for requests whose responses will never be written (the call
-        ended first) stop now, and give back their admission."""
+        """Answers that will never be written give back what they hold; generations
+        started for requests whose responses will never be written (the call ended first)
+        stop now, and give back their admission."""
+        while not self._responses.empty():
+            answer = self._responses.get_nowait()
+            if isinstance(answer, _Answer):
+                answer.done(self._window)
         while not self._out.empty():
             item = self._out.get_nowait()
             if isinstance(item, asyncio.Task) and item.done() and not item.cancelled():
-                reply = item.result()
-                if isinstance(reply, DecoupledReplies):
-                    await reply.close()
+                served = item.result()
+                if isinstance(served, tuple):
+                    await served[0].close()
+                    self._window.release(served[1])
+                else:
+                    served.done(self._window)
 
     async def _checked(self, reply: Reply) -> pb.ModelStreamInferResponse:
         """A response to write; an error (``triton_grpc_error`` mode) ends the call."""
@@ -158,34 +227,46 @@ class StreamInferSession:
         return True
 
     async def _read(self, requests: AsyncIterator[pb.ModelInferRequest]) -> None:
+        count = 0
         try:
             async for request in requests:
+                size = request.ByteSize()
+                await self._window.acquire(size)
                 await self._slots.acquire()
-                task = asyncio.create_task(self._serve(request))
+                task = asyncio.create_task(self._serve(request, size))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 self._out.put_nowait(task)
+                count += 1
+        except Exception as exc:
+            self._read_error = read_failure(exc, after=count)
         finally:
             self._out.put_nowait(_END)
 
-    async def _serve(self, request: pb.ModelInferRequest) -> _Reply:
+    async def _serve(self, request: pb.ModelInferRequest, size: int) -> _Served:
         try:
             if self._router.generates(request.model_name, request.model_version):
-                return await self._start_generation(request)
-            result = await self._infer(request)
+                return await self._start_generation(request, size), size
+            result, ticket = await self._infer(request, size)
         except SluiceError as exc:
-            return error_reply(request, exc, grpc_errors=self._grpc_errors)
+            return _Answer(error_reply(request, exc, grpc_errors=self._grpc_errors), size)
         except Exception:
-            log.exception("stream request %r failed unexpectedly", request.id)
-            return pb.ModelStreamInferResponse(
-                error_message=f"internal error; quote request id {callctx.request_id.get()}",
-                infer_response=pb.ModelInferResponse(id=request.id),
+            log.exception("a stream request failed unexpectedly")
+            return _Answer(
+                pb.ModelStreamInferResponse(
+                    error_message=f"internal error; quote request id {callctx.request_id.get()}",
+                    infer_response=pb.ModelInferResponse(id=request.id),
+                ),
+                size,
             )
-        response = convert.infer_response(result)
+        response = await convert.encode_response(result)
         response.parameters["triton_final_response"].bool_param = True
-        return pb.ModelStreamInferResponse(infer_response=response)
+        answer = pb.ModelStreamInferResponse(infer_response=response)
+        reply_size = answer.ByteSize()
+        self._window.add(reply_size)
+        return _Answer(answer, size + reply_size, ticket)
 
-    async def _start_generation(self, request: pb.ModelInferRequest) -> DecoupledReplies:
+    async def _start_generation(self, request: pb.ModelInferRequest, size: int) -> DecoupledReplies:
         """A generation model's request, started (its first token made) on this task; its
         responses are written in turn, while the generation goes on."""
         generation_request, stream = self._router.text_generation_request(
@@ -194,11 +275,11 @@ class StreamInferSession:
         budget = self._deadlines.budget_s(
             self._context.time_remaining(), convert.timeout_parameter_s(request)
         )
-        ticket = self._admission.admit(self._tenant)
+        ticket = self._admission.admit(self._tenant, request_bytes=size)
         try:
             async with asyncio.timeout(budget):
                 generation = await self._router.generate(
-                    generation_request, deadline=self._deadlines.deadline(budget)
+                    generation_request, deadline=self._deadlines.deadline(budget), ticket=ticket
                 )
         except TimeoutError as exc:
             ticket.release()
@@ -212,19 +293,26 @@ class StreamInferSession:
             generation, request, stream=stream, ticket=ticket, grpc_errors=self._grpc_errors
         )
 
-    async def _infer(self, request: pb.ModelInferRequest) -> Any:
+    async def _infer(self, request: pb.ModelInferRequest, size: int) -> tuple[Any, Ticket]:
+        """One tensor request's result, and its admission ticket, held until its response
+        is written."""
         domain = convert.infer_request(request)
         budget = self._deadlines.budget_s(
             self._context.time_remaining(), convert.timeout_parameter_s(request)
         )
-        ticket = self._admission.admit(self._tenant)
+        ticket = self._admission.admit(self._tenant, request_bytes=size)
         try:
             self._router.ensure_can_serve(domain.model, domain.version)
             async with asyncio.timeout(budget):
-                return await self._router.infer(domain, deadline=self._deadlines.deadline(budget))
+                result = await self._router.infer(
+                    domain, deadline=self._deadlines.deadline(budget), ticket=ticket
+                )
         except TimeoutError as exc:
+            ticket.release()
             raise DeadlineExceededError(
                 f"request '{domain.id}' ran out of its {budget:.3f}s budget"
             ) from exc
-        finally:
+        except BaseException:
             ticket.release()
+            raise
+        return result, ticket

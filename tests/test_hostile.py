@@ -1,0 +1,623 @@
+"""A hostile caller against a real ``sluice serve`` process.
+
+Each case sends what an attacker (or a broken client) would: the largest, oddest, slowest or
+most numerous input. Each asserts the status code, that a good call right after it
+succeeds, and that the server's peak memory (VmHWM, reset before the case) grows by less
+than the case's stated bound. Cases that could stall the event loop also check that health
+checks keep answering in under 100 ms while they run.
+
+The server's budgets are set here so that the bounds are meaningful on a small machine:
+``SERVER_ENV`` below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto
+
+from sluice.repository import EXAMPLE_REPOSITORY
+from sluice.tensors import BYTES_ELEMENT_COST
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+from sluice_api.sluice.v1 import generation_service_pb2 as gen
+from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
+from tests.models import write_fanout, write_identity
+
+MiB = 1024 * 1024
+MAX_MESSAGE = 32 * MiB
+INFLIGHT_BYTES = 256 * MiB
+STREAM_WINDOW = 32 * MiB
+FIXED_WIDTH = 2 * MiB  # echo_fixed: 8 MiB of FP32 per row, in and out
+FANOUT_WIDTH = MiB  # fanout: 4 MiB of FP32 out per row, 4 bytes in
+HEALTH_BOUND_S = 0.100
+SERVER_ENV = {
+    "SLUICE_MAX_MESSAGE_BYTES": str(MAX_MESSAGE),
+    "SLUICE_ADMISSION__MAX_INFLIGHT_BYTES": str(INFLIGHT_BYTES),
+    "SLUICE_STREAM__MAX_PENDING_BYTES": str(STREAM_WINDOW),
+    "SLUICE_PROBE__INTERVAL_S": "0",
+    "SLUICE_LOG_FORMAT": "json",
+}
+LISTENING = re.compile(rb"gRPC listening on [\d.]+:(\d+)")
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    address: str
+    log: list[bytes] = field(default_factory=list)
+
+    def status(self, key: str) -> int:
+        """A /proc/<pid>/status value in bytes (VmRSS, VmHWM)."""
+        text = Path(f"/proc/{self.process.pid}/status").read_text()
+        match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+        assert match, text
+        return int(match.group(1)) * 1024
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+
+    def log_size(self) -> int:
+        return sum(len(line) for line in self.log)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    repository = tmp_path_factory.mktemp("hostile") / "models"
+    for name in ("simple", "tiny_llama"):
+        shutil.copytree(EXAMPLE_REPOSITORY / name, repository / name)
+    write_identity(repository, "echo")
+    write_identity(repository, "echo_fixed", dims=(FIXED_WIDTH,))
+    write_identity(repository, "echo_bytes", element=TensorProto.STRING)
+    write_fanout(repository, "fanout", width=FANOUT_WIDTH)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sluice",
+            "serve",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--model-repository",
+            str(repository),
+        ],
+        stderr=subprocess.PIPE,
+        env={**os.environ, **SERVER_ENV},
+    )
+    assert process.stderr is not None
+    log: list[bytes] = []
+    port = None
+    deadline = time.monotonic() + 120
+    while port is None and time.monotonic() < deadline:
+        line = process.stderr.readline()
+        assert line, b"".join(log).decode()
+        log.append(line)
+        if match := LISTENING.search(line):
+            port = int(match.group(1))
+    assert port is not None
+    running = Server(process, f"127.0.0.1:{port}", log)
+    reader = threading.Thread(target=_drain_log, args=(process, log), daemon=True)
+    reader.start()
+    with grpc.insecure_channel(running.address) as channel:
+        _wait_serving(channel)
+    yield running
+    process.terminate()
+    process.wait(timeout=60)
+    reader.join(timeout=10)
+
+
+def _drain_log(process: subprocess.Popen[bytes], log: list[bytes]) -> None:
+    assert process.stderr is not None
+    for line in process.stderr:
+        log.append(line)
+
+
+def _wait_serving(channel: grpc.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for status in stub.Watch(health_pb2.HealthCheckRequest(), timeout=120):
+        if status.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+def simple() -> pb.ModelInferRequest:
+    data = np.ones((1, 16), dtype=np.int32).tobytes()
+    return pb.ModelInferRequest(
+        model_name="simple",
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(name=n, datatype="INT32", shape=[1, 16])
+            for n in ("INPUT0", "INPUT1")
+        ],
+        raw_input_contents=[data, data],
+    )
+
+
+def fp32(model: str, array: np.ndarray, **fields: object) -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(
+        model_name=model,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="x", datatype="FP32", shape=list(array.shape)
+            )
+        ],
+        raw_input_contents=[array.astype(np.float32).tobytes()],
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def generate(prompt: str, **parameters: object) -> gen.GenerateRequest:
+    return gen.GenerateRequest(
+        model_name="tiny_llama",
+        prompt=prompt,
+        parameters=gen.SamplingParameters(**parameters),  # type: ignore[arg-type]
+    )
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        result = call()
+        if isinstance(result, Iterator) or hasattr(result, "__next__"):
+            for _ in result:  # type: ignore[union-attr]
+                pass
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+# -- the cases -------------------------------------------------------------------------------
+
+Fire = Callable[[], grpc.StatusCode]
+Send = Callable[[grpc.Channel], Fire]
+"""Prepares a case's requests on a channel (before anything is measured) and returns the
+function that sends them."""
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    send: Send
+    code: grpc.StatusCode
+    rss_bound_mb: float
+    """The most the server's peak memory may grow while the case runs."""
+    watch_health: bool = False
+    """Check that health answers within HEALTH_BOUND_S while the case runs."""
+    max_seconds: float | None = None
+    """The longest the server may take to answer (cases that must be refused at once)."""
+
+
+Build = Callable[[], "Message | bytes"]
+
+
+def _raw(build: Build) -> bytes:
+    message = build()
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _unary(method: str, build: Build, **kwargs: object) -> Send:
+    """A unary call; the request is built when the case runs (some are large)."""
+
+    def send(channel: grpc.Channel) -> Fire:
+        raw = _raw(build)
+        return lambda: code_of(lambda: channel.unary_unary(method)(raw, timeout=30, **kwargs))
+
+    return send
+
+
+def _stream(method: str, build: Build) -> Send:
+    def send(channel: grpc.Channel) -> Fire:
+        raw = _raw(build)
+        return lambda: code_of(lambda: channel.unary_stream(method)(raw, timeout=30))
+
+    return send
+
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+GENERATE = "/sluice.v1.GenerationService/Generate"
+COUNT = "/sluice.v1.GenerationService/CountTokens"
+
+
+def _twenty_mb_prompt() -> str:
+    return "Once upon a time " * (20 * MiB // 17)
+
+
+def _duplicate_outputs() -> pb.ModelInferRequest:
+    request = fp32("echo", np.zeros((1, MiB // 4)))
+    for _ in range(3000):
+        request.outputs.add(name="y")
+    return request
+
+
+def _never_reading_stream(channel: grpc.Channel) -> grpc.StatusCode:
+    """A client that sends 4 MiB requests as fast as the server reads them and reads no
+    answer: the server stops reading once the stream's window is full."""
+    request = fp32("echo", np.zeros((1, MiB))).SerializeToString()
+    sent = 0
+    stop = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        nonlocal sent
+        while sent < 64 and not stop.is_set():
+            sent += 1
+            yield request
+
+    call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(
+        requests(), timeout=60
+    )
+    # The client goes on sending while nothing is read, until the server stops taking more
+    # (no new message for a second) or has taken them all (which fails the case).
+    last, quiet_since = -1, time.monotonic()
+    while sent < 64 and time.monotonic() - quiet_since < 1.0:
+        if sent != last:
+            last, quiet_since = sent, time.monotonic()
+        time.sleep(0.05)
+    stop.set()
+    call.cancel()
+    assert sent < 64, "the server kept reading a stream nobody reads"
+    return grpc.StatusCode.CANCELLED
+
+
+def _many_big_callers(channel: grpc.Channel) -> grpc.StatusCode:
+    """64 callers at once, each 8 MiB in and 8 MiB out: those past the byte budget are shed
+    with UNAVAILABLE, the others are answered."""
+    raw = fp32("echo_fixed", np.zeros((1, FIXED_WIDTH))).SerializeToString()
+    codes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        code = code_of(lambda: channel.unary_unary(INFER)(raw, timeout=60))
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=one) for _ in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    assert grpc.StatusCode.OK in codes
+    return grpc.StatusCode.UNAVAILABLE if grpc.StatusCode.UNAVAILABLE in codes else codes[0]
+
+
+def _undecodable_stream_message(channel: grpc.Channel) -> grpc.StatusCode:
+    good = simple().SerializeToString()
+    call = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )(iter([good, good, b"\x0a\x02\xff\xfe", good]), timeout=30)
+    answered = 0
+    try:
+        for _ in call:
+            answered += 1
+    except grpc.RpcError as exc:
+        assert answered == 2
+        return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def _undecodable_session_message(channel: grpc.Channel) -> grpc.StatusCode:
+    start = gen.GenerateStreamRequest(
+        start=gen.StartGeneration(request_id="a", request=generate("Once", max_new_tokens=8))
+    ).SerializeToString()
+    call = channel.stream_stream(
+        "/sluice.v1.GenerationService/GenerateStream",
+        response_deserializer=gen.GenerateStreamResponse.FromString,
+    )(iter([start, b"\xff\xff\xff"]), timeout=30)
+    finished = False
+    try:
+        for response in call:
+            finished = finished or response.chunk.finish_reason != 0
+    except grpc.RpcError as exc:
+        assert finished, "the running generation was cut without its finish reason"
+        return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def _typed(field_values: dict[str, list[float]], datatype: str = "FP32") -> bytes:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype=datatype, shape=[1, 4])
+    for name, values in field_values.items():
+        getattr(tensor.contents, name).extend(values)
+    return pb.ModelInferRequest(model_name="echo", inputs=[tensor]).SerializeToString()
+
+
+def _with_timeout(parameter: pb.InferParameter) -> bytes:
+    request = fp32("echo", np.zeros((1, 4)))
+    request.parameters["timeout"].CopyFrom(parameter)
+    return request.SerializeToString()
+
+
+def _bytes_request(count: int, raw: bytes | None = None) -> bytes:
+    return pb.ModelInferRequest(
+        model_name="echo_bytes",
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="x", datatype="BYTES", shape=[1, count])
+        ],
+        raw_input_contents=[raw if raw is not None else b"\x00\x00\x00\x00" * count],
+    ).SerializeToString()
+
+
+def _typed_floats(count: int) -> bytes:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, count])
+    tensor.contents.fp32_contents.extend(np.zeros(count, dtype=np.float32).tolist())
+    return pb.ModelInferRequest(model_name="echo", inputs=[tensor]).SerializeToString()
+
+
+def _many_inputs() -> bytes:
+    request = pb.ModelInferRequest(model_name="echo")
+    for i in range(100_000):
+        request.inputs.add(name=f"x{i}", datatype="FP32", shape=[1, 1])
+    return request.SerializeToString()
+
+
+def _session(build: Callable[[], gen.StartGeneration]) -> Send:
+    def send(channel: grpc.Channel) -> Fire:
+        message = gen.GenerateStreamRequest(start=build()).SerializeToString()
+        method = channel.stream_stream("/sluice.v1.GenerationService/GenerateStream")
+        return lambda: code_of(lambda: method(iter([message]), timeout=30))
+
+    return send
+
+
+def _plain(run: Callable[[grpc.Channel], grpc.StatusCode]) -> Send:
+    """A case that builds what it sends as it goes."""
+    return lambda channel: lambda: run(channel)
+
+
+def _many_parameters() -> pb.ModelInferRequest:
+    request = fp32("echo", np.zeros((1, 4)))
+    for i in range(100_000):
+        request.parameters[f"p{i}"].int64_param = i
+    return request
+
+
+IA = grpc.StatusCode.INVALID_ARGUMENT
+RE = grpc.StatusCode.RESOURCE_EXHAUSTED
+NF = grpc.StatusCode.NOT_FOUND
+OK = grpc.StatusCode.OK
+
+CASES = [
+    Case(
+        "generate 20 MB prompt",
+        _stream(GENERATE, lambda: generate(_twenty_mb_prompt())),
+        IA,
+        100,
+        watch_health=True,
+        max_seconds=1.0,
+    ),
+    Case(
+        "count tokens 20 MB prompt",
+        _unary(
+            COUNT,
+            lambda: gen.CountTokensRequest(model_name="tiny_llama", prompt=_twenty_mb_prompt()),
+        ),
+        IA,
+        100,
+        watch_health=True,
+        max_seconds=1.0,
+    ),
+    Case("3000 duplicate outputs", _unary(INFER, _duplicate_outputs), IA, 30),
+    Case("reply over max message", _unary(INFER, lambda: fp32("fanout", np.ones((16, 1)))), RE, 10),
+    Case("undecodable request", _unary(INFER, lambda: b"\xff\xff\xff\xff"), IA, 5),
+    Case("model name not UTF-8", _unary(INFER, lambda: b"\x0a\x02\xff\xfe"), IA, 5),
+    Case("stream: undecodable message", _plain(_undecodable_stream_message), IA, 10),
+    Case("session: undecodable message", _plain(_undecodable_session_message), IA, 20),
+    Case(
+        "stream never read",
+        _plain(_never_reading_stream),
+        grpc.StatusCode.CANCELLED,
+        # The window holds requests and their replies; each costs about twice its size.
+        4 * STREAM_WINDOW / MiB,
+    ),
+    Case(
+        "64 callers x 8 MiB",
+        _plain(_many_big_callers),
+        grpc.StatusCode.UNAVAILABLE,
+        # gRPC reads each request whole before admission can weigh it (two copies while it
+        # is handed over), then admitted calls cost a few times their weight.
+        (64 * 2 * 8 * MiB + 4 * INFLIGHT_BYTES) / MiB,
+    ),
+    Case(
+        "model name 300 bytes",
+        _unary(INFER, lambda: pb.ModelInferRequest(model_name="m" * 300)),
+        IA,
+        5,
+    ),
+    Case(
+        "model name 20 MB",
+        _unary(INFER, lambda: pb.ModelInferRequest(model_name="m" * (20 * MiB))),
+        IA,
+        100,
+    ),
+    Case("name with a path", _unary(INFER, lambda: fp32("../simple", np.zeros((1, 4)))), NF, 5),
+    Case("name with NUL", _unary(INFER, lambda: fp32("ec\x00ho", np.zeros((1, 4)))), NF, 5),
+    Case(
+        "request id 1 MB",
+        _unary(INFER, lambda: fp32("echo", np.zeros((1, 4)), id="i" * MiB)),
+        IA,
+        10,
+    ),
+    Case(
+        "x-request-id 1 KB",
+        _unary(INFER, simple, metadata=(("x-request-id", "r" * 1024),)),
+        IA,
+        5,
+    ),
+    Case(
+        "tenant id 1 KB",
+        _unary(INFER, simple, metadata=(("x-sluice-tenant", "t" * 1024),)),
+        IA,
+        5,
+    ),
+    Case(
+        "two content fields",
+        _unary(INFER, lambda: _typed({"fp32_contents": [1] * 4, "int_contents": [1] * 4})),
+        IA,
+        5,
+    ),
+    Case(
+        "wrong content field",
+        _unary(INFER, lambda: _typed({"fp64_contents": [1] * 4})),
+        IA,
+        5,
+    ),
+    Case(
+        "timeout of the wrong type",
+        _unary(INFER, lambda: _with_timeout(pb.InferParameter(string_param="soon"))),
+        IA,
+        5,
+    ),
+    Case(
+        "negative timeout",
+        _unary(INFER, lambda: _with_timeout(pb.InferParameter(int64_param=-5))),
+        IA,
+        5,
+    ),
+    Case(
+        "BYTES shape 2^40",
+        _unary(INFER, lambda: _bytes_request(2**40, b"\x00" * 16)),
+        IA,
+        5,
+    ),
+    Case(
+        "2M BYTES elements",
+        _unary(INFER, lambda: _bytes_request(2 * MiB)),
+        RE,  # weighed at BYTES_ELEMENT_COST each: more than the whole byte budget
+        30,
+        watch_health=True,
+    ),
+    Case(
+        "200k BYTES elements",
+        _unary(INFER, lambda: _bytes_request(200_000)),
+        OK,
+        2 * 200_000 * BYTES_ELEMENT_COST / MiB,
+    ),
+    Case(
+        "4M typed floats",
+        _unary(INFER, lambda: _typed_floats(4 * MiB)),
+        OK,
+        200,
+        watch_health=True,
+    ),
+    Case(
+        "1000 stop sequences",
+        _stream(GENERATE, lambda: generate("Once", stop_sequences=["x"] * 1000)),
+        IA,
+        5,
+    ),
+    Case(
+        "max_new_tokens 2^32-1",
+        _stream(GENERATE, lambda: generate("Once", max_new_tokens=2**32 - 1)),
+        IA,
+        5,
+    ),
+    Case("100k inputs", _unary(INFER, _many_inputs), IA, 60, watch_health=True),
+    # (Parsing 100k map entries holds the GIL in protobuf's C code for ~0.1 s: refused
+    # right after parsing, but not checked against the health bound.)
+    Case("100k parameters", _unary(INFER, _many_parameters), IA, 60),
+    Case(
+        "session request id 1 MB",
+        _session(lambda: gen.StartGeneration(request_id="r" * MiB, request=generate("x"))),
+        IA,
+        10,
+    ),
+]
+
+#: What each case did (for the closing summary printed at the end of the module).
+OBSERVED: dict[str, dict[str, object]] = {}
+
+
+class HealthWatch:
+    """Health checks every 10 ms from another thread; the slowest answer."""
+
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.insecure_channel(address)
+        self._stub = health_pb2_grpc.HealthStub(self._channel)
+        self._stub.Check(health_pb2.HealthCheckRequest(), timeout=5)  # connected first
+        self._stop = threading.Event()
+        self.slowest = 0.0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> HealthWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._channel.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            started = time.perf_counter()
+            self._stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            self.slowest = max(self.slowest, time.perf_counter() - started)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_hostile_input(server: Server, case: Case) -> None:
+    options = [
+        ("grpc.max_send_message_length", 64 * MiB),
+        ("grpc.max_receive_message_length", 64 * MiB),
+    ]
+    with grpc.insecure_channel(server.address, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(simple(), timeout=30)
+        log_before = server.log_size()
+        baseline = server.status("VmRSS")
+        server.reset_peak()
+        fire = case.send(channel)
+        started = time.perf_counter()
+        if case.watch_health:
+            with HealthWatch(server.address) as health:
+                code = fire()
+            slowest = health.slowest
+        else:
+            code = fire()
+            slowest = None
+        took = time.perf_counter() - started
+        growth_mb = (server.status("VmHWM") - baseline) / MiB
+        after = stub.ModelInfer(simple(), timeout=30)  # a good call right after
+        generated = list(
+            gen_grpc.GenerationServiceStub(channel).Generate(generate("Once", max_new_tokens=2))
+        )
+    OBSERVED[case.id] = {
+        "code": code.name,
+        "rss_growth_mb": round(growth_mb, 1),
+        "seconds": round(took, 3),
+        "slowest_health_ms": None if slowest is None else round(slowest * 1000, 1),
+    }
+    assert code == case.code
+    assert after.outputs and generated
+    assert growth_mb < case.rss_bound_mb, OBSERVED[case.id]
+    if slowest is not None:
+        assert slowest < HEALTH_BOUND_S, OBSERVED[case.id]
+    if case.max_seconds is not None:
+        assert took < case.max_seconds, OBSERVED[case.id]
+    assert server.log_size() - log_before < 64 * 1024, "a hostile call filled the log"
+
+
+def test_summary(server: Server, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every case ran; the table of what each cost is written for the record."""
+    assert set(OBSERVED) == {case.id for case in CASES}, sorted(OBSERVED)
+    path = tmp_path_factory.getbasetemp() / "hostile-summary.json"
+    path.write_text(json.dumps(OBSERVED, indent=2))
+    print(f"\nhostile cases: {len(OBSERVED)}; summary in {path}")
+    print(json.dumps(OBSERVED, indent=2))
