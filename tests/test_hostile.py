@@ -121,6 +121,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     process.terminate()
     process.wait(timeout=60)
     reader.join(timeout=10)
+    process.stderr.close()
 
 
 def _drain_log(process: subprocess.Popen[bytes], log: list[bytes]) -> None:
