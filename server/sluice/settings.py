@@ -313,9 +313,10 @@ class Settings(BaseSettings):
     closes (calls arriving meanwhile are refused with UNAVAILABLE, which clients retry)."""
     log_level: str = "INFO"
     """Log level name."""
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["auto", "json", "text"] = "auto"
     """``json``: one JSON object per line (timestamp, level, request and trace ids, model,
-    version, backend, outcome); ``text``: plain lines for a terminal."""
+    version, backend, outcome); ``text``: plain lines for a person; ``auto``: text when
+    stderr is a terminal, else JSON."""
     force_backend: str | None = None
     """Backend or ladder rung every model uses unless its config names one (e.g. torch-cpu)."""
 

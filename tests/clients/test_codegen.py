@@ -31,12 +31,15 @@ def run(*command: str | Path, cwd: Path = REPO_ROOT) -> subprocess.CompletedProc
     )
 
 
+pytestmark = pytest.mark.toolchain("node", "protoc-gen-go")
+
+
 @pytest.fixture(scope="module")
 def buf() -> Path:
     """The pinned buf from npm, installed into .cache/buf (git-ignored) when missing."""
     if not BUF.exists():
         npm = shutil.which("npm")
-        assert npm is not None, f"npm is needed to install {BUF_PACKAGE}"
+        assert npm is not None
         done = run(npm, "install", "--prefix", BUF_PREFIX, BUF_PACKAGE)
         assert done.returncode == 0, done.stdout + done.stderr
     return BUF

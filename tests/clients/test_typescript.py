@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -18,13 +17,7 @@ PACKAGE = REPO_ROOT / "clients" / "typescript"
 NPM = shutil.which("npm")
 NODE = shutil.which("node")
 
-if (NPM is None or NODE is None) and os.environ.get("CI"):
-    raise RuntimeError("node and npm are missing in CI (.ci/run installs them)")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(NPM is None or NODE is None, reason="node and npm are not installed"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.toolchain("node")]
 
 #: Tests in clients/typescript/test/client.test.ts, without and with a generation model.
 INFERENCE_TESTS = 13  # TLS included

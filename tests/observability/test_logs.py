@@ -6,7 +6,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import pty
+import select
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -165,3 +171,75 @@ def test_format_and_level_are_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         for handler in saved[1]:
             root.addHandler(handler)
         root.setLevel(saved[0])
+
+
+# -- text for a person, JSON for a collector -------------------------------------------------
+
+
+def read_terminal(fd: int, limit_s: float) -> bytes:
+    """Everything written to a pseudo-terminal until its last writer closes it."""
+    chunks = []
+    while select.select([fd], [], [], limit_s)[0]:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def serve_log(repository: Path, *, terminal: bool, log_format: str | None) -> list[str]:
+    """The log lines of a real ``sluice serve`` with nothing to serve (it exits by itself),
+    its stderr a pseudo-terminal or a pipe."""
+    env = {k: v for k, v in os.environ.items() if k != "SLUICE_LOG_FORMAT"}
+    if log_format is not None:
+        env["SLUICE_LOG_FORMAT"] = log_format
+    command = [sys.executable, "-m", "sluice", "serve", "--model-repository", str(repository)]
+    command += ["--grpc-port", "0", "--metrics-port", "0"]
+    if not terminal:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        return done.stderr.splitlines()
+    main, child = pty.openpty()
+    try:
+        with subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=child
+        ) as proc:
+            os.close(child)
+            output = read_terminal(main, limit_s=120)
+            assert proc.wait(120) == 1, output
+    finally:
+        os.close(main)
+    return output.decode().splitlines()
+
+
+def is_json(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("terminal", "log_format", "expected"),
+    [
+        (True, None, "text"),
+        (False, None, "json"),
+        (True, "json", "json"),
+        (False, "text", "text"),
+    ],
+    ids=["terminal", "pipe", "terminal-json", "pipe-text"],
+)
+def test_logs_are_text_on_a_terminal_and_json_elsewhere(
+    tmp_path: Path, terminal: bool, log_format: str | None, expected: str
+) -> None:
+    lines = serve_log(tmp_path, terminal=terminal, log_format=log_format)
+    assert len(lines) >= 3, lines
+    if expected == "json":
+        assert all(is_json(line) for line in lines), lines
+        assert any(json.loads(line)["message"].startswith("nothing to serve") for line in lines)
+    else:
+        assert not any(is_json(line) for line in lines), lines
+        assert any(" ERROR sluice.app: nothing to serve: " in line for line in lines), lines

@@ -1,4 +1,5 @@
-"""Client subcommands of the ``sluice`` command: ``health``, ``models`` and ``infer``.
+"""Client subcommands of the ``sluice`` command: ``health``, ``models``, ``infer``,
+``generate`` and ``count-tokens``.
 
 ``sluice_client.cli.main`` runs them on their own (the ``sluice-client`` command of the
 standalone distribution). Every command takes the connection options (``--url``, default
@@ -23,7 +24,7 @@ from sluice_client._channel import DEFAULT_TARGET, TLSConfig
 from sluice_client.client import Client
 from sluice_client.errors import NotFound, SluiceClientError
 from sluice_client.names import model_health_service
-from sluice_client.results import InferResult, RepositoryModel
+from sluice_client.results import GenerateChunk, InferResult, RepositoryModel
 
 #: Sluice reports each model's health under this prefix + the model name.
 
@@ -68,6 +69,7 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     infer.add_argument("--output-dir", type=Path, help="save each output as NAME.npy here")
     infer.add_argument("--version", default="", help="model version (default: the server's)")
     infer.set_defaults(run=_with_client(_infer))
+    _add_generation_commands(sub, common)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -226,3 +228,92 @@ def _save_outputs(result: InferResult, directory: Path) -> None:
         saved: npt.NDArray[Any] = array.astype(np.bytes_) if array.dtype == object else array
         np.save(directory / f"{name}.npy", saved, allow_pickle=False)
         print(f"saved {directory / f'{name}.npy'}")
+
+
+def _add_generation_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    generate = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="stream the text a generation model writes after PROMPT",
+        description="Print the text MODEL writes after PROMPT to stdout as it is generated.",
+    )
+    generate.add_argument("model")
+    generate.add_argument("prompt")
+    generate.add_argument("--version", default="", help="model version (default: the server's)")
+    sampling = generate.add_argument_group("sampling (left out: the server's defaults)")
+    sampling.add_argument("--max-new-tokens", type=int, help="most tokens to generate")
+    sampling.add_argument("--temperature", type=float, help="0 (the default) is greedy")
+    sampling.add_argument("--top-k", type=int, help="sample from the k likeliest tokens")
+    sampling.add_argument("--top-p", type=float, help="sample from this much probability mass")
+    sampling.add_argument("--seed", type=int, help="makes sampling repeatable")
+    sampling.add_argument(
+        "--stop",
+        action="append",
+        dest="stop_sequences",
+        metavar="TEXT",
+        help="stop when this text appears (repeat for more)",
+    )
+    generate.add_argument(
+        "--verbose",
+        action="store_true",
+        help="at the end, print the model, finish reason and token usage to stderr",
+    )
+    generate.set_defaults(run=_with_client(_generate))
+
+    count = sub.add_parser(
+        "count-tokens", parents=[common], help="tokens PROMPT takes on MODEL, and its context"
+    )
+    count.add_argument("model")
+    count.add_argument("prompt")
+    count.add_argument("--version", default="", help="model version (default: the server's)")
+    count.set_defaults(run=_with_client(_count_tokens))
+
+
+#: The ``generate`` flags that are ``Sampling`` fields (``--stop`` fills ``stop_sequences``).
+_SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_sequences")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags given on the command line (the rest stay the server's defaults)."""
+    given = {name: getattr(args, name) for name in _SAMPLING_FLAGS}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    """Each chunk's text goes to stdout as it arrives; a newline ends the text, also when
+    the stream fails midway (the error then follows on stderr)."""
+    last: GenerateChunk | None = None
+    try:
+        for last in client.generate(
+            args.model, args.prompt, version=args.version, **_sampling(args)
+        ):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 130  # the stream was closed above: the server stops generating
+    finally:
+        if last is not None:
+            print(flush=True)
+    if args.verbose and last is not None:
+        print(_usage(last), file=sys.stderr)
+    return 0
+
+
+def _usage(last: GenerateChunk) -> str:
+    """The last chunk's model, finish reason and token usage as ``key=value`` pairs."""
+    fields = [f"model={last.model}", f"version={last.version}"]
+    fields.append(f"finish_reason={last.finish_reason}")
+    if last.usage is not None:
+        fields.append(f"prompt_tokens={last.usage.prompt_tokens}")
+        fields.append(f"completion_tokens={last.usage.completion_tokens}")
+    if last.fallback_reason:
+        fields.append(f"fallback_reason={last.fallback_reason!r}")
+    return " ".join(fields)
+
+
+def _count_tokens(client: Client, args: argparse.Namespace) -> int:
+    count = client.count_tokens(args.model, args.prompt, version=args.version)
+    print(f"{count.token_count} tokens (the model's context: {count.max_context})")
+    return 0

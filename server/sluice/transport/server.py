@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from sluice.admission import AdmissionController
 from sluice.clock import Clock
@@ -20,7 +19,7 @@ from sluice.registry import ModelRegistry
 from sluice.settings import Settings
 from sluice.shadow import Shadower
 from sluice.tracing import Tracing
-from sluice.transport import interceptors
+from sluice.transport import interceptors, reflection
 from sluice.transport.health import HealthServicer
 from sluice.transport.interceptors.auth import AdminAccess
 from sluice.transport.servicers.generation import GenerationServicer
@@ -174,15 +173,8 @@ async def create_server(
     )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            INFERENCE_SERVICE,
-            MODEL_SERVICE,
-            GENERATION_SERVICE,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    reflection.enable(
+        server, (INFERENCE_SERVICE, MODEL_SERVICE, GENERATION_SERVICE, health.SERVICE_NAME)
     )
     for name in ("", INFERENCE_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

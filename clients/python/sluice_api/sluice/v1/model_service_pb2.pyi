@@ -51,7 +51,7 @@ class GetCapabilitiesResponse(_message.Message):
     cuda_available: bool
     cuda_devices: _containers.RepeatedScalarFieldContainer[str]
     torch_compile_available: bool
-    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., torch_cuda_version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., tensorrt_version: _Optional[str] = ..., onnxruntime_providers: _Optional[_Iterable[str]] = ..., cuda_available: _Optional[bool] = ..., cuda_devices: _Optional[_Iterable[str]] = ..., torch_compile_available: _Optional[bool] = ...) -> None: ...
+    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., torch_cuda_version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., tensorrt_version: _Optional[str] = ..., onnxruntime_providers: _Optional[_Iterable[str]] = ..., cuda_available: bool = ..., cuda_devices: _Optional[_Iterable[str]] = ..., torch_compile_available: bool = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -81,7 +81,7 @@ class ModelVersionStatus(_message.Message):
     breaker_state: BreakerState
     fallbacks: _containers.RepeatedScalarFieldContainer[str]
     serving: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., backend: _Optional[str] = ..., backend_rung: _Optional[str] = ..., backend_reason: _Optional[str] = ..., device: _Optional[str] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., serving: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., backend: _Optional[str] = ..., backend_rung: _Optional[str] = ..., backend_reason: _Optional[str] = ..., device: _Optional[str] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., serving: bool = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -239,7 +239,7 @@ class GetShadowReportResponse(_message.Message):
     REPORTS_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     reports: _containers.RepeatedCompositeFieldContainer[ShadowReport]
-    def __init__(self, enabled: _Optional[bool] = ..., reports: _Optional[_Iterable[_Union[ShadowReport, _Mapping]]] = ...) -> None: ...
+    def __init__(self, enabled: bool = ..., reports: _Optional[_Iterable[_Union[ShadowReport, _Mapping]]] = ...) -> None: ...
 
 class SetShadowingRequest(_message.Message):
     __slots__ = ("enabled", "reason")
@@ -247,10 +247,10 @@ class SetShadowingRequest(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     reason: str
-    def __init__(self, enabled: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, enabled: bool = ..., reason: _Optional[str] = ...) -> None: ...
 
 class SetShadowingResponse(_message.Message):
     __slots__ = ("enabled",)
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
-    def __init__(self, enabled: _Optional[bool] = ...) -> None: ...
+    def __init__(self, enabled: bool = ...) -> None: ...

@@ -5,7 +5,7 @@ import warnings
 
 from sluice_api.sluice.v1 import model_service_pb2 as sluice_dot_v1_dot_model__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in sluice/v1/model_service_pb2_grpc.py depends on'
+        + f' but the generated code in sluice/v1/model_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class ModelServiceStub:
+class ModelServiceStub(object):
     """Sluice's own model operations: what the machine offers, what each model version runs on
     and how healthy it is, and the lifecycle of versions while traffic flows.
 
@@ -94,7 +94,7 @@ class ModelServiceStub:
                 _registered_method=True)
 
 
-class ModelServiceServicer:
+class ModelServiceServicer(object):
     """Sluice's own model operations: what the machine offers, what each model version runs on
     and how healthy it is, and the lifecycle of versions while traffic flows.
 
@@ -240,7 +240,7 @@ def add_ModelServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ModelService:
+class ModelService(object):
     """Sluice's own model operations: what the machine offers, what each model version runs on
     and how healthy it is, and the lifecycle of versions while traffic flows.
 
