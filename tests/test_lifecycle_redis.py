@@ -198,9 +198,8 @@ async def test_a_replica_that_has_not_followed_yet_cannot_undo_a_change_made_els
     start_server: StartServer, two_version_repository: Path, redis_url: str
 ) -> None:
     a = await replica(start_server, two_version_repository, redis_url)
-    stale = await start_server(
-        repository=two_version_repository, lifecycle={"redis_url": redis_url, "sync_interval_s": 600}
-    )
+    lifecycle = {"redis_url": redis_url, "sync_interval_s": 600}
+    stale = await start_server(repository=two_version_repository, lifecycle=lifecycle)
     async with AsyncClient(a.address) as client:
         await client.promote("mlp", "1", reason="canary")
     async with AsyncClient(stale.address) as client:
