@@ -94,7 +94,12 @@ async def serve(settings: Settings) -> int:
         await stop.wait()
     else:
         log.info("stopping before the start-up load finished")
-    await server.drain(settings.drain_grace_s, settings.drain_quiet_s, settings.drain_unload_s)
+    await server.drain(
+        settings.drain_grace_s,
+        settings.drain_quiet_s,
+        settings.drain_unload_s,
+        notice_s=settings.drain_notice_s,
+    )
     await tracing.shutdown()
     if http is not None:
         http.close()

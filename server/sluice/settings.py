@@ -68,6 +68,9 @@ class BreakerSettings(_Section):
     redis_url: str | None = None
     """Redis URL (``redis://host:6379/0``) where replicas share breaker state instead of a
     state file (needs the ``redis`` package; the reset timeout then follows the wall clock)."""
+    redis_timeout_s: float = Field(2.0, gt=0)
+    """With ``redis_url``: longest one Redis command may take (a Redis that cannot be reached
+    in time leaves a breaker closed for that call, and is logged)."""
 
 
 class BatchingSettings(_Section):
@@ -339,6 +342,10 @@ class Settings(BaseSettings):
     health_port: int | None = Field(None, ge=0, le=65535)
     """A second, plaintext port that serves only grpc.health.v1, for probes that cannot speak
     TLS (the kubelet's gRPC probes) when the gRPC port does (0: any free port; None: none)."""
+    drain_notice_s: float = Field(0.5, ge=0)
+    """The first part of the drain grace: health already says NOT_SERVING but new calls are
+    still served, so clients that watch health (client-side health checking, a load
+    balancer) stop sending before any call is refused. Counted in ``drain_grace_s``."""
     drain_quiet_s: float = Field(0.2, ge=0)
     """After in-flight calls finish, how long no new call must arrive before the transport
     closes (calls arriving meanwhile are refused with UNAVAILABLE, which clients retry)."""

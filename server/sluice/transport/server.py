@@ -77,9 +77,15 @@ class SluiceServer:
             await self.health.set(name, _status(self.service.ready))
         self.prober.start()
 
-    async def drain(self, grace_s: float, quiet_s: float = 0.0, unload_s: float = 5.0) -> None:
+    async def drain(
+        self, grace_s: float, quiet_s: float = 0.0, unload_s: float = 5.0, *, notice_s: float = 0.0
+    ) -> None:
         """NOT_SERVING first, refuse new calls and streams, let in-flight ones finish (open
         streams stop reading and end with UNAVAILABLE), end health watches, then unload.
+
+        For the first ``notice_s`` of the grace, health already says NOT_SERVING but new
+        calls are still served: clients that watch health (client-side health checking,
+        load balancers) move their calls elsewhere before any is refused.
 
         Calls still running when ``grace_s`` ends are stopped with UNAVAILABLE. Closing the
         transport and unloading get at most ``unload_s`` more: a backend still busy then
@@ -90,6 +96,7 @@ class SluiceServer:
         give_up_at = loop.time() + grace_s
         await self.prober.stop()
         await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(min(notice_s, grace_s))
         self.admission.begin_drain(give_up_at)
         self.servicer.draining = True
         # While admitted calls and open streams finish, and until callers stop arriving, new
