@@ -96,7 +96,8 @@ class SluiceServer:
         give_up_at = loop.time() + grace_s
         await self.prober.stop()
         await self.health.enter_graceful_shutdown()
-        await asyncio.sleep(min(notice_s, grace_s))
+        if notice_s > 0:
+            await asyncio.sleep(min(notice_s, grace_s))
         self.admission.begin_drain(give_up_at)
         self.servicer.draining = True
         # While admitted calls and open streams finish, and until callers stop arriving, new
