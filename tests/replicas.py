@@ -103,11 +103,15 @@ class Replica:
                 self.process.kill()
                 self.process.wait(timeout=30)
 
-    def calls_answered(self) -> float:
-        """ModelInfer calls this replica has answered OK (its Prometheus endpoint)."""
+    def calls_answered(self) -> float | None:
+        """ModelInfer calls this replica has answered OK (its Prometheus endpoint); None
+        when it does not answer within a second."""
         url = f"http://{self.host.address}:{METRICS_PORT}/metrics"
-        with urllib.request.urlopen(url, timeout=1) as response:
-            text = response.read().decode()
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                text = response.read().decode()
+        except OSError:  # URLError, a timeout, a reset
+            return None
         return sum(
             sample.value
             for family in text_string_to_metric_families(text)
@@ -210,23 +214,16 @@ def failed(calls: list[Call]) -> list[Call]:
     return [call for call in calls if call.code != "OK"]
 
 
-def carried_again_after(calls: list[Call], *, since: float, baseline_from: float) -> float:
-    """Seconds from ``since`` until the replicas carry the load again: the end of the last
-    quarter second after ``since`` that answered less than half the calls a quarter second
-    answered before it (from ``baseline_from``), or had a failed call."""
-    width = 0.25
-    before = [c for c in calls if baseline_from <= c.end < since and c.code == "OK"]
-    baseline = len(before) / max((since - baseline_from) / width, 1.0)
-    last = max(call.end for call in calls)
-    worst = 0.0
-    slot = since
-    while slot + width <= last:
-        inside = [c for c in calls if slot <= c.end < slot + width]
-        ok = sum(1 for c in inside if c.code == "OK")
-        if ok < baseline / 2 or ok < len(inside):
-            worst = slot + width - since
-        slot += width
-    return worst
+def released_after(calls: list[Call], *, at: float, until: float, slow_s: float = 1.0) -> float:
+    """Seconds from ``at`` until every call it held up had ended (answered elsewhere, or
+    failed): the calls in flight at ``at``, and those started before ``until`` that took
+    longer than ``slow_s`` (sent to a replica that could not answer)."""
+    held = [
+        c
+        for c in calls
+        if c.start <= at < c.end or (at <= c.start < until and c.end - c.start > slow_s)
+    ]
+    return max(c.end for c in held) - at if held else 0.0
 
 
 async def serving_versions(replicas: list[Replica]) -> list[str]:
@@ -266,3 +263,16 @@ def replicas_running(replicas: list[Replica]) -> Iterator[list[Replica]]:
     finally:
         for replica in replicas:
             replica.stop()
+
+
+async def until_answering_again(replica: Replica, timeout_s: float) -> None:
+    """Until the replica answers calls again: its count of answered calls grows."""
+    first: float | None = None
+    async with asyncio.timeout(timeout_s):
+        while True:
+            now = await asyncio.to_thread(replica.calls_answered)
+            if first is None:
+                first = now
+            elif now is not None and now > first:
+                return
+            await asyncio.sleep(0.05)
