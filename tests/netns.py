@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tests.redis_server import missing
 
@@ -87,6 +88,26 @@ class Network:
             ip("link", "del", self.bridge)
 
 
+def _remove_leftovers() -> None:
+    """Remove the bridge, links and namespaces of an earlier run that was killed before it
+    could (named after a process that no longer exists)."""
+    done = subprocess.run(["ip", "-j", "link"], capture_output=True, text=True, check=False)
+    for link in json.loads(done.stdout or "[]"):
+        name = str(link.get("ifname", ""))
+        owner = name[3:].split("h")[0]
+        if name[:3] in ("slb", "slv") and owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            with contextlib.suppress(RuntimeError):
+                ip("link", "del", name)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    for line in listed.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        owner = name.removeprefix("sluice-test-").split("h")[0]
+        gone = owner.isdigit() and not Path(f"/proc/{owner}").exists()
+        if name.startswith("sluice-test-") and gone:
+            with contextlib.suppress(RuntimeError):
+                ip("netns", "del", name)
+
+
 def _subnet_in_use() -> bool:
     done = subprocess.run(["ip", "-j", "route"], capture_output=True, text=True, check=False)
     for route in json.loads(done.stdout or "[]"):
@@ -106,6 +127,7 @@ def make_network(hosts: int) -> Iterator[Network]:
         missing("needs the ip command (Debian: apt-get install iproute2)")
     if os.geteuid() != 0:
         missing("needs root to make network namespaces (ip netns)")
+    _remove_leftovers()
     if _subnet_in_use():
         missing(f"the test hosts' subnet {SUBNET} is already routed on this machine")
     network = Network(bridge=f"slb{os.getpid() % 100000}", address=str(SUBNET.network_address + 1))
