@@ -31,7 +31,8 @@ from sluice.executors.capabilities import Capabilities, detect
 from sluice.executors.causal_lm import generate_text, text_request
 from sluice.executors.registry import BackendRegistry
 from sluice.generation.request import GenerationRequest
-from sluice.lifecycle import Change, ModelState
+from sluice.lifecycle import Change, ModelState, Pointer
+from sluice.lifecycle_redis import PointerFollower, RedisLifecycleStore, RedisModelState
 from sluice.loader import ModelVersion, VersionLoader
 from sluice.metrics import Metrics
 from sluice.repository import (
@@ -166,6 +167,9 @@ class InferenceService:
         self._models: dict[str, ModelEntry] = {}
         self._states: dict[str, ModelState] = {}
         self._state_root = state_root(settings, repository)
+        self._shared: RedisLifecycleStore | None = None
+        if settings.lifecycle.redis_url is not None:
+            self._shared = RedisLifecycleStore.connect(settings.lifecycle)
         self._listeners: list[ReadinessListener] = []
         self._background: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
@@ -192,6 +196,8 @@ class InferenceService:
             except SluiceError as exc:
                 log.error("model %s failed to load: %s", name, exc.message)
         self.started = True
+        if self._shared is not None:
+            self._start_following(self._shared)
 
     async def load(self, name: str, *, who: str = "sluice", reason: str = "") -> None:
         """(Re)load a model from the repository: every version its policy selects. Loads
@@ -417,6 +423,8 @@ class InferenceService:
 
     def _state(self, name: str) -> ModelState:
         state = self._states.get(name)
+        if state is None and self._shared is not None:
+            state = self._states[name] = self._shared.open(name)
         if state is None:
             directory = None if self._state_root is None else self._state_root / name
             try:
@@ -430,8 +438,47 @@ class InferenceService:
 
     async def close(self) -> None:
         """Unload everything (the last step of a drain)."""
+        for task in list(self._background):
+            task.cancel()
         for name in list(self._models):
             await self.unload(name)
+        if self._shared is not None:
+            self._shared.close()
+
+    # -- serving pointers shared by replicas (lifecycle.redis_url) ------------------------
+
+    def _start_following(self, store: RedisLifecycleStore) -> None:
+        follower = PointerFollower(
+            store,
+            served=lambda: {name: e.state.pointer for name, e in self._models.items()},
+            on_newer=self._adopt_shared,
+        )
+        task = asyncio.get_running_loop().create_task(follower.run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _adopt_shared(self, name: str, shared: Pointer) -> None:
+        """Serve what another replica promoted or rolled back to; a version not loaded
+        here is loaded and warmed up first (what served here serves meanwhile)."""
+        async with self._lock:
+            entry = self._models.get(name)
+            if entry is None or shared.seq <= entry.state.pointer.seq:
+                return
+            version = shared.serving
+            if version and version not in entry.versions and version not in entry.failures:
+                try:
+                    config = read_config(self._repository / name)
+                    loaded = await self._loader.load(name, version, config)
+                    await self._loader.warm_up(loaded)
+                    entry.versions[version] = loaded
+                except SluiceError as exc:
+                    entry.failures[version] = exc.message
+                    log.error("model %s version %s failed to load: %s", name, version, exc)
+            assert isinstance(entry.state, RedisModelState)
+            if version != entry.serving_version:
+                log.info("model %s: version %s serves, as set on another replica", name, version)
+            entry.state.adopt(shared)
+            await self._notify(name, entry.serving)
 
     async def _replace(self, name: str, entry: ModelEntry) -> None:
         old = self._models.get(name)
