@@ -16,14 +16,12 @@ from collections.abc import Iterator
 import pytest
 
 from sluice.repository import EXAMPLE_REPOSITORY
-from sluice_client import RetryPolicy
 from sluice_client.aio import AsyncClient
 from sluice_client.errors import Unavailable
 from tests.netns import Network, make_network
 from tests.redis_server import running_redis
 from tests.replicas import (
     ADMIN_TOKEN,
-    CALLERS,
     DEADLINE_S,
     MLP_INPUT,
     Load,
@@ -139,21 +137,11 @@ async def test_a_breaker_opened_on_one_replica_is_open_on_the_others_within_a_se
             await client.infer("flaky", MLP_INPUT)
 
 
-#: Sluice's default client retry policy, and one whose retry throttle has room for a burst
-#: of failures as large as the callers (grpc stops retrying once half its tokens are gone).
-RETRY_POLICIES = pytest.mark.parametrize(
-    "retry",
-    [RetryPolicy(), RetryPolicy(throttle_max_tokens=100)],
-    ids=["default-retry-policy", "retry-throttle-100"],
-)
-
-
-@RETRY_POLICIES
 async def test_sigkill_of_a_replica_fails_only_its_calls_and_a_restarted_one_serves_the_promote(
-    cluster: list[Replica], retry: RetryPolicy, report: dict[str, object]
+    cluster: list[Replica], report: dict[str, object]
 ) -> None:
     victim, survivors = cluster[2], cluster[:2]
-    load = await Load([r.address for r in cluster], retry=retry).start()
+    load = await Load([r.address for r in cluster]).start()
     await load.run_for(BASELINE_S)
     killed_at = time.monotonic()
     victim.kill()
@@ -163,12 +151,9 @@ async def test_sigkill_of_a_replica_fails_only_its_calls_and_a_restarted_one_ser
     report["failed"] = len(failed(calls))
     report["failures"] = sorted({c.details.split(" (")[0] for c in failed(calls)})
     report["survivors_carry_load_s"] = released_after(calls, at=killed_at, until=killed_at + 4.0)
-    # Only calls running on the killed replica may fail: the client retries them, but the
-    # default retry throttle (10 tokens, no retry below 5) stops after a burst of failures.
-    assert all(c.start <= killed_at < c.end for c in failed(calls)), failed(calls)[:5]
-    assert {c.code for c in failed(calls)} <= {"UNAVAILABLE"}
-    if retry.throttle_max_tokens >= 2 * CALLERS:
-        assert not failed(calls), "with room in the throttle, every such call is retried"
+    # The calls running on the killed replica are retried elsewhere by the client's default
+    # policy (its retry throttle has room for a burst as large as the callers).
+    assert not failed(calls), failed(calls)[:5]
     # While it is down, version 1 is promoted; restarted, it serves version 1.
     async with AsyncClient(survivors[0].address, admin_token=ADMIN_TOKEN) as admin:
         await admin.promote("mlp", "1", reason="while a replica is down")
@@ -180,12 +165,11 @@ async def test_sigkill_of_a_replica_fails_only_its_calls_and_a_restarted_one_ser
         await until_all_serve(cluster, "2", CONVERGE_BOUND_S)
 
 
-@RETRY_POLICIES
 async def test_a_partitioned_replica_is_left_out_then_taken_back(
-    cluster: list[Replica], network: Network, retry: RetryPolicy, report: dict[str, object]
+    cluster: list[Replica], network: Network, report: dict[str, object]
 ) -> None:
     cut = cluster[1]
-    load = await Load([r.address for r in cluster], retry=retry).start()
+    load = await Load([r.address for r in cluster]).start()
     await load.run_for(BASELINE_S)
     cut_at = time.monotonic()
     network.partition(cut.host)
@@ -203,12 +187,9 @@ async def test_a_partitioned_replica_is_left_out_then_taken_back(
     report["failures"] = sorted({c.details.split(" (")[0] for c in failed(calls)})
     report["others_carry_load_s"] = released = released_after(calls, at=cut_at, until=healed_at)
     assert released < DEADLINE_S, "calls stuck on the cut replica end before their deadline"
-    # The calls stuck on the cut replica fail UNAVAILABLE when the client's keepalive gives
-    # the connection up (not at their deadline), and only while it is cut off.
-    assert {c.code for c in failed(calls)} <= {"UNAVAILABLE"}
-    assert all(cut_at <= c.end <= healed_at for c in failed(calls))
-    if retry.throttle_max_tokens >= 2 * CALLERS:
-        assert not failed(calls), "with room in the throttle, every such call is retried"
+    # The calls stuck on the cut replica are released when the client's keepalive gives the
+    # connection up (not at their deadline), and retried on the others.
+    assert not failed(calls), failed(calls)[:5]
 
 
 async def test_a_rolling_restart_fails_no_call(

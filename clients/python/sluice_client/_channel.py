@@ -40,8 +40,10 @@ class RetryPolicy:
     """Largest upper bound of the random wait between attempts."""
     backoff_multiplier: float = 2.0
     """Growth of the wait bound per attempt."""
-    throttle_max_tokens: int = 10
-    """Retry-throttling tokens; each failed call costs one, retries stop at half."""
+    throttle_max_tokens: int = 100
+    """Retry-throttling tokens; each failed call costs one, retries stop at half (room for
+    a burst of failures as large as a busy client's concurrency, e.g. the calls a replica
+    held when it died, while a lasting outage still stops retries)."""
     throttle_token_ratio: float = 0.1
     """Tokens each successful call gives back."""
 
