@@ -4,13 +4,14 @@
 #                --build-arg ORT_PACKAGE=onnxruntime-gpu \
 #                --build-arg TORCH_INDEX_URL=https://pypi.org/simple -t sluice:cuda .
 # TORCH_INDEX_URL: where torch comes from (PyTorch's CPU-only index by default, so the CPU
-# image does not carry CUDA libraries). SLUICE_EXTRAS adds optional parts: redis (shared
-# breaker state).
+# image does not carry CUDA libraries). SLUICE_EXTRAS adds optional parts: redis (breaker
+# state and serving versions shared by replicas, which deploy/kubernetes turns on), so the
+# image carries it unless SLUICE_EXTRAS="" says otherwise.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 ARG ORT_PACKAGE=onnxruntime
-ARG SLUICE_EXTRAS=""
+ARG SLUICE_EXTRAS="redis"
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \

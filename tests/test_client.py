@@ -7,6 +7,7 @@ Every test runs with both clients. The blocking client is driven from a worker t
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from sluice_client import (
     ServerMetadata,
     TensorMetadata,
     Unavailable,
+    channel_options,
 )
 from sluice_client.tensors import DATATYPES
 from tests.conftest import RunningServer, StartServer
@@ -318,3 +320,13 @@ async def test_given_channel_is_left_open(server: RunningServer) -> None:
         with Client(sync_channel) as sync_client:
             assert await asyncio.to_thread(sync_client.live) is True
         assert await asyncio.to_thread(Client(sync_channel).ready) is True
+
+
+def test_round_robin_channels_balance_over_replicas_and_leave_unhealthy_ones_out() -> None:
+    options = dict(channel_options(load_balancing="round_robin"))
+    config = json.loads(options["grpc.service_config"])
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": ""}
+    assert "retryPolicy" in config["methodConfig"][0]
+    plain = json.loads(dict(channel_options())["grpc.service_config"])
+    assert "loadBalancingConfig" not in plain and "healthCheckConfig" not in plain

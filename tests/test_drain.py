@@ -208,6 +208,9 @@ async def test_sigterm_drains_in_flight_calls_and_streams_and_exits_zero(
             "OTEL_BSP_SCHEDULE_DELAY": "600000",  # spans leave only when the drain flushes
             "OTEL_BSP_MAX_QUEUE_SIZE": "1000000",
             "OTEL_SERVICE_NAME": "sluice-drain",
+            # New calls are refused as soon as health says NOT_SERVING (the notice period,
+            # when they are still served, has its own test).
+            "SLUICE_DRAIN_NOTICE_S": "0",
         },
         processes,
     )
@@ -441,3 +444,33 @@ async def test_a_hung_backend_cannot_keep_the_process_past_its_drain_allowance(
     assert "drain grace ended" in str(info.value.details())
     assert code == 0, b"".join(log).decode()[-3000:]
     assert took < GRACE_S + UNLOAD_S + EXIT_SLACK_S
+
+
+async def test_during_the_drain_notice_health_says_not_serving_and_calls_are_still_served(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    running = await start_server(
+        repository=fake_repository(tmp_path, "max_batch_size: 8\n"),
+        backends=fake_backends(Behaviour()),
+    )
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        drain = asyncio.create_task(running.server.drain(30.0, 2.0, 1.0, notice_s=2.0))
+        # Health turns first: a client watching it moves its calls away...
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # ...while a call that still arrives is served, not refused.
+        reply = await stub.ModelInfer(fake_request(1), timeout=10)
+        assert reply.model_name == "fake"
+        # Once the notice is over, new calls are refused with UNAVAILABLE.
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    await stub.ModelInfer(fake_request(2), timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                    assert "shutting down" in str(exc.details())
+                    break
+                await asyncio.sleep(0.05)
+        await drain

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
         "sluice.metrics",
         "sluice.tracing",
         "sluice.lifecycle",
+        "sluice.lifecycle_redis",
         "sluice.breaker_state",
         "sluice.breaker",
         "sluice.admission",
@@ -51,6 +52,10 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 
 MAX_FILE_LINES = 400
+#: Files allowed past it, and why.
+LONG_FILES = {
+    "sluice.settings": "the one settings tree: a declaration and a docstring per setting",
+}
 TRANSPORT_ONLY = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "sluice_api")
 
 
@@ -132,5 +137,9 @@ def test_protobuf_and_grpc_stay_in_the_transport() -> None:
 
 def test_no_file_outgrows_one_reading() -> None:
     sizes = {name: path.read_text().count("\n") for name, path in MODULES.items()}
-    long = [f"{name}: {lines} lines" for name, lines in sizes.items() if lines > MAX_FILE_LINES]
+    long = [
+        f"{name}: {lines} lines"
+        for name, lines in sizes.items()
+        if lines > MAX_FILE_LINES and name not in LONG_FILES
+    ]
     assert not long, "\n".join(long)

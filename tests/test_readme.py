@@ -4,7 +4,8 @@ The quick start's ``python3 -m sluice serve`` starts a real server (on free port
 take 8001); every grpcurl and ``sluice`` command of the README's ``sh`` blocks and its Python
 snippet then run against it, with its address in place of 127.0.0.1:8001. The ``yaml`` model
 configs load on a real server. The test command must be what ``.ci/run`` runs, and the
-``docker`` commands are the only ones not run (the README says so).
+``docker`` commands and the ``kubectl`` commands that need a cluster are the only ones not
+run (the README says so); ``kubectl kustomize`` renders are run by ``tests/deploy``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sluice.repository import EXAMPLE_REPOSITORY
 from sluice_client import Client
 from tests.compat.procs import Completed, grpcurl_binary, run
 from tests.conftest import REPO_ROOT, StartServer
+from tests.deploy.manifests import RENDERED
 from tests.serve_process import serve_process
 
 README = REPO_ROOT / "README.md"
@@ -86,6 +88,9 @@ def client_commands() -> list[list[str]]:
     ]
 
 
+DEPLOY_SECTION = "Deploy on Kubernetes / KServe"
+
+
 def test_every_command_is_run_here_or_said_not_to_be() -> None:
     """A new README command has to be run by this module (or be a docker command)."""
     for block in blocks("sh"):
@@ -95,6 +100,11 @@ def test_every_command_is_run_here_or_said_not_to_be() -> None:
             if argv[0] == "docker":
                 assert block.section == "Container", block
                 continue
+            if argv[0] == "kubectl":
+                assert block.section == DEPLOY_SECTION, block
+                if argv[1] == "kustomize":  # rendered and validated by tests/deploy
+                    assert argv[2] in RENDERED, argv
+                continue  # apply / create need a cluster: the section says so
             assert shlex.join(argv) in INSTALL_AND_TEST, argv
     assert len(client_commands()) >= 10
 

@@ -126,7 +126,12 @@ async def serve(settings: Settings) -> int:
 
     log.info("loading models from %s", repository)
     status = await _load_and_serve(registry, server, repository, stop)
-    await server.drain(settings.drain_grace_s, settings.drain_quiet_s, settings.drain_unload_s)
+    await server.drain(
+        settings.drain_grace_s,
+        settings.drain_quiet_s,
+        settings.drain_unload_s,
+        notice_s=settings.drain_notice_s,
+    )
     await tracing.shutdown()
     if http is not None:
         http.close()

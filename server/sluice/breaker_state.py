@@ -208,8 +208,9 @@ class RedisBreakerStore:
         self._errors = errors
 
     @classmethod
-    def connect(cls, url: str) -> RedisBreakerStore:
-        """A store on ``url``; the ``redis`` package is imported only here."""
+    def connect(cls, url: str, *, timeout_s: float = 2.0) -> RedisBreakerStore:
+        """A store on ``url`` whose commands give up after ``timeout_s``; the ``redis``
+        package is imported only here."""
         try:
             import redis  # type: ignore[import-not-found, unused-ignore]
         except ImportError as exc:
@@ -218,7 +219,9 @@ class RedisBreakerStore:
                 "install it (pip install redis) or leave breaker.redis_url unset"
             ) from exc
         try:
-            client = redis.Redis.from_url(url)
+            client = redis.Redis.from_url(
+                url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            )
         except ValueError as exc:
             raise ConfigError(f"breaker.redis_url is not a Redis URL: {exc}") from exc
         return cls(client, errors=redis.RedisError)
@@ -246,7 +249,7 @@ def open_breaker_store(
             "keeps breaker state across restarts"
         )
     if settings.redis_url is not None:
-        return RedisBreakerStore.connect(settings.redis_url)
+        return RedisBreakerStore.connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
     if settings.state_file is not None:
         return BreakerStateStore(settings.state_file, wall_clock=wall_clock)
     return MemoryBreakerStore()

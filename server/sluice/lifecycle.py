@@ -103,7 +103,7 @@ class ModelState:
         """Append a change to the history, then move the pointer (see the module doc)."""
         change = Change(
             seq=max(self.pointer.seq, self._history[-1].seq if self._history else 0) + 1,
-            time=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            time=utc_now(),
             action=action,
             from_version=from_version,
             to_version=to_version,
@@ -147,12 +147,7 @@ class ModelState:
     def _write_pointer(self) -> None:
         if self._directory is None:
             return
-        data = {
-            "serving": self.pointer.serving,
-            "previous": self.pointer.previous,
-            "seq": self.pointer.seq,
-            "last": asdict(self.pointer.last) if self.pointer.last else None,
-        }
+        data = pointer_to_dict(self.pointer)
         write_atomically(
             self._directory / POINTER_FILE, (json.dumps(data, indent=2) + "\n").encode()
         )
@@ -171,24 +166,41 @@ def _read_history(path: Path) -> list[Change]:
             history.truncate(len(text.encode("utf-8")) - len(torn.encode("utf-8")))
     for number, line in enumerate(complete, 1):
         if line.strip():
-            changes.append(_change(json.loads(line), f"{path}:{number}"))
+            changes.append(change_from_dict(json.loads(line), f"{path}:{number}"))
     return changes
 
 
 def _read_pointer(path: Path) -> Pointer:
     if not path.is_file():
         return Pointer()
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    return pointer_from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+
+
+def utc_now() -> str:
+    """The time a change is recorded, as ISO 8601 UTC to the millisecond."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def pointer_to_dict(pointer: Pointer) -> dict[str, Any]:
+    return {
+        "serving": pointer.serving,
+        "previous": pointer.previous,
+        "seq": pointer.seq,
+        "last": asdict(pointer.last) if pointer.last else None,
+    }
+
+
+def pointer_from_dict(raw: dict[str, Any], where: str) -> Pointer:
     last = raw.get("last")
     return Pointer(
         serving=str(raw.get("serving", "")),
         previous=[str(v) for v in raw.get("previous", [])],
         seq=int(raw.get("seq", 0)),
-        last=_change(last, str(path)) if last else None,
+        last=change_from_dict(last, where) if last else None,
     )
 
 
-def _change(raw: dict[str, Any], where: str) -> Change:
+def change_from_dict(raw: dict[str, Any], where: str) -> Change:
     try:
         return Change(**{name: raw[name] for name in Change.__dataclass_fields__})
     except (KeyError, TypeError) as exc:

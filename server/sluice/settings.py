@@ -68,6 +68,9 @@ class BreakerSettings(_Section):
     redis_url: str | None = None
     """Redis URL (``redis://host:6379/0``) where replicas share breaker state instead of a
     state file (needs the ``redis`` package; the reset timeout then follows the wall clock)."""
+    redis_timeout_s: float = Field(2.0, gt=0)
+    """With ``redis_url``: longest one Redis command may take (a Redis that cannot be reached
+    in time leaves a breaker closed for that call, and is logged)."""
 
 
 class BatchingSettings(_Section):
@@ -200,11 +203,32 @@ class LifecycleSettings(_Section):
     """Longest an unload waits for the version's in-flight calls before releasing it."""
     warm_up_timeout_s: float = Field(60.0, gt=0)
     """A newly loaded version must answer a real test inference within this to serve."""
+    redis_url: str | None = None
+    """Redis URL (``redis://host:6379/0``) where replicas share each model's serving pointer
+    and history instead of ``state_dir`` (needs the ``redis`` package). A change made on one
+    replica reaches the others within ``sync_interval_s``; a replica that starts later
+    serves what the shared pointer names."""
+    sync_interval_s: float = Field(0.5, gt=0)
+    """With ``redis_url``: how often each replica reads the shared serving pointers (the
+    bound on how long a promote or rollback made on another replica takes to apply here,
+    plus loading the version when it is not loaded here yet)."""
+    redis_timeout_s: float = Field(2.0, gt=0)
+    """With ``redis_url``: longest one Redis command may take; a change that cannot be
+    recorded in time fails (UNAVAILABLE) and changes nothing."""
     replace_failed_serving_version: bool = False
     """When the version the serving pointer names cannot be loaded (its folder is gone or it
     fails to load): True promotes the highest loaded version in its place (a promote by
     ``sluice`` in the history, with the reason); False leaves the pointer alone, and calls
     that name no version fail with UNAVAILABLE until it loads or another is promoted."""
+
+    @model_validator(mode="after")
+    def _one_store(self) -> LifecycleSettings:
+        if self.redis_url is not None and self.state_dir is not None:
+            raise ValueError(
+                "lifecycle.state_dir and lifecycle.redis_url exclude each other: with Redis the "
+                "serving pointers and histories live there"
+            )
+        return self
 
 
 class TLSSettings(_Section):
@@ -308,6 +332,20 @@ class Settings(BaseSettings):
     may take; a backend still busy then (hung) is abandoned and the process exits, so
     SIGTERM to exit takes at most ``drain_grace_s + drain_unload_s`` (plus the tracing
     flush, when tracing is on)."""
+    max_connection_age_s: float | None = Field(None, gt=0)
+    """Close client connections after about this long (GOAWAY, with grpc's own +/-10%
+    jitter), so clients behind a load balancer reconnect and spread over new replicas
+    (HTTP/2 connections are long-lived). None: connections are never aged."""
+    max_connection_age_grace_s: float = Field(30.0, ge=0)
+    """After a connection is aged out, how long its calls in flight get to finish before
+    the connection is closed."""
+    health_port: int | None = Field(None, ge=0, le=65535)
+    """A second, plaintext port that serves only grpc.health.v1, for probes that cannot speak
+    TLS (the kubelet's gRPC probes) when the gRPC port does (0: any free port; None: none)."""
+    drain_notice_s: float = Field(0.5, ge=0)
+    """The first part of the drain grace: health already says NOT_SERVING but new calls are
+    still served, so clients that watch health (client-side health checking, a load
+    balancer) stop sending before any call is refused. Counted in ``drain_grace_s``."""
     drain_quiet_s: float = Field(0.2, ge=0)
     """After in-flight calls finish, how long no new call must arrive before the transport
     closes (calls arriving meanwhile are refused with UNAVAILABLE, which clients retry)."""

@@ -56,7 +56,7 @@ func ServiceConfig(p RetryPolicy) string {
 				"retryableStatusCodes": []string{"UNAVAILABLE"},
 			},
 		}},
-		"retryThrottling": map[string]interface{}{"maxTokens": 10, "tokenRatio": 0.1},
+		"retryThrottling": map[string]interface{}{"maxTokens": 100, "tokenRatio": 0.1},
 	}
 	out, _ := json.Marshal(config)
 	return string(out)

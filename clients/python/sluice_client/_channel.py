@@ -40,14 +40,20 @@ class RetryPolicy:
     """Largest upper bound of the random wait between attempts."""
     backoff_multiplier: float = 2.0
     """Growth of the wait bound per attempt."""
-    throttle_max_tokens: int = 10
-    """Retry-throttling tokens; each failed call costs one, retries stop at half."""
+    throttle_max_tokens: int = 100
+    """Retry-throttling tokens; each failed call costs one, retries stop at half (room for
+    a burst of failures as large as a busy client's concurrency, e.g. the calls a replica
+    held when it died, while a lasting outage still stops retries)."""
     throttle_token_ratio: float = 0.1
     """Tokens each successful call gives back."""
 
 
-def service_config(retry: RetryPolicy) -> str:
-    """The gRPC service config (JSON) that retries Sluice's services on UNAVAILABLE."""
+def service_config(retry: RetryPolicy, *, load_balancing: str | None = None) -> str:
+    """The gRPC service config (JSON) that retries Sluice's services on UNAVAILABLE.
+
+    ``load_balancing="round_robin"``, for a target that resolves to several replicas (a
+    headless Service, ``ipv4:a:8001,b:8001``), spreads calls over every replica and leaves
+    out those whose grpc.health.v1 status is not SERVING (a draining replica at once)."""
     config: dict[str, Any] = {
         "methodConfig": [
             {
@@ -66,19 +72,27 @@ def service_config(retry: RetryPolicy) -> str:
             "tokenRatio": retry.throttle_token_ratio,
         },
     }
+    if load_balancing is not None:
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
+        config["healthCheckConfig"] = {"serviceName": ""}
     return json.dumps(config)
 
 
 def channel_options(
-    *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, retry: RetryPolicy | None = None
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    retry: RetryPolicy | None = None,
+    load_balancing: str | None = None,
 ) -> list[tuple[str, Any]]:
-    """The client's channel options, for channels you build yourself (TLS, say):
+    """The client's channel options, for channels you build yourself (TLS, or several
+    replicas: ``load_balancing="round_robin"``, see ``service_config``):
     ``grpc.secure_channel(target, credentials, options=channel_options())``."""
+    config = service_config(retry or RetryPolicy(), load_balancing=load_balancing)
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", service_config(retry or RetryPolicy())),
+        ("grpc.service_config", config),
     ]
 
 

@@ -15,3 +15,8 @@ MODEL_HEALTH_PREFIX = "sluice.model."
 
 def model_health_service(model: str) -> str:
     return MODEL_HEALTH_PREFIX + model
+
+
+#: grpc.health.v1 service name that is SERVING from start to exit, whatever the models and
+#: the drain say: the process is alive (a liveness probe's question, and nothing more).
+LIVENESS_SERVICE = "sluice.liveness"

@@ -199,7 +199,7 @@ export function serviceConfig(retry: RetryPolicy): string {
         },
       },
     ],
-    retryThrottling: { maxTokens: 10, tokenRatio: 0.1 },
+    retryThrottling: { maxTokens: 100, tokenRatio: 0.1 },
   });
 }
 

@@ -10,7 +10,8 @@
 """
 
 from sluice.registry.entry import READY, UNAVAILABLE, IndexEntry
-from sluice.registry.registry import ModelRegistry, ReadinessListener
+from sluice.registry.readiness import ReadinessListener
+from sluice.registry.registry import ModelRegistry
 from sluice.registry.states import state_root
 from sluice.registry.table import ModelTable
 

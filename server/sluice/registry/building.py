@@ -1,6 +1,7 @@
 """Building a model's registry entry from the repository: its config, the versions its
 policy selects (and the serving one, whatever the policy says), the other backends its
-fallbacks name, and the choice of the serving version."""
+fallbacks name, and the choice of the serving version; later, the versions another
+replica's promote or rollback asks for."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 from pathlib import Path
 
 from sluice.errors import ConfigError, SluiceError
+from sluice.lifecycle import Pointer
+from sluice.lifecycle_redis import RedisModelState
 from sluice.loader import VersionLoader
 from sluice.registry.entry import ModelEntry
 from sluice.repository import ModelConfig, list_versions, read_config
@@ -42,6 +45,30 @@ class EntryBuilder:
                 + "; ".join(f"{v}: {why}" for v, why in entry.failures.items())
             )
         return None
+
+    async def adopt(self, entry: ModelEntry, shared: Pointer) -> None:
+        """Serve what another replica's change made the shared pointer say; a version not
+        loaded here is loaded and warmed up first (what served here serves meanwhile)."""
+        version = shared.serving
+        if version and version not in entry.versions and version not in entry.failures:
+            await self.add_version(entry, version)
+        assert isinstance(entry.state, RedisModelState)
+        if version != entry.serving_version:
+            log.info("model %s: version %s serves, as set on another replica", entry.name, version)
+        entry.state.adopt(shared)
+
+    async def add_version(self, entry: ModelEntry, version: str) -> None:
+        """Load one more version into a loaded model's entry, warmed up with a real
+        inference before it may serve; a failure is recorded in the entry."""
+        try:
+            config = read_config(self._repository / entry.name)
+            loaded = await self._loader.load(entry.name, version, config)
+            await self._loader.warm_up(loaded)
+        except SluiceError as exc:
+            entry.failures[version] = exc.message
+            log.error("model %s version %s failed to load: %s", entry.name, version, exc)
+            return
+        entry.versions[version] = loaded
 
     def _with_serving(self, entry: ModelEntry, versions: list[str]) -> list[str]:
         """The versions the policy selects, and the serving one whatever the policy says

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sluice.breaker_state import open_breaker_store
@@ -20,12 +19,13 @@ from sluice.clock import Clock
 from sluice.errors import ConfigError, ModelNotFoundError, SluiceError
 from sluice.executors.capabilities import Capabilities, detect
 from sluice.executors.registry import BackendRegistry
-from sluice.lifecycle import Change
+from sluice.lifecycle import Change, Pointer
 from sluice.loader import VersionLoader
 from sluice.metrics import Metrics
 from sluice.registry.building import EntryBuilder
 from sluice.registry.entry import ModelEntry
-from sluice.registry.states import ModelStates, state_root
+from sluice.registry.readiness import Readiness, ReadinessListener
+from sluice.registry.states import ModelStates
 from sluice.registry.table import ModelTable, is_dir
 from sluice.repository import (
     list_models,
@@ -36,9 +36,6 @@ from sluice.settings import Settings
 from sluice.tracing import Tracing
 
 log = logging.getLogger(__name__)
-
-#: Called with (model name, serving) whenever a model's readiness may have changed.
-ReadinessListener = Callable[[str, bool], Awaitable[None]]
 
 
 class ModelRegistry(ModelTable):
@@ -74,13 +71,12 @@ class ModelRegistry(ModelTable):
             repository=repository,
             replace_failed=settings.lifecycle.replace_failed_serving_version,
         )
-        self._states = ModelStates(state_root(settings, repository))
-        self._listeners: list[ReadinessListener] = []
-        self._background: set[asyncio.Task[None]] = set()
+        self._states = ModelStates.from_settings(settings, repository)
+        self._readiness = Readiness()
         self._lock = asyncio.Lock()
 
     def add_readiness_listener(self, listener: ReadinessListener) -> None:
-        self._listeners.append(listener)
+        self._readiness.add(listener)
 
     # -- whole models -------------------------------------------------------------------
 
@@ -92,6 +88,12 @@ class ModelRegistry(ModelTable):
             except SluiceError as exc:
                 log.error("model %s failed to load: %s", name, exc.message)
         self.started = True
+        following = self._states.following(
+            served=lambda: {name: e.state.pointer for name, e in self._models.items()},
+            on_newer=self._adopt_shared,
+        )
+        if following is not None:  # serving pointers shared by replicas (lifecycle.redis_url)
+            self._readiness.in_background(following)
 
     async def load(self, name: str, *, who: str | None = None, reason: str = "") -> None:
         """(Re)load a model from the repository: every version its policy selects, and the
@@ -110,7 +112,7 @@ class ModelRegistry(ModelTable):
             if name not in self._models:
                 raise ModelNotFoundError(f"model '{name}' is not loaded")
             old = self._models.pop(name)
-            await self._notify(name, False)
+            await self._readiness.notify(name, False)
             await self._close_entry(old)
             if who is not None:
                 old.state.record(
@@ -119,8 +121,10 @@ class ModelRegistry(ModelTable):
 
     async def close(self) -> None:
         """Unload everything (the last step of a drain)."""
+        self._readiness.stop()
         for name in list(self._models):
             await self.unload(name)
+        self._states.close()
 
     async def _load(self, name: str) -> None:
         async with self._lock:
@@ -160,7 +164,7 @@ class ModelRegistry(ModelTable):
             entry.failures.pop(version, None)
             entry.versions[version] = loaded
             entry.state.record("load", from_version="", to_version=version, who=who, reason=reason)
-            await self._notify(name, entry.serving)
+            await self._readiness.notify(name, entry.serving)
 
     async def unload_version(self, name: str, version: str, *, who: str, reason: str) -> None:
         """Take a version out of service, wait for its in-flight calls, release it."""
@@ -180,7 +184,7 @@ class ModelRegistry(ModelTable):
             entry.state.record(
                 "unload", from_version=version, to_version="", who=who, reason=reason
             )
-            await self._notify(name, entry.serving)
+            await self._readiness.notify(name, entry.serving)
 
     async def promote(self, name: str, version: str, *, who: str, reason: str) -> tuple[str, str]:
         """Make a loaded, healthy version the serving one: (from, to). Calls that already
@@ -210,6 +214,16 @@ class ModelRegistry(ModelTable):
             )
             log.info("model %s: rolled back from %s to %s by %s", name, before, target, who)
             return before, target
+
+    async def _adopt_shared(self, name: str, shared: Pointer) -> None:
+        """Serve what another replica promoted or rolled back to; a version not loaded
+        here is loaded and warmed up first (what served here serves meanwhile)."""
+        async with self._lock:
+            entry = self._models.get(name)
+            if entry is None or shared.seq <= entry.state.pointer.seq:
+                return
+            await self._builder.adopt(entry, shared)
+            await self._readiness.notify(name, entry.serving)
 
     def history(self, name: str) -> list[Change]:
         if not self.in_repository(name):
@@ -250,22 +264,16 @@ class ModelRegistry(ModelTable):
         entry.record_health(version, problem)
         self._metrics.model_ready.labels(name, version).set(0 if problem else 1)
         if entry.serving != was_serving:
-            await self._notify(name, entry.serving)
+            await self._readiness.notify(name, entry.serving)
 
     def _refresh_soon(self, name: str) -> None:
         """A breaker changed state (synchronously, inside a call): update health after it."""
-        task = asyncio.get_running_loop().create_task(self._refresh(name))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._readiness.in_background(self._refresh(name))
 
     async def _refresh(self, name: str) -> None:
         entry = self._models.get(name)
         if entry is not None:
-            await self._notify(name, entry.serving)
-
-    async def _notify(self, name: str, ready: bool) -> None:
-        for listener in self._listeners:
-            await listener(name, ready)
+            await self._readiness.notify(name, entry.serving)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -278,7 +286,7 @@ class ModelRegistry(ModelTable):
     async def _replace(self, name: str, entry: ModelEntry) -> None:
         old = self._models.get(name)
         self._models[name] = entry
-        await self._notify(name, entry.serving)
+        await self._readiness.notify(name, entry.serving)
         if old is not None:
             await self._close_entry(old)
 

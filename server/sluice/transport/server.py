@@ -66,6 +66,8 @@ class SluiceServer:
     servicer: InferenceServicer
     prober: HealthProber
     shadow: Shadower
+    health_server: HealthPort | None = None
+    """The plaintext health-only port (``health_port``), when there is one."""
 
     async def mark_started(self) -> None:
         """After the start-up load: overall health follows whether anything can serve."""
@@ -73,9 +75,15 @@ class SluiceServer:
             await self.health.set(name, _status(self.registry.ready))
         self.prober.start()
 
-    async def drain(self, grace_s: float, quiet_s: float = 0.0, unload_s: float = 5.0) -> None:
+    async def drain(
+        self, grace_s: float, quiet_s: float = 0.0, unload_s: float = 5.0, *, notice_s: float = 0.0
+    ) -> None:
         """NOT_SERVING first, refuse new calls and streams, let in-flight ones finish (open
         streams stop reading and end with UNAVAILABLE), end health watches, then unload.
+
+        For the first ``notice_s`` of the grace, health already says NOT_SERVING but new
+        calls are still served: clients that watch health (client-side health checking,
+        load balancers) move their calls elsewhere before any is refused.
 
         Calls still running when ``grace_s`` ends are stopped with UNAVAILABLE. Closing the
         transport and unloading get at most ``unload_s`` more: a backend still busy then
@@ -86,6 +94,8 @@ class SluiceServer:
         give_up_at = loop.time() + grace_s
         await self.prober.stop()
         await self.health.enter_graceful_shutdown()
+        if notice_s > 0:
+            await asyncio.sleep(min(notice_s, grace_s))
         self.admission.begin_drain(give_up_at)
         self.servicer.draining = True
         # While admitted calls and open streams finish, and until callers stop arriving, new
@@ -98,6 +108,8 @@ class SluiceServer:
         # Calls cut at the grace's end are writing their UNAVAILABLE: give them a moment.
         closing_s = min(_CLOSE_S, unload_s)
         await self.grpc_server.stop(max(give_up_at - loop.time(), 0.0) + closing_s)
+        if self.health_server is not None:
+            await self.health_server.server.stop(0)
         log.info("calls and streams finished; unloading models")
         try:
             async with asyncio.timeout(max(unload_s - closing_s, 0.0)):
@@ -142,12 +154,7 @@ async def create_server(
             tracing=tracing,
             admin=admin,
         ),
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            # A second server on a busy port must fail, not silently share it.
-            ("grpc.so_reuseport", 0),
-        ],
+        options=server_options(settings),
     )
     servicer = InferenceServicer(
         registry, router=router, settings=settings, policy=policy, admission=admission
@@ -192,10 +199,52 @@ async def create_server(
     else:  # TLS only: no plaintext port
         port = server.add_secure_port(address, certificates.credentials())
     await server.start()
+    health_port = None
+    if settings.health_port is not None:
+        try:
+            health_port = await start_health_port(
+                settings.host, settings.health_port, health_servicer
+            )
+        except BaseException:
+            await server.stop(0)
+            raise
     transport = "plaintext" if certificates is None else certificates.describe()
     log.info("gRPC listening on %s:%d (%s)", settings.host, port, transport)
     log.info("admin plane: %s", admin.describe())
     prober = HealthProber(registry, settings.probe, clock)
     return SluiceServer(
-        server, port, registry, health_servicer, admission, servicer, prober, shadow
+        server, port, registry, health_servicer, admission, servicer, prober, shadow, health_port
     )
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC server's channel options: message limits and connection ageing."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # A second server on a busy port must fail, not silently share it.
+        ("grpc.so_reuseport", 0),
+    ]
+    if settings.max_connection_age_s is not None:
+        options += [
+            ("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
+@dataclass(frozen=True, slots=True)
+class HealthPort:
+    server: grpc.aio.Server
+    port: int
+
+
+async def start_health_port(host: str, port: int, servicer: HealthServicer) -> HealthPort:
+    """A plaintext port serving only ``servicer`` (grpc.health.v1): for the kubelet's gRPC
+    probes, which cannot speak TLS. It answers what the main port's health answers."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(_bind_address(host, port))
+    await server.start()
+    log.info("health checks (plaintext, grpc.health.v1 only) on %s:%d", host, bound)
+    return HealthPort(server, bound)
