@@ -105,7 +105,9 @@ def metrics_cost_us() -> dict[str, float]:
 
     metrics = Metrics()
     batch = metrics.batch_observer("mlp", "1", stats=ModelStats())
-    run = BatchRun(rows=(1,) * 8, queue_s=(0.0001,) * 8, input_s=0.0, infer_s=0.001, output_s=0.0)
+    run = BatchRun(
+        rows=(1,) * 8, queue_s=(0.0001,) * 8, input_s=0.0, infer_s=0.001, output_s=0.0, size=8
+    )
     requests = metrics.requests
     seconds = metrics.request_seconds
 

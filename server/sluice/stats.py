@@ -42,10 +42,8 @@ class BatchRun:
     """The executor's run."""
     output_s: float
     """Handing each request its rows of the outputs."""
-
-    @property
-    def size(self) -> int:
-        return sum(self.rows)
+    size: int
+    """Rows in the batch (the sum of ``rows``)."""
 
 
 @dataclass(slots=True)

@@ -263,23 +263,23 @@ class Tracing:
             leaf=True,
         )
 
-    def record_queue_waits(self, waits: Iterable[tuple[Context | None, int]]) -> None:
-        """A finished ``sluice.queue_wait`` span for each (request context, start in
-        ``time.time_ns``), ending now; nothing while tracing is off."""
-        if self._tracer is None:
-            return
-        for parent, start_ns in waits:
-            if parent is not None:
-                self._tracer.start_span("sluice.queue_wait", parent, start_time=start_ns).end()
-
     def batch_span(
-        self, requests: Iterable[Context | None], attributes: Attributes, *, rows: int
+        self,
+        requests: Iterable[tuple[Context | None, int]],
+        attributes: Attributes,
+        *,
+        rows: int,
     ) -> contextlib.AbstractContextManager[Span]:
-        """One executor run of ``rows`` rows: a root span linked to the span of every request
-        in the batch (``requests``: their captured contexts)."""
+        """One executor run of ``rows`` rows. ``requests``: each request's captured context
+        and enqueue time (``time.time_ns``). Each gets a finished ``sluice.queue_wait`` span
+        ending now; the run is a root span linked to every request's span."""
         if self._tracer is None:
             return _OFF
-        contexts = [ctx for ctx in requests if ctx is not None]
+        contexts = []
+        for parent, start_ns in requests:
+            if parent is not None:
+                self._tracer.start_span("sluice.queue_wait", parent, start_time=start_ns).end()
+                contexts.append(parent)
         links = [Link(trace.get_current_span(ctx).get_span_context()) for ctx in contexts]
         span = self._tracer.start_span(
             "sluice.batch",

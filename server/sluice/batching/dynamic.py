@@ -157,8 +157,9 @@ class DynamicBatcher:
 
     async def _execute(self, batch: list[Pending]) -> None:
         started = self._clock()
+        rows = sum(p.rows for p in batch)
         try:
-            outputs, input_s, infer_s = await self._run_batch(batch)
+            outputs, input_s, infer_s = await self._run_batch(batch, rows)
         except InvalidInputError as exc:
             if len(batch) == 1:
                 _resolve_error(batch[0].future, exc)
@@ -182,17 +183,19 @@ class DynamicBatcher:
                 input_s=input_s,
                 infer_s=infer_s,
                 output_s=output_s,
+                size=rows,
             )
         )
 
-    async def _run_batch(self, batch: list[Pending]) -> tuple[dict[str, Array], float, float]:
+    async def _run_batch(
+        self, batch: list[Pending], rows: int
+    ) -> tuple[dict[str, Array], float, float]:
         """Run one batch in its ``sluice.batch`` span (linked to its requests' spans, after a
         ``sluice.queue_wait`` span for each): its outputs, and the seconds spent building
         its inputs and running it. Anything the backend does wrong (a hang past the batch's
         time limit, an exception of its own) is a backend fault, counted by its breaker."""
-        rows = sum(p.rows for p in batch)
-        self._tracing.record_queue_waits((p.trace, p.enqueued_ns) for p in batch)
-        with self._tracing.batch_span((p.trace for p in batch), self._span_attributes, rows=rows):
+        waits = ((p.trace, p.enqueued_ns) for p in batch)
+        with self._tracing.batch_span(waits, self._span_attributes, rows=rows):
             t0 = self._clock()
             inputs = arithmetic.merge([p.inputs for p in batch])
             t1 = self._clock()
