@@ -489,17 +489,54 @@ async def test_decoupled_responses_interleave_across_requests_on_one_stream(
 async def test_a_prompt_longer_than_the_context_could_hold_is_refused_untokenized(
     server: RunningServer,
 ) -> None:
+    """tiny_llama's 256-token context holds at most 3328 bytes of text: a 5 kB prompt is
+    refused by the model before it is tokenized; a 34 kB one (longer than any model here
+    takes, with all the room the other fields may need) before it is even decoded."""
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = gen_grpc.GenerationServiceStub(channel)
-        prompt = "Once upon a time " * 2000  # 34 kB for a 256-token context
-        with pytest.raises(grpc.aio.AioRpcError) as generate:
-            async for _ in stub.Generate(
-                gen.GenerateRequest(model_name="tiny_llama", prompt=prompt)
-            ):
-                pass
-        with pytest.raises(grpc.aio.AioRpcError) as count:
-            await stub.CountTokens(gen.CountTokensRequest(model_name="tiny_llama", prompt=prompt))
-    for info in (generate, count):
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "34000 bytes" in str(info.value.details())
-        assert "can hold at most" in str(info.value.details())
+        for prompt, said in (
+            ("Once upon a time " * 300, ("5100 bytes", "can hold at most 3328 bytes")),
+            ("Once upon a time " * 2000, ("more than the 19712", "than the 3328 bytes")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as generate:
+                async for _ in stub.Generate(
+                    gen.GenerateRequest(model_name="tiny_llama", prompt=prompt)
+                ):
+                    pass
+            with pytest.raises(grpc.aio.AioRpcError) as count:
+                await stub.CountTokens(
+                    gen.CountTokensRequest(model_name="tiny_llama", prompt=prompt)
+                )
+            for info in (generate, count):
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                details = str(info.value.details())
+                assert all(part in details for part in said), details
+
+
+async def test_a_stream_message_longer_than_any_prompt_ends_the_stream_undecoded(
+    channel: grpc.aio.Channel,
+) -> None:
+    """On GenerateStream each message is bounded as it arrives: the generation already
+    running gets its end, then the stream ends with INVALID_ARGUMENT naming the message."""
+    messages = [
+        gen.GenerateStreamRequest(
+            start=gen.StartGeneration(request_id="ok", request=request(max_new_tokens=3))
+        ),
+        gen.GenerateStreamRequest(
+            start=gen.StartGeneration(
+                request_id="huge",
+                request=gen.GenerateRequest(model_name="tiny_llama", prompt="x" * 40_000),
+            )
+        ),
+    ]
+    call = gen_grpc.GenerationServiceStub(channel).GenerateStream(iter(messages))
+    responses = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for response in call:
+            responses.append(response)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "message 2 of the GenerateStream stream has" in str(info.value.details())
+    assert "than the 3328 bytes" in str(info.value.details())
+    assert not [r for r in responses if r.request_id == "huge"]
+    ended = [r for r in responses if r.request_id == "ok" and r.chunk.finish_reason]
+    assert len(ended) == 1, responses

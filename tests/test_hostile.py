@@ -384,6 +384,18 @@ def _plain(run: Callable[[grpc.Channel], grpc.StatusCode]) -> Send:
     return lambda channel: lambda: run(channel)
 
 
+def _repeated_refusals(channel: grpc.Channel) -> grpc.StatusCode:
+    """Twelve 20 MB prompts in a row, each refused: what a refused call held must be freed
+    when it ends, not when the cyclic garbage collector next runs (grpc keeps an aborted
+    call's exception, whose frames held the request: about 60 MB kept per call)."""
+    raw = gen.CountTokensRequest(model_name="tiny_llama", prompt=_twenty_mb_prompt())
+    method = channel.unary_unary(COUNT)
+    data = raw.SerializeToString()
+    codes = {code_of(lambda: method(data, timeout=30)) for _ in range(12)}
+    assert len(codes) == 1, codes
+    return codes.pop()
+
+
 def _many_parameters() -> pb.ModelInferRequest:
     request = fp32("echo", np.zeros((1, 4)))
     for i in range(100_000):
@@ -416,6 +428,7 @@ CASES = [
         watch_health=True,
         max_seconds=1.0,
     ),
+    Case("twelve 20 MB prompts in a row", _plain(_repeated_refusals), IA, 150),
     Case("3000 duplicate outputs", _unary(INFER, _duplicate_outputs), IA, 30),
     Case("reply over max message", _unary(INFER, lambda: fp32("fanout", np.ones((16, 1)))), RE, 10),
     Case("undecodable request", _unary(INFER, lambda: b"\xff\xff\xff\xff"), IA, 5),

@@ -86,6 +86,10 @@ class FaultyEngine(GenerationEngine):
         return self._inner.max_context
 
     @property
+    def max_prompt_bytes(self) -> int:
+        return self._inner.max_prompt_bytes
+
+    @property
     def stats(self) -> SchedulerStats:
         return self._inner.stats
 

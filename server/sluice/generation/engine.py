@@ -95,6 +95,12 @@ class GenerationEngine(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def max_prompt_bytes(self) -> int:
+        """The most UTF-8 bytes a prompt may have: a longer one cannot fit in the context,
+        whatever its text."""
+
+    @property
+    @abc.abstractmethod
     def stats(self) -> SchedulerStats: ...
 
     @abc.abstractmethod

@@ -73,6 +73,10 @@ class ContinuousBatcher(GenerationEngine):
         return self.lm.max_context
 
     @property
+    def max_prompt_bytes(self) -> int:
+        return self.tokenizer.max_prompt_bytes(self.max_context)
+
+    @property
     def stats(self) -> SchedulerStats:
         return self._stats
 
@@ -99,7 +103,7 @@ class ContinuousBatcher(GenerationEngine):
         """A prompt with more bytes than the context could hold is refused before any
         tokenizing; a long one is tokenized off the event loop."""
         size = len(prompt) if prompt.isascii() else len(prompt.encode("utf-8"))
-        bound = self.tokenizer.max_prompt_bytes(self.max_context)
+        bound = self.max_prompt_bytes
         if size > bound:
             raise PromptTooLongError(
                 model=self.name,

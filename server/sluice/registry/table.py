@@ -84,6 +84,18 @@ class ModelTable:
     def loaded_versions(self) -> list[ModelVersion]:
         return [v for entry in self._models.values() for v in entry.versions.values()]
 
+    def longest_prompt_bytes(self) -> int:
+        """The most UTF-8 bytes of prompt any loaded version takes (0: none generates)."""
+        return max(
+            (
+                version.engine.max_prompt_bytes
+                for entry in self._models.values()
+                for version in entry.versions.values()
+                if version.engine is not None
+            ),
+            default=0,
+        )
+
     def fallbacks(self, name: str) -> tuple[FallbackTarget, ...]:
         entry = self._models.get(name)
         return entry.fallbacks if entry is not None else ()

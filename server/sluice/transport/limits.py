@@ -17,6 +17,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from sluice.domain import MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS
 from sluice.errors import InvalidInputError
 
 MAX_BYTES: dict[str, int] = {
@@ -41,6 +42,11 @@ MAX_ITEMS: dict[str, int] = {
 }
 """Most entries of repeated and map fields with these names, in any request message (what
 a request is converted into is proportional to them, on the event loop)."""
+
+PROMPT_MESSAGE_ROOM_BYTES = 16 * 1024
+"""What a request message that carries a prompt may hold besides the prompt: its names and
+ids, sampling scalars, stop sequences and stop token ids, each within its bound, with
+their tags and lengths (about 7 KiB at most), rounded up."""
 
 MAX_REQUEST_ID_CHARS = 128
 """Longest ``x-request-id`` a caller may send (printable ASCII)."""
@@ -127,3 +133,17 @@ def _check_length(descriptor: Descriptor, name: str, text: str, limit: int) -> N
             f"field '{name}' of {descriptor.name} has {size} bytes; at most {limit} are "
             f"allowed (it starts {text[:40]!r})"
         )
+
+
+def _prompt_message_room() -> int:
+    """The most the bounded fields beside a prompt can take on the wire (field tags and
+    length prefixes at most 6 bytes each)."""
+    names = MAX_BYTES["model_name"] + MAX_BYTES["model_version"] + MAX_BYTES["request_id"]
+    stops = MAX_STOP_SEQUENCES * (MAX_BYTES["stop_sequences"] + 6)
+    token_ids = MAX_STOP_TOKEN_IDS * 5 + 6  # packed varints of at most 32 bits
+    scalars = 8 * 12  # max_new_tokens, temperature, top_k, top_p, seed, penalty; tags
+    nesting = 4 * 6  # the messages the prompt's request is nested in
+    return names + 3 * 6 + stops + token_ids + scalars + nesting
+
+
+assert _prompt_message_room() <= PROMPT_MESSAGE_ROOM_BYTES

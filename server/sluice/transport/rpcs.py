@@ -24,12 +24,17 @@ class Rpc:
     """Gets a server span (when tracing is on)."""
     operational: bool = False
     """Health and reflection: never shed, refused or cut off by a drain."""
+    prompts: bool = False
+    """Its request messages (each one, on a stream) carry a prompt, and little else that may
+    be long: one larger than the longest prompt any generation model takes is refused
+    before it is decoded."""
 
 
 PLAIN = Rpc()
 _INFERENCE = Rpc(admitted=True, inference=True)
 _ADMIN = Rpc(admin=True)
 _OPERATIONAL = Rpc(traced=False, operational=True)
+_GENERATE = Rpc(admitted=True, inference=True, prompts=True)
 
 _INFERENCE_SERVICE = "/inference.GRPCInferenceService/"
 _MODEL_SERVICE = "/sluice.v1.ModelService/"
@@ -50,9 +55,9 @@ RPCS: dict[str, Rpc] = {
     f"{_INFERENCE_SERVICE}RepositoryModelLoad": _ADMIN,
     f"{_INFERENCE_SERVICE}RepositoryModelUnload": _ADMIN,
     # sluice.v1.GenerationService
-    f"{_GENERATION_SERVICE}Generate": _INFERENCE,
-    f"{_GENERATION_SERVICE}GenerateStream": PLAIN,
-    f"{_GENERATION_SERVICE}CountTokens": Rpc(admitted=True),
+    f"{_GENERATION_SERVICE}Generate": _GENERATE,
+    f"{_GENERATION_SERVICE}GenerateStream": Rpc(prompts=True),
+    f"{_GENERATION_SERVICE}CountTokens": Rpc(admitted=True, prompts=True),
     # sluice.v1.ModelService
     f"{_MODEL_SERVICE}GetCapabilities": PLAIN,
     f"{_MODEL_SERVICE}ListModels": PLAIN,

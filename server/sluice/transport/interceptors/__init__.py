@@ -40,7 +40,7 @@ def build(
             [
                 TelemetryInterceptor(metrics, registry, clock=clock, tracing=tracing),
                 ErrorInterceptor(),
-                DecodeInterceptor(),
+                DecodeInterceptor(registry.longest_prompt_bytes),
                 AuthInterceptor(admin),
                 DeadlineInterceptor(policy, metrics),
                 AdmissionInterceptor(admission, policy),
