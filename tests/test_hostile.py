@@ -621,6 +621,7 @@ def test_hostile_input(server: Server, case: Case) -> None:
         "seconds": round(took, 3),
         "slowest_health_ms": None if slowest is None else round(slowest * 1000, 1),
     }
+    print(case.id, OBSERVED[case.id])  # shown with -rP, and on failure
     assert code == case.code
     assert after.outputs and generated
     assert growth_mb < case.rss_bound_mb, OBSERVED[case.id]
