@@ -561,31 +561,47 @@ CASES = [
 OBSERVED: dict[str, dict[str, object]] = {}
 
 
+_WATCHER = """
+import sys, time, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(sys.argv[1]))
+stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+print("ready", flush=True)
+import select
+slowest = 0.0
+while not select.select([sys.stdin], [], [], 0.01)[0]:
+    started = time.perf_counter()
+    stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    slowest = max(slowest, time.perf_counter() - started)
+print(slowest, flush=True)
+"""
+
+
 class HealthWatch:
-    """Health checks every 10 ms from another thread; the slowest answer."""
+    """Health checks every 10 ms from another process; the slowest answer.
+
+    Another process, not a thread: a thread here would share the test's GIL with the client
+    that is building and sending the hostile message, and would time the client too.
+    """
 
     def __init__(self, address: str) -> None:
-        self._channel = grpc.insecure_channel(address)
-        self._stub = health_pb2_grpc.HealthStub(self._channel)
-        self._stub.Check(health_pb2.HealthCheckRequest(), timeout=5)  # connected first
-        self._stop = threading.Event()
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _WATCHER, address],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.slowest = 0.0
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> HealthWatch:
-        self._thread.start()
+        assert self._process.stdout is not None
+        ready = self._process.stdout.readline()
+        assert ready.strip() == "ready", f"the health watcher did not connect: {ready!r}"
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._channel.close()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            started = time.perf_counter()
-            self._stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-            self.slowest = max(self.slowest, time.perf_counter() - started)
+        out, _ = self._process.communicate("stop\n", timeout=30)
+        self.slowest = float(out.split()[-1])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
@@ -601,15 +617,17 @@ def test_hostile_input(server: Server, case: Case) -> None:
         baseline = server.status("VmRSS")
         server.reset_peak()
         fire = case.send(channel)
-        started = time.perf_counter()
         if case.watch_health:
             with HealthWatch(server.address) as health:
+                started = time.perf_counter()
                 code = fire()
+                took = time.perf_counter() - started
             slowest = health.slowest
         else:
+            started = time.perf_counter()
             code = fire()
+            took = time.perf_counter() - started
             slowest = None
-        took = time.perf_counter() - started
         growth_mb = (server.status("VmHWM") - baseline) / MiB
         after = stub.ModelInfer(simple(), timeout=30)  # a good call right after
         generated = list(
