@@ -129,6 +129,10 @@ class ModelConfig(_Strict):
     version_policy: VersionPolicy = VersionPolicy()
     fallbacks: list[FallbackTarget] = []
     """Where a call goes, in order, when this model fails transiently or its breaker is open."""
+    latency_guardrail_ms: float | None = Field(None, gt=0)
+    """Calls slower than this are slow (counted apart from failures); a version whose recent
+    p95 is above it gives way to the next candidate of its chain until it recovers
+    (settings ``guardrail.*``). None: no guardrail."""
     faults: FaultConfig | None = None
     """Injected faults (tests, game days)."""
     shadow: ShadowConfig | None = None

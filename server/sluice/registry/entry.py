@@ -45,6 +45,8 @@ class ModelEntry:
     fallbacks: tuple[FallbackTarget, ...] = ()
     #: Where a sample of its calls is mirrored (from its config).
     shadow: ShadowConfig | None = None
+    #: Calls slower than this are slow; a version with a slow p95 gives way (from its config).
+    latency_guardrail_ms: float | None = None
     #: Other backends of a version, loaded because a fallback names them: (version, backend).
     alternates: dict[tuple[str, str], ModelVersion] = field(default_factory=dict)
     #: Loaded versions that failed their last health probe, with the reason.

@@ -56,6 +56,8 @@ class Router:
         self._candidates = Candidates(
             table, settings, metrics=metrics, clock=clock, rng=rng or random.Random()
         )
+        #: Each guarded version's latency guardrail (ListModels shows them).
+        self.guardrails = self._candidates.guardrails
 
     def fail_fast(self, name: str, version: str = "") -> None:
         """Raise now when no candidate of the called name could take a call (every one not
