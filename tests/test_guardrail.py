@@ -18,6 +18,7 @@ from sluice.settings import GuardrailSettings, Settings
 from sluice_api.inference import grpc_service_pb2_grpc as infer_grpc
 from sluice_api.sluice.v1 import model_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2_grpc as pb_grpc
+from sluice_client import AsyncClient
 from tests.conftest import FakeClock, RunningServer, StartServer
 from tests.test_routing import call, sample, with_backup
 
@@ -315,3 +316,8 @@ async def test_a_tripped_version_with_no_other_candidate_still_serves(
     assert [await served_by(stub) for _ in range(7)] == [PRIMARY] * 7
     status = await guardrail_of(models, "simple")
     assert status.tripped and status.slow_calls == 7
+    async with AsyncClient(channel) as client:  # the typed client shows it too
+        (row,) = [m for m in await client.list_models() if m.name == "simple"]
+    assert row.latency_guardrail is not None
+    assert row.latency_guardrail.tripped and row.latency_guardrail.slow_calls == 7
+    assert row.latency_guardrail.guardrail_ms == GUARDRAIL_MS
