@@ -321,3 +321,30 @@ async def test_a_tripped_version_with_no_other_candidate_still_serves(
     assert row.latency_guardrail is not None
     assert row.latency_guardrail.tripped and row.latency_guardrail.slow_calls == 7
     assert row.latency_guardrail.guardrail_ms == GUARDRAIL_MS
+
+
+async def test_a_failing_fallback_hands_the_call_back_to_the_tripped_version(
+    start_server: StartServer, example_repository: Path, channel_to: object
+) -> None:
+    repository = with_backup(
+        example_repository, primary_config(slow=True), "faults: {mode: fail}\n"
+    )
+    server = await start_server(
+        repository=repository,
+        breaker={"fail_max": 2},
+        # No retry budget at all: handing the call back is no retry, it is never refused.
+        retry={"budget_ratio": 0, "budget_min_retries": 0},
+        **SERVER_SETTINGS,
+    )
+    stub = infer_grpc.GRPCInferenceServiceStub(channel_to(server))  # type: ignore[operator]
+    assert [await served_by(stub) for _ in range(5)] == [PRIMARY] * 5  # tripped now
+    attempts = []
+    for _ in range(4):
+        response, trailers = await call(stub, "simple")
+        assert trailers["x-sluice-served-by"] == PRIMARY
+        attempts.append(response.parameters["sluice_attempts"].int64_param)
+    # The fallback went first and failed (twice, opening its breaker); after that it is
+    # passed over, and the tripped primary answers every call at its first attempt.
+    assert attempts == [2, 2, 1, 1]
+    backup = {"model": "simple_b", "version": "1", "backend": "onnxruntime"}
+    assert sample(server, "sluice_breaker_state", backup) == 2

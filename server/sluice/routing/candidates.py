@@ -116,9 +116,10 @@ class Candidates:
 
     def may_hop(self, name: str, walk: Walk, index: int) -> bool:
         """A fallback after a transient failure needs room in the budget (it is charged only
-        when it fails too); the call's first candidate, or one after a context overflow,
-        needs none."""
-        if not walk.after_transient_failure or walk.budget.has_room():
+        when it fails too); the call's first candidate, one after a context overflow, or
+        one the latency guardrail put after the others (it would have gone first) needs
+        none."""
+        if not walk.after_transient_failure or index in walk.demoted or walk.budget.has_room():
             return True
         self.skip(name, walk, index, "budget", UnavailableError("the retry budget is spent"))
         return False
