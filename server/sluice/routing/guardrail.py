@@ -174,7 +174,7 @@ class Guardrail:
 
 
 class Guardrails:
-    """Every guarded version's ``Guardrail``, made on its first call with its model's
+    """Every guarded version's ``Guardrail``, made when first asked for with its model's
     current ``latency_guardrail_ms`` (a reload that keeps it keeps the state; one that
     changes it starts afresh)."""
 

@@ -128,13 +128,19 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                 for f in self._registry.fallbacks(row.name)
             ]
             status = _status(row, fallbacks)
-            guardrail_ms = self._registry.latency_guardrail_ms(row.name)
-            if guardrail_ms is not None and row.spec is not None:
-                guard = self._guardrails.get(guardrail_ms, row.name, row.version, row.spec.backend)
-                if guard is not None:
-                    status.latency_guardrail.CopyFrom(_guardrail(guard.view()))
+            guardrail = self._guardrail_view(row)
+            if guardrail is not None:
+                status.latency_guardrail.CopyFrom(_guardrail(guardrail))
             rows.append(status)
         return pb.ListModelsResponse(models=rows)
+
+    def _guardrail_view(self, row: IndexEntry) -> GuardrailView | None:
+        """A loaded version's latency guardrail, when its model has one."""
+        guardrail_ms = self._registry.latency_guardrail_ms(row.name)
+        if guardrail_ms is None or row.spec is None:
+            return None
+        guard = self._guardrails.get(guardrail_ms, row.name, row.version, row.spec.backend)
+        return None if guard is None else guard.view()
 
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: Context
