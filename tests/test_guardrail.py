@@ -4,6 +4,7 @@ over a real server whose primary is made slow by an injected fault."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from sluice.metrics import Metrics
 from sluice.routing.guardrail import Guardrail, Guardrails, LatencyWindow
 from sluice.settings import GuardrailSettings, Settings
 from sluice_api.inference import grpc_service_pb2_grpc as infer_grpc
+from sluice_api.sluice.v1 import generation_service_pb2 as gen
+from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
 from sluice_api.sluice.v1 import model_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2_grpc as pb_grpc
 from sluice_client import AsyncClient
@@ -348,3 +351,28 @@ async def test_a_failing_fallback_hands_the_call_back_to_the_tripped_version(
     assert attempts == [2, 2, 1, 1]
     backup = {"model": "simple_b", "version": "1", "backend": "onnxruntime"}
     assert sample(server, "sluice_breaker_state", backup) == 2
+
+
+async def test_a_generation_model_slow_to_its_first_token_gives_way(
+    start_server: StartServer, example_repository: Path, channel_to: object
+) -> None:
+    slow = example_repository / "slow_llama"
+    shutil.copytree(example_repository / "tiny_llama", slow)
+    (slow / "config.yaml").write_text(
+        f"latency_guardrail_ms: {GUARDRAIL_MS}\nfaults: {{mode: slow, delay_ms: {SLOW_MS}}}\n"
+        "fallbacks: [{model: tiny_llama}]\n"
+    )
+    server = await start_server(repository=example_repository, **SERVER_SETTINGS)
+    channel = channel_to(server)  # type: ignore[operator]
+    stub, models = gen_grpc.GenerationServiceStub(channel), pb_grpc.ModelServiceStub(channel)
+    request = gen.GenerateRequest(
+        model_name="slow_llama", prompt="hello", parameters=gen.SamplingParameters(max_new_tokens=2)
+    )
+    for _ in range(5):  # each first token is late: five of them trip it
+        chunks = [chunk async for chunk in stub.Generate(request)]
+        assert {c.model_name for c in chunks} == {"slow_llama"}
+    status = await guardrail_of(models, "slow_llama")
+    assert status.tripped and status.slow_calls == 5
+    chunks = [chunk async for chunk in stub.Generate(request)]
+    assert {c.model_name for c in chunks} == {"tiny_llama"}
+    assert chunks[0].fallback_reason == "model 'slow_llama' is over its latency guardrail"

@@ -83,6 +83,15 @@ class Candidates:
             return None
         return self.guardrails.get(guardrail_ms, spec.name, spec.version, spec.backend)
 
+    def measured(self, model: str, version: str, backend: str, seconds: float) -> None:
+        """A latency for the version's guardrail, when its model has one: an answer's, or a
+        generation's first token's."""
+        guardrail_ms = self._table.latency_guardrail_ms(model)
+        if guardrail_ms is not None:
+            guard = self.guardrails.get(guardrail_ms, model, version, backend)
+            if guard is not None:
+                guard.record(seconds)
+
     def check(self, target: FallbackTarget) -> ModelVersion:
         """The candidate's version, if it can take a call now: ready, breaker not open."""
         model = self._table.get(target.model, target.version, backend=target.backend)
@@ -174,11 +183,7 @@ class Candidates:
     def learn(self, result: InferResult, seconds: float) -> None:
         """How long the version that answered took (its expected service time, and its
         latency guardrail's window)."""
-        guardrail_ms = self._table.latency_guardrail_ms(result.model)
-        if guardrail_ms is not None:
-            guard = self.guardrails.get(guardrail_ms, result.model, result.version, result.backend)
-            if guard is not None:
-                guard.record(seconds)
+        self.measured(result.model, result.version, result.backend, seconds)
         for key in ((result.model, result.version), (result.model, "")):
             old = self._service_time.get(key)
             self._service_time[key] = (
