@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
         "sluice.threads",
         "sluice.stats",
         "sluice.domain",
+        "sluice.priority",
         "sluice.tensors",
         "sluice.metrics",
         "sluice.tracing",

@@ -11,7 +11,9 @@ Every inference call is weighed before it costs anything, on three resources:
 A call that does not fit now gets UNAVAILABLE with a pushback (another replica, or the same
 one a moment later, will serve it); over a tenant's quota it gets RESOURCE_EXHAUSTED with a
 pushback. A call larger than a whole budget could never run: RESOURCE_EXHAUSTED at once,
-naming both numbers, with no pushback (retrying cannot help).
+naming both numbers, with no pushback (retrying cannot help). Priority levels below the
+highest may fill only their share of the request limit (``Priorities.admission_limit``):
+the least urgent are shed first.
 
 Streaming calls are held open with ``stream()`` (their requests are admitted one by one), so
 that a drain refuses new streams, tells open ones to wind up (``wait_drain``), and waits for
@@ -36,6 +38,7 @@ from sluice.errors import (
 )
 from sluice.machine import available_memory_bytes
 from sluice.metrics import Metrics
+from sluice.priority import Priorities
 from sluice.settings import AdmissionSettings
 
 log = logging.getLogger(__name__)
@@ -123,9 +126,15 @@ class Ticket:
 
 class AdmissionController:
     def __init__(
-        self, settings: AdmissionSettings, metrics: Metrics, *, memory_bytes: int | None = None
+        self,
+        settings: AdmissionSettings,
+        metrics: Metrics,
+        *,
+        memory_bytes: int | None = None,
+        priorities: Priorities | None = None,
     ) -> None:
         self._settings = settings
+        self._priorities = priorities or Priorities()
         self._metrics = metrics
         self.limits = Limits.from_settings(settings, memory_bytes)
         self._inflight = 0
@@ -235,9 +244,9 @@ class AdmissionController:
                 if not self._inflight and not self._streams:
                     return
 
-    def admit(self, tenant: str = "", *, request_bytes: int = 0) -> Ticket:
-        """Admit a call of ``request_bytes`` or raise; synchronous, so no other call
-        interleaves."""
+    def admit(self, tenant: str = "", *, request_bytes: int = 0, priority: int = 0) -> Ticket:
+        """Admit a call of ``request_bytes`` at ``priority`` or raise; synchronous, so no
+        other call interleaves."""
         self._arrived.set()
         if self._draining:
             self._metrics.rejected.labels("draining").inc()
@@ -250,7 +259,7 @@ class AdmissionController:
                 f"the tenant id has {len(tenant)} characters; at most {MAX_TENANT_CHARS} "
                 f"are allowed (metadata '{self._settings.tenant_metadata_key}')"
             )
-        self._check_count(tenant)
+        self._check_count(tenant, priority)
         ticket = Ticket(self, tenant)
         if request_bytes:
             self._take(ticket, request_bytes, 0)
@@ -262,12 +271,15 @@ class AdmissionController:
         self._metrics.inflight.set(self._inflight)
         return ticket
 
-    def _check_count(self, tenant: str) -> None:
-        limit = self.limits.requests
+    def _check_count(self, tenant: str, priority: int) -> None:
+        level = self._priorities.level(priority)
+        limit = self._priorities.admission_limit(level, self.limits.requests)
         if self._inflight >= limit:
             self._metrics.rejected.labels("overload").inc()
+            self._metrics.shed.labels(str(level)).inc()
             raise OverloadedError(
-                f"the server has {self._inflight} calls in flight (its limit is {limit}); "
+                f"the server has {self._inflight} calls in flight (the limit for priority "
+                f"level {level} is {limit}); "
                 "retry after the suggested back-off",
                 retry_after_ms=self._settings.pushback_ms,
             )

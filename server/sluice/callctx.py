@@ -18,6 +18,7 @@ __all__ = [
     "call",
     "caller",
     "deadline",
+    "priority",
     "request_id",
     "ticket",
 ]
@@ -32,10 +33,12 @@ caller: ContextVar[str] = ContextVar("sluice_caller", default="")
 #: The call's admission ticket (unary inference calls), which the core grows by the reply's
 #: size and the generation's tokens before the work starts.
 ticket: ContextVar[Ticket | None] = ContextVar("sluice_ticket", default=None)
+#: The call's priority level (``sluice.priority``; 0: the default level).
+priority: ContextVar[int] = ContextVar("sluice_priority", default=0)
 #: The caller of admin calls served without a credential on a loopback-only server.
 LOCAL_CALLER = "local"
 
 
 def call() -> Call:
     """The current call's facts, as the core takes them."""
-    return Call(deadline=deadline.get(), ticket=ticket.get())
+    return Call(deadline=deadline.get(), ticket=ticket.get(), priority=priority.get())

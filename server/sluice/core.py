@@ -18,6 +18,7 @@ from sluice.dataplane import DataPlane
 from sluice.deadlines import DeadlinePolicy
 from sluice.metrics import Metrics
 from sluice.policy import CallPolicy
+from sluice.priority import Priorities
 from sluice.registry import ModelRegistry
 from sluice.routing import Router
 from sluice.settings import Settings
@@ -43,7 +44,8 @@ def build_core(
     clock: Clock,
     tracing: Tracing,
 ) -> Core:
-    admission = AdmissionController(settings.admission, metrics)
+    priorities = Priorities(settings.priority)
+    admission = AdmissionController(settings.admission, metrics, priorities=priorities)
     plane = DataPlane(registry, settings, metrics=metrics, clock=clock, tracing=tracing)
     shadow = Shadower(registry, plane, settings.shadow, metrics=metrics, clock=clock)
     router = Router(
@@ -53,6 +55,7 @@ def build_core(
         tenant_key=settings.admission.tenant_metadata_key,
         deadlines=DeadlinePolicy(settings.deadline, clock),
         admission=admission,
+        priorities=priorities,
         router=router,
         metrics=metrics,
         tracing=tracing,

@@ -208,3 +208,5 @@ class Call:
     ticket: Budget | None = None
     """The call's admission ticket, grown by the core before the work starts (None: the
     work is not weighed, e.g. a shadow mirror)."""
+    priority: int = 0
+    """The request's priority level (1 is the most urgent; 0: the default level)."""

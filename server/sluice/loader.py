@@ -30,6 +30,7 @@ from sluice.executors.faults import FaultyExecutor
 from sluice.executors.registry import BackendRegistry
 from sluice.generation.engine import GenerationEngine, SchedulerLimits
 from sluice.metrics import Metrics
+from sluice.priority import Priorities
 from sluice.repository import ModelConfig, ModelSpec, resolve_batching, resolve_io
 from sluice.settings import Settings
 from sluice.stats import ModelStats
@@ -205,6 +206,7 @@ class VersionLoader:
             max_waiting=limits.max_waiting_requests,
             max_buffered_chunks=limits.max_buffered_chunks,
             pushback_ms=self._settings.admission.pushback_ms,
+            priorities=Priorities(self._settings.priority),
         )
 
     async def _load_first(
@@ -261,6 +263,7 @@ class VersionLoader:
             max_execution_s=self._settings.executor.max_batch_execution_s,
             clock=self._clock,
             tracing=self._tracing,
+            priorities=Priorities(self._settings.priority),
             span_attributes={
                 "sluice.model": spec.name,
                 "sluice.model.version": spec.version,

@@ -107,6 +107,18 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
+        self.priority_queue_depth = Gauge(
+            "sluice_priority_queue_depth",
+            "Requests waiting in a batcher queue, by priority level (1: most urgent).",
+            ["model", "version", "level"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "sluice_shed",
+            "Calls shed under overload (admission or a full queue), by priority level.",
+            ["level"],
+            registry=r,
+        )
         self.rejected = Counter(
             "sluice_rejected_requests",
             "Calls refused before running, by reason.",
@@ -346,6 +358,12 @@ class BatchMetrics:
     def dropped(self, reason: str) -> None:
         self.stats.dropped += 1
         self.metrics.dropped.labels(self.model, self.version, reason).inc()
+
+    def level_depth(self, level: int, depth: int) -> None:
+        self.metrics.priority_queue_depth.labels(self.model, self.version, str(level)).set(depth)
+
+    def shed(self, level: int) -> None:
+        self.metrics.shed.labels(str(level)).inc()
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from sluice.deadlines import DeadlinePolicy
 from sluice.domain import Call
 from sluice.errors import BreakerOpenError, DeadlineExceededError
 from sluice.metrics import Metrics
+from sluice.priority import Priorities
 from sluice.routing import Router
 from sluice.tracing import Tracing
 
@@ -46,8 +47,10 @@ class CallPolicy:
         router: Router,
         metrics: Metrics,
         tracing: Tracing | None = None,
+        priorities: Priorities | None = None,
     ) -> None:
         self._tenant_key = tenant_key
+        self._priorities = priorities or Priorities()
         self._deadlines = deadlines
         self._admission = admission
         self._router = router
@@ -60,6 +63,17 @@ class CallPolicy:
             if key == self._tenant_key and isinstance(value, str):
                 return value
         return ""
+
+    def priority(self, metadata: Iterable[tuple[str, Any]], parameter: int | None = None) -> int:
+        """The request's priority level: its ``priority`` parameter (not 0), else the level
+        or class its metadata names (``priority.metadata_key``), else the default level;
+        a bad value is ``InvalidInputError`` naming the valid ones."""
+        named = ""
+        for key, value in metadata:
+            if key == self._priorities.metadata_key and isinstance(value, str):
+                named = value
+                break
+        return self._priorities.resolve(parameter=parameter, metadata=named)
 
     def budget_s(self, remaining_s: float | None, timeout_s: float | None = None) -> float:
         """Seconds the request may take: the tightest of the client's deadline, its
@@ -74,10 +88,11 @@ class CallPolicy:
         """The absolute deadline, on the service clock, of a budget starting now."""
         return self._deadlines.deadline(budget_s)
 
-    def admit(self, tenant: str, *, request_bytes: int) -> Ticket:
-        """Admit one request of ``request_bytes`` or raise (release the ticket when done)."""
+    def admit(self, tenant: str, *, request_bytes: int, priority: int = 0) -> Ticket:
+        """Admit one request of ``request_bytes`` at ``priority`` or raise (release the
+        ticket when done)."""
         with self._tracing.span("sluice.admission", leaf=True):
-            return self._admission.admit(tenant, request_bytes=request_bytes)
+            return self._admission.admit(tenant, request_bytes=request_bytes, priority=priority)
 
     def check_breakers(self, model: str, version: str) -> None:
         """Fail fast when no candidate for the model could take the request now."""
@@ -105,16 +120,17 @@ class CallPolicy:
         timeout_s: float | None = None,
         model: str,
         version: str,
+        priority: int = 0,
     ) -> Admitted:
         """One request of a stream, through the same rules as a unary call, in the same
         order: budget, admission, the breaker check of the model it names. The caller
         releases the ticket once the request's answer is written."""
         budget_s = self.budget_s(remaining_s, timeout_s)
         deadline = self.deadline(budget_s)
-        ticket = self.admit(tenant, request_bytes=request_bytes)
+        ticket = self.admit(tenant, request_bytes=request_bytes, priority=priority)
         try:
             self.check_breakers(model, version)
         except BaseException:
             ticket.release()
             raise
-        return Admitted(budget_s, Call(deadline=deadline, ticket=ticket), ticket)
+        return Admitted(budget_s, Call(deadline=deadline, ticket=ticket, priority=priority), ticket)

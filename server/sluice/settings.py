@@ -83,6 +83,59 @@ class BatchingSettings(_Section):
     """Requests that may wait in one model version's queue before new ones are shed."""
 
 
+class LevelQueuePolicy(_Section):
+    """The queue policy of one priority level (Triton's ``priority_queue_policy``)."""
+
+    max_queue_size: int | None = Field(None, ge=0)
+    """Requests of this level that may wait in one model version's queue; more are shed
+    with UNAVAILABLE + pushback (None: only the queue's own ``max_queue_size`` bounds it)."""
+    default_timeout_ms: float | None = Field(None, gt=0)
+    """Longest a request of this level waits in a queue before it fails with
+    DEADLINE_EXCEEDED (None: its call's deadline alone); the call's deadline still wins
+    when it is sooner."""
+
+
+class PrioritySettings(_Section):
+    """Urgency classes: a request's priority level (1 is the most urgent) from Triton's
+    ``priority`` request parameter or the ``x-sluice-priority`` metadata (a level or a
+    class name). Queues take the most urgent first; admission sheds the least urgent first."""
+
+    levels: int = Field(3, ge=1, le=64)
+    """Priority levels; 1 is the highest."""
+    default_level: int = Field(2, ge=1)
+    """Level of a request that names none (or names 0, as Triton's ``priority`` does)."""
+    classes: dict[str, int] = {"interactive": 1, "background": 2, "batch": 3}
+    """Class names callers may send in ``x-sluice-priority`` instead of a level number."""
+    max_age_ms: float = Field(1000.0, gt=0)
+    """A request that has waited this long is taken as if it had the highest level, so
+    lower levels never starve."""
+    admission_reserve_per_level: float = Field(0.1, ge=0, lt=1)
+    """Share of the in-flight request limit (``admission.max_inflight_requests``) each level
+    below ``default_level`` leaves to the levels above it: level k may fill at most
+    ``1 - max(0, k - default_level) * reserve`` of it (at least one call), so under overload
+    the lowest levels are shed first; the default level and those above it may fill it all."""
+    queue_policies: dict[int, LevelQueuePolicy] = {}
+    """Per level: its own queue bound and queue timeout (levels not named: none of their own)."""
+    metadata_key: str = "x-sluice-priority"
+    """Request metadata key naming the call's level or class."""
+
+    @model_validator(mode="after")
+    def _levels_exist(self) -> PrioritySettings:
+        named = {"default_level": self.default_level}
+        named.update({f"classes.{name}": level for name, level in self.classes.items()})
+        named.update({f"queue_policies.{level}": level for level in self.queue_policies})
+        for where, level in named.items():
+            if not 1 <= level <= self.levels:
+                raise ValueError(f"priority.{where} is {level}: levels run from 1 to {self.levels}")
+        if 1 - (self.levels - self.default_level) * self.admission_reserve_per_level <= 0:
+            raise ValueError(
+                "priority.admission_reserve_per_level times (levels - default_level) must stay "
+                "below 1, or "
+                "the lowest level could never be admitted"
+            )
+        return self
+
+
 class ExecutorSettings(_Section):
     torch_threads: int = Field(0, ge=0)
     """Threads PyTorch uses inside an operator, for the whole process (0: one fewer than the
@@ -404,6 +457,7 @@ class Settings(BaseSettings):
     probe: ProbeSettings = ProbeSettings()
     guardrail: GuardrailSettings = GuardrailSettings()
     shadow: ShadowSettings = ShadowSettings()
+    priority: PrioritySettings = PrioritySettings()
     aliases: dict[str, list[FallbackTarget]] = {}
     """Names clients may call that route to an ordered chain of models (first = primary)."""
 

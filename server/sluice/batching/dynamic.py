@@ -1,10 +1,11 @@
 """The dynamic batcher: one per model version.
 
 Requests wait in a bounded queue (``batching.queue``). Whenever an executor instance is
-free, the batcher takes the next batch from it: the oldest request and every queued request
-of the same shape, up to ``max_batch_size`` rows, after waiting up to
-``max_queue_delay_us`` for more. Requests whose caller has gone or whose deadline has passed
-are dropped before they reach the executor. A batch the backend rejects as bad input is
+free, the batcher takes the next batch from it: the most urgent request (by priority level,
+then age; an aged one counts as the most urgent) and every queued request of the same
+shape, up to ``max_batch_size`` rows, after waiting up to ``max_queue_delay_us`` for more.
+Requests whose caller has gone or whose deadline has passed are dropped before they reach
+the executor. A batch the backend rejects as bad input is
 re-run one request at a time, so one bad request never fails its neighbours.
 
 How inputs become a batch and outputs become answers is ``batching.arithmetic``; what the
@@ -31,6 +32,7 @@ from sluice.errors import (
     SluiceError,
 )
 from sluice.executors.base import Executor
+from sluice.priority import Priorities
 from sluice.repository import BatchingPolicy
 from sluice.stats import BatchRun
 from sluice.tensors import Array
@@ -46,6 +48,8 @@ class BatchObserver(Protocol):
     def inflight(self, delta: int) -> None: ...
     def batch_done(self, run: BatchRun) -> None: ...
     def dropped(self, reason: str) -> None: ...
+    def level_depth(self, level: int, depth: int) -> None: ...
+    def shed(self, level: int) -> None: ...
 
 
 class DynamicBatcher:
@@ -64,6 +68,7 @@ class DynamicBatcher:
         clock: Clock,
         tracing: Tracing | None = None,
         span_attributes: Mapping[str, str] | None = None,
+        priorities: Priorities | None = None,
     ) -> None:
         self.name = name
         self._executor = executor
@@ -82,6 +87,7 @@ class DynamicBatcher:
             observer=observer,
             clock=clock,
             pushback_ms=pushback_ms,
+            priorities=priorities,
         )
         self._slots = asyncio.Semaphore(instance_count)
         self._running: set[asyncio.Task[None]] = set()
@@ -97,9 +103,10 @@ class DynamicBatcher:
         return len(self._queue)
 
     async def infer(
-        self, inputs: Mapping[str, Array], *, deadline: float | None
+        self, inputs: Mapping[str, Array], *, deadline: float | None, priority: int = 0
     ) -> dict[str, Array]:
-        """Queue one request and wait for its outputs (all of them, batch rows sliced)."""
+        """Queue one request at ``priority`` (0: the default level) and wait for its outputs
+        (all of them, batch rows sliced)."""
         trace = self._tracing.capture()
         pending = Pending(
             inputs=inputs,
@@ -110,6 +117,7 @@ class DynamicBatcher:
             future=asyncio.get_running_loop().create_future(),
             trace=trace,
             enqueued_ns=0 if trace is None else now_ns(),
+            level=priority,
         )
         self._queue.put(pending)
         self._observer.inflight(1)

@@ -1,16 +1,20 @@
 """The dynamic batcher's queue: requests waiting to run, and the choice of the next batch.
 
-The next batch is the oldest request and every queued request of the same signature (in
-arrival order), up to ``max_batch_size`` rows; with ``max_queue_delay_us`` the queue may
-first wait a little for more (reaching a preferred size or the maximum ends the wait).
-Requests whose caller left or whose deadline passed are dropped here, before they run.
+Requests are ordered by priority level (1 first), then by arrival; one that has waited the
+priority age bound counts as the highest level (``Priorities.rank``), so no level starves.
+The next batch is the first request in that order and every queued request of the same
+signature (in that order), up to ``max_batch_size`` rows; with ``max_queue_delay_us`` the
+queue may first wait a little for more (reaching a preferred size or the maximum ends the
+wait). Each level may have its own queue bound and queue timeout (``QueuePolicy``).
+Requests whose caller left, whose deadline passed or who waited past their level's queue
+timeout are dropped here, before they run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -18,6 +22,7 @@ from typing import Protocol
 from sluice.batching.arithmetic import Signature
 from sluice.clock import Clock
 from sluice.errors import DeadlineExceededError, OverloadedError, SluiceError
+from sluice.priority import Priorities
 from sluice.repository import BatchingPolicy
 from sluice.tensors import Array
 from sluice.tracing import Context
@@ -26,6 +31,8 @@ from sluice.tracing import Context
 class QueueObserver(Protocol):
     def queue_depth(self, depth: int) -> None: ...
     def dropped(self, reason: str) -> None: ...
+    def level_depth(self, level: int, depth: int) -> None: ...
+    def shed(self, level: int) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -41,6 +48,10 @@ class Pending:
     #: The caller's trace context and enqueue time (wall clock, ns) while tracing is on.
     trace: Context | None = field(default=None, repr=False)
     enqueued_ns: int = 0
+    #: Priority level (1 is the most urgent; 0: the default level).
+    level: int = 0
+    #: When its level's queue timeout ends its wait (None: no timeout of its own).
+    queue_deadline: float | None = None
 
 
 class BatchQueue:
@@ -53,8 +64,11 @@ class BatchQueue:
         observer: QueueObserver,
         clock: Clock,
         pushback_ms: int,
+        priorities: Priorities | None = None,
     ) -> None:
         self._name = name
+        self._priorities = priorities or Priorities()
+        self._depths: Counter[int] = Counter()
         self._policy = policy
         self._batched = batched
         self._observer = observer
@@ -67,17 +81,47 @@ class BatchQueue:
         return len(self._queue)
 
     def put(self, pending: Pending) -> None:
-        """Queue a request, or shed it when the queue is full."""
+        """Queue a request, or shed it when the queue (or its level's share) is full."""
+        level = pending.level = self._priorities.level(pending.level)
+        policy = self._priorities.queue_policy(level)
         if len(self._queue) >= self._policy.max_queue_size:
-            self._observer.dropped("queue_full")
-            raise OverloadedError(
-                f"model {self._name} has {len(self._queue)} requests queued (the limit); "
-                "retry after the suggested back-off",
-                retry_after_ms=self._pushback_ms,
+            self._shed(level, f"{len(self._queue)} requests queued (the limit)")
+        if policy.max_queue_size is not None and self._depths[level] >= policy.max_queue_size:
+            self._shed(
+                level,
+                f"{self._depths[level]} requests of priority level {level} queued "
+                "(that level's limit)",
             )
+        if policy.timeout_s is not None:
+            pending.queue_deadline = pending.enqueued_at + policy.timeout_s
         self._queue.append(pending)
-        self._observer.queue_depth(len(self._queue))
+        self._show()
         self._arrived.set()
+
+    def _shed(self, level: int, why: str) -> None:
+        self._observer.dropped("queue_full")
+        self._observer.shed(level)
+        raise OverloadedError(
+            f"model {self._name} has {why}; retry after the suggested back-off",
+            retry_after_ms=self._pushback_ms,
+        )
+
+    def _show(self) -> None:
+        """Report the queue's depth, in all and per level."""
+        depths = Counter(p.level for p in self._queue)
+        for level in depths.keys() | self._depths.keys():
+            self._observer.level_depth(level, depths[level])
+        self._depths = depths
+        self._observer.queue_depth(len(self._queue))
+
+    def _ordered(self) -> list[Pending]:
+        """The queue in the order requests are taken: by level (aged ones count as the
+        highest), then by arrival."""
+        now = self._clock()
+        rank = self._priorities.rank
+        return sorted(
+            self._queue, key=lambda p: (rank(p.level, now - p.enqueued_at), p.enqueued_at)
+        )
 
     async def next_batch(self) -> list[Pending]:
         """The next batch to run (waits until there is one)."""
@@ -98,13 +142,13 @@ class BatchQueue:
             future = self._queue.popleft().future
             if not future.done():
                 future.set_exception(error)
-        self._observer.queue_depth(0)
+        self._show()
 
     async def _maybe_wait_for_more(self) -> None:
         delay_s = self._policy.max_queue_delay_us / 1e6
         if delay_s <= 0:
             return
-        head = self._queue[0]
+        head = self._ordered()[0]
         while not self._ready_to_go(head):
             remaining = head.enqueued_at + delay_s - self._clock()
             if remaining <= 0:
@@ -118,23 +162,22 @@ class BatchQueue:
         return rows >= self._policy.max_batch_size or rows in self._policy.preferred_batch_sizes
 
     def _take(self) -> list[Pending]:
-        """Pop the head and the queued requests that fit its batch, in arrival order."""
+        """Pop the head and the queued requests that fit its batch, in the queue's order."""
         self._drop_gone()
         if not self._queue:
             return []
-        head = self._queue[0]
+        ordered = self._ordered()
+        head = ordered[0]
         batch: list[Pending] = []
-        rest: deque[Pending] = deque()
         rows = 0
-        for pending in self._queue:
+        for pending in ordered:
             fits = rows + pending.rows <= self._policy.max_batch_size
             if pending.signature == head.signature and fits and (self._batched or not batch):
                 batch.append(pending)
                 rows += pending.rows
-            else:
-                rest.append(pending)
-        self._queue = rest
-        self._observer.queue_depth(len(self._queue))
+        taken = {id(p) for p in batch}
+        self._queue = deque(p for p in self._queue if id(p) not in taken)
+        self._show()
         return batch
 
     def _drop_gone(self) -> None:
@@ -154,8 +197,17 @@ class BatchQueue:
                         f"model {self._name}'s queue, before the request could run"
                     )
                 )
+            elif pending.queue_deadline is not None and now >= pending.queue_deadline:
+                self._observer.dropped("deadline")
+                pending.future.set_exception(
+                    DeadlineExceededError(
+                        f"the request waited {now - pending.enqueued_at:.3f}s in model "
+                        f"{self._name}'s queue, past the queue timeout of priority level "
+                        f"{pending.level}, before it could run"
+                    )
+                )
             else:
                 kept.append(pending)
         if len(kept) != len(self._queue):
             self._queue = kept
-            self._observer.queue_depth(len(kept))
+            self._show()

@@ -111,7 +111,7 @@ class DataPlane:
     ) -> Awaitable[dict[str, Array]]:
         """Tensors through the version's batcher; a generation model's through its engine."""
         if model.engine is None:
-            return model.batcher.infer(inputs, deadline=call.deadline)
+            return model.batcher.infer(inputs, deadline=call.deadline, priority=call.priority)
         return self._whole_text(model, model.engine, inputs, call)
 
     async def _whole_text(
@@ -187,7 +187,9 @@ class DataPlane:
         engine.check_fits(len(prompt_ids), request.params.max_new_tokens)
         if call.ticket is not None:
             call.ticket.need(tokens=len(prompt_ids) + request.params.max_new_tokens)
-        stream = engine.submit(prompt_ids, request.params, deadline=call.deadline)
+        stream = engine.submit(
+            prompt_ids, request.params, deadline=call.deadline, priority=call.priority
+        )
         try:
             with (
                 self._tracing.prefill_span(

@@ -100,10 +100,15 @@ class FaultyEngine(GenerationEngine):
         return await self._inner.encode(prompt)
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, *, deadline: float | None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        deadline: float | None,
+        priority: int = 0,
     ) -> TokenStream:
         if not _draw(self._config, self._random):
-            return self._inner.submit(prompt_ids, params, deadline=deadline)
+            return self._inner.submit(prompt_ids, params, deadline=deadline, priority=priority)
         if self._config.after_tokens == 0 and self._config.mode != "slow":
             # Hit before its first token: the engine never sees it.
             if not prompt_ids:
@@ -112,7 +117,7 @@ class FaultyEngine(GenerationEngine):
                 )
             self.check_fits(len(prompt_ids), params.max_new_tokens)
             return _FaultyStream(None, self._config, self.name, self.stats, len(prompt_ids))
-        inner = self._inner.submit(prompt_ids, params, deadline=deadline)
+        inner = self._inner.submit(prompt_ids, params, deadline=deadline, priority=priority)
         return _FaultyStream(inner, self._config, self.name, self.stats, len(prompt_ids))
 
     async def close(self) -> None:

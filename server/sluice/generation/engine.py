@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from sluice.domain import Chunk, FinishReason, SamplingParams
 from sluice.errors import ContextOverflowError
+from sluice.priority import Priorities
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,8 @@ class SchedulerLimits:
     max_waiting: int
     max_buffered_chunks: int
     pushback_ms: int
+    priorities: Priorities = field(default_factory=Priorities)
+    """Which waiting generation joins first (by level, then age; aged ones first)."""
 
 
 @dataclass(slots=True)
@@ -124,10 +127,15 @@ class GenerationEngine(abc.ABC):
 
     @abc.abstractmethod
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, *, deadline: float | None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        deadline: float | None,
+        priority: int = 0,
     ) -> TokenStream:
-        """Queue a generation (``deadline`` on the engine's clock); its chunks come through
-        the returned stream."""
+        """Queue a generation (``deadline`` on the engine's clock) at ``priority`` (0: the
+        default level); its chunks come through the returned stream."""
 
     @abc.abstractmethod
     async def close(self) -> None:

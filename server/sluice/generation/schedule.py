@@ -1,8 +1,10 @@
 """Which generations wait and which run in the continuous batcher, what each holds, and how
 each one leaves.
 
-A sequence waits until it may join: within ``max_running_sequences`` and, unless nothing
-else runs, ``max_tokens_in_flight`` (its prompt plus ``max_new_tokens`` are reserved when
+A sequence waits until it may join, the most urgent priority level first (oldest first
+within a level; one that has waited the priority age bound counts as the most urgent, so no
+level starves): within ``max_running_sequences`` and, unless nothing else runs,
+``max_tokens_in_flight`` (its prompt plus ``max_new_tokens`` are reserved when
 it joins, so the cache never outgrows the limit). A sequence whose caller cancelled or whose
 deadline passed leaves at the next step, waiting or running. A reader that fell
 ``max_buffered_chunks`` behind pauses its sequence (it keeps its cache and skips steps).
@@ -51,6 +53,8 @@ class Schedule:
                 "to start; retry after the pushback",
                 retry_after_ms=self._limits.pushback_ms,
             )
+        sequence.priority = self._limits.priorities.level(sequence.priority)
+        sequence.queued_at = self._clock()
         self.waiting.append(sequence)
         self._stats.waiting = len(self.waiting)
 
@@ -94,17 +98,21 @@ class Schedule:
         """Waiting sequences that join now (lock held); they run from now on."""
         self.expire_waiting()
         joining: list[EngineSequence] = []
-        while self.waiting and len(self.running) + len(joining) < (
-            self._limits.max_running_sequences
-        ):
-            sequence = self.waiting[0]
+        now = self._clock()
+        rank = self._limits.priorities.rank
+        ordered = sorted(
+            self.waiting, key=lambda s: (rank(s.priority, now - s.queued_at), s.queued_at)
+        )
+        for sequence in ordered:
+            if len(self.running) + len(joining) >= self._limits.max_running_sequences:
+                break
             crowded = (self.running or joining) and (
                 self._tokens_in_flight + sequence.reserved_tokens
                 > self._limits.max_tokens_in_flight
             )
             if crowded:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(sequence)
             self._tokens_in_flight += sequence.reserved_tokens
             joining.append(sequence)
         self._stats.waiting = len(self.waiting)

@@ -4,7 +4,8 @@ One engine thread owns the model and its key/value cache. Each iteration it
 
 1. retires sequences whose caller cancelled or whose deadline passed (so a caller that went
    away costs at most the step that was already running when it left),
-2. lets waiting sequences join (``schedule``: within ``max_running_sequences`` and
+2. lets waiting sequences join (``schedule``: most urgent priority level first, oldest first
+   within a level, aged ones first; within ``max_running_sequences`` and
    ``max_tokens_in_flight``) and prefills them: their first token goes out at once,
 3. decodes one token for every running sequence in one forward pass, and
 4. hands the step's chunks to the event loop in one call.
@@ -114,7 +115,12 @@ class ContinuousBatcher(GenerationEngine):
         return await self.tokenizer.encode_off_loop(prompt)
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, *, deadline: float | None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        deadline: float | None,
+        priority: int = 0,
     ) -> Generation:
         if not prompt_ids:
             raise InvalidInputError("the prompt is empty: send at least one token's worth of text")
@@ -126,6 +132,7 @@ class ContinuousBatcher(GenerationEngine):
             deadline=deadline,
             reserved_tokens=len(prompt_ids) + params.max_new_tokens,
             handle=handle,
+            priority=priority,
         )
         handle.attach(sequence)
         with self._condition:

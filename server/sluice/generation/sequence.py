@@ -46,6 +46,10 @@ class EngineSequence:
     taken: int = 0
     cancel_requested_at_step: int | None = None
     paused: bool = False
+    #: Priority level (1 is the most urgent; 0: the default level).
+    priority: int = 0
+    #: When it started waiting to join, on the engine's clock (set by ``Schedule.queue``).
+    queued_at: float = 0.0
 
 
 class Generation(TokenStream):

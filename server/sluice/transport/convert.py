@@ -77,6 +77,21 @@ def timeout_parameter_s(msg: pb.ModelInferRequest) -> float | None:
     return value / 1e6 if value else None
 
 
+def priority_parameter(msg: pb.ModelInferRequest) -> int | None:
+    """Triton's per-request ``priority`` parameter (1 is the highest; 0: the default
+    level), if set; anything but a non-negative integer is bad input."""
+    if "priority" not in msg.parameters:
+        return None
+    value = parameter_value(msg.parameters["priority"])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(
+            f"parameter 'priority' must be a non-negative integer level (int64_param or "
+            f"uint64_param; 1 is the highest, 0 the default), got {type(value).__name__} "
+            f"{str(value)[:40]!r}"
+        )
+    return value
+
+
 def _typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> Any:
     """The typed values of an input, from the one contents field its datatype uses."""
     if not tensor.HasField("contents"):

@@ -1,8 +1,10 @@
 """Admission: in-flight limits on inference work, shed at once (never queued).
 
 Only calls that run a model (or its tokenizer: ``Rpc.admitted``) are admitted here, weighed
-by their request's size, through the ``CallPolicy``; the core adds the reply's size and the
-generation's tokens to the call's ticket (``callctx.ticket``) before the work starts.
+by their request's size at their priority level (its ``priority`` parameter or metadata,
+handed to the core through ``callctx``), through the ``CallPolicy``; the core adds the
+reply's size and the generation's tokens to the call's ticket (``callctx.ticket``) before
+the work starts.
 Probes and metadata calls (ServerLive, ModelReady, ModelMetadata, ...) must answer
 truthfully under overload and while draining. Request streams admit each request they carry
 (the stream sessions, through the same policy); here every stream is held open with
@@ -22,7 +24,9 @@ import grpc
 from sluice import callctx
 from sluice.admission import AdmissionController
 from sluice.policy import CallPolicy
+from sluice.transport import convert
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
+from sluice_api.inference import grpc_service_pb2 as pb
 
 
 class AdmissionInterceptor(Interceptor):
@@ -48,12 +52,22 @@ class AdmissionInterceptor(Interceptor):
     async def _admitted(
         self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[None]:
-        tenant = self._policy.tenant(context.invocation_metadata() or ())
-        ticket = self._policy.admit(tenant, request_bytes=call.size)
+        metadata = context.invocation_metadata() or ()
+        tenant = self._policy.tenant(metadata)
+        parameter = (
+            convert.priority_parameter(call.request)
+            if isinstance(call.request, pb.ModelInferRequest)
+            else None
+        )
+        priority = self._policy.priority(metadata, parameter)
+        ticket = self._policy.admit(tenant, request_bytes=call.size, priority=priority)
         token = callctx.ticket.set(ticket)
+        level = callctx.priority.set(priority)
         try:
             yield
         finally:
             ticket.release()
             with contextlib.suppress(ValueError):  # ended in another context
                 callctx.ticket.reset(token)
+            with contextlib.suppress(ValueError):
+                callctx.priority.reset(level)

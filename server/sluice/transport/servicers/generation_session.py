@@ -57,6 +57,7 @@ class GenerationSession:
         self._admission = admission
         self._default_max_new_tokens = default_max_new_tokens
         self._tenant = policy.tenant(context.invocation_metadata() or ())
+        self._metadata = tuple(context.invocation_metadata() or ())
         self._slots = asyncio.Semaphore(max_running)
         self._room = asyncio.Semaphore(max_running)
         self._out: asyncio.Queue[gen.GenerateStreamResponse | SluiceError | object] = (
@@ -195,6 +196,7 @@ class GenerationSession:
             remaining_s=self._context.time_remaining(),
             model=domain.model,
             version=domain.version,
+            priority=self._policy.priority(self._metadata),
         )
         try:
             async with self._policy.within(admitted.budget_s, f"generation '{request_id}'"):

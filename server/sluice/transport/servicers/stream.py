@@ -123,6 +123,7 @@ class StreamInferSession:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         self._grpc_errors = metadata.get("triton_grpc_error", "").lower() == "true"
         self._tenant = policy.tenant(context.invocation_metadata() or ())
+        self._metadata = tuple(context.invocation_metadata() or ())
         #: One task per request, in arrival order, then ``_END``.
         self._out: asyncio.Queue[asyncio.Task[_Served] | object] = asyncio.Queue()
         self._tasks: set[asyncio.Task[_Served]] = set()
@@ -307,4 +308,5 @@ class StreamInferSession:
             timeout_s=convert.timeout_parameter_s(request),
             model=request.model_name,
             version=request.model_version,
+            priority=self._policy.priority(self._metadata, convert.priority_parameter(request)),
         )
