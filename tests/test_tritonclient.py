@@ -50,6 +50,7 @@ async def run_checks(
         "infer_passthrough",
         "big_tensor",
         "bad_input",
+        "priority",
         "stream",
         "stream_unordered_arrival",
         "stream_generation",

@@ -542,6 +542,22 @@ def bad_input(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @check
+def priority(args: argparse.Namespace) -> dict[str, Any]:
+    """``priority=`` (Triton's request parameter): every level is served, and a level the
+    server does not have is INVALID_ARGUMENT naming the valid ones."""
+    c = client(args)
+    a, b = random_pair(np.random.default_rng(3), 2)
+    for level in (0, 1, 2, 3):
+        result = c.infer("simple", simple_inputs(a, b), priority=level)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    result = c.infer("simple", simple_inputs(a, b), headers={"x-sluice-priority": "batch"})
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    message = expect_error(INVALID_ARGUMENT, c.infer, "simple", simple_inputs(a, b), priority=9)
+    assert "priority levels run from 1 (highest) to 3" in message, message
+    return {"message": message}
+
+
+@check
 def stream(args: argparse.Namespace) -> dict[str, Any]:
     """Many requests pipelined on one ModelStreamInfer stream, with errors in between."""
     c = client(args)

@@ -140,8 +140,8 @@ class Router:
             sub = dataclasses.replace(
                 request, model=target.model, version=target.version, backend=target.backend
             )
-        attempt_call = Call(
-            deadline=None if budget_s is None else self._clock() + budget_s, ticket=call.ticket
+        attempt_call = dataclasses.replace(
+            call, deadline=None if budget_s is None else self._clock() + budget_s
         )
         started = self._clock()
         try:
