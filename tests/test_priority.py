@@ -27,12 +27,12 @@ from sluice.generation.sequence import EngineSequence, Generation
 from sluice.metrics import Metrics
 from sluice.priority import Priorities
 from sluice.repository import BatchingPolicy
-from sluice.settings import AdmissionSettings, PrioritySettings, Settings
+from sluice.settings import AdmissionSettings, PrioritySettings, Settings, load_settings
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
 from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
-from tests.conftest import FakeClock, RunningServer, StartServer
+from tests.conftest import REPO_ROOT, FakeClock, RunningServer, StartServer
 from tests.fakes import Behaviour, fake_backends, fake_repository
 from tests.test_scheduling import occupy, rows, wait_queued
 
@@ -460,3 +460,17 @@ async def test_stream_requests_and_generations_take_the_metadata_level(
                 pass
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "interactive=1" in (info.value.details() or "")
+
+
+def test_the_readme_example_is_a_valid_settings_tree(tmp_path: Path) -> None:
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text[text.index("### Urgency classes") :]
+    start = section.index("```\n") + 4
+    example = section[start : section.index("```", start)]
+    config = tmp_path / "sluice.yaml"
+    config.write_text(example)
+    settings = load_settings(config)
+    priorities = Priorities(settings.priority)
+    assert priorities.resolve(metadata="batch") == BATCH
+    assert priorities.queue_policy(BATCH).max_queue_size == 64
+    assert priorities.admission_limit(BATCH, 100) == 90
