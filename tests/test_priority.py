@@ -201,6 +201,23 @@ async def test_a_level_over_its_own_queue_bound_is_shed_and_others_still_queue()
     assert len(queue) == 2
 
 
+async def test_a_full_queue_sheds_its_least_urgent_newest_request_for_a_more_urgent_one() -> None:
+    clock = FakeClock()
+    queue, observer = make_queue(clock)  # at most 16 queued
+    queued = [put(queue, clock, level, i) for i, level in enumerate([BATCH, BACKGROUND] * 8)]
+    put(queue, clock, INTERACTIVE, 100)
+    newest_batch = queued[-2]
+    assert newest_batch.future.done() and not queued[0].future.done()
+    with pytest.raises(OverloadedError, match="a more urgent request took this priority level 3"):
+        newest_batch.future.result()
+    assert observer.shed_levels == Counter({BATCH: 1})
+    with pytest.raises(OverloadedError, match="16 requests queued"):
+        put(queue, clock, BATCH, 101)  # nothing below the batch level to make room
+    put(queue, clock, BACKGROUND, 102)  # takes the place of the next newest batch request
+    assert observer.shed_levels == Counter({BATCH: 3})
+    assert len(queue) == 16
+
+
 async def test_a_level_s_queue_timeout_ends_only_its_own_waits() -> None:
     clock = FakeClock()
     queue, _ = make_queue(
@@ -474,3 +491,31 @@ def test_the_readme_example_is_a_valid_settings_tree(tmp_path: Path) -> None:
     assert priorities.resolve(metadata="batch") == BATCH
     assert priorities.queue_policy(BATCH).max_queue_size == 64
     assert priorities.admission_limit(BATCH, 100) == 90
+
+
+async def test_each_request_of_a_stream_takes_its_own_level(server: RunningServer) -> None:
+    def simple(request_id: str, priority: int) -> pb.ModelInferRequest:
+        data = np.full((1, 16), 2, dtype=np.int32).tobytes()
+        message = pb.ModelInferRequest(
+            model_name="simple",
+            id=request_id,
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(name=n, datatype="INT32", shape=[1, 16])
+                for n in ("INPUT0", "INPUT1")
+            ],
+            raw_input_contents=[data, data],
+        )
+        message.parameters["priority"].uint64_param = priority
+        return message
+
+    async def feed() -> Any:
+        for request_id, level in (("a", 1), ("b", 0), ("c", 7), ("d", 3)):
+            yield simple(request_id, level)
+
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.ModelStreamInfer(feed(), metadata=with_class("batch"))
+        responses = [r async for r in call]
+    by_id = {r.infer_response.id: r.error_message for r in responses}
+    assert by_id["a"] == by_id["b"] == by_id["d"] == ""
+    assert "parameter 'priority' is 7: priority levels run from 1 (highest) to 3" in by_id["c"]

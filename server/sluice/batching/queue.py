@@ -5,7 +5,8 @@ priority age bound counts as the highest level (``Priorities.rank``), so no leve
 The next batch is the first request in that order and every queued request of the same
 signature (in that order), up to ``max_batch_size`` rows; with ``max_queue_delay_us`` the
 queue may first wait a little for more (reaching a preferred size or the maximum ends the
-wait). Each level may have its own queue bound and queue timeout (``QueuePolicy``).
+wait). Each level may have its own queue bound and queue timeout (``QueuePolicy``); a full queue
+makes room for a request by shedding the newest one of a less urgent level, if any.
 Requests whose caller left, whose deadline passed or who waited past their level's queue
 timeout are dropped here, before they run.
 """
@@ -84,7 +85,7 @@ class BatchQueue:
         """Queue a request, or shed it when the queue (or its level's share) is full."""
         level = pending.level = self._priorities.level(pending.level)
         policy = self._priorities.queue_policy(level)
-        if len(self._queue) >= self._policy.max_queue_size:
+        if len(self._queue) >= self._policy.max_queue_size and not self._evict_below(level):
             self._shed(level, f"{len(self._queue)} requests queued (the limit)")
         if policy.max_queue_size is not None and self._depths[level] >= policy.max_queue_size:
             self._shed(
@@ -97,6 +98,26 @@ class BatchQueue:
         self._queue.append(pending)
         self._show()
         self._arrived.set()
+
+    def _evict_below(self, level: int) -> bool:
+        """Make room in a full queue for a request of ``level``: shed the newest queued
+        request of the least urgent level below it. False: none is below it."""
+        victim = max(reversed(self._queue), key=lambda p: (p.level, p.enqueued_at))
+        if victim.level <= level:
+            return False
+        self._queue.remove(victim)
+        self._observer.dropped("queue_full")
+        self._observer.shed(victim.level)
+        if not victim.future.done():
+            victim.future.set_exception(
+                OverloadedError(
+                    f"model {self._name}'s queue is full and a more urgent request took this "
+                    f"priority level {victim.level} request's place; retry after the "
+                    "suggested back-off",
+                    retry_after_ms=self._pushback_ms,
+                )
+            )
+        return True
 
     def _shed(self, level: int, why: str) -> None:
         self._observer.dropped("queue_full")
