@@ -61,6 +61,7 @@ def test_levels_come_from_the_parameter_the_metadata_or_the_default() -> None:
         ({"metadata": "9"}, "metadata 'x-sluice-priority' is 9: priority levels run from 1"),
         ({"metadata": "urgent"}, "classes background=2, batch=3, interactive=1"),
         ({"metadata": "-1"}, "neither a level nor a class"),
+        ({"metadata": "\u00b2"}, "neither a level nor a class"),  # a digit int() refuses
     ],
 )
 def test_bad_levels_and_unknown_classes_name_the_valid_ones(

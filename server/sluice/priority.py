@@ -66,7 +66,7 @@ class Priorities:
         text = value.strip()
         if text in self._settings.classes:
             return self._settings.classes[text]
-        if text.isdigit() and len(text) <= MAX_PRIORITY_CHARS:
+        if text.isascii() and text.isdigit() and len(text) <= MAX_PRIORITY_CHARS:
             number = int(text)
             return self.default_level if number == 0 else self._check(number, self._where)
         shown = text if len(text) <= MAX_PRIORITY_CHARS else f"{text[:MAX_PRIORITY_CHARS]}..."
