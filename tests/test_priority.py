@@ -251,11 +251,11 @@ def sequence(level: int) -> EngineSequence:
     )
 
 
-def schedule(clock: FakeClock) -> Schedule:
+def schedule(clock: FakeClock, max_waiting: int = 16) -> Schedule:
     limits = SchedulerLimits(
         max_running_sequences=1,
         max_tokens_in_flight=100,
-        max_waiting=16,
+        max_waiting=max_waiting,
         max_buffered_chunks=8,
         pushback_ms=50,
         priorities=Priorities(PrioritySettings(max_age_ms=500)),
@@ -276,6 +276,22 @@ async def test_generations_join_by_level_and_an_old_one_joins_first() -> None:
     assert plan.admit() == [batch]
     plan.running.clear()
     assert plan.admit() == [background]
+
+
+async def test_a_full_waiting_queue_sheds_the_less_urgent_generation() -> None:
+    clock = FakeClock()
+    plan = schedule(clock, max_waiting=1)
+    plan.queue(sequence(BACKGROUND))
+    plan.running.extend(plan.admit())  # the one running sequence: the engine is full
+    waiting_batch = sequence(BATCH)
+    plan.queue(waiting_batch)
+    urgent = sequence(INTERACTIVE)
+    plan.queue(urgent)  # takes the batch generation's place
+    assert list(plan.waiting) == [urgent]
+    with pytest.raises(OverloadedError, match="took this priority level 3 generation's place"):
+        await anext(waiting_batch.handle)
+    with pytest.raises(OverloadedError, match="1 generations are already waiting"):
+        plan.queue(sequence(BATCH))  # nothing below it waits
 
 
 # -- admission ----------------------------------------------------------------------------

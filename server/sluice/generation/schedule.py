@@ -6,7 +6,9 @@ within a level; one that has waited the priority age bound counts as the most ur
 level starves): within ``max_running_sequences`` and, unless nothing else runs,
 ``max_tokens_in_flight`` (its prompt plus ``max_new_tokens`` are reserved when
 it joins, so the cache never outgrows the limit). A sequence whose caller cancelled or whose
-deadline passed leaves at the next step, waiting or running. A reader that fell
+deadline passed leaves at the next step, waiting or running. When ``max_waiting`` are
+already waiting, a new generation takes the place of the newest waiting one of a less urgent
+level (which is shed), or is shed itself. A reader that fell
 ``max_buffered_chunks`` behind pauses its sequence (it keeps its cache and skips steps).
 
 The engine thread owns this state; ``queue`` runs on the event loop, under the engine's
@@ -46,17 +48,44 @@ class Schedule:
         return len(self.running) >= self._limits.max_running_sequences
 
     def queue(self, sequence: EngineSequence) -> None:
-        """A new generation waits to join (lock held); shed when too many already wait."""
-        if len(self.waiting) >= self._limits.max_waiting and self.full:
+        """A new generation waits to join (lock held, on the event loop); when too many
+        already wait, the newest waiting one of a less urgent level is shed for it, or,
+        with none below it, the new one is."""
+        sequence.priority = self._limits.priorities.level(sequence.priority)
+        crowded = len(self.waiting) >= self._limits.max_waiting and self.full
+        if crowded and not self._shed_below(sequence.priority):
             raise OverloadedError(
                 f"model {self._name}: {len(self.waiting)} generations are already waiting "
                 "to start; retry after the pushback",
                 retry_after_ms=self._limits.pushback_ms,
             )
-        sequence.priority = self._limits.priorities.level(sequence.priority)
         sequence.queued_at = self._clock()
         self.waiting.append(sequence)
         self._stats.waiting = len(self.waiting)
+
+    def _shed_below(self, level: int) -> bool:
+        """End the newest waiting generation of the least urgent level below ``level``
+        (its caller gets UNAVAILABLE + pushback); False when none waits below it. Runs on
+        the event loop, so the ending is handed to its stream directly, not via the outbox
+        the engine thread fills."""
+        if not self.waiting:
+            return False
+        victim = max(reversed(self.waiting), key=lambda s: (s.priority, s.queued_at))
+        if victim.priority <= level:
+            return False
+        self.waiting.remove(victim)
+        victim.handle.push(
+            End(
+                None,
+                OverloadedError(
+                    f"model {self._name}: a more urgent generation took this priority level "
+                    f"{victim.priority} generation's place in the full waiting queue; retry "
+                    "after the pushback",
+                    retry_after_ms=self._limits.pushback_ms,
+                ),
+            )
+        )
+        return True
 
     def has_work(self) -> bool:
         if self.waiting and not self.full:
