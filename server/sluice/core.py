@@ -20,6 +20,7 @@ from sluice.metrics import Metrics
 from sluice.policy import CallPolicy
 from sluice.registry import ModelRegistry
 from sluice.routing import Router
+from sluice.routing.remote import RemoteClient
 from sluice.settings import Settings
 from sluice.shadow import Shadower
 from sluice.tracing import Tracing
@@ -42,12 +43,20 @@ def build_core(
     metrics: Metrics,
     clock: Clock,
     tracing: Tracing,
+    remote: RemoteClient | None = None,
 ) -> Core:
     admission = AdmissionController(settings.admission, metrics)
     plane = DataPlane(registry, settings, metrics=metrics, clock=clock, tracing=tracing)
     shadow = Shadower(registry, plane, settings.shadow, metrics=metrics, clock=clock)
     router = Router(
-        registry, plane, settings, metrics=metrics, clock=clock, tracing=tracing, shadow=shadow
+        registry,
+        plane,
+        settings,
+        metrics=metrics,
+        clock=clock,
+        tracing=tracing,
+        shadow=shadow,
+        remote=remote,
     )
     policy = CallPolicy(
         tenant_key=settings.admission.tenant_metadata_key,

@@ -73,6 +73,8 @@ class InferResult:
     backend: str = ""
     #: Set by the router: attempts and whether a fallback answered.
     routing: Routing | None = None
+    #: The remote server (``host:port``) that answered; empty: this one.
+    endpoint: str = ""
 
     @property
     def served_by(self) -> str:

@@ -120,8 +120,31 @@ class RetrySettings(_Section):
     """Share of the remaining deadline one attempt may use while other candidates remain."""
 
 
+class RemoteTLS(_Section):
+    """TLS to a remote candidate's endpoint."""
+
+    ca_file: Path | None = None
+    """PEM bundle of the CAs that may sign the endpoint's certificate (None: the system's)."""
+    cert_file: Path | None = None
+    """PEM client certificate chain, for an endpoint that requires mTLS."""
+    key_file: Path | None = None
+    """PEM private key of ``cert_file`` (unencrypted)."""
+    server_name: str = ""
+    """Name the endpoint's certificate must carry, when not the endpoint's host."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> RemoteTLS:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together: set both or neither")
+        return self
+
+
+_MAX_ENDPOINT_CHARS = 255
+
+
 class FallbackTarget(_Section):
-    """One candidate of a fallback chain."""
+    """One candidate of a fallback chain: a model of this server, or of another server
+    (``endpoint``) reached over the Open Inference Protocol gRPC API."""
 
     model: str = ""
     """Empty: the model whose chain this is (with ``backend``: another backend of it)."""
@@ -131,6 +154,26 @@ class FallbackTarget(_Section):
     """A backend or ladder rung (``pytorch``, ``onnxruntime-cpu``...); empty: the ladder's pick."""
     quality: float = Field(1.0, ge=0, le=1)
     """How good its answers are next to the primary's (1: as good), for operators and logs."""
+    endpoint: str = Field("", max_length=_MAX_ENDPOINT_CHARS)
+    """``host:port`` of another Open Inference Protocol server (another Sluice, Triton...)
+    that serves ``model`` (empty: this server)."""
+    tls: RemoteTLS | None = None
+    """With ``endpoint``: speak TLS to it (None: plaintext)."""
+
+    @model_validator(mode="after")
+    def _remote_complete(self) -> FallbackTarget:
+        if not self.endpoint:
+            if self.tls is not None:
+                raise ValueError("tls is for a remote candidate: it needs endpoint")
+            return self
+        host, _, port = self.endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"endpoint must be host:port, got {self.endpoint!r}")
+        if not self.model:
+            raise ValueError(f"the remote candidate at {self.endpoint} needs the model it serves")
+        if self.backend:
+            raise ValueError("backend names a backend of this server; a remote candidate has none")
+        return self
 
 
 class GuardrailSettings(_Section):
@@ -160,6 +203,17 @@ class GuardrailSettings(_Section):
         if self.window_calls < self.min_samples:
             raise ValueError("guardrail: window_calls must be at least min_samples")
         return self
+
+
+class RemoteSettings(_Section):
+    """Calls to remote candidates (fallbacks or alias entries with an ``endpoint``): one
+    pooled connection per endpoint, opened at the first call, closed at shutdown."""
+
+    max_inflight_per_endpoint: int = Field(64, ge=1)
+    """Calls one remote endpoint may have in flight from this server; a call over it passes
+    that candidate over (UNAVAILABLE, the next candidate takes it)."""
+    max_reply_bytes: int = Field(64 * 1024 * 1024, ge=4096)
+    """Largest reply accepted from a remote endpoint; a larger one fails that attempt."""
 
 
 class ProbeSettings(_Section):
@@ -403,6 +457,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     probe: ProbeSettings = ProbeSettings()
     guardrail: GuardrailSettings = GuardrailSettings()
+    remote: RemoteSettings = RemoteSettings()
     shadow: ShadowSettings = ShadowSettings()
     aliases: dict[str, list[FallbackTarget]] = {}
     """Names clients may call that route to an ordered chain of models (first = primary)."""

@@ -9,6 +9,8 @@ PUSHBACK_KEY = "grpc-retry-pushback-ms"
 #: Trailing metadata: which ``model/version/backend`` answered, and whether it was a fallback.
 SERVED_BY_KEY = "x-sluice-served-by"
 FALLBACK_KEY = "x-sluice-fallback"
+#: Trailing metadata: the remote server (``host:port``) that answered, when one did.
+ENDPOINT_KEY = "x-sluice-endpoint"
 #: grpc.health.v1 service name prefix for one model's readiness.
 MODEL_HEALTH_PREFIX = "sluice.model."
 

@@ -23,6 +23,9 @@ def span_attributes(table: ModelTable, attempt: Attempt, number: int) -> Attribu
         "sluice.model": target.model,
         "sluice.fallback": attempt.index > 0,
     }
+    if target.endpoint:
+        attributes["sluice.endpoint"] = target.endpoint
+        return attributes
     try:
         model = table.get(target.model, target.version, backend=target.backend)
     except SluiceError:

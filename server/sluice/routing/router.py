@@ -24,6 +24,7 @@ from sluice.errors import (
 from sluice.metrics import Metrics
 from sluice.registry.table import ModelTable
 from sluice.routing.candidates import Candidates
+from sluice.routing.remote import RemoteClient, Remotes
 from sluice.routing.report import log_attempt, span_attributes
 from sluice.routing.walk import Attempt, PassOver, Walk, combined, label, retryable
 from sluice.settings import FallbackTarget, Settings
@@ -45,6 +46,7 @@ class Router:
         rng: random.Random | None = None,
         tracing: Tracing | None = None,
         shadow: Shadower | None = None,
+        remote: RemoteClient | None = None,
     ) -> None:
         self._table = table
         self._plane = plane
@@ -53,8 +55,22 @@ class Router:
         self._attempt_share = settings.retry.attempt_share
         self._metrics = metrics
         self._clock = clock
+        #: Remote candidates' breakers and readiness (the health prober keeps it).
+        self.remotes = Remotes(
+            remote,
+            settings,
+            targets=lambda: self._candidates.remote_targets(),
+            metrics=metrics,
+            clock=clock,
+            tracing=self._tracing,
+        )
         self._candidates = Candidates(
-            table, settings, metrics=metrics, clock=clock, rng=rng or random.Random()
+            table,
+            settings,
+            metrics=metrics,
+            clock=clock,
+            rng=rng or random.Random(),
+            remotes=self.remotes,
         )
         #: Each guarded version's latency guardrail (ListModels shows them).
         self.guardrails = self._candidates.guardrails
@@ -75,7 +91,7 @@ class Router:
     def generates(self, name: str, version: str = "") -> bool:
         """Whether the called name's primary is a generation model."""
         primary = self._candidates.chain(name, version)[0]
-        return self._plane.generates(primary.model, primary.version)
+        return not primary.endpoint and self._plane.generates(primary.model, primary.version)
 
     def text_generation(self, request: InferRequest) -> tuple[GenerationRequest, bool]:
         """A generation model's tensor request as a generation request (and ``stream``)."""
@@ -148,13 +164,16 @@ class Router:
             # Alone, the call's own deadline (batcher and interceptor) bounds the attempt;
             # with untried candidates left, the attempt's share is enforced here.
             async with asyncio.timeout(None if alone else budget_s):
-                result = await self._plane.infer(sub, attempt_call)
+                if target.endpoint:
+                    result = await self.remotes.infer(target, sub, timeout_s=budget_s)
+                else:
+                    result = await self._plane.infer(sub, attempt_call)
         except (TimeoutError, DeadlineExceededError) as exc:
             error = self._timeout_error(target, call.deadline, budget_s, exc)
             if error is exc:
                 raise
             raise error from exc
-        self._candidates.learn(result, self._clock() - started)
+        self._candidates.learn(result, self._clock() - started, target)
         return result
 
     def _attempt_budget_s(self, deadline: float | None, *, alone: bool) -> float | None:
@@ -247,6 +266,9 @@ class Router:
     ) -> ServedGeneration:
         """The generation on one candidate, once its first chunk is out; ``PassOver`` when
         the next candidate should take it."""
+        if target.endpoint:
+            error = UnsupportedError("remote candidates serve tensor calls, not generations")
+            raise PassOver(error, f"{label(target)} cannot serve now: {error.message}")
         sub = dataclasses.replace(
             request, model=target.model, version=target.version, backend=target.backend
         )

@@ -12,11 +12,11 @@ from sluice.repository import ModelSpec
 from sluice.stats import Duration, ModelStats
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import model_config_pb2 as mc
-from sluice_client.names import FALLBACK_KEY, SERVED_BY_KEY
+from sluice_client.names import ENDPOINT_KEY, FALLBACK_KEY, SERVED_BY_KEY
 from sluice_client.tensors import to_raw
 
 # Which InferTensorContents field carries each datatype (FP16 / BF16 travel raw only).
-_TYPED_FIELD = {
+TYPED_FIELD = {
     "BOOL": "bool_contents",
     "INT8": "int_contents",
     "INT16": "int_contents",
@@ -82,7 +82,7 @@ def _typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> Any:
     if not tensor.HasField("contents"):
         return None
     filled = [field.name for field, _ in tensor.contents.ListFields()]
-    expected = _TYPED_FIELD.get(tensor.datatype)
+    expected = TYPED_FIELD.get(tensor.datatype)
     if len(filled) > 1:
         raise InvalidInputError(
             f"input '{tensor.name}' fills several contents fields ({', '.join(filled)}); "
@@ -163,6 +163,8 @@ def infer_response(result: InferResult) -> pb.ModelInferResponse:
         response.parameters["sluice_served_by"].string_param = result.served_by
         response.parameters["sluice_fallback"].bool_param = result.routing.fallback
         response.parameters["sluice_attempts"].int64_param = result.routing.attempts
+        if result.endpoint:
+            response.parameters["sluice_endpoint"].string_param = result.endpoint
     return response
 
 
@@ -171,7 +173,8 @@ def routing_trailers(result: InferResult) -> tuple[tuple[str, str], ...]:
     if result.routing is None:
         return ()
     fallback = "true" if result.routing.fallback else "false"
-    return ((SERVED_BY_KEY, result.served_by), (FALLBACK_KEY, fallback))
+    trailers = ((SERVED_BY_KEY, result.served_by), (FALLBACK_KEY, fallback))
+    return (*trailers, (ENDPOINT_KEY, result.endpoint)) if result.endpoint else trailers
 
 
 def model_metadata(spec: ModelSpec, versions: list[str]) -> pb.ModelMetadataResponse:
