@@ -145,38 +145,6 @@ class Metrics:
             ["model", "target", "reason"],
             registry=r,
         )
-        self.remote_requests = Counter(
-            "sluice_remote_requests",
-            "Calls to remote candidates, by endpoint, model and outcome (a gRPC status code "
-            "name; LIMIT: refused here, remote.max_inflight_per_endpoint reached).",
-            ["endpoint", "model", "code"],
-            registry=r,
-        )
-        self.remote_seconds = Histogram(
-            "sluice_remote_request_duration_seconds",
-            "Latency of calls to remote candidates, as this server sees it.",
-            ["endpoint", "model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.remote_inflight = Gauge(
-            "sluice_remote_inflight_requests",
-            "Calls in flight to a remote endpoint (at most remote.max_inflight_per_endpoint).",
-            ["endpoint"],
-            registry=r,
-        )
-        self.remote_limit = Gauge(
-            "sluice_remote_inflight_limit",
-            "remote.max_inflight_per_endpoint and remote.max_reply_bytes, by name.",
-            ["limit"],
-            registry=r,
-        )
-        self.remote_ready = Gauge(
-            "sluice_remote_ready",
-            "1 when the last probe found the remote candidate ready (ModelReady), else 0.",
-            ["endpoint", "model", "version"],
-            registry=r,
-        )
         self.model_ready = Gauge(
             "sluice_model_ready",
             "1 when the model version can infer now.",

@@ -27,6 +27,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 from sluice import callctx, logs
 from sluice.breaker import BackendBreaker
 from sluice.clock import Clock
@@ -81,6 +83,43 @@ class RemoteClient(Protocol):
     async def close(self) -> None: ...
 
 
+class RemoteMetrics:
+    """The metrics of remote candidates, in the server's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "sluice_remote_requests",
+            "Calls to remote candidates, by endpoint, model and outcome (a gRPC status code "
+            "name; LIMIT: refused here, remote.max_inflight_per_endpoint reached).",
+            ["endpoint", "model", "code"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "sluice_remote_request_duration_seconds",
+            "Latency of calls to remote candidates, as this server sees it.",
+            ["endpoint", "model"],
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "sluice_remote_inflight_requests",
+            "Calls in flight to a remote endpoint (at most remote.max_inflight_per_endpoint).",
+            ["endpoint"],
+            registry=registry,
+        )
+        self.limit = Gauge(
+            "sluice_remote_limit",
+            "The remote settings in force: max_inflight_per_endpoint, max_reply_bytes.",
+            ["limit"],
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "sluice_remote_ready",
+            "1 when the last probe found the remote candidate ready (ModelReady), else 0.",
+            ["endpoint", "model", "version"],
+            registry=registry,
+        )
+
+
 class _Remote:
     """One (endpoint, model, version): its breaker and what its last probe found."""
 
@@ -107,12 +146,13 @@ class Remotes:
         self._max_inflight = settings.remote.max_inflight_per_endpoint
         self._targets = targets
         self._metrics = metrics
+        self._remote_metrics = RemoteMetrics(metrics.registry)
         self._clock = clock
         self._tracing = tracing
         self._remotes: dict[tuple[str, str, str], _Remote] = {}
         self._inflight: dict[str, int] = {}
-        metrics.remote_limit.labels("max_inflight_per_endpoint").set(self._max_inflight)
-        metrics.remote_limit.labels("max_reply_bytes").set(settings.remote.max_reply_bytes)
+        self._remote_metrics.limit.labels("max_inflight_per_endpoint").set(self._max_inflight)
+        self._remote_metrics.limit.labels("max_reply_bytes").set(settings.remote.max_reply_bytes)
 
     def _get(self, target: FallbackTarget) -> _Remote:
         key = (target.endpoint, target.model, target.version)
@@ -153,7 +193,7 @@ class Remotes:
         assert self._client is not None  # check() refuses without one
         endpoint = target.endpoint
         if self._inflight.get(endpoint, 0) >= self._max_inflight:
-            self._metrics.remote_requests.labels(endpoint, target.model, "LIMIT").inc()
+            self._remote_metrics.requests.labels(endpoint, target.model, "LIMIT").inc()
             raise UnavailableError(
                 f"{endpoint} has {self._max_inflight} calls in flight from this server "
                 "(remote.max_inflight_per_endpoint)"
@@ -162,7 +202,7 @@ class Remotes:
         started = self._clock()
         code = "CANCELLED"  # until the call ends otherwise (the caller may leave)
         self._inflight[endpoint] = self._inflight.get(endpoint, 0) + 1
-        self._metrics.remote_inflight.labels(endpoint).inc()
+        self._remote_metrics.inflight.labels(endpoint).inc()
         try:
             with self._tracing.span("sluice.remote", attributes) as span:
                 result = await self._call(target, request, timeout_s)
@@ -174,9 +214,9 @@ class Remotes:
             raise self._error(target, exc) from exc
         finally:
             self._inflight[endpoint] -= 1
-            self._metrics.remote_inflight.labels(endpoint).dec()
-            self._metrics.remote_requests.labels(endpoint, target.model, code).inc()
-            self._metrics.remote_seconds.labels(endpoint, target.model).observe(
+            self._remote_metrics.inflight.labels(endpoint).dec()
+            self._remote_metrics.requests.labels(endpoint, target.model, code).inc()
+            self._remote_metrics.seconds.labels(endpoint, target.model).observe(
                 self._clock() - started
             )
         result.endpoint = endpoint
@@ -246,7 +286,7 @@ class Remotes:
             else:
                 log.warning("remote candidate %s: %s", label(target), problem)
         remote.problem = problem
-        self._metrics.remote_ready.labels(target.endpoint, target.model, target.version).set(
+        self._remote_metrics.ready.labels(target.endpoint, target.model, target.version).set(
             problem is None
         )
 
