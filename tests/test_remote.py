@@ -13,11 +13,15 @@ import numpy as np
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pydantic import ValidationError
 
 from sluice.repository import EXAMPLE_REPOSITORY
+from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+from sluice_api.sluice.v1 import model_service_pb2 as models_pb
+from sluice_api.sluice.v1 import model_service_pb2_grpc as models_grpc
 from tests.certs import Certificates
 from tests.conftest import RunningServer, StartServer
 from tests.test_routing import ONES, simple_request
@@ -285,3 +289,63 @@ async def test_an_alias_of_a_remote_model_returns_its_invalid_argument_as_is(
     assert_sum(response)
     labels = {"endpoint": remote.address, "model": "simple", "code": "INVALID_ARGUMENT"}
     assert sample(local, "sluice_remote_requests_total", labels) == 3
+
+
+async def test_list_models_names_the_remote_fallback(
+    start_server: StartServer, tmp_path: Path, channels: list[grpc.aio.Channel]
+) -> None:
+    remote = await start_server(repository=copy_repository(tmp_path, "remote"))
+    local = await start_server(repository=failing_primary(tmp_path, remote.address))
+    channel = grpc.aio.insecure_channel(local.address)
+    channels.append(channel)
+    models = models_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+    listing = await models.ListModels(models_pb.ListModelsRequest())
+    simple = [row for row in listing.models if row.name == "simple"]
+    assert simple and list(simple[0].fallbacks) == [f"{remote.address}/simple"]
+
+
+async def test_calls_over_the_per_endpoint_limit_pass_the_remote_over(
+    start_server: StartServer, tmp_path: Path, channels: list[grpc.aio.Channel]
+) -> None:
+    remote = await start_server(
+        repository=copy_repository(tmp_path, "remote", "faults: {mode: slow, delay_ms: 1000}\n")
+    )
+    local = await start_server(
+        repository=failing_primary(tmp_path, remote.address),
+        remote={"max_inflight_per_endpoint": 1},
+    )
+    client = stub(local, channels)
+    first = asyncio.ensure_future(infer(client))
+    inflight = {"endpoint": remote.address}
+    await until(lambda: sample(local, "sluice_remote_inflight_requests", inflight) == 1)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await infer(client)
+    assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "remote.max_inflight_per_endpoint" in (failed.value.details() or "")
+    limited = {"endpoint": remote.address, "model": "simple", "code": "LIMIT"}
+    assert sample(local, "sluice_remote_requests_total", limited) >= 1
+    assert sample(local, "sluice_remote_limit", {"limit": "max_inflight_per_endpoint"}) == 1
+    response, trailers = await first  # the call in flight was never disturbed
+    assert_sum(response)
+    assert trailers["x-sluice-endpoint"] == remote.address
+
+
+@pytest.mark.parametrize(
+    ("target", "problem"),
+    [
+        ({"endpoint": "no-port", "model": "m"}, "endpoint must be host:port"),
+        ({"endpoint": "h:99999", "model": "m"}, "endpoint must be host:port"),
+        ({"endpoint": "h:8001"}, "needs the model it serves"),
+        ({"endpoint": "h:8001", "model": "m", "backend": "pytorch"}, "a remote candidate has none"),
+        ({"model": "m", "tls": {"ca_file": "/ca.pem"}}, "tls is for a remote candidate"),
+        (
+            {"endpoint": "h:8001", "model": "m", "tls": {"cert_file": "/c.pem"}},
+            "cert_file and tls.key_file go together",
+        ),
+    ],
+)
+def test_a_remote_candidate_that_cannot_work_is_a_settings_error(
+    target: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        Settings.model_validate({"aliases": {"far": [target]}})
