@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
         "sluice.stats",
         "sluice.domain",
         "sluice.tensors",
+        "sluice.remote_metrics",
         "sluice.metrics",
         "sluice.tracing",
         "sluice.lifecycle",

@@ -11,6 +11,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from sluice.remote_metrics import RemoteMetrics
 from sluice.stats import BatchRun, ModelStats
 
 _LATENCY_BUCKETS = (
@@ -145,6 +146,7 @@ class Metrics:
             ["model", "target", "reason"],
             registry=r,
         )
+        self.remote = RemoteMetrics(r)
         self.model_ready = Gauge(
             "sluice_model_ready",
             "1 when the model version can infer now.",

@@ -27,8 +27,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 from sluice import callctx, logs
 from sluice.breaker import BackendBreaker
 from sluice.clock import Clock
@@ -83,43 +81,6 @@ class RemoteClient(Protocol):
     async def close(self) -> None: ...
 
 
-class RemoteMetrics:
-    """The metrics of remote candidates, in the server's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "sluice_remote_requests",
-            "Calls to remote candidates, by endpoint, model and outcome (a gRPC status code "
-            "name; LIMIT: refused here, remote.max_inflight_per_endpoint reached).",
-            ["endpoint", "model", "code"],
-            registry=registry,
-        )
-        self.seconds = Histogram(
-            "sluice_remote_request_duration_seconds",
-            "Latency of calls to remote candidates, as this server sees it.",
-            ["endpoint", "model"],
-            registry=registry,
-        )
-        self.inflight = Gauge(
-            "sluice_remote_inflight_requests",
-            "Calls in flight to a remote endpoint (at most remote.max_inflight_per_endpoint).",
-            ["endpoint"],
-            registry=registry,
-        )
-        self.limit = Gauge(
-            "sluice_remote_limit",
-            "The remote settings in force: max_inflight_per_endpoint, max_reply_bytes.",
-            ["limit"],
-            registry=registry,
-        )
-        self.ready = Gauge(
-            "sluice_remote_ready",
-            "1 when the last probe found the remote candidate ready (ModelReady), else 0.",
-            ["endpoint", "model", "version"],
-            registry=registry,
-        )
-
-
 class _Remote:
     """One (endpoint, model, version): its breaker and what its last probe found."""
 
@@ -146,7 +107,7 @@ class Remotes:
         self._max_inflight = settings.remote.max_inflight_per_endpoint
         self._targets = targets
         self._metrics = metrics
-        self._remote_metrics = RemoteMetrics(metrics.registry)
+        self._remote_metrics = metrics.remote
         self._clock = clock
         self._tracing = tracing
         self._remotes: dict[tuple[str, str, str], _Remote] = {}
