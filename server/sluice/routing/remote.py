@@ -23,6 +23,7 @@ remote's model, not here); its outputs come back as received, within
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -219,16 +220,11 @@ class Remotes:
         return ExecutorError(message)
 
     async def probe_all(self, timeout_s: float) -> None:
-        """Ask every remote candidate whether it is ready (``ModelReady``), one by one."""
+        """Ask every remote candidate whether it is ready (``ModelReady``), concurrently."""
         if self._client is None:
             return
-        seen: set[tuple[str, str, str]] = set()
-        for target in self._targets():
-            key = (target.endpoint, target.model, target.version)
-            if key in seen:
-                continue
-            seen.add(key)
-            await self._probe(target, timeout_s)
+        targets = {(t.endpoint, t.model, t.version): t for t in self._targets()}
+        await asyncio.gather(*(self._probe(target, timeout_s) for target in targets.values()))
 
     async def _probe(self, target: FallbackTarget, timeout_s: float) -> None:
         assert self._client is not None

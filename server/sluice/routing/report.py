@@ -66,7 +66,7 @@ def log_attempt(
         "error_class=%s skipped=%s next=%s",
         walk.attempts,
         logs.clip(request.model),
-        logs.clip(target.model),
+        logs.clip(label(target) if target.endpoint else target.model),
         logs.clip(version),
         backend,
         "ok" if error is None else "error",
@@ -75,7 +75,7 @@ def log_attempt(
         skipped,
         then_text,
         extra=logs.fields(
-            model=target.model,
+            model=label(target) if target.endpoint else target.model,
             version=version,
             backend=backend,
             outcome="ok" if error is None else type(error).__name__,
