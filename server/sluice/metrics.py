@@ -145,6 +145,41 @@ class Metrics:
             ["model", "target", "reason"],
             registry=r,
         )
+        self.cache_hits = Counter(
+            "sluice_cache_hits",
+            "Response cache lookups that found the answer (degraded answers included).",
+            ["model"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "sluice_cache_misses",
+            "Response cache lookups that found nothing.",
+            ["model"],
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "sluice_cache_evictions",
+            "Cached answers dropped to make room (least recently used first), by their model.",
+            ["model"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "sluice_cache_bytes",
+            "Bytes the response cache holds (never more than cache.max_bytes).",
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "sluice_cache_entries",
+            "Answers the response cache holds.",
+            registry=r,
+        )
+        self.degraded_responses = Counter(
+            "sluice_degraded_responses",
+            "Calls answered by a model's degraded tier after every candidate failed or was "
+            "open, by source (cache, static).",
+            ["model", "source"],
+            registry=r,
+        )
         self.model_ready = Gauge(
             "sluice_model_ready",
             "1 when the model version can infer now.",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from sluice.answer_config import DegradedConfig, ResponseCacheConfig
 from sluice.errors import ModelNotFoundError, ModelNotReadyError
 from sluice.lifecycle import SERVER, ModelState
 from sluice.loader import ModelVersion
@@ -45,6 +46,10 @@ class ModelEntry:
     fallbacks: tuple[FallbackTarget, ...] = ()
     #: Where a sample of its calls is mirrored (from its config).
     shadow: ShadowConfig | None = None
+    #: Whether repeated calls are answered from the response cache (from its config).
+    response_cache: ResponseCacheConfig = field(default_factory=ResponseCacheConfig)
+    #: What it answers when every candidate failed or is open (from its config).
+    degraded: DegradedConfig | None = None
     #: Other backends of a version, loaded because a fallback names them: (version, backend).
     alternates: dict[tuple[str, str], ModelVersion] = field(default_factory=dict)
     #: Loaded versions that failed their last health probe, with the reason.
