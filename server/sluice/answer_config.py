@@ -121,13 +121,6 @@ def check_degraded(degraded: DegradedConfig | None, io: IOSpec, *, where: Path) 
     if degraded is None or not degraded.outputs:
         return
     specs = {spec.name: spec for spec in io.outputs}
-    given = {output.name for output in degraded.outputs}
-    missing = sorted(set(specs) - given)
-    if missing:
-        raise ConfigError(
-            f"{where}: field 'degraded.outputs': the static answer lacks the model's "
-            f"output(s) {', '.join(missing)}"
-        )
     for index, output in enumerate(degraded.outputs):
         field = f"degraded.outputs.{index}"
         spec = specs.get(output.name)
@@ -152,3 +145,10 @@ def check_degraded(degraded: DegradedConfig | None, io: IOSpec, *, where: Path) 
                 f"'{output.name}' of shape {shown} (-1 = any size"
                 f"{'; the first dimension is the one row' if io.batched else ''})"
             )
+    given = {output.name for output in degraded.outputs}
+    missing = sorted(set(specs) - given)
+    if missing:
+        raise ConfigError(
+            f"{where}: field 'degraded.outputs': the static answer lacks the model's "
+            f"output(s) {', '.join(missing)}"
+        )
