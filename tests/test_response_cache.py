@@ -4,15 +4,17 @@ visible in the metrics and in ModelStatistics, and its memory bound held."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import redis.asyncio
 
-from sluice.caching import ByteLRU, Cached
+from sluice.caching import ByteLRU, Cached, codec
 from sluice.caching.keys import request_key, version_identity
 from sluice.caching.lru import ENTRY_OVERHEAD_BYTES, entry_bytes
 from sluice.domain import InferRequest, InputTensor, OutputTensor
@@ -20,6 +22,7 @@ from sluice.repository import ModelSpec
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, StartServer
+from tests.redis_server import free_port, running_redis
 
 CACHED = "response_cache: {enabled: true}\n"
 
@@ -381,3 +384,131 @@ async def test_models_without_the_setting_are_not_cached(
         _, trailers = await infer(client, request())
         assert "sluice-cache" not in trailers
     assert (await statistics(client)).execution_count == 2
+
+
+# -- shared by replicas through Redis -----------------------------------------------------
+
+
+def test_an_entry_survives_its_wire_form_and_malformed_ones_are_refused() -> None:
+    outputs = (
+        OutputTensor("N", "FP32", np.arange(6, dtype="<f4").reshape(2, 3)),
+        OutputTensor("S", "BYTES", np.array([b"a", b"bc"], dtype=object)),
+    )
+    original = Cached("simple", "1", "onnxruntime", outputs, entry_bytes(outputs))
+    blob = codec.encode(original)
+    back = codec.decode(blob, max_entry_bytes=100_000)
+    assert (back.model, back.version, back.backend, back.nbytes) == (
+        "simple",
+        "1",
+        "onnxruntime",
+        original.nbytes,
+    )
+    for got, want in zip(back.outputs, outputs, strict=True):
+        assert (got.name, got.datatype) == (want.name, want.datatype)
+        np.testing.assert_array_equal(got.array, want.array)
+        assert not got.array.flags.writeable
+    malformed = [
+        b"",
+        b"\xff\xff\xff\xff{}",
+        blob[:-1],  # an output cut short
+        blob + b"x",  # bytes after the last output
+        blob.replace(b'"FP32"', b'"FP99"'),
+        blob.replace(b'"shape":[2,3]', b'"shape":[2,4]'),
+        (2).to_bytes(4, "little") + b"[]",
+    ]
+    for bad in malformed:
+        with pytest.raises(ValueError):
+            codec.decode(bad, max_entry_bytes=100_000)
+    with pytest.raises(ValueError):
+        codec.decode(blob, max_entry_bytes=100)  # larger than any entry kept here
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    with running_redis(tmp_path) as url:
+        yield url
+
+
+async def shared_keys(url: str) -> list[bytes]:
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        return sorted(await client.keys("sluice:cache:*"))
+    finally:
+        await client.aclose()
+
+
+async def wait_for_shared(url: str, count: int) -> list[bytes]:
+    """Writes to Redis happen after the answer: wait until they are there."""
+    async with asyncio.timeout(30):
+        while len(keys := await shared_keys(url)) < count:
+            await asyncio.sleep(0.01)
+    return keys
+
+
+async def test_a_replica_answers_from_what_another_shared(
+    start_server: StartServer,
+    example_repository: Path,
+    tmp_path: Path,
+    redis_url: str,
+    channel: list[grpc.aio.Channel],
+) -> None:
+    other_copy = tmp_path / "replica"
+    shutil.copytree(cached_repository(example_repository), other_copy)  # same files, elsewhere
+    shared = {"redis_url": redis_url}
+    one = await start_server(repository=example_repository, cache=shared)
+    two = await start_server(repository=other_copy, cache=shared)
+    computed, _ = await infer(stub(one, channel), request(first=ONES * 4))
+    await wait_for_shared(redis_url, 1)
+    client = stub(two, channel)
+    answer, trailers = await infer(client, request(first=ONES * 4))
+    assert trailers["sluice-cache"] == "hit"
+    assert answer.raw_output_contents == computed.raw_output_contents
+    assert (await statistics(client)).execution_count == 0
+    assert sample(two, "sluice_cache_hits_total", model="simple") == 1
+    # Now kept locally too: the next hit does not need Redis.
+    _, trailers = await infer(client, request(first=ONES * 4))
+    assert trailers["sluice-cache"] == "hit"
+
+
+async def test_a_malformed_shared_entry_is_a_miss_never_an_answer(
+    start_server: StartServer,
+    example_repository: Path,
+    tmp_path: Path,
+    redis_url: str,
+    channel: list[grpc.aio.Channel],
+) -> None:
+    other_copy = tmp_path / "replica"
+    shutil.copytree(cached_repository(example_repository), other_copy)
+    one = await start_server(repository=example_repository, cache={"redis_url": redis_url})
+    two = await start_server(repository=other_copy, cache={"redis_url": redis_url})
+    await infer(stub(one, channel), request())
+    (key,) = await wait_for_shared(redis_url, 1)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await client.set(key, (10).to_bytes(4, "little") + b'{"outputs": 1}')
+    finally:
+        await client.aclose()
+    answer, trailers = await infer(stub(two, channel), request())
+    assert "sluice-cache" not in trailers
+    np.testing.assert_array_equal(
+        np.frombuffer(answer.raw_output_contents[0], "<i4"), (ONES + ONES).ravel()
+    )
+    assert sample(two, "sluice_cache_shared_errors_total", operation="decode") == 1
+
+
+async def test_an_unreachable_redis_costs_misses_never_calls(
+    start_server: StartServer, example_repository: Path, channel: list[grpc.aio.Channel]
+) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    server = await start_server(
+        repository=cached_repository(example_repository), cache={"redis_url": nowhere}
+    )
+    client = stub(server, channel)
+    for _ in range(2):
+        answer, _ = await infer(client, request(first=ONES * 2))
+        np.testing.assert_array_equal(
+            np.frombuffer(answer.raw_output_contents[0], "<i4"), (ONES * 3).ravel()
+        )
+    # The first call missed here and in Redis; its answer is kept here all the same.
+    assert sample(server, "sluice_cache_hits_total", model="simple") == 1
+    assert sample(server, "sluice_cache_shared_errors_total", operation="read") == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sluice.admission import AdmissionController
+from sluice.caching import ResponseCache
 from sluice.clock import Clock
 from sluice.dataplane import DataPlane
 from sluice.deadlines import DeadlinePolicy
@@ -33,6 +34,7 @@ class Core:
     shadow: Shadower
     policy: CallPolicy
     admission: AdmissionController
+    cache: ResponseCache
 
 
 def build_core(
@@ -46,8 +48,16 @@ def build_core(
     admission = AdmissionController(settings.admission, metrics)
     plane = DataPlane(registry, settings, metrics=metrics, clock=clock, tracing=tracing)
     shadow = Shadower(registry, plane, settings.shadow, metrics=metrics, clock=clock)
+    cache = ResponseCache(settings.cache, metrics=metrics, clock=clock)
     router = Router(
-        registry, plane, settings, metrics=metrics, clock=clock, tracing=tracing, shadow=shadow
+        registry,
+        plane,
+        settings,
+        metrics=metrics,
+        clock=clock,
+        tracing=tracing,
+        shadow=shadow,
+        cache=cache,
     )
     policy = CallPolicy(
         tenant_key=settings.admission.tenant_metadata_key,
@@ -57,4 +67,4 @@ def build_core(
         metrics=metrics,
         tracing=tracing,
     )
-    return Core(registry, plane, router, shadow, policy, admission)
+    return Core(registry, plane, router, shadow, policy, admission, cache)

@@ -173,6 +173,13 @@ class Metrics:
             "Answers the response cache holds.",
             registry=r,
         )
+        self.cache_shared_errors = Counter(
+            "sluice_cache_shared_errors",
+            "Shared (Redis) response cache operations that failed and cost a miss or a skipped "
+            "write, by operation (read, write, decode, busy).",
+            ["operation"],
+            registry=r,
+        )
         self.degraded_responses = Counter(
             "sluice_degraded_responses",
             "Calls answered by a model's degraded tier after every candidate failed or was "

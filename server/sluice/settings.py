@@ -172,6 +172,14 @@ class CacheSettings(_Section):
     entry (0 turns the cache off, for every model)."""
     max_entry_bytes: int = Field(4 * 1024 * 1024, ge=1)
     """Largest answer that is kept; a larger one is served and not cached."""
+    redis_url: str | None = None
+    """Redis URL (``redis://host:6379/0``) where replicas share cached answers, behind each
+    one's own ``max_bytes`` (needs the ``redis`` package; Redis's own ``maxmemory`` bounds
+    what it keeps)."""
+    redis_timeout_s: float = Field(0.1, gt=0)
+    """With ``redis_url``: longest one Redis command may take; a slower one is a miss."""
+    redis_ttl_s: float = Field(3600.0, gt=0)
+    """With ``redis_url``: how long a shared answer lives in Redis."""
 
 
 class GenerationSettings(_Section):

@@ -2,9 +2,8 @@
 answer, each field length-prefixed so that no two different requests write the same
 stream of bytes:
 
-* the version that answers, as loaded (model, version, backend, and the model file's path,
-  size and modification time: a version reloaded from changed files never reads the
-  answers of the old ones);
+* the version that answers, as loaded (model, version, backend, and its folder's files:
+  a version reloaded from changed files never reads the answers of the old ones);
 * the requested outputs, in order;
 * every input, in name order: name, datatype, shape and contents in their wire encoding
   (typed contents are encoded as raw ones would be, so either way of sending the same
@@ -21,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sluice.domain import InferRequest, InputTensor
@@ -29,6 +29,8 @@ from sluice.tensors import decode_checked
 from sluice_client.tensors import to_raw
 
 DIGEST_BYTES = 32
+MAX_IDENTITY_FILES = 10_000
+"""Files of a version's folder the key names (a folder with more: the first, by path)."""
 IGNORED_PARAMETERS = frozenset({"timeout", "priority"})
 """Request parameters that bound the call (its deadline, its place in a queue) and never
 change the answer."""
@@ -41,15 +43,35 @@ class CacheKey:
     version: str
 
 
-def version_identity(spec: ModelSpec) -> bytes:
-    """The loaded version as the key names it (read once per loaded version)."""
+def version_identity(spec: ModelSpec, *, content: bool = False) -> bytes:
+    """The loaded version as the key names it: model, version, backend, and every file of
+    its folder by relative path and either size and modification time, or (``content``,
+    for keys that replicas share) a digest of its bytes. Computed once per loaded version
+    (``content`` reads every file: in a worker thread)."""
+    parts = [spec.name, spec.version, spec.backend, spec.backend_rung]
+    folder = spec.path.parent if spec.path.is_file() else spec.path
     try:
-        stat = spec.path.stat()
-        files = f"{stat.st_size}:{stat.st_mtime_ns}"
+        files = sorted(path for path in folder.rglob("*") if path.is_file())
     except OSError:
-        files = "?"
-    parts = (spec.name, spec.version, spec.backend, spec.backend_rung, str(spec.path), files)
-    return b"".join(_framed(part.encode("utf-8", "surrogatepass")) for part in parts)
+        files = []
+    for path in files[:MAX_IDENTITY_FILES]:
+        parts.append(str(path.relative_to(folder)))
+        try:
+            parts.append(_file_digest(path) if content else _file_stamp(path))
+        except OSError:
+            parts.append("?")
+    return b"".join(_framed(_text(part)) for part in parts)
+
+
+def _file_stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, lambda: hashlib.blake2b(digest_size=DIGEST_BYTES))
+    return digest.hexdigest()
 
 
 def request_key(

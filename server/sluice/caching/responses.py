@@ -16,6 +16,7 @@ import numpy as np
 
 from sluice.caching.keys import CacheKey, request_key, version_identity
 from sluice.caching.lru import ByteLRU, Cached, entry_bytes
+from sluice.caching.shared import SharedResponses
 from sluice.clock import Clock
 from sluice.domain import InferRequest, InferResult, OutputTensor
 from sluice.loader import ModelVersion
@@ -37,6 +38,11 @@ class ResponseCache:
             on_evict=self._evicted,
         )
         self._enabled = settings.max_bytes > 0
+        self._shared = (
+            SharedResponses.connect(settings, metrics=metrics)
+            if self._enabled and settings.redis_url is not None
+            else None
+        )
         self._identities: weakref.WeakKeyDictionary[ModelVersion, bytes] = (
             weakref.WeakKeyDictionary()
         )
@@ -56,19 +62,25 @@ class ResponseCache:
         """The key of a request validated against ``model``'s inputs."""
         identity = self._identities.get(model)
         if identity is None:
-            identity = self._identities[model] = version_identity(model.spec)
+            # Shared by replicas, a version is named by its files' contents (read once).
+            content = self._shared is not None
+            identity = await asyncio.to_thread(version_identity, model.spec, content=content)
+            self._identities[model] = identity
         if payload_bytes <= OFF_LOOP_KEY_BYTES:
             return request_key(request, spec=model.spec, identity=identity, wanted=wanted)
         return await asyncio.to_thread(
             request_key, request, spec=model.spec, identity=identity, wanted=wanted
         )
 
-    def lookup(self, key: CacheKey, model: ModelVersion) -> Cached | None:
-        """The answer kept under ``key`` (counted as a hit or a miss of ``model``)."""
+    async def lookup(self, key: CacheKey, model: ModelVersion) -> Cached | None:
+        """The answer kept under ``key``, here or shared by a replica (counted as a hit or
+        a miss of ``model``)."""
         started = self._clock()
-        entry = self._lru.get(key.digest)
-        if entry is not None and (entry.model, entry.version) != (key.model, key.version):
-            entry = None  # never another model's answer, whatever the digest says
+        entry = _named(key, self._lru.get(key.digest))
+        if entry is None and self._shared is not None:
+            entry = _named(key, await self._shared.get(key.digest))
+            if entry is not None:
+                self._keep(key, entry)
         seconds = self._clock() - started
         if entry is None:
             model.stats.record_cache_miss(seconds)
@@ -97,14 +109,33 @@ class ResponseCache:
             for output in result.outputs
         )
         entry = Cached(spec.name, spec.version, spec.backend, outputs, nbytes)
-        kept = self._lru.put(key.digest, entry)
+        kept = self._keep(key, entry)
+        if self._shared is not None:
+            self._shared.put(key.digest, entry)
         model.stats.record_cache_insert(self._clock() - started)
+        return kept
+
+    async def close(self) -> None:
+        """Stop sharing (pending writes are dropped)."""
+        if self._shared is not None:
+            await self._shared.close()
+
+    def _keep(self, key: CacheKey, entry: Cached) -> bool:
+        kept = self._lru.put(key.digest, entry)
         self._metrics.cache_bytes.set(self._lru.size_bytes)
         self._metrics.cache_entries.set(len(self._lru))
         return kept
 
     def _evicted(self, entry: Cached) -> None:
         self._metrics.cache_evictions.labels(entry.model).inc()
+
+
+def _named(key: CacheKey, entry: Cached | None) -> Cached | None:
+    """``entry`` if it is the answer of the model and version the key names: never another
+    model's, whatever the digest says."""
+    if entry is None or (entry.model, entry.version) != (key.model, key.version):
+        return None
+    return entry
 
 
 def _owned(array: Array) -> Array:

@@ -100,12 +100,14 @@ class Answers:
         )
         return Prepared(model, wanted, checked.rows, key, reads, degraded)
 
-    def hit(self, prepared: Prepared, request: InferRequest, call: Call) -> InferResult | None:
+    async def hit(
+        self, prepared: Prepared, request: InferRequest, call: Call
+    ) -> InferResult | None:
         """The cached answer to the call, if normal traffic reads the cache and it holds one."""
         if prepared.key is None or not prepared.reads:
             return None
         with self._tracing.span("sluice.cache", leaf=True) as span:
-            entry = self._cache.lookup(prepared.key, prepared.model)
+            entry = await self._cache.lookup(prepared.key, prepared.model)
             if span.is_recording():
                 span.set_attribute("sluice.cache.hit", entry is not None)
         if entry is None:
@@ -125,7 +127,7 @@ class Answers:
         if prepared.key is not None and result.routing is not None and not result.routing.fallback:
             self._cache.store(prepared.key, result, prepared.model)
 
-    def degraded(
+    async def degraded(
         self,
         prepared: Prepared,
         request: InferRequest,
@@ -139,7 +141,7 @@ class Answers:
         config = prepared.degraded
         if config is None:
             return None
-        found = self._from_cache(prepared) if config.from_cache else None
+        found = await self._from_cache(prepared) if config.from_cache else None
         if found is not None:
             source, (model, version, backend), outputs = CACHE, found[0], found[1]
         elif config.outputs:
@@ -167,12 +169,12 @@ class Answers:
             routing=Routing(attempts=attempts, fallback=False, degraded=source),
         )
 
-    def _from_cache(
+    async def _from_cache(
         self, prepared: Prepared
     ) -> tuple[tuple[str, str, str], list[OutputTensor]] | None:
         if prepared.key is None:
             return None
-        entry = self._cache.lookup(prepared.key, prepared.model)
+        entry = await self._cache.lookup(prepared.key, prepared.model)
         if entry is None:
             return None
         return (entry.model, entry.version, entry.backend), list(entry.outputs)

@@ -103,7 +103,7 @@ class Router:
         a response cache hit first, and its degraded tier when no candidate answers."""
         prepared = await self._answers.prepare(request)
         if prepared is not None:
-            hit = self._answers.hit(prepared, request, call)
+            hit = await self._answers.hit(prepared, request, call)
             if hit is not None:
                 return hit
         walk = self._candidates.walk(request.model, request.version)
@@ -112,7 +112,7 @@ class Router:
         except SluiceError as exc:
             if prepared is None or not retryable(exc):
                 raise
-            answer = self._answers.degraded(
+            answer = await self._answers.degraded(
                 prepared, request, call, error=exc, attempts=walk.attempts
             )
             if answer is None:

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sluice.admission import AdmissionController
+from sluice.caching import ResponseCache
 from sluice.clock import Clock
 from sluice.core import build_core
 from sluice.metrics import Metrics
@@ -68,6 +69,8 @@ class SluiceServer:
     shadow: Shadower
     health_server: HealthPort | None = None
     """The plaintext health-only port (``health_port``), when there is one."""
+    cache: ResponseCache | None = None
+    """The response cache, closed once calls have finished (its shared store's client)."""
 
     async def mark_started(self) -> None:
         """After the start-up load: overall health follows whether anything can serve."""
@@ -114,6 +117,8 @@ class SluiceServer:
         try:
             async with asyncio.timeout(max(unload_s - closing_s, 0.0)):
                 await self.shadow.close()
+                if self.cache is not None:
+                    await self.cache.close()
                 await self.registry.close()
         except TimeoutError:
             log.warning(
@@ -213,7 +218,16 @@ async def create_server(
     log.info("admin plane: %s", admin.describe())
     prober = HealthProber(registry, settings.probe, clock)
     return SluiceServer(
-        server, port, registry, health_servicer, admission, servicer, prober, shadow, health_port
+        server,
+        port,
+        registry,
+        health_servicer,
+        admission,
+        servicer,
+        prober,
+        shadow,
+        health_port,
+        cache=core.cache,
     )
 
 
