@@ -195,3 +195,24 @@ async def test_a_static_answer_that_does_not_fit_is_a_load_error(
     reasons = [row.reason for row in server.service.index() if row.name == "simple"]
     assert any(says in reason and "degraded.outputs" in reason for reason in reasons), reasons
     assert not server.service.is_ready("simple")
+
+
+async def test_a_stream_gets_the_degraded_answer_too_with_every_breaker_open(
+    start_server: StartServer, example_repository: Path, channels: list[grpc.aio.Channel]
+) -> None:
+    (example_repository / "simple" / "config.yaml").write_text(DEGRADED + FAILING)
+    server = await start_server(repository=example_repository, breaker={"fail_max": 1})
+    client = stub(server, channels)
+    _, trailers = await infer(client, request())  # opens the breaker
+    assert trailers["sluice-degraded"] == "static"
+
+    async def two() -> AsyncIterator[pb.ModelInferRequest]:
+        for value in (1, 2):
+            yield request(first=ONES * value)
+
+    answers = [answer async for answer in client.ModelStreamInfer(two())]
+    assert [a.error_message for a in answers] == ["", ""]
+    marks = [a.infer_response.parameters["sluice_degraded"].string_param for a in answers]
+    assert marks == ["static", "static"]
+    np.testing.assert_array_equal(output(answers[1].infer_response, 0), np.full((1, 16), 7))
+    assert sample(server, "sluice_rejected_requests_total", reason="breaker") == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -49,6 +50,28 @@ def test_lru_stays_within_its_byte_budget_and_counts_what_it_evicts() -> None:
     # The oldest went first: the newest are all there.
     assert all(lru.get(i.to_bytes(32, "little")) is not None for i in range(50 - len(lru), 50))
     assert lru.get((0).to_bytes(32, "little")) is None
+
+
+def test_lru_shared_by_threads_keeps_its_books() -> None:
+    size = entry("m", 100).nbytes
+    evicted: list[Cached] = []
+    lru = ByteLRU(max_bytes=20 * size, max_entry_bytes=size, on_evict=evicted.append)
+
+    def work(offset: int) -> None:
+        for index in range(500):
+            key = (offset * 1000 + index % 50).to_bytes(32, "little")
+            lru.put(key, entry("m", 100))
+            lru.get((offset * 1000 + index % 7).to_bytes(32, "little"))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert lru.size_bytes == len(lru) * size <= 20 * size
+    assert len(lru) == 20
+    distinct_puts = 4 * 50
+    assert len(evicted) >= distinct_puts - 20
 
 
 def test_lru_drops_the_least_recently_used_not_the_oldest() -> None:
