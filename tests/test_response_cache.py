@@ -268,6 +268,8 @@ async def test_a_repeated_call_is_answered_from_the_cache_without_running(
     np.testing.assert_array_equal(
         np.frombuffer(second.raw_output_contents[0], "<i4"), (ONES + ONES).ravel()
     )
+    config = await client.ModelConfig(pb.ModelConfigRequest(name="simple"))
+    assert config.config.response_cache.enable
     stats = await statistics(client)
     assert stats.execution_count == 1  # the executor ran once
     assert stats.inference_stats.cache_hit.count == 1

@@ -197,6 +197,11 @@ class VersionLoader:
             ),
             auto_configured=config.inputs is None,
             decoupled=decoupled,
+            response_cache=(
+                config.response_cache.enabled
+                and not decoupled
+                and self._settings.cache.max_bytes > 0
+            ),
         )
 
     def _engine_limits(self) -> SchedulerLimits:

@@ -178,6 +178,8 @@ class ModelSpec:
     device: str = "cpu"
     #: A generation model: a request may get many responses (Triton's "decoupled").
     decoupled: bool = False
+    #: Repeated calls are answered from the response cache (``response_cache.enabled``).
+    response_cache: bool = False
 
 
 def read_config(model_dir: Path) -> ModelConfig:

@@ -237,6 +237,7 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
         )
     if spec.decoupled:
         config.model_transaction_policy.decoupled = True
+    config.response_cache.enable = spec.response_cache
     if spec.auto_configured:
         config.parameters["sluice_auto_configured"].string_value = "true"
     config.parameters["sluice_backend"].string_value = spec.backend_rung or spec.backend
