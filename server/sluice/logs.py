@@ -32,6 +32,8 @@ FIELDS = (
     "attempt",
     "skipped",
     "next",
+    "p95_ms",
+    "guardrail_ms",
 )
 _EXTRA_KEY = "sluice_fields"
 

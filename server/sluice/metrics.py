@@ -146,44 +146,27 @@ class Metrics:
             registry=r,
         )
         self.cache_hits = Counter(
-            "sluice_cache_hits",
-            "Response cache lookups that found the answer (degraded answers included).",
-            ["model"],
-            registry=r,
+            "sluice_cache_hits", "Response cache hits (degraded ones too).", ["model"], registry=r
         )
         self.cache_misses = Counter(
-            "sluice_cache_misses",
-            "Response cache lookups that found nothing.",
-            ["model"],
-            registry=r,
+            "sluice_cache_misses", "Response cache misses.", ["model"], registry=r
         )
         self.cache_evictions = Counter(
-            "sluice_cache_evictions",
-            "Cached answers dropped to make room (least recently used first), by their model.",
-            ["model"],
-            registry=r,
+            "sluice_cache_evictions", "Cached answers evicted, by model.", ["model"], registry=r
         )
         self.cache_bytes = Gauge(
-            "sluice_cache_bytes",
-            "Bytes the response cache holds (never more than cache.max_bytes).",
-            registry=r,
+            "sluice_cache_bytes", "Bytes the response cache holds.", registry=r
         )
-        self.cache_entries = Gauge(
-            "sluice_cache_entries",
-            "Answers the response cache holds.",
-            registry=r,
-        )
+        self.cache_entries = Gauge("sluice_cache_entries", "Answers cached.", registry=r)
         self.cache_shared_errors = Counter(
             "sluice_cache_shared_errors",
-            "Shared (Redis) response cache operations that failed and cost a miss or a skipped "
-            "write, by operation (read, write, decode, busy).",
+            "Failed Redis cache operations.",
             ["operation"],
             registry=r,
         )
         self.degraded_responses = Counter(
             "sluice_degraded_responses",
-            "Calls answered by a model's degraded tier after every candidate failed or was "
-            "open, by source (cache, static).",
+            "Degraded-tier answers, by source.",
             ["model", "source"],
             registry=r,
         )
@@ -278,6 +261,33 @@ class Metrics:
             "sluice_shadow_agreeing_tokens",
             "Generation models: token positions where primary and shadow made the same token.",
             ["model"],
+            registry=r,
+        )
+
+        self.guardrail_seconds = Gauge(
+            "sluice_guardrail_seconds",
+            "Latency guardrail of a model version (latency_guardrail_ms in its config).",
+            ["model", "version", "backend"],
+            registry=r,
+        )
+        self.guardrail_slow_calls = Counter(
+            "sluice_guardrail_slow_calls",
+            "Calls slower than their version's latency guardrail (soft failures, counted "
+            "apart from the breaker's failures).",
+            ["model", "version", "backend"],
+            registry=r,
+        )
+        self.guardrail_p95_seconds = Gauge(
+            "sluice_guardrail_p95_seconds",
+            "Recent p95 latency of a guarded model version (guardrail.window_* settings).",
+            ["model", "version", "backend"],
+            registry=r,
+        )
+        self.guardrail_tripped = Gauge(
+            "sluice_guardrail_tripped",
+            "1 while a version's recent p95 is over its latency guardrail and calls prefer "
+            "the next candidate of its chain.",
+            ["model", "version", "backend"],
             registry=r,
         )
 

@@ -131,6 +131,10 @@ class ModelConfig(_Strict):
     """Serve repeated calls from the server's response cache."""
     degraded: DegradedConfig | None = None
     """What the model answers when every candidate failed or is open (none: the error)."""
+    latency_guardrail_ms: float | None = Field(None, gt=0)
+    """Calls slower than this are slow (counted apart from failures); a version whose recent
+    p95 is above it gives way to the next candidate of its chain until it recovers
+    (settings ``guardrail.*``). None: no guardrail."""
     faults: FaultConfig | None = None
     """Injected faults (tests, game days)."""
     shadow: ShadowConfig | None = None

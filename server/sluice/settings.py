@@ -133,6 +133,35 @@ class FallbackTarget(_Section):
     """How good its answers are next to the primary's (1: as good), for operators and logs."""
 
 
+class GuardrailSettings(_Section):
+    """The latency guardrail of models whose config sets ``latency_guardrail_ms``: a version
+    whose recent p95 latency is above it is tripped, and calls prefer the next candidate of
+    the chain until its p95 falls below ``recovery_ratio`` of it."""
+
+    window_calls: int = Field(200, ge=1)
+    """Latest calls per version whose latencies make its recent p95."""
+    window_s: float = Field(30.0, gt=0)
+    """Latencies older than this leave the window."""
+    min_samples: int = Field(20, ge=1)
+    """Calls the window must hold before a version is tripped or recovers."""
+    recovery_ratio: float = Field(0.8, gt=0, le=1)
+    """A tripped version recovers when its p95 falls below this share of the guardrail."""
+    probe_interval_s: float = Field(1.0, gt=0)
+    """While a version is tripped and another candidate can serve, one call per interval
+    still goes to it, so its p95 keeps being measured and it can recover."""
+
+    @model_validator(mode="after")
+    def _probes_can_judge(self) -> GuardrailSettings:
+        if self.window_s / self.probe_interval_s < self.min_samples:
+            raise ValueError(
+                "guardrail: window_s / probe_interval_s must be at least min_samples, or the "
+                "probe calls alone could never judge a tripped version recovered"
+            )
+        if self.window_calls < self.min_samples:
+            raise ValueError("guardrail: window_calls must be at least min_samples")
+        return self
+
+
 class ProbeSettings(_Section):
     interval_s: float = Field(10.0, ge=0)
     """Time between health probes of every loaded model version (0: no probing)."""
@@ -394,6 +423,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     cache: CacheSettings = CacheSettings()
     probe: ProbeSettings = ProbeSettings()
+    guardrail: GuardrailSettings = GuardrailSettings()
     shadow: ShadowSettings = ShadowSettings()
     aliases: dict[str, list[FallbackTarget]] = {}
     """Names clients may call that route to an ordered chain of models (first = primary)."""

@@ -27,6 +27,7 @@ from sluice_client.results import (
     HistoryEntry,
     InferenceStats,
     InferResult,
+    LatencyGuardrail,
     ModelMetadata,
     ModelStatistics,
     ModelVersionStatus,
@@ -251,6 +252,19 @@ def _model_version_status(m: model_pb.ModelVersionStatus) -> ModelVersionStatus:
         breaker_state=_enum_name(m.breaker_state, model_pb.BreakerState, "BREAKER_STATE_"),
         fallbacks=list(m.fallbacks),
         serving=m.serving,
+        latency_guardrail=_latency_guardrail(m.latency_guardrail)
+        if m.HasField("latency_guardrail")
+        else None,
+    )
+
+
+def _latency_guardrail(g: model_pb.LatencyGuardrailStatus) -> LatencyGuardrail:
+    return LatencyGuardrail(
+        guardrail_ms=g.guardrail_ms,
+        tripped=g.tripped,
+        p95_ms=g.p95_ms,
+        samples=g.samples,
+        slow_calls=g.slow_calls,
     )
 
 

@@ -97,6 +97,20 @@ class InferResult:
 
 
 @dataclass(frozen=True, slots=True)
+class LatencyGuardrail:
+    """A version's latency guardrail: while its recent p95 is over ``guardrail_ms`` it is
+    ``tripped`` and calls prefer the next candidate of its chain."""
+
+    guardrail_ms: float
+    tripped: bool
+    #: Recent p95 latency (0 with no calls in the window) and the calls it is made of.
+    p95_ms: float
+    samples: int
+    #: Calls slower than the guardrail since the version was loaded (soft failures).
+    slow_calls: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelVersionStatus:
     """One model version as sluice.v1.ModelService sees it."""
 
@@ -116,6 +130,8 @@ class ModelVersionStatus:
     fallbacks: list[str]
     #: This version answers calls that name no version.
     serving: bool = False
+    #: Its latency guardrail (None: its model has none).
+    latency_guardrail: LatencyGuardrail | None = None
 
 
 @dataclass(frozen=True, slots=True)

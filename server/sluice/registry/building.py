@@ -35,6 +35,7 @@ class EntryBuilder:
             entry.shadow = config.shadow
             entry.response_cache = config.response_cache
             entry.degraded = config.degraded
+            entry.latency_guardrail_ms = config.latency_guardrail_ms
             versions = list_versions(self._repository / entry.name, config.version_policy)
         except ConfigError as exc:
             entry.failures[""] = exc.message

@@ -50,6 +50,8 @@ class ModelEntry:
     response_cache: ResponseCacheConfig = field(default_factory=ResponseCacheConfig)
     #: What it answers when every candidate failed or is open (from its config).
     degraded: DegradedConfig | None = None
+    #: Calls slower than this are slow; a version with a slow p95 gives way (from its config).
+    latency_guardrail_ms: float | None = None
     #: Other backends of a version, loaded because a fallback names them: (version, backend).
     alternates: dict[tuple[str, str], ModelVersion] = field(default_factory=dict)
     #: Loaded versions that failed their last health probe, with the reason.

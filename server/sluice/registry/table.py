@@ -116,6 +116,11 @@ class ModelTable:
         entry = self._models.get(name)
         return entry.degraded if entry is not None else None
 
+    def latency_guardrail_ms(self, name: str) -> float | None:
+        """The model's latency guardrail (None: it has none)."""
+        entry = self._models.get(name)
+        return entry.latency_guardrail_ms if entry is not None else None
+
     def index(self) -> list[IndexEntry]:
         """Every model in the repository, one row per version (or per failure)."""
         rows: list[IndexEntry] = []

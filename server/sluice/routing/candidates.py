@@ -12,6 +12,7 @@ from sluice.errors import BreakerOpenError, ModelNotReadyError, SluiceError, Una
 from sluice.loader import ModelVersion
 from sluice.metrics import Metrics
 from sluice.registry.table import ModelTable
+from sluice.routing.guardrail import Guardrail, Guardrails
 from sluice.routing.walk import Attempt, RetryBudget, Walk, label
 from sluice.settings import FallbackTarget, Settings
 
@@ -36,6 +37,7 @@ class Candidates:
         self._random = rng
         self._budgets: dict[str, RetryBudget] = {}
         self._service_time: dict[tuple[str, str], float] = {}
+        self.guardrails = Guardrails(settings.guardrail, metrics=metrics, clock=clock)
 
     def chain(self, name: str, version: str = "") -> list[FallbackTarget]:
         """The candidates for a called name, primary first."""
@@ -56,7 +58,39 @@ class Candidates:
         if budget is None:
             budget = self._budgets[key] = RetryBudget(self._settings, self._clock)
         budget.record_call()
-        return Walk(self.chain(name, version), budget, caller_version=name not in self._aliases)
+        walk = Walk(self.chain(name, version), budget, caller_version=name not in self._aliases)
+        self._give_way(walk)
+        return walk
+
+    def _give_way(self, walk: Walk) -> None:
+        """Candidates over their latency guardrail go after the others (not when every
+        candidate is over it), except for the call that is a tripped version's probe."""
+        guards = {index: self.guardrail(target) for index, target in enumerate(walk.chain)}
+        tripped = {i: guard for i, guard in guards.items() if guard is not None and guard.tripped}
+        if not tripped or len(tripped) == len(walk.chain):
+            return
+        walk.demoted = {index for index, guard in tripped.items() if guard.gives_way()}
+
+    def guardrail(self, target: FallbackTarget) -> Guardrail | None:
+        """The latency guardrail of the version a candidate resolves to (None: it has none,
+        or it cannot serve now)."""
+        guardrail_ms = self._table.latency_guardrail_ms(target.model)
+        if guardrail_ms is None:
+            return None
+        try:
+            spec = self._table.get(target.model, target.version, backend=target.backend).spec
+        except SluiceError:
+            return None
+        return self.guardrails.get(guardrail_ms, spec.name, spec.version, spec.backend)
+
+    def measured(self, model: str, version: str, backend: str, seconds: float) -> None:
+        """A latency for the version's guardrail, when its model has one: an answer's, or a
+        generation's first token's."""
+        guardrail_ms = self._table.latency_guardrail_ms(model)
+        if guardrail_ms is not None:
+            guard = self.guardrails.get(guardrail_ms, model, version, backend)
+            if guard is not None:
+                guard.record(seconds)
 
     def check(self, target: FallbackTarget) -> ModelVersion:
         """The candidate's version, if it can take a call now: ready, breaker not open."""
@@ -91,9 +125,10 @@ class Candidates:
 
     def may_hop(self, name: str, walk: Walk, index: int) -> bool:
         """A fallback after a transient failure needs room in the budget (it is charged only
-        when it fails too); the call's first candidate, or one after a context overflow,
-        needs none."""
-        if not walk.after_transient_failure or walk.budget.has_room():
+        when it fails too); the call's first candidate, one after a context overflow, or
+        one the latency guardrail put after the others (it would have gone first) needs
+        none."""
+        if not walk.after_transient_failure or index in walk.demoted or walk.budget.has_room():
             return True
         self.skip(name, walk, index, "budget", UnavailableError("the retry budget is spent"))
         return False
@@ -146,7 +181,9 @@ class Candidates:
             self._metrics.fallback_skipped.labels(name, label(target), reason).inc()
 
     def learn(self, result: InferResult, seconds: float) -> None:
-        """How long the version that answered took (its expected service time)."""
+        """How long the version that answered took (its expected service time, and its
+        latency guardrail's window)."""
+        self.measured(result.model, result.version, result.backend, seconds)
         for key in ((result.model, result.version), (result.model, "")):
             old = self._service_time.get(key)
             self._service_time[key] = (

@@ -67,6 +67,8 @@ class Router:
             clock=clock,
             tracing=self._tracing,
         )
+        #: Each guarded version's latency guardrail (ListModels shows them).
+        self.guardrails = self._candidates.guardrails
 
     def fail_fast(self, name: str, version: str = "") -> None:
         """Raise now when no candidate of the called name could take a call (every one not
@@ -244,12 +246,14 @@ class Router:
         as for ``infer``); after the first token a failure ends the stream (the tokens sent
         stand). With no candidate left, the error is the most telling one: a context
         overflow names both numbers. The prompt's tokens plus ``max_new_tokens`` are added
-        to the call's admission ticket before the generation is queued.
+        to the call's admission ticket before the generation is queued. A candidate whose
+        recent time to first token is over its latency guardrail goes after the others.
         """
         candidates = self._candidates
         walk = candidates.walk(request.model, request.version)
         reason = ""
-        for index, target in enumerate(walk.chain):
+        for index in walk.untried(-1):  # the chain's order; over-guardrail candidates last
+            target = walk.chain[index]
             usable = candidates.usable(request.model, walk, index, call.deadline)
             if not usable or not candidates.may_hop(request.model, walk, index):
                 why = walk.skipped[index][1].message
@@ -257,6 +261,7 @@ class Router:
                 continue
             hop = walk.after_transient_failure
             walk.tried.add(index)
+            started = self._clock()
             try:
                 served = await self._start(request, target, call, alone=walk.alone(index))
             except PassOver as passed:
@@ -265,6 +270,11 @@ class Router:
                     walk.budget.charge()
                 reason = reason or passed.reason
                 continue
+            spec = served.spec
+            candidates.measured(spec.name, spec.version, spec.backend, self._clock() - started)
+            if walk.demoted and not reason:
+                slow = walk.chain[min(walk.demoted)].model
+                reason = f"model '{slow}' is over its latency guardrail"
             return self._served(request, target, served, reason if index > 0 else "")
         raise walk.failure(request.model)
 

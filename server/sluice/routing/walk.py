@@ -75,13 +75,17 @@ class Walk:
     unlogged: list[str] = field(default_factory=list)
     attempts: int = 0
     retries: int = 0
+    #: Candidates over their latency guardrail: tried after the others.
+    demoted: set[int] = field(default_factory=set)
 
     def around(self, after: int) -> list[int]:
         """Every candidate, down the chain from ``after`` and round to the top."""
         return [(after + 1 + step) % len(self.chain) for step in range(len(self.chain))]
 
     def untried(self, after: int) -> list[int]:
-        return [index for index in self.around(after) if index not in self.tried]
+        """Candidates not tried yet, down the chain from ``after``; demoted ones last."""
+        untried = [index for index in self.around(after) if index not in self.tried]
+        return sorted(untried, key=self.demoted.__contains__) if self.demoted else untried
 
     def alone(self, index: int) -> bool:
         """Whether nothing is left to fall back to after the candidate at ``index`` (every

@@ -169,6 +169,7 @@ async def create_server(
         ModelServicer(
             registry,
             shadow=shadow,
+            guardrails=router.guardrails,
             max_reason_chars=settings.admin.max_reason_chars,
         ),
         server,

@@ -9,6 +9,7 @@ import grpc
 from sluice import callctx
 from sluice.errors import InvalidInputError
 from sluice.registry import READY, IndexEntry, ModelRegistry
+from sluice.routing.guardrail import Guardrails, GuardrailView
 from sluice.shadow import Shadower, ShadowReport
 from sluice_api.sluice.v1 import model_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2_grpc as pb_grpc
@@ -43,6 +44,16 @@ def _status(row: IndexEntry, fallbacks: list[str]) -> pb.ModelVersionStatus:
     return status
 
 
+def _guardrail(view: GuardrailView) -> pb.LatencyGuardrailStatus:
+    return pb.LatencyGuardrailStatus(
+        guardrail_ms=view.guardrail_ms,
+        tripped=view.tripped,
+        p95_ms=view.p95_ms,
+        samples=view.samples,
+        slow_calls=view.slow_calls,
+    )
+
+
 def _shadow_report(report: ShadowReport) -> pb.ShadowReport:
     return pb.ShadowReport(
         model_name=report.model,
@@ -66,9 +77,17 @@ def _who(recorded: str) -> str:
 
 
 class ModelServicer(pb_grpc.ModelServiceServicer):
-    def __init__(self, registry: ModelRegistry, *, shadow: Shadower, max_reason_chars: int) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        shadow: Shadower,
+        guardrails: Guardrails,
+        max_reason_chars: int,
+    ) -> None:
         self._registry = registry
         self._shadow = shadow
+        self._guardrails = guardrails
         self._max_reason_chars = max_reason_chars
 
     def _reason(self, request: Any) -> str:
@@ -108,8 +127,20 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                 + (f"@{f.backend}" if f.backend else "")
                 for f in self._registry.fallbacks(row.name)
             ]
-            rows.append(_status(row, fallbacks))
+            status = _status(row, fallbacks)
+            guardrail = self._guardrail_view(row)
+            if guardrail is not None:
+                status.latency_guardrail.CopyFrom(_guardrail(guardrail))
+            rows.append(status)
         return pb.ListModelsResponse(models=rows)
+
+    def _guardrail_view(self, row: IndexEntry) -> GuardrailView | None:
+        """A loaded version's latency guardrail, when its model has one."""
+        guardrail_ms = self._registry.latency_guardrail_ms(row.name)
+        if guardrail_ms is None or row.spec is None:
+            return None
+        guard = self._guardrails.get(guardrail_ms, row.name, row.version, row.spec.backend)
+        return None if guard is None else guard.view()
 
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: Context

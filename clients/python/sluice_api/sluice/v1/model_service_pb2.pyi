@@ -58,7 +58,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelVersionStatus(_message.Message):
-    __slots__ = ("name", "version", "state", "reason", "backend", "backend_rung", "backend_reason", "device", "breaker_state", "fallbacks", "serving")
+    __slots__ = ("name", "version", "state", "reason", "backend", "backend_rung", "backend_reason", "device", "breaker_state", "fallbacks", "serving", "latency_guardrail")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class ModelVersionStatus(_message.Message):
     BREAKER_STATE_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_GUARDRAIL_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     state: ModelState
@@ -81,7 +82,22 @@ class ModelVersionStatus(_message.Message):
     breaker_state: BreakerState
     fallbacks: _containers.RepeatedScalarFieldContainer[str]
     serving: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., backend: _Optional[str] = ..., backend_rung: _Optional[str] = ..., backend_reason: _Optional[str] = ..., device: _Optional[str] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., serving: bool = ...) -> None: ...
+    latency_guardrail: LatencyGuardrailStatus
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., backend: _Optional[str] = ..., backend_rung: _Optional[str] = ..., backend_reason: _Optional[str] = ..., device: _Optional[str] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., serving: bool = ..., latency_guardrail: _Optional[_Union[LatencyGuardrailStatus, _Mapping]] = ...) -> None: ...
+
+class LatencyGuardrailStatus(_message.Message):
+    __slots__ = ("guardrail_ms", "tripped", "p95_ms", "samples", "slow_calls")
+    GUARDRAIL_MS_FIELD_NUMBER: _ClassVar[int]
+    TRIPPED_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SLOW_CALLS_FIELD_NUMBER: _ClassVar[int]
+    guardrail_ms: float
+    tripped: bool
+    p95_ms: float
+    samples: int
+    slow_calls: int
+    def __init__(self, guardrail_ms: _Optional[float] = ..., tripped: bool = ..., p95_ms: _Optional[float] = ..., samples: _Optional[int] = ..., slow_calls: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

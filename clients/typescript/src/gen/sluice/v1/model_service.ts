@@ -74,6 +74,23 @@ export interface ModelVersionStatus {
   fallbacks: string[];
   /** This version answers calls that name no version. */
   serving: boolean;
+  /** Its latency guardrail (latency_guardrail_ms in the model's config); unset: none. */
+  latencyGuardrail: LatencyGuardrailStatus | undefined;
+}
+
+/**
+ * A version's latency guardrail: calls slower than it are slow (soft failures); while its
+ * recent p95 is over it the version is tripped and calls prefer the next candidate of its
+ * chain, until the p95 falls below the recovery share of it.
+ */
+export interface LatencyGuardrailStatus {
+  guardrailMs: number;
+  tripped: boolean;
+  /** Recent p95 latency (0 with no calls in the window) and the calls it is made of. */
+  p95Ms: number;
+  samples: number;
+  /** Calls slower than the guardrail since the version was loaded. */
+  slowCalls: bigint;
 }
 
 export interface ListModelsResponse {
@@ -462,6 +479,7 @@ function createBaseModelVersionStatus(): ModelVersionStatus {
     breakerState: 0,
     fallbacks: [],
     serving: false,
+    latencyGuardrail: undefined,
   };
 }
 
@@ -499,6 +517,9 @@ export const ModelVersionStatus: MessageFns<ModelVersionStatus> = {
     }
     if (message.serving !== false) {
       writer.uint32(88).bool(message.serving);
+    }
+    if (message.latencyGuardrail !== undefined) {
+      LatencyGuardrailStatus.encode(message.latencyGuardrail, writer.uint32(98).fork()).join();
     }
     return writer;
   },
@@ -604,6 +625,14 @@ export const ModelVersionStatus: MessageFns<ModelVersionStatus> = {
             message.serving = reader.bool();
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.latencyGuardrail = LatencyGuardrailStatus.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -632,6 +661,115 @@ export const ModelVersionStatus: MessageFns<ModelVersionStatus> = {
     message.breakerState = object.breakerState ?? 0;
     message.fallbacks = object.fallbacks?.map((e) => e) || [];
     message.serving = object.serving ?? false;
+    message.latencyGuardrail = (object.latencyGuardrail !== undefined && object.latencyGuardrail !== null)
+      ? LatencyGuardrailStatus.fromPartial(object.latencyGuardrail)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseLatencyGuardrailStatus(): LatencyGuardrailStatus {
+  return { guardrailMs: 0, tripped: false, p95Ms: 0, samples: 0, slowCalls: 0n };
+}
+
+export const LatencyGuardrailStatus: MessageFns<LatencyGuardrailStatus> = {
+  encode(message: LatencyGuardrailStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.guardrailMs !== 0) {
+      writer.uint32(9).double(message.guardrailMs);
+    }
+    if (message.tripped !== false) {
+      writer.uint32(16).bool(message.tripped);
+    }
+    if (message.p95Ms !== 0) {
+      writer.uint32(25).double(message.p95Ms);
+    }
+    if (message.samples !== 0) {
+      writer.uint32(32).uint32(message.samples);
+    }
+    if (message.slowCalls !== 0n) {
+      if (BigInt.asUintN(64, message.slowCalls) !== message.slowCalls) {
+        throw new globalThis.Error("value provided for field message.slowCalls of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.slowCalls);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LatencyGuardrailStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLatencyGuardrailStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 9) {
+              break;
+            }
+
+            message.guardrailMs = reader.double();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.tripped = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.p95Ms = reader.double();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.samples = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.slowCalls = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<LatencyGuardrailStatus>, I>>(base?: I): LatencyGuardrailStatus {
+    return LatencyGuardrailStatus.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LatencyGuardrailStatus>, I>>(object: I): LatencyGuardrailStatus {
+    const message = createBaseLatencyGuardrailStatus();
+    message.guardrailMs = object.guardrailMs ?? 0;
+    message.tripped = object.tripped ?? false;
+    message.p95Ms = object.p95Ms ?? 0;
+    message.samples = object.samples ?? 0;
+    message.slowCalls = (object.slowCalls !== undefined && object.slowCalls !== null) ? BigInt(object.slowCalls) : 0n;
     return message;
   },
 };
