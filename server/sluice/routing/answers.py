@@ -21,7 +21,6 @@ import numpy as np
 from sluice import logs
 from sluice.answer_config import DegradedConfig
 from sluice.caching import CacheKey, ResponseCache
-from sluice.clock import Clock
 from sluice.domain import Call, InferRequest, InferResult, OutputTensor, Routing
 from sluice.errors import SluiceError
 from sluice.loader import ModelVersion
@@ -59,14 +58,12 @@ class Answers:
         *,
         aliases: Iterable[str],
         metrics: Metrics,
-        clock: Clock,
         tracing: Tracing,
     ) -> None:
         self._table = table
         self._cache = cache
         self._aliases = frozenset(aliases)
         self._metrics = metrics
-        self._clock = clock
         self._tracing = tracing
 
     def stands_in(self, name: str) -> bool:

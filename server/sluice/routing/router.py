@@ -64,7 +64,6 @@ class Router:
             cache or ResponseCache(settings.cache, metrics=metrics, clock=clock),
             aliases=settings.aliases,
             metrics=metrics,
-            clock=clock,
             tracing=self._tracing,
         )
         #: Each guarded version's latency guardrail (ListModels shows them).
