@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sluice.admission import AdmissionController
+from sluice.caching import ResponseCache
 from sluice.clock import Clock
 from sluice.dataplane import DataPlane
 from sluice.deadlines import DeadlinePolicy
@@ -34,6 +35,7 @@ class Core:
     shadow: Shadower
     policy: CallPolicy
     admission: AdmissionController
+    cache: ResponseCache
 
 
 def build_core(
@@ -48,6 +50,7 @@ def build_core(
     admission = AdmissionController(settings.admission, metrics)
     plane = DataPlane(registry, settings, metrics=metrics, clock=clock, tracing=tracing)
     shadow = Shadower(registry, plane, settings.shadow, metrics=metrics, clock=clock)
+    cache = ResponseCache(settings.cache, metrics=metrics, clock=clock)
     router = Router(
         registry,
         plane,
@@ -57,6 +60,7 @@ def build_core(
         tracing=tracing,
         shadow=shadow,
         remote=remote,
+        cache=cache,
     )
     policy = CallPolicy(
         tenant_key=settings.admission.tenant_metadata_key,
@@ -66,4 +70,4 @@ def build_core(
         metrics=metrics,
         tracing=tracing,
     )
-    return Core(registry, plane, router, shadow, policy, admission)
+    return Core(registry, plane, router, shadow, policy, admission, cache)

@@ -245,6 +245,26 @@ class StreamSettings(_Section):
     this still runs when it is the only one."""
 
 
+class CacheSettings(_Section):
+    """The response cache: answers of the models whose config asks for it
+    (``response_cache`` or ``degraded.from_cache``), kept in this process's memory and
+    dropped least recently used first."""
+
+    max_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    """Bytes every cached answer together may take: their tensors plus a fixed cost per
+    entry (0 turns the cache off, for every model)."""
+    max_entry_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    """Largest answer that is kept; a larger one is served and not cached."""
+    redis_url: str | None = None
+    """Redis URL (``redis://host:6379/0``) where replicas share cached answers, behind each
+    one's own ``max_bytes`` (needs the ``redis`` package; Redis's own ``maxmemory`` bounds
+    what it keeps)."""
+    redis_timeout_s: float = Field(0.1, gt=0)
+    """With ``redis_url``: longest one Redis command may take; a slower one is a miss."""
+    redis_ttl_s: float = Field(3600.0, gt=0)
+    """With ``redis_url``: how long a shared answer lives in Redis."""
+
+
 class GenerationSettings(_Section):
     """Continuous batching of token generation (per model version)."""
 
@@ -455,6 +475,7 @@ class Settings(BaseSettings):
     required_models: list[str] = []
     """Models that must all be able to infer for the server to be ready (empty: any one)."""
     retry: RetrySettings = RetrySettings()
+    cache: CacheSettings = CacheSettings()
     probe: ProbeSettings = ProbeSettings()
     guardrail: GuardrailSettings = GuardrailSettings()
     remote: RemoteSettings = RemoteSettings()

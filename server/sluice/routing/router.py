@@ -9,6 +9,7 @@ import logging
 import random
 
 from sluice import logs
+from sluice.caching import ResponseCache
 from sluice.clock import Clock
 from sluice.dataplane import DataPlane, ServedGeneration
 from sluice.domain import Call, GenerationRequest, InferRequest, InferResult, Routing
@@ -23,6 +24,7 @@ from sluice.errors import (
 )
 from sluice.metrics import Metrics
 from sluice.registry.table import ModelTable
+from sluice.routing.answers import Answers
 from sluice.routing.candidates import Candidates
 from sluice.routing.remote import RemoteClient, Remotes
 from sluice.routing.report import log_attempt, span_attributes
@@ -47,6 +49,7 @@ class Router:
         tracing: Tracing | None = None,
         shadow: Shadower | None = None,
         remote: RemoteClient | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._table = table
         self._plane = plane
@@ -72,12 +75,21 @@ class Router:
             rng=rng or random.Random(),
             remotes=self.remotes,
         )
+        self._answers = Answers(
+            table,
+            cache or ResponseCache(settings.cache, metrics=metrics, clock=clock),
+            aliases=settings.aliases,
+            metrics=metrics,
+            tracing=self._tracing,
+        )
         #: Each guarded version's latency guardrail (ListModels shows them).
         self.guardrails = self._candidates.guardrails
 
     def fail_fast(self, name: str, version: str = "") -> None:
         """Raise now when no candidate of the called name could take a call (every one not
         ready or its breaker open): before anything is decoded or queued."""
+        if self._answers.stands_in(name):
+            return  # a cached or degraded answer may serve it with every backend down
         errors: list[SluiceError] = []
         for target in self._candidates.chain(name, version):
             try:
@@ -104,8 +116,31 @@ class Router:
     # -- tensors ------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest, call: Call) -> InferResult:
+        """The answer of the first candidate that gives one; for a model whose config asks,
+        a response cache hit first, and its degraded tier when no candidate answers."""
+        prepared = await self._answers.prepare(request)
+        if prepared is not None:
+            hit = await self._answers.hit(prepared, request, call)
+            if hit is not None:
+                return hit
+        walk = self._candidates.walk(request.model, request.version)
+        try:
+            result = await self._walk(request, walk, call)
+        except SluiceError as exc:
+            if prepared is None or not retryable(exc):
+                raise
+            answer = await self._answers.degraded(
+                prepared, request, call, error=exc, attempts=walk.attempts
+            )
+            if answer is None:
+                raise
+            return answer
+        if prepared is not None:
+            self._answers.keep(prepared, result)
+        return result
+
+    async def _walk(self, request: InferRequest, walk: Walk, call: Call) -> InferResult:
         candidates = self._candidates
-        walk = candidates.walk(request.model, request.version)
         attempt = candidates.fallback(request.model, walk, call.deadline, after=-1)
         while attempt is not None:
             walk.attempts += 1

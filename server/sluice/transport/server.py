@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sluice.admission import AdmissionController
+from sluice.caching import ResponseCache
 from sluice.clock import Clock
 from sluice.core import build_core
 from sluice.metrics import Metrics
@@ -72,6 +73,8 @@ class SluiceServer:
     """The plaintext health-only port (``health_port``), when there is one."""
     remotes: Remotes | None = None
     """Remote candidates: their connections close after the last call."""
+    cache: ResponseCache | None = None
+    """The response cache, closed once calls have finished (its shared store's client)."""
 
     async def mark_started(self) -> None:
         """After the start-up load: overall health follows whether anything can serve."""
@@ -120,6 +123,8 @@ class SluiceServer:
                 await self.shadow.close()
                 if self.remotes is not None:
                     await self.remotes.close()
+                if self.cache is not None:
+                    await self.cache.close()
                 await self.registry.close()
         except TimeoutError:
             log.warning(
@@ -237,6 +242,7 @@ async def create_server(
         shadow,
         health_port,
         remotes=router.remotes,
+        cache=core.cache,
     )
 
 
