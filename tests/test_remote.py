@@ -25,6 +25,7 @@ from sluice_api.sluice.v1 import model_service_pb2_grpc as models_grpc
 from tests.certs import Certificates
 from tests.conftest import RunningServer, StartServer
 from tests.test_routing import ONES, simple_request
+from tests.test_validation import passthrough_bytes
 
 SERVER_SPAN = "inference.GRPCInferenceService/ModelInfer"
 
@@ -349,3 +350,39 @@ def test_a_remote_candidate_that_cannot_work_is_a_settings_error(
 ) -> None:
     with pytest.raises(ValidationError, match=problem):
         Settings.model_validate({"aliases": {"far": [target]}})
+
+
+def bytes_elements(*elements: bytes) -> bytes:
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+
+
+async def test_every_datatype_goes_through_and_a_reply_over_the_bound_is_refused(
+    start_server: StartServer, tmp_path: Path, channels: list[grpc.aio.Channel]
+) -> None:
+    remote = await start_server(repository=copy_repository(tmp_path, "remote"))
+    local_repository = copy_repository(tmp_path, "local")
+    (local_repository / "passthrough" / "config.yaml").write_text(
+        "faults: {mode: fail}\n"
+        f"fallbacks: [{{endpoint: '{remote.address}', model: passthrough}}]\n"
+    )
+    local = await start_server(repository=local_repository, remote={"max_reply_bytes": 4096})
+    client = stub(local, channels)
+    small = passthrough_bytes(bytes_elements(b"far", b"away"), [1, 2])
+    call = client.ModelInfer(small)
+    response = await call
+    trailers = dict(await call.trailing_metadata() or ())
+    assert trailers["x-sluice-endpoint"] == remote.address
+    sent = dict(zip([t.name for t in small.inputs], small.raw_input_contents, strict=True))
+    returned = dict(
+        zip(
+            [t.name.removesuffix("_OUT") for t in response.outputs],
+            response.raw_output_contents,
+            strict=True,
+        )
+    )
+    assert returned == sent  # every datatype's bytes, as the remote sent them back
+    large = passthrough_bytes(bytes_elements(b"x" * 3000, b"y" * 3000), [1, 2])
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await client.ModelInfer(large)
+    assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "remote.max_reply_bytes (4096)" in (failed.value.details() or "")
