@@ -542,6 +542,8 @@ class ServerProcess:
                 self.proc.wait()
         if self._reader is not None:
             self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         note(f"{self.name} stopped (exit {self.proc.returncode})")
         return self.proc.returncode
 
