@@ -1544,9 +1544,14 @@ def write_plots(result: dict[str, Any], out_dir: Path, stem: str) -> list[str]:
         result["notes"].append(f"plots skipped: {exc}")
         note(result["notes"][-1])
         return []
+    names = []
     for path in written:
         note(f"wrote {path}")
-    return [str(p) for p in written]
+        try:
+            names.append(str(path.resolve().relative_to(REPO_ROOT)))
+        except ValueError:
+            names.append(str(path))
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
