@@ -12,12 +12,18 @@ One run measures, on this machine, for the benchmark MLP (FP32 ``input`` [batch,
   (d) ``unbatched``    Sluice (onnxruntime), max_batch_size 1;
   (e) ``torch-export`` Sluice serving model.pt2 (torch.export, dynamic batch), batched as (c);
   (f) ``torchscript``  Sluice serving model.pt (TorchScript), batched as (c);
+  (g) ``pytriton``     PyTriton (bench/pytriton_server.py) and
+  (h) ``mlserver``     MLServer (bench/mlserver_runtime.py, perf_analyzer's dynamic_grpc mode),
+                       both from the peers' venv (``--peers DIR``; skipped with a note when
+                       it is missing);
 
-(b) to (f) under perf_analyzer at concurrency 1, 8 and 32 (one sample per request). The
-PyTorch files carry exactly the ONNX file's weights (bench/torch_mlp.py) and are checked
-against onnxruntime before anything is measured. Then the runner checks the targets and writes
-``bench/results/<timestamp>.json`` plus a markdown report on stdout (progress goes to
-stderr). Client and server share the machine's cores: nothing is pinned.
+(b) to (h) under perf_analyzer at concurrency 1, 8, 32 and 128 (one sample per request);
+(b), (c), (g) and (h) again on a second model, the two-input convolution ``conv`` of
+bench/conv_model.py. The PyTorch files carry exactly the ONNX file's weights
+(bench/torch_mlp.py) and are checked against onnxruntime before anything is measured.
+Then the runner checks the targets and writes ``bench/results/<timestamp>.json``, one PNG
+plot per model beside it (matplotlib, the ``bench`` extra) and a markdown report on stdout
+(progress goes to stderr). Client and server share the machine's cores: nothing is pinned.
 
     python bench/run.py --quick     # smoke run, about a minute, noisy numbers
     python bench/run.py             # the full measurement, run on a quiet machine
