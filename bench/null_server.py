@@ -5,10 +5,13 @@ It implements just enough of the Open Inference Protocol v2 (Triton flavour) for
 ``perf_analyzer -i grpc``:
 
 * ``ServerMetadata``: no extensions (so perf_analyzer never asks for ModelStatistics);
-* ``ModelMetadata`` / ``ModelConfig``: one model with the benchmark MLP's shapes
-  (FP32 ``input`` [-1, 256] -> FP32 ``output`` [-1, 16], ``max_batch_size`` 64);
-* ``ModelInfer``: answers a zero ``output`` of the right size (batch rows taken from the
-  first input's shape) without reading the input bytes; unknown parameters are ignored;
+* ``ModelMetadata`` / ``ModelConfig``: one model, by default with the benchmark MLP's
+  shapes (FP32 ``input`` [-1, 256] -> FP32 ``output`` [-1, 16], ``max_batch_size`` 64);
+  ``--input NAME:D1xD2`` / ``--output NAME:D1xD2`` (repeatable) describe other FP32
+  models, such as the two-input convolution of ``bench/conv_model.py``;
+* ``ModelInfer``: answers a zero tensor of the right size for every output (batch rows
+  taken from the first input's shape) without reading the input bytes; unknown parameters
+  are ignored;
 * ``ServerLive`` / ``ServerReady`` / ``ModelReady``: true (``bench/run.py`` polls them).
 
 It uses Sluice's generated stubs (``sluice_api.inference``) and the same grpc.aio server
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
 from typing import Any
@@ -45,19 +49,15 @@ class NullInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self,
         *,
         model: str,
-        input_name: str,
-        input_dim: int,
-        output_name: str,
-        output_dim: int,
+        inputs: list[tuple[str, list[int]]],
+        outputs: list[tuple[str, list[int]]],
         max_batch_size: int,
     ) -> None:
         self.model = model
-        self.input_name = input_name
-        self.input_dim = input_dim
-        self.output_name = output_name
-        self.output_dim = output_dim
+        self.inputs = inputs
+        self.outputs = outputs
         self.max_batch_size = max_batch_size
-        self._zeros: dict[int, bytes] = {}
+        self._zeros: dict[tuple[int, int], bytes] = {}
 
     # -- health ---------------------------------------------------------------------------
 
@@ -90,8 +90,8 @@ class NullInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=self.model,
             versions=["1"],
             platform="onnxruntime_onnx",
-            inputs=[meta(name=self.input_name, datatype="FP32", shape=[-1, self.input_dim])],
-            outputs=[meta(name=self.output_name, datatype="FP32", shape=[-1, self.output_dim])],
+            inputs=[meta(name=n, datatype="FP32", shape=[-1, *dims]) for n, dims in self.inputs],
+            outputs=[meta(name=n, datatype="FP32", shape=[-1, *dims]) for n, dims in self.outputs],
         )
 
     async def ModelConfig(
@@ -104,22 +104,21 @@ class NullInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             backend="onnxruntime",
             max_batch_size=self.max_batch_size,
             input=[
-                mc.ModelInput(name=self.input_name, data_type=mc.TYPE_FP32, dims=[self.input_dim])
+                mc.ModelInput(name=n, data_type=mc.TYPE_FP32, dims=dims) for n, dims in self.inputs
             ],
             output=[
-                mc.ModelOutput(
-                    name=self.output_name, data_type=mc.TYPE_FP32, dims=[self.output_dim]
-                )
+                mc.ModelOutput(name=n, data_type=mc.TYPE_FP32, dims=dims)
+                for n, dims in self.outputs
             ],
         )
         return pb.ModelConfigResponse(config=config)
 
     # -- inference ------------------------------------------------------------------------
 
-    def _zero_output(self, rows: int) -> bytes:
-        data = self._zeros.get(rows)
+    def _zero_output(self, rows: int, size: int) -> bytes:
+        data = self._zeros.get((rows, size))
         if data is None:
-            data = self._zeros[rows] = bytes(rows * self.output_dim * 4)
+            data = self._zeros[rows, size] = bytes(rows * size * 4)
         return data
 
     async def ModelInfer(
@@ -131,8 +130,9 @@ class NullInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.inputs and len(request.inputs[0].shape) > 1:
             rows = max(1, int(request.inputs[0].shape[0]))
         response = pb.ModelInferResponse(model_name=self.model, model_version="1", id=request.id)
-        response.outputs.add(name=self.output_name, datatype="FP32", shape=[rows, self.output_dim])
-        response.raw_output_contents.append(self._zero_output(rows))
+        for name, dims in self.outputs:
+            response.outputs.add(name=name, datatype="FP32", shape=[rows, *dims])
+            response.raw_output_contents.append(self._zero_output(rows, math.prod(dims)))
         return response
 
 
@@ -145,10 +145,8 @@ async def serve(args: argparse.Namespace) -> int:
     )
     servicer = NullInferenceServicer(
         model=args.model,
-        input_name=args.input_name,
-        input_dim=args.input_dim,
-        output_name=args.output_name,
-        output_dim=args.output_dim,
+        inputs=args.input or [(args.input_name, [args.input_dim])],
+        outputs=args.output or [(args.output_name, [args.output_dim])],
         max_batch_size=args.max_batch_size,
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
@@ -169,6 +167,18 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def tensor_spec(spec: str) -> tuple[str, list[int]]:
+    """``NAME:D1xD2`` -> (NAME, [D1, D2])."""
+    name, sep, dims = spec.rpartition(":")
+    try:
+        shape = [int(d) for d in dims.split("x")]
+    except ValueError:
+        shape = []
+    if not sep or not name or not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME:D1xD2 with positive dims, not {spec!r}")
+    return name, shape
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
@@ -178,6 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-dim", type=int, default=256)
     parser.add_argument("--output-name", default="output")
     parser.add_argument("--output-dim", type=int, default=16)
+    parser.add_argument(
+        "--input",
+        action="append",
+        type=tensor_spec,
+        metavar="NAME:D1xD2",
+        help="an FP32 input and its dimensions after the batch one (repeatable; replaces "
+        "--input-name / --input-dim)",
+    )
+    parser.add_argument(
+        "--output",
+        action="append",
+        type=tensor_spec,
+        metavar="NAME:D1xD2",
+        help="an FP32 output, as --input",
+    )
     parser.add_argument("--max-batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -12,12 +12,18 @@ One run measures, on this machine, for the benchmark MLP (FP32 ``input`` [batch,
   (d) ``unbatched``    Sluice (onnxruntime), max_batch_size 1;
   (e) ``torch-export`` Sluice serving model.pt2 (torch.export, dynamic batch), batched as (c);
   (f) ``torchscript``  Sluice serving model.pt (TorchScript), batched as (c);
+  (g) ``pytriton``     PyTriton (bench/pytriton_server.py) and
+  (h) ``mlserver``     MLServer (bench/mlserver_runtime.py, perf_analyzer's dynamic_grpc mode),
+                       both from the peers' venv (``--peers DIR``; skipped with a note when
+                       it is missing);
 
-(b) to (f) under perf_analyzer at concurrency 1, 8 and 32 (one sample per request). The
-PyTorch files carry exactly the ONNX file's weights (bench/torch_mlp.py) and are checked
-against onnxruntime before anything is measured. Then the runner checks the targets and writes
-``bench/results/<timestamp>.json`` plus a markdown report on stdout (progress goes to
-stderr). Client and server share the machine's cores: nothing is pinned.
+(b) to (h) under perf_analyzer at concurrency 1, 8, 32 and 128 (one sample per request);
+(b), (c), (g) and (h) again on a second model, the two-input convolution ``conv`` of
+bench/conv_model.py. The PyTorch files carry exactly the ONNX file's weights
+(bench/torch_mlp.py) and are checked against onnxruntime before anything is measured.
+Then the runner checks the targets and writes ``bench/results/<timestamp>.json``, one PNG
+plot per model beside it (matplotlib, the ``bench`` extra) and a markdown report on stdout
+(progress goes to stderr). Client and server share the machine's cores: nothing is pinned.
 
     python bench/run.py --quick     # smoke run, about a minute, noisy numbers
     python bench/run.py             # the full measurement, run on a quiet machine
@@ -32,6 +38,7 @@ import dataclasses
 import datetime as dt
 import functools
 import gc
+import importlib
 import importlib.metadata
 import json
 import os
@@ -61,16 +68,22 @@ MODEL = "mlp"
 INPUT_NAME, INPUT_DIM = "input", 256
 OUTPUT_NAME, OUTPUT_DIM = "output", 16
 ORT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-CONCURRENCIES = (1, 8, 32)
-SERVERS = ("null", "batched", "unbatched", "torch-export", "torchscript")
+CONCURRENCIES = (1, 8, 32, 128)  # the full run; --quick leaves out 128
+QUICK_CONCURRENCIES = (1, 8, 32)
+PEERS = ("pytriton", "mlserver")
+SERVERS = ("null", "batched", "unbatched", "torch-export", "torchscript", *PEERS)
 TORCH_SERVERS = ("torch-export", "torchscript")
-SLUICE_SERVERS = tuple(s for s in SERVERS if s != "null")
+SLUICE_SERVERS = ("batched", "unbatched", *TORCH_SERVERS)
+# The servers measured on the second model (bench/conv_model.py).
+CONV_SERVERS = ("null", "batched", *PEERS)
 SERVER_TITLES = {
     "null": "transport ceiling (grpc.aio, no math)",
     "batched": "Sluice, onnxruntime, dynamic batching (max_batch_size 64, delay 0)",
     "unbatched": "Sluice, onnxruntime, max_batch_size 1",
     "torch-export": "Sluice, torch.export model.pt2, dynamic batching (64, delay 0)",
     "torchscript": "Sluice, TorchScript model.pt, dynamic batching (64, delay 0)",
+    "pytriton": "PyTriton (Triton C++ gRPC, onnxruntime in Python; batching 64, delay 100 us)",
+    "mlserver": "MLServer, dynamic_grpc (onnxruntime; adaptive batching 64, 1 ms)",
 }
 # What each Sluice server's repository holds: (model file kind, max_batch_size).
 SERVER_MODELS = {
@@ -92,6 +105,33 @@ LISTENING = re.compile(r"gRPC listening on (?P<host>[^\s:]+|\[[^\]]+\]):(?P<port
 TARGET_TRANSPORT = 0.75  # Sluice batched c=32 throughput / transport ceiling c=32
 TARGET_BATCHING = 3.0  # Sluice batched c=32 / unbatched c=32
 TARGET_P50_MS = 1.0  # Sluice batched c=1 p50
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A served model: its name, FP32 tensors (dims after the batch one) and ONNX file."""
+
+    name: str
+    inputs: tuple[tuple[str, tuple[int, ...]], ...]
+    outputs: tuple[tuple[str, tuple[int, ...]], ...]
+    layers: str
+    file: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "inputs": [[n, "FP32", [-1, *d]] for n, d in self.inputs],
+            "outputs": [[n, "FP32", [-1, *d]] for n, d in self.outputs],
+            "layers": self.layers,
+        }
+
+
+MLP_SPEC = ModelSpec(
+    MODEL,
+    ((INPUT_NAME, (INPUT_DIM,)),),
+    ((OUTPUT_NAME, (OUTPUT_DIM,)),),
+    "256 -> 4 x 1024 ReLU -> 16",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,16 +294,18 @@ def model_config(kind: str, max_batch_size: int) -> str:
     return text
 
 
-def make_repository(root: Path, model_file: Path, kind: str, *, max_batch_size: int) -> Path:
-    """``root/mlp/1/model.<kind>`` (a hard link or copy) and ``root/mlp/config.yaml``."""
-    version_dir = root / MODEL / "1"
+def make_repository(
+    root: Path, model_file: Path, kind: str, *, max_batch_size: int, model: str = MODEL
+) -> Path:
+    """``root/<model>/1/model.<kind>`` (a hard link or copy) and ``root/<model>/config.yaml``."""
+    version_dir = root / model / "1"
     version_dir.mkdir(parents=True)
     target = version_dir / MODEL_FILENAMES[kind]
     try:
         os.link(model_file, target)
     except OSError:
         shutil.copyfile(model_file, target)
-    (root / MODEL / "config.yaml").write_text(model_config(kind, max_batch_size))
+    (root / model / "config.yaml").write_text(model_config(kind, max_batch_size))
     return root
 
 
@@ -354,15 +396,34 @@ def build_torch_models(model_file: Path, work: Path) -> tuple[dict[str, Path], d
     return files, check
 
 
-def ort_reference(model_file: Path, x: np.ndarray) -> np.ndarray:
+def ort_reference(model_file: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Every output of the ONNX file for ``feed``, in the model's output order."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     try:
-        return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
+        return [np.asarray(y) for y in session.run(None, feed)]
     finally:
         del session
         gc.collect()
+
+
+def _bench_module(name: str) -> Any:
+    """A module of bench/ (conv_model, plots, ...), importable however run.py was started."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module(name)
+
+
+def conv_spec(file: Path | None = None) -> ModelSpec:
+    conv_model = _bench_module("conv_model")
+    return ModelSpec(
+        conv_model.NAME,
+        tuple((n, tuple(d)) for n, d in conv_model.INPUTS),
+        tuple((n, tuple(d)) for n, d in conv_model.OUTPUTS),
+        "image 3x32x32 -> 2 x Conv 3x3/2 (16, 32) ReLU -> avg pool; concat features 8 -> Gemm 10",
+        file,
+    )
 
 
 def _stub(channel: Any) -> Any:
@@ -377,14 +438,29 @@ def _stub(channel: Any) -> Any:
 class ServerProcess:
     """A server subprocess whose stderr/stdout go to a log; the port comes from the log."""
 
-    def __init__(self, name: str, cmd: Sequence[str], log_path: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        log_path: Path,
+        env: dict[str, str],
+        *,
+        model: str = MODEL,
+        port: int | None = None,
+        cwd: Path = REPO_ROOT,
+    ) -> None:
         self.name = name
         self.cmd = list(cmd)
         self.log_path = log_path
         self.env = env
+        self.model = model
+        self.cwd = cwd
         self.proc: subprocess.Popen[str] | None = None
-        self.port: int | None = None
+        # A server that logs no port (MLServer) is started on a port chosen beforehand.
+        self.port: int | None = port
         self._port_found = threading.Event()
+        if port is not None:
+            self._port_found.set()
         self._tail: deque[str] = deque(maxlen=60)
         self._reader: threading.Thread | None = None
 
@@ -403,7 +479,7 @@ class ServerProcess:
         note(f"starting {self.name}: {' '.join(self.cmd)}")
         self.proc = subprocess.Popen(
             self.cmd,
-            cwd=REPO_ROOT,
+            cwd=self.cwd,
             env=self.env,
             text=True,
             bufsize=1,
@@ -426,7 +502,7 @@ class ServerProcess:
                     self._port_found.set()
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        """The logged port, then ModelReady(mlp) true (Sluice logs the port before loading)."""
+        """The logged port, then ModelReady(model) true (Sluice logs the port before loading)."""
         import grpc
 
         from sluice_api.inference import grpc_service_pb2 as pb
@@ -451,10 +527,10 @@ class ServerProcess:
                         f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
                     )
                 with contextlib.suppress(grpc.RpcError):
-                    if stub.ModelReady(pb.ModelReadyRequest(name=MODEL), timeout=2).ready:
+                    if stub.ModelReady(pb.ModelReadyRequest(name=self.model), timeout=2).ready:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name}: model {MODEL} not ready:\n{self.tail()}")
+                    raise RuntimeError(f"{self.name}: model {self.model} not ready:\n{self.tail()}")
                 time.sleep(0.1)
         note(f"{self.name} ready on {self.address} (pid {self.pid})")
 
@@ -472,6 +548,8 @@ class ServerProcess:
                 self.proc.wait()
         if self._reader is not None:
             self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         note(f"{self.name} stopped (exit {self.proc.returncode})")
         return self.proc.returncode
 
@@ -500,24 +578,28 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def null_server(log_dir: Path) -> ServerProcess:
-    cmd = [
-        sys.executable,
-        str(BENCH_DIR / "null_server.py"),
-        "--port",
-        "0",
-        "--model",
-        MODEL,
-        "--input-dim",
-        str(INPUT_DIM),
-        "--output-dim",
-        str(OUTPUT_DIM),
-    ]
-    return ServerProcess("null", cmd, log_dir / "null.log", server_env())
+def _dims(dims: Sequence[int]) -> str:
+    return "x".join(map(str, dims))
+
+
+def null_server(log_dir: Path, spec: ModelSpec = MLP_SPEC) -> ServerProcess:
+    cmd = [sys.executable, str(BENCH_DIR / "null_server.py"), "--port", "0", "--model", spec.name]
+    for name, dims in spec.inputs:
+        cmd += ["--input", f"{name}:{_dims(dims)}"]
+    for name, dims in spec.outputs:
+        cmd += ["--output", f"{name}:{_dims(dims)}"]
+    return ServerProcess(
+        "null", cmd, log_dir / f"null-{spec.name}.log", server_env(), model=spec.name
+    )
 
 
 def sluice_server(
-    name: str, repository: Path, log_dir: Path, extra_env: dict[str, str]
+    name: str,
+    repository: Path,
+    log_dir: Path,
+    extra_env: dict[str, str],
+    *,
+    model: str = MODEL,
 ) -> ServerProcess:
     cmd = [
         sys.executable,
@@ -531,20 +613,22 @@ def sluice_server(
         "--metrics-port",
         "0",
     ]
-    return ServerProcess(name, cmd, log_dir / f"{name}.log", server_env(extra_env))
+    return ServerProcess(
+        name, cmd, log_dir / f"{name}-{model}.log", server_env(extra_env), model=model
+    )
 
 
 # -- gRPC probes against Sluice -------------------------------------------------------------
 
 
-def model_statistics(address: str) -> dict[str, int]:
+def model_statistics(address: str, model: str = MODEL) -> dict[str, int]:
     """Totals over the model's versions: samples, executor runs, queue / infer time."""
     import grpc
 
     from sluice_api.inference import grpc_service_pb2 as pb
 
     with grpc.insecure_channel(address) as channel:
-        reply = _stub(channel).ModelStatistics(pb.ModelStatisticsRequest(name=MODEL), timeout=10)
+        reply = _stub(channel).ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10)
     totals = {
         "inference_count": 0,
         "execution_count": 0,
@@ -578,40 +662,66 @@ def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]
     return out
 
 
-def check_outputs(address: str, model_file: Path, *, max_rows: int) -> dict[str, Any]:
-    """Requests of 1 and (batching allowing) 3 rows, compared with onnxruntime in-process."""
+def _reply_outputs(reply: Any) -> dict[str, np.ndarray]:
+    """FP32 outputs of a ModelInferResponse by name, raw bytes or typed contents
+    (MLServer answers with ``contents``)."""
+    out = {}
+    for i, tensor in enumerate(reply.outputs):
+        if len(reply.raw_output_contents) > i:
+            data = np.frombuffer(reply.raw_output_contents[i], np.float32)
+        else:
+            data = np.asarray(tensor.contents.fp32_contents, np.float32)
+        out[tensor.name] = data.reshape(tuple(tensor.shape))
+    return out
+
+
+def check_outputs(address: str, spec: ModelSpec, *, max_rows: int) -> dict[str, Any]:
+    """Requests of 1 and (batching allowing) 3 rows, compared with onnxruntime in-process
+    running ``spec.file``."""
     import grpc
 
     from sluice_api.inference import grpc_service_pb2 as pb
 
+    assert spec.file is not None
     rng = np.random.default_rng(1)
     results: dict[str, Any] = {}
     for rows in (1, 3) if max_rows >= 3 else (1,):
-        x = rng.standard_normal((rows, INPUT_DIM), dtype=np.float32)
+        feed = {
+            name: rng.standard_normal((rows, *dims), dtype=np.float32) for name, dims in spec.inputs
+        }
+        request = pb.ModelInferRequest(
+            model_name=spec.name,
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name=name, datatype="FP32", shape=list(x.shape)
+                )
+                for name, x in feed.items()
+            ],
+            outputs=[
+                pb.ModelInferRequest.InferRequestedOutputTensor(name=name)
+                for name, _ in spec.outputs
+            ],
+            raw_input_contents=[x.tobytes() for x in feed.values()],
+        )
         with grpc.insecure_channel(address) as channel:
             try:
-                reply = _stub(channel).ModelInfer(
-                    pb.ModelInferRequest(
-                        model_name=MODEL,
-                        inputs=[
-                            pb.ModelInferRequest.InferInputTensor(
-                                name=INPUT_NAME, datatype="FP32", shape=[rows, INPUT_DIM]
-                            )
-                        ],
-                        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=OUTPUT_NAME)],
-                        raw_input_contents=[x.tobytes()],
-                    ),
-                    timeout=10,
-                )
+                reply = _stub(channel).ModelInfer(request, timeout=10)
             except grpc.RpcError as exc:
                 error = f"{exc.code().name}: {exc.details()}"
                 results[f"rows_{rows}"] = {"ok": False, "error": error}
                 continue
-        got = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(rows, OUTPUT_DIM)
-        want = ort_reference(model_file, x)
-        err = float(np.max(np.abs(got - want)))
+        got = _reply_outputs(reply)
+        want = dict(zip((n for n, _ in spec.outputs), ort_reference(spec.file, feed), strict=True))
+        missing = sorted(set(want) - set(got))
+        if missing:
+            results[f"rows_{rows}"] = {"ok": False, "error": f"outputs missing: {missing}"}
+            continue
+        err = max(float(np.max(np.abs(got[n].reshape(w.shape) - w))) for n, w in want.items())
         results[f"rows_{rows}"] = {
-            "ok": bool(np.allclose(got, want, rtol=1e-4, atol=1e-4)),
+            "ok": all(
+                got[n].size == w.size and np.allclose(got[n].reshape(w.shape), w, 1e-4, 1e-4)
+                for n, w in want.items()
+            ),
             "max_abs_err": err,
         }
     results["ok"] = all(r["ok"] for r in results.values() if isinstance(r, dict))
@@ -673,6 +783,38 @@ def parse_pa_csv(path: Path) -> dict[str, Any]:
     }
 
 
+def dynamic_grpc_input(spec: ModelSpec, work: Path) -> Path:
+    """perf_analyzer's ``--input-data`` for ``--service-kind=dynamic_grpc``: a JSON file
+    naming bench/infer_requests.py as the message generator for ``spec``."""
+    args = [sys.executable, str(BENCH_DIR / "infer_requests.py"), "--model", spec.name]
+    for name, dims in spec.inputs:
+        args += ["--input", f"{name}:{_dims(dims)}"]
+    for name, _ in spec.outputs:
+        args += ["--output", name]
+    path = work / f"dynamic-grpc-{spec.name}.json"
+    path.write_text(json.dumps({"data": [{"message_generator": " ".join(args)}]}))
+    return path
+
+
+def pa_target_args(address: str, model: str, dynamic_input: Path | None) -> list[str]:
+    """perf_analyzer's server and protocol arguments: triton mode (the default: metadata,
+    config, then ModelInfer with random data) or, with ``dynamic_input``, ``dynamic_grpc``
+    (pre-serialized ModelInfer requests only, for servers without ModelConfig)."""
+    if dynamic_input is None:
+        return ["-i", "grpc", "-u", address, "-m", model, "-b", "1"]
+    return [
+        "--service-kind=dynamic_grpc",
+        "-u",
+        address,
+        "-m",
+        model,
+        "--grpc-method",
+        "inference.GRPCInferenceService/ModelInfer",
+        "--input-data",
+        str(dynamic_input),
+    ]
+
+
 def run_perf_analyzer(
     pa: str,
     address: str,
@@ -681,6 +823,8 @@ def run_perf_analyzer(
     work: Path,
     tag: str,
     *,
+    model: str = MODEL,
+    dynamic_input: Path | None = None,
     stability_pct: int | None = None,
     max_trials: int | None = None,
 ) -> dict[str, Any]:
@@ -688,14 +832,7 @@ def run_perf_analyzer(
     csv_path.unlink(missing_ok=True)
     cmd = [
         pa,
-        "-i",
-        "grpc",
-        "-u",
-        address,
-        "-m",
-        MODEL,
-        "-b",
-        "1",
+        *pa_target_args(address, model, dynamic_input),
         "--concurrency-range",
         f"{concurrency}:{concurrency}",
         "-p",
@@ -730,12 +867,24 @@ def measure(
     work: Path,
     *,
     sluice: bool,
+    dynamic_input: Path | None = None,
 ) -> list[dict[str, Any]]:
     rows = []
+    model = server.model
+    tag = f"{name}-{model}"
     for c in concurrencies:
-        before = model_statistics(server.address) if sluice else None
+        before = model_statistics(server.address, model) if sluice else None
         with CpuWindow(server.pid) as cpu:
-            result = run_perf_analyzer(pa, server.address, c, profile, work, name)
+            result = run_perf_analyzer(
+                pa,
+                server.address,
+                c,
+                profile,
+                work,
+                tag,
+                model=model,
+                dynamic_input=dynamic_input,
+            )
             if result.get("unstable"):
                 # A noisy 2-core machine: retry once with twice the tolerance and twice the
                 # windows, and say so in the report.
@@ -752,25 +901,35 @@ def measure(
                     c,
                     profile,
                     work,
-                    name,
+                    tag,
+                    model=model,
+                    dynamic_input=dynamic_input,
                     stability_pct=relaxed,
                     max_trials=trials,
                 )
                 result["stability_relaxed_to_pct"] = relaxed
                 result["first_attempt_error"] = first_error[-300:]
-        row: dict[str, Any] = {"server": name, "concurrency": c, **result, **cpu.result()}
+        row: dict[str, Any] = {
+            "server": name,
+            "model": model,
+            "concurrency": c,
+            **result,
+            **cpu.result(),
+        }
+        if dynamic_input is not None:
+            row["pa_mode"] = "dynamic_grpc"
         if sluice and before is not None:
             with contextlib.suppress(Exception):
-                row["server_stats"] = stats_delta(before, model_statistics(server.address))
+                row["server_stats"] = stats_delta(before, model_statistics(server.address, model))
         if server.proc is not None and server.proc.poll() is not None:
             row["error"] = f"{name} died (exit {server.proc.returncode}):\n{server.tail()}"
         rows.append(row)
         if "error" in row:
-            note(f"{name} c={c}: FAILED: {row['error'].splitlines()[-1] if row['error'] else ''}")
+            note(f"{tag} c={c}: FAILED: {row['error'].splitlines()[-1] if row['error'] else ''}")
         else:
             batch = row.get("server_stats", {}).get("avg_batch")
             note(
-                f"{name} c={c}: {row['throughput']:.0f} infer/s, p50 {row['p50_us']:.0f} us"
+                f"{tag} c={c}: {row['throughput']:.0f} infer/s, p50 {row['p50_us']:.0f} us"
                 + (f", avg batch {batch}" if batch is not None else "")
                 + f", server {row.get('server_cores', '?')} cores,"
                 f" client {row.get('client_cores', '?')} cores"
@@ -905,6 +1064,8 @@ def _md_run_row(name: str, row: dict[str, Any]) -> str:
     ms = [row[k] / 1e3 if row.get(k) is not None else None for k in ("p50_us", "p90_us", "p99_us")]
     batch = row.get("server_stats", {}).get("avg_batch")
     notes = []
+    if row.get("pa_mode") == "dynamic_grpc":
+        notes.append("dynamic_grpc")
     if "stability_relaxed_to_pct" in row:
         notes.append(f"stable only within {row['stability_relaxed_to_pct']}%")
     if row.get("steal_pct"):
@@ -912,18 +1073,21 @@ def _md_run_row(name: str, row: dict[str, Any]) -> str:
     return (
         f"| {title} | {row['concurrency']} | {_fmt(row['throughput'])} | "
         + " | ".join(_fmt(v, 2) for v in ms)
-        + f" | {_fmt(batch, 2) if name != 'null' else 'n/a'} | "
+        + f" | {_fmt(batch, 2) if name in SLUICE_SERVERS else 'n/a'} | "
         f"{_fmt(row.get('server_cores'), 2)} | {_fmt(row.get('client_cores'), 2)} | "
         f"{'; '.join(notes)} |"
     )
 
 
-def _md_runs(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+def _md_runs(
+    runs: dict[str, list[dict[str, Any]]],
+    title: str = "### (b)-(f) and peers: served through perf_analyzer (gRPC, 1 sample per request)",
+) -> list[str]:
     if not runs:
         return []
     lines = [
         "",
-        "### (b)-(f) served, through perf_analyzer (gRPC, 1 sample per request)",
+        title,
         "",
         "| server | c | infer/s | p50 ms | p90 ms | p99 ms | avg batch | server cores "
         "| client cores | note |",
@@ -994,13 +1158,69 @@ def _md_targets(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _md_second_model(result: dict[str, Any]) -> list[str]:
+    section = result.get("second_model")
+    if not section:
+        return []
+    model = section["model"]
+    tensors = ", ".join(f"{n} {t} {d}" for n, t, d in model["inputs"])
+    outputs = ", ".join(f"{n} {t} {d}" for n, t, d in model["outputs"])
+    lines = _md_runs(
+        section["runs"],
+        f"### Second model `{model['name']}` ({tensors} -> {outputs}: {model['layers']})",
+    )
+    for name, check in section.get("correctness", {}).items():
+        if not check.get("ok"):
+            lines += ["", f"WARNING: {name} outputs on {model['name']} differ: {check}"]
+    return lines
+
+
+def _md_peer_ratios(result: dict[str, Any]) -> list[str]:
+    """Sluice batched / PyTriton and / the no-math server, per concurrency and model."""
+    sections = [(MODEL, result["runs"])]
+    if result.get("second_model"):
+        sections.append((result["second_model"]["model"]["name"], result["second_model"]["runs"]))
+    lines = []
+    for model, runs in sections:
+        for c in sorted({r["concurrency"] for r in runs.get("batched", [])}):
+            b, t, n = _find(runs, "batched", c), _find(runs, "pytriton", c), _find(runs, "null", c)
+            if b is None or (t is None and n is None):
+                continue
+            pyt = f"{b['throughput'] / t['throughput']:.2f} x" if t else "-"
+            null = f"{b['throughput'] / n['throughput']:.2f} x" if n else "-"
+            lines.append(f"| {model} | {c} | {pyt} | {null} |")
+    if not lines:
+        return []
+    return [
+        "",
+        "Sluice (batched) throughput as a ratio of PyTriton's and of the no-math server's:",
+        "",
+        "| model | c | / PyTriton | / no-math grpc.aio |",
+        "|---|---:|---:|---:|",
+        *lines,
+    ]
+
+
+def _md_notes(result: dict[str, Any]) -> list[str]:
+    lines = []
+    if result.get("notes"):
+        lines += ["", "### Notes", ""] + [f"- {n}" for n in result["notes"]]
+    if result.get("plots"):
+        lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in result["plots"])]
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         *_md_header(result),
         *_md_inprocess(result),
         *_md_runs(result["runs"]),
         *_md_breakdown(result["runs"]),
+        *_md_second_model(result),
+        *_md_breakdown(result.get("second_model", {}).get("runs", {})),
+        *_md_peer_ratios(result),
         *_md_targets(result),
+        *_md_notes(result),
         "",
         f"Raw results: `{result.get('results_file', '?')}`; the run took "
         f"{result['duration_s']:.0f} s.",
@@ -1030,16 +1250,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--concurrency",
         type=int,
         nargs="+",
-        default=list(CONCURRENCIES),
+        default=None,
         metavar="C",
-        help="perf_analyzer concurrencies (default: 1 8 32)",
+        help="perf_analyzer concurrencies (default: 1 8 32 128; with --quick 1 8 32)",
     )
     parser.add_argument(
         "--skip",
         nargs="+",
         default=[],
-        choices=("ort", "torch", *SERVERS),
-        help="parts to leave out (torch: the in-process torch rows of part (a))",
+        choices=("ort", "torch", *SERVERS, "conv"),
+        help="parts to leave out (torch: the in-process torch rows of part (a); conv: the "
+        "second model)",
+    )
+    parser.add_argument(
+        "--peers",
+        metavar="DIR",
+        help="the peers harness folder whose setup.sh made the PyTriton / MLServer venv "
+        "(default: $SLUICE_PEERS, else ../shared/peers); missing: the peer rows are skipped",
+    )
+    parser.add_argument(
+        "--no-plots", action="store_true", help="write no PNG plots (they need matplotlib)"
     )
     parser.add_argument(
         "--perf-analyzer",
@@ -1076,6 +1306,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="exit 1 when a target is missed (default: non-zero only on errors)",
     )
     args = parser.parse_args(argv)
+    if args.concurrency is None:
+        args.concurrency = list(QUICK_CONCURRENCIES if args.quick else CONCURRENCIES)
     args.extra_env = {}
     for item in args.sluice_env:
         key, sep, value = item.partition("=")
@@ -1085,42 +1317,121 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def peer_server(name: str, spec: ModelSpec, work: Path, peers: Any) -> ServerProcess:
+    """PyTriton or MLServer serving ``spec.file`` from the peers' Python environment."""
+    assert spec.file is not None
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    log = work / f"{name}-{spec.name}.log"
+    peers_mod = _bench_module("peers")
+    if name == "pytriton":
+        libdir = peers.libdir()
+        if libdir:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p
+            )
+        cmd = [
+            str(peers.python),
+            str(BENCH_DIR / "pytriton_server.py"),
+            "--model-path",
+            str(spec.file),
+            "--model-name",
+            spec.name,
+            "--grpc-port",
+            str(peers_mod.free_port()),
+            "--http-port",
+            str(peers_mod.free_port()),
+        ]
+        return ServerProcess(name, cmd, log, env, model=spec.name)
+    port = peers_mod.free_port()
+    repo = peers_mod.mlserver_repository(
+        work / f"mlserver-{spec.name}",
+        spec.name,
+        spec.file,
+        grpc_port=port,
+        http_port=peers_mod.free_port(),
+        metrics_port=peers_mod.free_port(),
+    )
+    cmd = [str(peers.mlserver), "start", "."]
+    return ServerProcess(name, cmd, log, env, model=spec.name, port=port, cwd=repo)
+
+
 def bench_server(
     name: str,
+    spec: ModelSpec,
     models: dict[str, Path],
     work: Path,
     pa: str,
     profile: Profile,
     args: argparse.Namespace,
     result: dict[str, Any],
+    section: dict[str, Any],
+    peers: Any = None,
 ) -> None:
-    """Start one server, check its answers (Sluice), measure every concurrency, stop it.
+    """Start one server, check its answers, measure every concurrency, stop it.
 
     ``models`` maps a file kind (onnx, pt2, pt) to the file; answers are always checked
-    against onnxruntime running the ONNX file."""
-    note(f"{name}: {SERVER_TITLES[name]}")
-    max_batch = 0
+    against onnxruntime running ``spec.file``. Rows go to ``section["runs"][name]``,
+    errors to ``result["errors"]``."""
+    note(f"{name} on {spec.name}: {SERVER_TITLES[name]}")
+    max_batch = 64
+    dynamic_input = None
     if name == "null":
-        server = null_server(work)
+        server = null_server(work, spec)
+    elif name in PEERS:
+        server = peer_server(name, spec, work, peers)
+        if name == "mlserver":
+            dynamic_input = dynamic_grpc_input(spec, work)
     else:
         kind, max_batch = SERVER_MODELS[name]
-        repo = make_repository(work / f"repo-{name}", models[kind], kind, max_batch_size=max_batch)
-        server = sluice_server(name, repo, work, args.extra_env)
+        repo = make_repository(
+            work / f"repo-{name}-{spec.name}",
+            models[kind],
+            kind,
+            max_batch_size=max_batch,
+            model=spec.name,
+        )
+        server = sluice_server(name, repo, work, args.extra_env, model=spec.name)
+    label = name if spec.name == MODEL else f"{name} ({spec.name})"
     try:
         with running(server):
             if name != "null":
-                result["correctness"][name] = check_outputs(
-                    server.address, models["onnx"], max_rows=max_batch
+                section["correctness"][name] = check_outputs(
+                    server.address, spec, max_rows=max_batch
                 )
-            result["runs"][name] = measure(
-                name, server, pa, profile, args.concurrency, work, sluice=name != "null"
+            section["runs"][name] = measure(
+                name,
+                server,
+                pa,
+                profile,
+                args.concurrency,
+                work,
+                sluice=name in SLUICE_SERVERS,
+                dynamic_input=dynamic_input,
             )
     except Exception as exc:  # one server failing must not stop the others
-        result["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
+        result["errors"].append(f"{label}: {type(exc).__name__}: {exc}")
         note(result["errors"][-1])
-    for row in result["runs"].get(name, []):
+    for row in section["runs"].get(name, []):
         if "error" in row:
-            result["errors"].append(f"{name} c={row['concurrency']}: {row['error']}")
+            result["errors"].append(f"{label} c={row['concurrency']}: {row['error']}")
+
+
+def find_peers(args: argparse.Namespace, result: dict[str, Any]) -> Any:
+    """The peers' environment, or None with a note in ``result["notes"]`` saying why the
+    peer rows are skipped (never an error: the peers are optional)."""
+    peers_mod = _bench_module("peers")
+    folder = Path(args.peers) if args.peers else peers_mod.default_folder(REPO_ROOT)
+    found = peers_mod.locate(folder)
+    if isinstance(found, str):
+        result["notes"].append(found)
+        note(found)
+        return None
+    result["peers"] = {"folder": str(found.folder), "python": str(found.python)}
+    for peer, why in found.missing.items():
+        result["notes"].append(f"{peer} skipped: {why}")
+        note(result["notes"][-1])
+    return found if found.available else None
 
 
 def prepare_torch(
@@ -1151,26 +1462,65 @@ def prepare_torch(
     return True
 
 
+def torch_parts(
+    model_file: Path,
+    work: Path,
+    models: dict[str, Path],
+    profile: Profile,
+    skip: set[str],
+    result: dict[str, Any],
+) -> set[str]:
+    """Build the PyTorch files and time them in-process (unless skipped); returns the parts
+    that must be skipped because the files could not be made or checked."""
+    if not prepare_torch(model_file, work, models, result):
+        return {"torch", *TORCH_SERVERS}
+    if "torch" not in skip:
+        note("(a) torch in-process")
+        result["torch"] = bench_torch(models, profile)
+    return set()
+
+
+def bench_second_model(
+    servers: Sequence[str],
+    work: Path,
+    pa: str,
+    profile: Profile,
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    peers: Any,
+) -> None:
+    """The two-input convolution of bench/conv_model.py, on ``servers``, into
+    ``result["second_model"]``."""
+    conv_file = _bench_module("conv_model").build(work / "conv_bench.onnx")
+    conv = conv_spec(conv_file)
+    section = result["second_model"] = {"model": conv.to_json(), "runs": {}, "correctness": {}}
+    for name in servers:
+        bench_server(
+            name, conv, {"onnx": conv_file}, work, pa, profile, args, result, section, peers
+        )
+
+
 def run_benchmark(args: argparse.Namespace, profile: Profile, result: dict[str, Any]) -> None:
     work = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     try:
         model_file = work / "mlp_bench.onnx"
         note(f"building the benchmark MLP in {work}")
         build_model(model_file)
+        mlp = dataclasses.replace(MLP_SPEC, file=model_file)
         models = {"onnx": model_file}
         if "ort" not in args.skip:
             note("(a) onnxruntime in-process")
             result["ort"] = bench_ort(model_file, profile)
         skip = set(args.skip)
         if not {"torch", *TORCH_SERVERS} <= skip:
-            if prepare_torch(model_file, work, models, result):
-                if "torch" not in skip:
-                    note("(a) torch in-process")
-                    result["torch"] = bench_torch(models, profile)
-            else:  # no (checked) PyTorch files: their parts cannot run
-                skip |= {"torch", *TORCH_SERVERS}
+            skip |= torch_parts(model_file, work, models, profile, skip, result)
+        peers = None
+        if not set(PEERS) <= skip:
+            peers = find_peers(args, result)
+            skip |= {p for p in PEERS if peers is None or p not in peers.available}
         servers = [s for s in SERVERS if s not in skip]
-        if not servers:
+        conv_servers = [s for s in CONV_SERVERS if s not in skip] if "conv" not in skip else []
+        if not servers and not conv_servers:
             return
         try:
             pa = find_perf_analyzer(args.perf_analyzer)
@@ -1181,12 +1531,33 @@ def run_benchmark(args: argparse.Namespace, profile: Profile, result: dict[str, 
         result["perf_analyzer"] = pa
         result["perf_analyzer_version"] = perf_analyzer_version(pa)
         for name in servers:
-            bench_server(name, models, work, pa, profile, args, result)
+            bench_server(name, mlp, models, work, pa, profile, args, result, result, peers)
+        if conv_servers:
+            bench_second_model(conv_servers, work, pa, profile, args, result, peers)
     finally:
         if args.keep_workdir:
             note(f"work folder kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def write_plots(result: dict[str, Any], out_dir: Path, stem: str) -> list[str]:
+    """One PNG per model next to the JSON (bench/plots.py); without matplotlib, a note."""
+    plots = _bench_module("plots")
+    try:
+        written = plots.plot_result(result, out_dir, stem)
+    except plots.PlottingUnavailable as exc:
+        result["notes"].append(f"plots skipped: {exc}")
+        note(result["notes"][-1])
+        return []
+    names = []
+    for path in written:
+        note(f"wrote {path}")
+        try:
+            names.append(str(path.resolve().relative_to(REPO_ROOT)))
+        except ValueError:
+            names.append(str(path))
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1207,13 +1578,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "name": MODEL,
             "input": [INPUT_NAME, "FP32", [-1, INPUT_DIM]],
             "output": [OUTPUT_NAME, "FP32", [-1, OUTPUT_DIM]],
-            "layers": "256 -> 4 x 1024 ReLU -> 16",
+            "layers": MLP_SPEC.layers,
         },
         "environment": environment(),
         "ort": [],
         "torch": {},
         "runs": {},
         "correctness": {},
+        "notes": [],
         "errors": [],
     }
     if result["environment"]["loadavg_start"][0] > 0.5:
@@ -1233,6 +1605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["results_file"] = str(out_file.resolve().relative_to(REPO_ROOT))
     except ValueError:
         result["results_file"] = str(out_file)
+    if not args.no_plots:
+        result["plots"] = write_plots(result, args.out_dir, out_file.stem)
     out_file.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result), flush=True)
     note(f"wrote {out_file}")

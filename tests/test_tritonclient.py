@@ -68,6 +68,14 @@ async def test_tritonclient_statistics_grow(server: RunningServer) -> None:
     assert server.service.get("simple").stats.inference_count > before
 
 
+async def test_tritonclient_sees_response_cache_hits(
+    start_server: StartServer, example_repository: Path
+) -> None:
+    (example_repository / "simple" / "config.yaml").write_text("response_cache: {enabled: true}\n")
+    running = await start_server(repository=example_repository)
+    await run_checks(running.address, "cache_hit")
+
+
 async def test_tritonclient_load_unload(
     start_server: StartServer, example_repository: Path
 ) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sluice.admission import AdmissionController
+from sluice.caching import ResponseCache
 from sluice.clock import Clock
 from sluice.dataplane import DataPlane
 from sluice.deadlines import DeadlinePolicy
@@ -21,6 +22,7 @@ from sluice.policy import CallPolicy
 from sluice.priority import Priorities
 from sluice.registry import ModelRegistry
 from sluice.routing import Router
+from sluice.routing.remote import RemoteClient
 from sluice.settings import Settings
 from sluice.shadow import Shadower
 from sluice.tracing import Tracing
@@ -34,6 +36,7 @@ class Core:
     shadow: Shadower
     policy: CallPolicy
     admission: AdmissionController
+    cache: ResponseCache
 
 
 def build_core(
@@ -43,13 +46,23 @@ def build_core(
     metrics: Metrics,
     clock: Clock,
     tracing: Tracing,
+    remote: RemoteClient | None = None,
 ) -> Core:
     priorities = Priorities(settings.priority)
     admission = AdmissionController(settings.admission, metrics, priorities=priorities)
     plane = DataPlane(registry, settings, metrics=metrics, clock=clock, tracing=tracing)
     shadow = Shadower(registry, plane, settings.shadow, metrics=metrics, clock=clock)
+    cache = ResponseCache(settings.cache, metrics=metrics, clock=clock)
     router = Router(
-        registry, plane, settings, metrics=metrics, clock=clock, tracing=tracing, shadow=shadow
+        registry,
+        plane,
+        settings,
+        metrics=metrics,
+        clock=clock,
+        tracing=tracing,
+        shadow=shadow,
+        remote=remote,
+        cache=cache,
     )
     policy = CallPolicy(
         tenant_key=settings.admission.tenant_metadata_key,
@@ -60,4 +73,4 @@ def build_core(
         metrics=metrics,
         tracing=tracing,
     )
-    return Core(registry, plane, router, shadow, policy, admission)
+    return Core(registry, plane, router, shadow, policy, admission, cache)

@@ -62,6 +62,11 @@ class Routing:
     """Attempts the call made, this one included."""
     fallback: bool
     """A fallback answered, not the first candidate of the chain."""
+    cached: bool = False
+    """The response cache answered (the model ran nothing)."""
+    degraded: str = ""
+    """Every candidate failed or was open and the model's degraded tier answered:
+    ``cache`` or ``static`` ("" for a real answer)."""
 
 
 @dataclass(slots=True)
@@ -73,6 +78,8 @@ class InferResult:
     backend: str = ""
     #: Set by the router: attempts and whether a fallback answered.
     routing: Routing | None = None
+    #: The remote server (``host:port``) that answered; empty: this one.
+    endpoint: str = ""
 
     @property
     def served_by(self) -> str:

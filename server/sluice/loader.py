@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sluice.answer_config import check_degraded
 from sluice.batching.dynamic import DynamicBatcher
 from sluice.breaker import BackendBreaker
 from sluice.breaker_state import BreakerStore
@@ -129,6 +130,7 @@ class VersionLoader:
         executor, engine = self._start(executor, candidate, config, f"{name}/{version}")
         try:
             spec = self._spec(name, version, config, executor, candidate, decoupled=bool(engine))
+            check_degraded(config.degraded, spec.io, where=model_dir / "config.yaml")
         except ConfigError:
             await executor.close()
             raise
@@ -196,6 +198,11 @@ class VersionLoader:
             ),
             auto_configured=config.inputs is None,
             decoupled=decoupled,
+            response_cache=(
+                config.response_cache.enabled
+                and not decoupled
+                and self._settings.cache.max_bytes > 0
+            ),
         )
 
     def _engine_limits(self) -> SchedulerLimits:

@@ -11,6 +11,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from sluice.remote_metrics import RemoteMetrics
 from sluice.stats import BatchRun, ModelStats
 
 _LATENCY_BUCKETS = (
@@ -155,6 +156,32 @@ class Metrics:
             "Candidates of a call's chain passed over, by the name called, the candidate "
             "(model[/version][@backend]) and why: breaker, health, deadline, budget.",
             ["model", "target", "reason"],
+            registry=r,
+        )
+        self.remote = RemoteMetrics(r)
+        self.cache_hits = Counter(
+            "sluice_cache_hits", "Response cache hits (degraded ones too).", ["model"], registry=r
+        )
+        self.cache_misses = Counter(
+            "sluice_cache_misses", "Response cache misses.", ["model"], registry=r
+        )
+        self.cache_evictions = Counter(
+            "sluice_cache_evictions", "Cached answers evicted, by model.", ["model"], registry=r
+        )
+        self.cache_bytes = Gauge(
+            "sluice_cache_bytes", "Bytes the response cache holds.", registry=r
+        )
+        self.cache_entries = Gauge("sluice_cache_entries", "Answers cached.", registry=r)
+        self.cache_shared_errors = Counter(
+            "sluice_cache_shared_errors",
+            "Failed Redis cache operations.",
+            ["operation"],
+            registry=r,
+        )
+        self.degraded_responses = Counter(
+            "sluice_degraded_responses",
+            "Degraded-tier answers, by source.",
+            ["model", "source"],
             registry=r,
         )
         self.model_ready = Gauge(

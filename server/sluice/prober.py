@@ -3,7 +3,9 @@ interval, off the request path.
 
 A version that fails its probe is NOT_SERVING in grpc health, leaves the routing tables
 (calls go to its fallbacks) and comes back once a probe passes. Probe inputs are generated
-from the input spec: zeros, one row, variable dimensions of size 1.
+from the input spec: zeros, one row, variable dimensions of size 1. Remote candidates are
+asked ``ModelReady`` on the same interval (``routing.remote``); one that is not ready is
+passed over.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sluice.clock import Clock
 from sluice.errors import SluiceError
 from sluice.loader import ModelVersion
 from sluice.registry import ModelRegistry
+from sluice.routing.remote import Remotes
 from sluice.settings import ProbeSettings
 from sluice.tensors import probe_inputs
 
@@ -23,8 +26,16 @@ log = logging.getLogger(__name__)
 
 
 class HealthProber:
-    def __init__(self, registry: ModelRegistry, settings: ProbeSettings, clock: Clock) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: ProbeSettings,
+        clock: Clock,
+        *,
+        remotes: Remotes | None = None,
+    ) -> None:
         self._registry = registry
+        self._remotes = remotes
         self._settings = settings
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
@@ -41,9 +52,10 @@ class HealthProber:
             self._task = None
 
     async def probe_all(self) -> None:
-        """Probe every loaded version once, concurrently."""
+        """Probe every loaded version once, concurrently, and every remote candidate."""
         versions = self._registry.loaded_versions()
-        await asyncio.gather(*(self._probe(version) for version in versions))
+        remote = [self._remotes.probe_all(self._settings.timeout_s)] if self._remotes else []
+        await asyncio.gather(*(self._probe(version) for version in versions), *remote)
 
     async def _loop(self) -> None:
         while True:

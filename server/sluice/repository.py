@@ -22,12 +22,12 @@ from pydantic import (
     model_validator,
 )
 
+from sluice.answer_config import DegradedConfig, ResponseCacheConfig, known_datatype
 from sluice.errors import ConfigError
 from sluice.executors.base import DeclaredTensor, FaultConfig
 from sluice.executors.capabilities import forceable
 from sluice.settings import BatchingSettings, FallbackTarget
 from sluice.tensors import IOSpec, TensorSpec
-from sluice_client.tensors import DATATYPES
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,7 @@ class TensorConfig(_Strict):
     @field_validator("datatype")
     @classmethod
     def _known_datatype(cls, value: str) -> str:
-        if value not in DATATYPES:
-            raise ValueError(f"unknown datatype '{value}'; use one of {sorted(DATATYPES)}")
-        return value
+        return known_datatype(value)
 
     @field_validator("dims")
     @classmethod
@@ -129,6 +127,10 @@ class ModelConfig(_Strict):
     version_policy: VersionPolicy = VersionPolicy()
     fallbacks: list[FallbackTarget] = []
     """Where a call goes, in order, when this model fails transiently or its breaker is open."""
+    response_cache: ResponseCacheConfig = ResponseCacheConfig()
+    """Serve repeated calls from the server's response cache."""
+    degraded: DegradedConfig | None = None
+    """What the model answers when every candidate failed or is open (none: the error)."""
     latency_guardrail_ms: float | None = Field(None, gt=0)
     """Calls slower than this are slow (counted apart from failures); a version whose recent
     p95 is above it gives way to the next candidate of its chain until it recovers
@@ -180,6 +182,8 @@ class ModelSpec:
     device: str = "cpu"
     #: A generation model: a request may get many responses (Triton's "decoupled").
     decoupled: bool = False
+    #: Repeated calls are answered from the response cache (``response_cache.enabled``).
+    response_cache: bool = False
 
 
 def read_config(model_dir: Path) -> ModelConfig:

@@ -173,8 +173,31 @@ class RetrySettings(_Section):
     """Share of the remaining deadline one attempt may use while other candidates remain."""
 
 
+class RemoteTLS(_Section):
+    """TLS to a remote candidate's endpoint."""
+
+    ca_file: Path | None = None
+    """PEM bundle of the CAs that may sign the endpoint's certificate (None: the system's)."""
+    cert_file: Path | None = None
+    """PEM client certificate chain, for an endpoint that requires mTLS."""
+    key_file: Path | None = None
+    """PEM private key of ``cert_file`` (unencrypted)."""
+    server_name: str = ""
+    """Name the endpoint's certificate must carry, when not the endpoint's host."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> RemoteTLS:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together: set both or neither")
+        return self
+
+
+_MAX_ENDPOINT_CHARS = 255
+
+
 class FallbackTarget(_Section):
-    """One candidate of a fallback chain."""
+    """One candidate of a fallback chain: a model of this server, or of another server
+    (``endpoint``) reached over the Open Inference Protocol gRPC API."""
 
     model: str = ""
     """Empty: the model whose chain this is (with ``backend``: another backend of it)."""
@@ -184,6 +207,26 @@ class FallbackTarget(_Section):
     """A backend or ladder rung (``pytorch``, ``onnxruntime-cpu``...); empty: the ladder's pick."""
     quality: float = Field(1.0, ge=0, le=1)
     """How good its answers are next to the primary's (1: as good), for operators and logs."""
+    endpoint: str = Field("", max_length=_MAX_ENDPOINT_CHARS)
+    """``host:port`` of another Open Inference Protocol server (another Sluice, Triton...)
+    that serves ``model`` (empty: this server)."""
+    tls: RemoteTLS | None = None
+    """With ``endpoint``: speak TLS to it (None: plaintext)."""
+
+    @model_validator(mode="after")
+    def _remote_complete(self) -> FallbackTarget:
+        if not self.endpoint:
+            if self.tls is not None:
+                raise ValueError("tls is for a remote candidate: it needs endpoint")
+            return self
+        host, _, port = self.endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"endpoint must be host:port, got {self.endpoint!r}")
+        if not self.model:
+            raise ValueError(f"the remote candidate at {self.endpoint} needs the model it serves")
+        if self.backend:
+            raise ValueError("backend names a backend of this server; a remote candidate has none")
+        return self
 
 
 class GuardrailSettings(_Section):
@@ -215,6 +258,17 @@ class GuardrailSettings(_Section):
         return self
 
 
+class RemoteSettings(_Section):
+    """Calls to remote candidates (fallbacks or alias entries with an ``endpoint``): one
+    pooled connection per endpoint, opened at the first call, closed at shutdown."""
+
+    max_inflight_per_endpoint: int = Field(64, ge=1)
+    """Calls one remote endpoint may have in flight from this server; a call over it passes
+    that candidate over (UNAVAILABLE, the next candidate takes it)."""
+    max_reply_bytes: int = Field(64 * 1024 * 1024, ge=4096)
+    """Largest reply accepted from a remote endpoint; a larger one fails that attempt."""
+
+
 class ProbeSettings(_Section):
     interval_s: float = Field(10.0, ge=0)
     """Time between health probes of every loaded model version (0: no probing)."""
@@ -242,6 +296,26 @@ class StreamSettings(_Section):
     """Bytes of requests one ModelStreamInfer stream may hold (read and not yet answered,
     with their replies until written) before reading pauses; a single request larger than
     this still runs when it is the only one."""
+
+
+class CacheSettings(_Section):
+    """The response cache: answers of the models whose config asks for it
+    (``response_cache`` or ``degraded.from_cache``), kept in this process's memory and
+    dropped least recently used first."""
+
+    max_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    """Bytes every cached answer together may take: their tensors plus a fixed cost per
+    entry (0 turns the cache off, for every model)."""
+    max_entry_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    """Largest answer that is kept; a larger one is served and not cached."""
+    redis_url: str | None = None
+    """Redis URL (``redis://host:6379/0``) where replicas share cached answers, behind each
+    one's own ``max_bytes`` (needs the ``redis`` package; Redis's own ``maxmemory`` bounds
+    what it keeps)."""
+    redis_timeout_s: float = Field(0.1, gt=0)
+    """With ``redis_url``: longest one Redis command may take; a slower one is a miss."""
+    redis_ttl_s: float = Field(3600.0, gt=0)
+    """With ``redis_url``: how long a shared answer lives in Redis."""
 
 
 class GenerationSettings(_Section):
@@ -454,8 +528,10 @@ class Settings(BaseSettings):
     required_models: list[str] = []
     """Models that must all be able to infer for the server to be ready (empty: any one)."""
     retry: RetrySettings = RetrySettings()
+    cache: CacheSettings = CacheSettings()
     probe: ProbeSettings = ProbeSettings()
     guardrail: GuardrailSettings = GuardrailSettings()
+    remote: RemoteSettings = RemoteSettings()
     shadow: ShadowSettings = ShadowSettings()
     priority: PrioritySettings = PrioritySettings()
     aliases: dict[str, list[FallbackTarget]] = {}

@@ -61,6 +61,11 @@ class ModelStats:
     """Requests the batcher dropped without running them (queue full, caller gone, deadline
     passed), as ``sluice_dropped_requests_total`` counts them."""
     batches: dict[int, BatchStats] = field(default_factory=dict)
+    cache_hit: Duration = field(default_factory=Duration)
+    """Calls answered from the response cache, and the time their lookups took."""
+    cache_miss: Duration = field(default_factory=Duration)
+    """Lookups that found nothing, and the time those lookups and the insertions of the
+    answers that followed took."""
 
     def record_run(self, run: BatchRun) -> None:
         """One successful executor run and each request's share of it."""
@@ -107,3 +112,16 @@ class ModelStats:
 
     def record_end(self, *, ok: bool, seconds: float) -> None:
         (self.success if ok else self.fail).add(seconds)
+
+    def record_cache_hit(self, seconds: float) -> None:
+        """A call answered from the response cache: a success that ran nothing."""
+        self.cache_hit.add(seconds)
+        self.success.add(seconds)
+        self.last_inference_ms = int(time.time() * 1000)
+
+    def record_cache_miss(self, seconds: float) -> None:
+        self.cache_miss.add(seconds)
+
+    def record_cache_insert(self, seconds: float) -> None:
+        """Storing an answer after a miss (Triton counts it in the miss's time)."""
+        self.cache_miss.ns += int(seconds * 1e9)

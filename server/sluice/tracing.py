@@ -10,11 +10,14 @@ and a pipeline that cannot be built is logged and left off rather than stopping 
 
 The spans of a call (names and the attributes they carry):
 
-    <package.Service>/<Method>   server span; honours an incoming ``traceparent``
+    <package.Service>/<Method>   server span; honours an incoming ``traceparent``;
+    │                            request id, the call's budget (``sluice.budget_s``)
     ├── sluice.admission         in-flight and quota check
     ├── sluice.attempt           one per execution attempt: model, version, backend,
     │   │                        breaker state, attempt number, error class
-    │   └── sluice.queue_wait    time in the model version's batcher queue
+    │   ├── sluice.queue_wait    time in the model version's batcher queue
+    │   └── sluice.remote        a remote candidate's call: endpoint, model (its
+    │                            ``traceparent`` goes along)
     ├── sluice.fallback          a hop to the next candidate after a failed attempt
     ├── sluice.prefill           generation: the prompt's forward pass
     └── sluice.decode            generation: one summary span (tokens, steps)
@@ -60,8 +63,10 @@ __all__ = [
     "Attributes",
     "Context",
     "Tracing",
+    "annotate",
     "error_class",
     "now_ns",
+    "outgoing_context",
     "record_decode_summary",
     "record_error",
 ]
@@ -318,6 +323,19 @@ class Tracing:
         finally:
             otel_context.detach(token)
             span.end()
+
+
+def annotate(name: str, value: str | int | float | bool) -> None:
+    """Set an attribute on the current span (nothing while tracing is off)."""
+    trace.get_current_span().set_attribute(name, value)
+
+
+def outgoing_context() -> dict[str, str]:
+    """The current trace context as headers for a call to another server (``traceparent``,
+    ``tracestate``); empty when no span is current."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
 
 
 def now_ns() -> int:

@@ -431,6 +431,32 @@ def statistics(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @check
+def cache_hit(args: argparse.Namespace) -> dict[str, Any]:
+    """``simple`` with its response cache on: the second identical call is a hit that
+    Triton's statistics fields show (cache_hit / cache_miss), and ran nothing."""
+    c = client(args)
+    before = _stats(c, "simple")
+    a, b = random_pair(np.random.default_rng(9), 2)
+    first = c.infer("simple", simple_inputs(a, b))
+    second = c.infer("simple", simple_inputs(a, b))
+    np.testing.assert_array_equal(second.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_array_equal(second.as_numpy("OUTPUT1"), first.as_numpy("OUTPUT1"))
+    assert second.get_response().parameters["sluice_cache_hit"].bool_param
+    after = _stats(c, "simple")
+    grew = {
+        key: _count(after, *path) - _count(before, *path)
+        for key, path in {
+            "execution_count": ("execution_count",),
+            "success": ("inference_stats", "success", "count"),
+            "cache_hit": ("inference_stats", "cache_hit", "count"),
+            "cache_miss": ("inference_stats", "cache_miss", "count"),
+        }.items()
+    }
+    assert grew == {"execution_count": 1, "success": 2, "cache_hit": 1, "cache_miss": 1}, grew
+    return {"grew": grew}
+
+
+@check
 def repository_index(args: argparse.Namespace) -> dict[str, Any]:
     index = client(args).get_model_repository_index(as_json=True)["models"]
     rows = {(m["name"], m.get("version", ""), m.get("state", "")) for m in index}

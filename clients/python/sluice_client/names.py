@@ -9,6 +9,12 @@ PUSHBACK_KEY = "grpc-retry-pushback-ms"
 #: Trailing metadata: which ``model/version/backend`` answered, and whether it was a fallback.
 SERVED_BY_KEY = "x-sluice-served-by"
 FALLBACK_KEY = "x-sluice-fallback"
+#: Trailing metadata: the remote server (``host:port``) that answered, when one did.
+ENDPOINT_KEY = "x-sluice-endpoint"
+#: Trailing metadata on an answer the model did not compute now: ``sluice-cache: hit`` (from
+#: the response cache) and ``sluice-degraded: cache|static`` (from its degraded tier).
+CACHE_KEY = "sluice-cache"
+DEGRADED_KEY = "sluice-degraded"
 #: grpc.health.v1 service name prefix for one model's readiness.
 MODEL_HEALTH_PREFIX = "sluice.model."
 

@@ -33,6 +33,8 @@ class EntryBuilder:
             config = read_config(self._repository / entry.name)
             entry.fallbacks = tuple(config.fallbacks)
             entry.shadow = config.shadow
+            entry.response_cache = config.response_cache
+            entry.degraded = config.degraded
             entry.latency_guardrail_ms = config.latency_guardrail_ms
             versions = list_versions(self._repository / entry.name, config.version_policy)
         except ConfigError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from sluice.answer_config import DegradedConfig, ResponseCacheConfig
 from sluice.errors import ModelNotFoundError, ModelNotReadyError
 from sluice.lifecycle import SERVER, ModelState
 from sluice.loader import ModelVersion
@@ -45,6 +46,10 @@ class ModelEntry:
     fallbacks: tuple[FallbackTarget, ...] = ()
     #: Where a sample of its calls is mirrored (from its config).
     shadow: ShadowConfig | None = None
+    #: Whether repeated calls are answered from the response cache (from its config).
+    response_cache: ResponseCacheConfig = field(default_factory=ResponseCacheConfig)
+    #: What it answers when every candidate failed or is open (from its config).
+    degraded: DegradedConfig | None = None
     #: Calls slower than this are slow; a version with a slow p95 gives way (from its config).
     latency_guardrail_ms: float | None = None
     #: Other backends of a version, loaded because a fallback names them: (version, backend).

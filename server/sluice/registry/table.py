@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sluice.answer_config import DegradedConfig, ResponseCacheConfig
 from sluice.errors import ModelNotFoundError, ModelNotReadyError, SluiceError
 from sluice.loader import ModelVersion
 from sluice.registry.entry import UNAVAILABLE, IndexEntry, ModelEntry
@@ -104,6 +105,16 @@ class ModelTable:
         """Where a sample of the model's calls is mirrored (None: nowhere)."""
         entry = self._models.get(name)
         return entry.shadow if entry is not None else None
+
+    def response_cache(self, name: str) -> ResponseCacheConfig:
+        """Whether the model's repeated calls are answered from the response cache."""
+        entry = self._models.get(name)
+        return entry.response_cache if entry is not None else ResponseCacheConfig()
+
+    def degraded(self, name: str) -> DegradedConfig | None:
+        """What the model answers when every candidate failed or is open (None: nothing)."""
+        entry = self._models.get(name)
+        return entry.degraded if entry is not None else None
 
     def latency_guardrail_ms(self, name: str) -> float | None:
         """The model's latency guardrail (None: it has none)."""

@@ -19,6 +19,9 @@ gets.
 * ``candidates``: the chain a name resolves to and which candidate a call tries next.
 * ``walk``: one call's walk down its chain, the retry budget, the error it ends with.
 * ``report``: each attempt's log record and span attributes.
+* ``answers``: answers given without running a model: response cache hits first, and a
+  model's degraded tier (cached, then static answers, always marked) when no candidate
+  answers.
 """
 
 from sluice.routing.router import Router

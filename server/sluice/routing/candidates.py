@@ -13,6 +13,7 @@ from sluice.loader import ModelVersion
 from sluice.metrics import Metrics
 from sluice.registry.table import ModelTable
 from sluice.routing.guardrail import Guardrail, Guardrails
+from sluice.routing.remote import Remotes
 from sluice.routing.walk import Attempt, RetryBudget, Walk, label
 from sluice.settings import FallbackTarget, Settings
 
@@ -28,8 +29,10 @@ class Candidates:
         metrics: Metrics,
         clock: Clock,
         rng: random.Random,
+        remotes: Remotes,
     ) -> None:
         self._table = table
+        self.remotes = remotes
         self._settings = settings.retry
         self._aliases = settings.aliases
         self._metrics = metrics
@@ -73,7 +76,9 @@ class Candidates:
 
     def guardrail(self, target: FallbackTarget) -> Guardrail | None:
         """The latency guardrail of the version a candidate resolves to (None: it has none,
-        or it cannot serve now)."""
+        or it cannot serve now, or it is remote)."""
+        if target.endpoint:
+            return None
         guardrail_ms = self._table.latency_guardrail_ms(target.model)
         if guardrail_ms is None:
             return None
@@ -92,8 +97,12 @@ class Candidates:
             if guard is not None:
                 guard.record(seconds)
 
-    def check(self, target: FallbackTarget) -> ModelVersion:
-        """The candidate's version, if it can take a call now: ready, breaker not open."""
+    def check(self, target: FallbackTarget) -> ModelVersion | None:
+        """The candidate's version, if it can take a call now: ready, breaker not open (a
+        remote candidate: None)."""
+        if target.endpoint:
+            self.remotes.check(target)
+            return None
         model = self._table.get(target.model, target.version, backend=target.backend)
         if model.breaker.is_open():
             raise BreakerOpenError(
@@ -114,7 +123,8 @@ class Candidates:
             return False
         if deadline is None:
             return True
-        expected = self._service_time.get((target.model, target.version), 0.0)
+        key = (label(target), "") if target.endpoint else (target.model, target.version)
+        expected = self._service_time.get(key, 0.0)
         if self._clock() + expected < deadline:
             return True
         why = ModelNotReadyError(
@@ -180,11 +190,21 @@ class Candidates:
                 target = target.model_copy(update={"version": ""})
             self._metrics.fallback_skipped.labels(name, label(target), reason).inc()
 
-    def learn(self, result: InferResult, seconds: float) -> None:
+    def remote_targets(self) -> list[FallbackTarget]:
+        """Every remote candidate of the aliases and of the models' fallback chains."""
+        chains = [*self._aliases.values()]
+        chains += [list(self._table.fallbacks(name)) for name in self._table.model_names()]
+        return [target for chain in chains for target in chain if target.endpoint]
+
+    def learn(self, result: InferResult, seconds: float, target: FallbackTarget) -> None:
         """How long the version that answered took (its expected service time, and its
-        latency guardrail's window)."""
-        self.measured(result.model, result.version, result.backend, seconds)
-        for key in ((result.model, result.version), (result.model, "")):
+        latency guardrail's window; a remote candidate's: its expected time only)."""
+        keys = [(result.model, result.version), (result.model, "")]
+        if target.endpoint:
+            keys = [(label(target), "")]
+        else:
+            self.measured(result.model, result.version, result.backend, seconds)
+        for key in keys:
             old = self._service_time.get(key)
             self._service_time[key] = (
                 seconds if old is None else old + _EWMA_WEIGHT * (seconds - old)

@@ -23,6 +23,9 @@ def span_attributes(table: ModelTable, attempt: Attempt, number: int) -> Attribu
         "sluice.model": target.model,
         "sluice.fallback": attempt.index > 0,
     }
+    if target.endpoint:
+        attributes["sluice.endpoint"] = target.endpoint
+        return attributes
     try:
         model = table.get(target.model, target.version, backend=target.backend)
     except SluiceError:
@@ -63,7 +66,7 @@ def log_attempt(
         "error_class=%s skipped=%s next=%s",
         walk.attempts,
         logs.clip(request.model),
-        logs.clip(target.model),
+        logs.clip(label(target) if target.endpoint else target.model),
         logs.clip(version),
         backend,
         "ok" if error is None else "error",
@@ -72,7 +75,7 @@ def log_attempt(
         skipped,
         then_text,
         extra=logs.fields(
-            model=target.model,
+            model=label(target) if target.endpoint else target.model,
             version=version,
             backend=backend,
             outcome="ok" if error is None else type(error).__name__,

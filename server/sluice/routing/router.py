@@ -9,6 +9,7 @@ import logging
 import random
 
 from sluice import logs
+from sluice.caching import ResponseCache
 from sluice.clock import Clock
 from sluice.dataplane import DataPlane, ServedGeneration
 from sluice.domain import Call, GenerationRequest, InferRequest, InferResult, Routing
@@ -23,7 +24,9 @@ from sluice.errors import (
 )
 from sluice.metrics import Metrics
 from sluice.registry.table import ModelTable
+from sluice.routing.answers import Answers
 from sluice.routing.candidates import Candidates
+from sluice.routing.remote import RemoteClient, Remotes
 from sluice.routing.report import log_attempt, span_attributes
 from sluice.routing.walk import Attempt, PassOver, Walk, combined, label, retryable
 from sluice.settings import FallbackTarget, Settings
@@ -45,6 +48,8 @@ class Router:
         rng: random.Random | None = None,
         tracing: Tracing | None = None,
         shadow: Shadower | None = None,
+        remote: RemoteClient | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._table = table
         self._plane = plane
@@ -53,8 +58,29 @@ class Router:
         self._attempt_share = settings.retry.attempt_share
         self._metrics = metrics
         self._clock = clock
+        #: Remote candidates' breakers and readiness (the health prober keeps it).
+        self.remotes = Remotes(
+            remote,
+            settings,
+            targets=lambda: self._candidates.remote_targets(),
+            metrics=metrics,
+            clock=clock,
+            tracing=self._tracing,
+        )
         self._candidates = Candidates(
-            table, settings, metrics=metrics, clock=clock, rng=rng or random.Random()
+            table,
+            settings,
+            metrics=metrics,
+            clock=clock,
+            rng=rng or random.Random(),
+            remotes=self.remotes,
+        )
+        self._answers = Answers(
+            table,
+            cache or ResponseCache(settings.cache, metrics=metrics, clock=clock),
+            aliases=settings.aliases,
+            metrics=metrics,
+            tracing=self._tracing,
         )
         #: Each guarded version's latency guardrail (ListModels shows them).
         self.guardrails = self._candidates.guardrails
@@ -62,6 +88,8 @@ class Router:
     def fail_fast(self, name: str, version: str = "") -> None:
         """Raise now when no candidate of the called name could take a call (every one not
         ready or its breaker open): before anything is decoded or queued."""
+        if self._answers.stands_in(name):
+            return  # a cached or degraded answer may serve it with every backend down
         errors: list[SluiceError] = []
         for target in self._candidates.chain(name, version):
             try:
@@ -75,7 +103,7 @@ class Router:
     def generates(self, name: str, version: str = "") -> bool:
         """Whether the called name's primary is a generation model."""
         primary = self._candidates.chain(name, version)[0]
-        return self._plane.generates(primary.model, primary.version)
+        return not primary.endpoint and self._plane.generates(primary.model, primary.version)
 
     def text_generation(self, request: InferRequest) -> tuple[GenerationRequest, bool]:
         """A generation model's tensor request as a generation request (and ``stream``)."""
@@ -88,8 +116,31 @@ class Router:
     # -- tensors ------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest, call: Call) -> InferResult:
+        """The answer of the first candidate that gives one; for a model whose config asks,
+        a response cache hit first, and its degraded tier when no candidate answers."""
+        prepared = await self._answers.prepare(request)
+        if prepared is not None:
+            hit = await self._answers.hit(prepared, request, call)
+            if hit is not None:
+                return hit
+        walk = self._candidates.walk(request.model, request.version)
+        try:
+            result = await self._walk(request, walk, call)
+        except SluiceError as exc:
+            if prepared is None or not retryable(exc):
+                raise
+            answer = await self._answers.degraded(
+                prepared, request, call, error=exc, attempts=walk.attempts
+            )
+            if answer is None:
+                raise
+            return answer
+        if prepared is not None:
+            self._answers.keep(prepared, result)
+        return result
+
+    async def _walk(self, request: InferRequest, walk: Walk, call: Call) -> InferResult:
         candidates = self._candidates
-        walk = candidates.walk(request.model, request.version)
         attempt = candidates.fallback(request.model, walk, call.deadline, after=-1)
         while attempt is not None:
             walk.attempts += 1
@@ -148,13 +199,16 @@ class Router:
             # Alone, the call's own deadline (batcher and interceptor) bounds the attempt;
             # with untried candidates left, the attempt's share is enforced here.
             async with asyncio.timeout(None if alone else budget_s):
-                result = await self._plane.infer(sub, attempt_call)
+                if target.endpoint:
+                    result = await self.remotes.infer(target, sub, timeout_s=budget_s)
+                else:
+                    result = await self._plane.infer(sub, attempt_call)
         except (TimeoutError, DeadlineExceededError) as exc:
             error = self._timeout_error(target, call.deadline, budget_s, exc)
             if error is exc:
                 raise
             raise error from exc
-        self._candidates.learn(result, self._clock() - started)
+        self._candidates.learn(result, self._clock() - started, target)
         return result
 
     def _attempt_budget_s(self, deadline: float | None, *, alone: bool) -> float | None:
@@ -247,6 +301,9 @@ class Router:
     ) -> ServedGeneration:
         """The generation on one candidate, once its first chunk is out; ``PassOver`` when
         the next candidate should take it."""
+        if target.endpoint:
+            error = UnsupportedError("remote candidates serve tensor calls, not generations")
+            raise PassOver(error, f"{label(target)} cannot serve now: {error.message}")
         sub = dataclasses.replace(
             request, model=target.model, version=target.version, backend=target.backend
         )

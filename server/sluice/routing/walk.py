@@ -111,8 +111,11 @@ class PassOver(Exception):
 
 
 def label(target: FallbackTarget) -> str:
-    """A candidate as ListModels names it: ``model[/version][@backend]``."""
+    """A candidate as ListModels names it: ``model[/version][@backend]``, or a remote one
+    ``host:port/model[/version]``."""
     version = f"/{target.version}" if target.version else ""
+    if target.endpoint:
+        return f"{target.endpoint}/{target.model}{version}"
     backend = f"@{target.backend}" if target.backend else ""
     return f"{target.model}{version}{backend}"
 

@@ -12,11 +12,11 @@ from sluice.repository import ModelSpec
 from sluice.stats import Duration, ModelStats
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import model_config_pb2 as mc
-from sluice_client.names import FALLBACK_KEY, SERVED_BY_KEY
+from sluice_client.names import CACHE_KEY, DEGRADED_KEY, ENDPOINT_KEY, FALLBACK_KEY, SERVED_BY_KEY
 from sluice_client.tensors import to_raw
 
 # Which InferTensorContents field carries each datatype (FP16 / BF16 travel raw only).
-_TYPED_FIELD = {
+TYPED_FIELD = {
     "BOOL": "bool_contents",
     "INT8": "int_contents",
     "INT16": "int_contents",
@@ -97,7 +97,7 @@ def _typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> Any:
     if not tensor.HasField("contents"):
         return None
     filled = [field.name for field, _ in tensor.contents.ListFields()]
-    expected = _TYPED_FIELD.get(tensor.datatype)
+    expected = TYPED_FIELD.get(tensor.datatype)
     if len(filled) > 1:
         raise InvalidInputError(
             f"input '{tensor.name}' fills several contents fields ({', '.join(filled)}); "
@@ -178,6 +178,12 @@ def infer_response(result: InferResult) -> pb.ModelInferResponse:
         response.parameters["sluice_served_by"].string_param = result.served_by
         response.parameters["sluice_fallback"].bool_param = result.routing.fallback
         response.parameters["sluice_attempts"].int64_param = result.routing.attempts
+        if result.endpoint:
+            response.parameters["sluice_endpoint"].string_param = result.endpoint
+        if result.routing.cached:
+            response.parameters["sluice_cache_hit"].bool_param = True
+        if result.routing.degraded:
+            response.parameters["sluice_degraded"].string_param = result.routing.degraded
     return response
 
 
@@ -185,8 +191,14 @@ def routing_trailers(result: InferResult) -> tuple[tuple[str, str], ...]:
     """Who answered, as trailing metadata (routed results only)."""
     if result.routing is None:
         return ()
-    fallback = "true" if result.routing.fallback else "false"
-    return ((SERVED_BY_KEY, result.served_by), (FALLBACK_KEY, fallback))
+    routing = result.routing
+    fallback = "true" if routing.fallback else "false"
+    marks = ((CACHE_KEY, "hit"),) if routing.cached else ()
+    if routing.degraded:
+        marks = (*marks, (DEGRADED_KEY, routing.degraded))
+    if result.endpoint:
+        marks = (*marks, (ENDPOINT_KEY, result.endpoint))
+    return ((SERVED_BY_KEY, result.served_by), (FALLBACK_KEY, fallback), *marks)
 
 
 def model_metadata(spec: ModelSpec, versions: list[str]) -> pb.ModelMetadataResponse:
@@ -244,6 +256,7 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
         )
     if spec.decoupled:
         config.model_transaction_policy.decoupled = True
+    config.response_cache.enable = spec.response_cache
     if spec.auto_configured:
         config.parameters["sluice_auto_configured"].string_value = "true"
     config.parameters["sluice_backend"].string_value = spec.backend_rung or spec.backend
@@ -266,7 +279,16 @@ def model_statistics(name: str, version: str, stats: ModelStats) -> pb.ModelStat
         execution_count=stats.execution_count,
     )
     infer = out.inference_stats
-    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+    for field in (
+        "success",
+        "fail",
+        "queue",
+        "compute_input",
+        "compute_infer",
+        "compute_output",
+        "cache_hit",
+        "cache_miss",
+    ):
         _duration(getattr(infer, field), getattr(stats, field))
     for size in sorted(stats.batches):
         batch = stats.batches[size]

@@ -11,17 +11,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sluice.admission import AdmissionController
+from sluice.caching import ResponseCache
 from sluice.clock import Clock
 from sluice.core import build_core
 from sluice.metrics import Metrics
 from sluice.prober import HealthProber
 from sluice.registry import ModelRegistry
+from sluice.routing.remote import Remotes
 from sluice.settings import Settings
 from sluice.shadow import Shadower
 from sluice.tracing import Tracing
 from sluice.transport import interceptors, reflection
 from sluice.transport.health import HealthServicer
 from sluice.transport.interceptors.auth import AdminAccess
+from sluice.transport.outbound import OutboundChannels
 from sluice.transport.servicers.generation import GenerationServicer
 from sluice.transport.servicers.inference import InferenceServicer
 from sluice.transport.servicers.models import ModelServicer
@@ -68,6 +71,10 @@ class SluiceServer:
     shadow: Shadower
     health_server: HealthPort | None = None
     """The plaintext health-only port (``health_port``), when there is one."""
+    remotes: Remotes | None = None
+    """Remote candidates: their connections close after the last call."""
+    cache: ResponseCache | None = None
+    """The response cache, closed once calls have finished (its shared store's client)."""
 
     async def mark_started(self) -> None:
         """After the start-up load: overall health follows whether anything can serve."""
@@ -114,6 +121,10 @@ class SluiceServer:
         try:
             async with asyncio.timeout(max(unload_s - closing_s, 0.0)):
                 await self.shadow.close()
+                if self.remotes is not None:
+                    await self.remotes.close()
+                if self.cache is not None:
+                    await self.cache.close()
                 await self.registry.close()
         except TimeoutError:
             log.warning(
@@ -142,7 +153,14 @@ async def create_server(
     tracing = tracing or Tracing.off()
     certificates = CertificateFiles(settings.tls) if settings.tls.enabled else None
     admin = AdminAccess.from_settings(settings)
-    core = build_core(settings, registry, metrics=metrics, clock=clock, tracing=tracing)
+    core = build_core(
+        settings,
+        registry,
+        metrics=metrics,
+        clock=clock,
+        tracing=tracing,
+        remote=OutboundChannels(settings),
+    )
     admission, router, shadow, policy = core.admission, core.router, core.shadow, core.policy
     server = grpc.aio.server(
         interceptors=interceptors.build(
@@ -212,9 +230,19 @@ async def create_server(
     transport = "plaintext" if certificates is None else certificates.describe()
     log.info("gRPC listening on %s:%d (%s)", settings.host, port, transport)
     log.info("admin plane: %s", admin.describe())
-    prober = HealthProber(registry, settings.probe, clock)
+    prober = HealthProber(registry, settings.probe, clock, remotes=router.remotes)
     return SluiceServer(
-        server, port, registry, health_servicer, admission, servicer, prober, shadow, health_port
+        server,
+        port,
+        registry,
+        health_servicer,
+        admission,
+        servicer,
+        prober,
+        shadow,
+        health_port,
+        remotes=router.remotes,
+        cache=core.cache,
     )
 
 

@@ -18,6 +18,7 @@ from sluice import callctx
 from sluice.errors import DeadlineExceededError
 from sluice.metrics import Metrics
 from sluice.policy import CallPolicy
+from sluice.tracing import annotate
 from sluice.transport import convert
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
 from sluice_api.inference import grpc_service_pb2 as pb
@@ -46,6 +47,7 @@ class DeadlineInterceptor(Interceptor):
             yield
             return
         budget = self._policy.budget_s(remaining, _timeout_parameter_s(call.request))
+        annotate("sluice.budget_s", budget)
         token = callctx.deadline.set(self._policy.deadline(budget))
         try:
             async with self._policy.within(budget, "the call"):

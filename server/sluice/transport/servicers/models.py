@@ -10,6 +10,7 @@ from sluice import callctx
 from sluice.errors import InvalidInputError
 from sluice.registry import READY, IndexEntry, ModelRegistry
 from sluice.routing.guardrail import Guardrails, GuardrailView
+from sluice.routing.walk import label
 from sluice.shadow import Shadower, ShadowReport
 from sluice_api.sluice.v1 import model_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2_grpc as pb_grpc
@@ -121,10 +122,8 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     ) -> pb.ListModelsResponse:
         rows = []
         for row in self._registry.index():
-            fallbacks = [
-                (f.model or row.name)
-                + (f"/{f.version}" if f.version else "")
-                + (f"@{f.backend}" if f.backend else "")
+            fallbacks = [  # model[/version][@backend], or host:port/model[/version]
+                label(f if f.model else f.model_copy(update={"model": row.name}))
                 for f in self._registry.fallbacks(row.name)
             ]
             status = _status(row, fallbacks)

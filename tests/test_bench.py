@@ -1,0 +1,247 @@
+"""The benchmark's own parts that need neither the peers, perf_analyzer nor the network:
+the second model, the peers lookup when they are absent, the plots, the no-math server
+with several tensors and the answer check against it, the dynamic_grpc request generator."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import struct
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from sluice_api.inference import grpc_service_pb2 as pb
+from tests.conftest import REPO_ROOT
+
+BENCH_DIR = REPO_ROOT / "bench"
+
+
+def _load(name: str) -> ModuleType:
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    module = sys.modules.get(f"bench_{name}")
+    if module is None:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_run() -> ModuleType:
+    return _load("run")
+
+
+@pytest.fixture(scope="module")
+def conv_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(_load("conv_model").build(tmp_path_factory.mktemp("conv") / "conv.onnx"))
+
+
+def _result(runs: dict[str, list[dict[str, Any]]], second: dict[str, Any] | None) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "timestamp": "20260101T000000Z",
+        "model": {"name": "mlp"},
+        "runs": runs,
+        "notes": [],
+    }
+    if second is not None:
+        result["second_model"] = second
+    return result
+
+
+def _row(server: str, c: int, throughput: float, p50_us: float, p99_us: float) -> dict[str, Any]:
+    return {
+        "server": server,
+        "concurrency": c,
+        "throughput": throughput,
+        "p50_us": p50_us,
+        "p90_us": p99_us,
+        "p99_us": p99_us,
+    }
+
+
+RUNS = {
+    "null": [_row("null", 1, 1500, 600, 1900), _row("null", 8, 2500, 3000, 6000)],
+    "batched": [_row("batched", 1, 900, 1000, 2500), _row("batched", 8, 1800, 4000, 9000)],
+    "pytriton": [
+        _row("pytriton", 1, 450, 2000, 4000),
+        {"server": "pytriton", "concurrency": 8, "error": "perf_analyzer failed"},
+    ],
+}
+
+
+# -- the second model -------------------------------------------------------------------
+
+
+def test_conv_model_runs_in_onnxruntime_with_the_declared_shapes(conv_file: Path) -> None:
+    conv_model = _load("conv_model")
+    session = ort.InferenceSession(str(conv_file), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape[1:]) for i in session.get_inputs()] == [
+        (name, list(dims)) for name, dims in conv_model.INPUTS
+    ]
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((5, 3, 32, 32), dtype=np.float32)
+    features = rng.standard_normal((5, 8), dtype=np.float32)
+    (scores,) = session.run(None, {"image": image, "features": features})
+    assert scores.shape == (5, 10)
+    np.testing.assert_allclose(scores, conv_model.reference(image, features), rtol=1e-4, atol=1e-4)
+    # Each row depends only on its own inputs: batching does not change the answer.
+    (first,) = session.run(None, {"image": image[:1], "features": features[:1]})
+    np.testing.assert_allclose(first, scores[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_conv_spec_matches_the_model(bench_run: ModuleType) -> None:
+    spec = bench_run.conv_spec()
+    assert spec.name == "conv"
+    assert spec.inputs == (("image", (3, 32, 32)), ("features", (8,)))
+    assert spec.to_json()["outputs"] == [["scores", "FP32", [-1, 10]]]
+
+
+# -- the peers, absent ----------------------------------------------------------------------
+
+
+def test_missing_peers_folder_is_a_note(tmp_path: Path) -> None:
+    found = _load("peers").locate(tmp_path / "no-such-folder")
+    assert isinstance(found, str)
+    assert "no peers folder" in found and "skipped" in found
+
+
+def test_peers_folder_without_venv_says_to_run_setup(tmp_path: Path) -> None:
+    found = _load("peers").locate(tmp_path, tmp_path / "no-venv")
+    assert isinstance(found, str)
+    assert "setup.sh" in found and "skipped" in found
+
+
+def test_venv_without_the_peers_skips_both_with_a_note_not_an_error(
+    bench_run: ModuleType, tmp_path: Path
+) -> None:
+    # A Python that has neither pytriton nor mlserver installed (this one).
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    for module in ("pytriton", "mlserver"):
+        if importlib.util.find_spec(module) is not None:
+            pytest.skip(f"{module} is installed in the test environment")
+    result: dict[str, Any] = {"notes": [], "errors": []}
+    args = argparse.Namespace(peers=str(tmp_path))
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("PEERS_VENV", str(venv))
+    try:
+        assert bench_run.find_peers(args, result) is None
+    finally:
+        monkey.undo()
+    assert result["errors"] == []
+    assert [n.split(":")[0] for n in result["notes"]] == ["pytriton skipped", "mlserver skipped"]
+
+
+def test_markdown_shows_the_skip_notes(bench_run: ModuleType) -> None:
+    result = _result(RUNS, None)
+    result["notes"] = ["no peers folder at /x: PyTriton and MLServer rows skipped"]
+    lines = bench_run._md_notes(result)
+    assert "- no peers folder at /x: PyTriton and MLServer rows skipped" in lines
+
+
+# -- plots ------------------------------------------------------------------------------------
+
+
+def test_plot_writes_one_png_per_model(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib (the bench extra) is not installed")
+    second = {"model": {"name": "conv"}, "runs": {"null": RUNS["null"], "batched": RUNS["batched"]}}
+    written = _load("plots").plot_result(_result(RUNS, second), tmp_path, "run")
+    assert written == [tmp_path / "run-mlp.png", tmp_path / "run-conv.png"]
+    for path in written:
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", data[16:24])
+        assert width > 400 and height > 200
+
+
+def test_plot_skips_a_model_without_numbers(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib (the bench extra) is not installed")
+    failed = {"null": [{"server": "null", "concurrency": 1, "error": "x"}]}
+    assert _load("plots").plot_result(_result(failed, None), tmp_path, "run") == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_matplotlib_the_run_notes_that_plots_were_skipped(
+    bench_run: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = _result(RUNS, None)
+    assert bench_run.write_plots(result, tmp_path, "run") == []
+    assert result["notes"] == [
+        "plots skipped: matplotlib is not installed (pip install -e '.[bench]')"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- the no-math server with several tensors, and the answer check ---------------------------
+
+
+def test_null_server_serves_the_conv_shapes_and_the_check_catches_wrong_answers(
+    bench_run: ModuleType, conv_file: Path, tmp_path: Path
+) -> None:
+    import grpc
+
+    spec = bench_run.conv_spec(conv_file)
+    with bench_run.running(bench_run.null_server(tmp_path, spec)) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            meta = bench_run._stub(channel).ModelMetadata(pb.ModelMetadataRequest(name="conv"))
+        assert [(t.name, list(t.shape)) for t in meta.inputs] == [
+            ("image", [-1, 3, 32, 32]),
+            ("features", [-1, 8]),
+        ]
+        assert [(t.name, list(t.shape)) for t in meta.outputs] == [("scores", [-1, 10])]
+        # It answers zeros of the right shape, which is not what the model computes.
+        check = bench_run.check_outputs(server.address, spec, max_rows=64)
+    assert check["ok"] is False
+    assert check["rows_3"]["max_abs_err"] > 0
+
+
+# -- dynamic_grpc requests -----------------------------------------------------------------
+
+
+def test_request_generator_writes_framed_requests_for_every_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    infer_requests = _load("infer_requests")
+    buffer = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(buffer))
+    args = ["--model", "conv", "--input", "image:3x32x32", "--input", "features:8"]
+    assert infer_requests.main([*args, "--output", "scores", "--count", "2"]) == 0
+    data = buffer.getvalue()
+    messages = []
+    while data:
+        size = int.from_bytes(data[:4], sys.byteorder)
+        messages.append(pb.ModelInferRequest.FromString(data[4 : 4 + size]))
+        data = data[4 + size :]
+    assert len(messages) == 2
+    for message in messages:
+        assert message.model_name == "conv"
+        assert [(t.name, list(t.shape)) for t in message.inputs] == [
+            ("image", [1, 3, 32, 32]),
+            ("features", [1, 8]),
+        ]
+        assert [len(raw) for raw in message.raw_input_contents] == [3 * 32 * 32 * 4, 8 * 4]
+        assert [o.name for o in message.outputs] == ["scores"]
+    assert messages[0].raw_input_contents[0] != messages[1].raw_input_contents[0]
+
+
+def test_dynamic_grpc_input_names_the_generator_for_the_model(
+    bench_run: ModuleType, tmp_path: Path
+) -> None:
+    import json
+
+    path = bench_run.dynamic_grpc_input(bench_run.conv_spec(), tmp_path)
+    generator = json.loads(path.read_text())["data"][0]["message_generator"]
+    assert "infer_requests.py --model conv --input image:3x32x32 --input features:8" in generator
+    assert generator.endswith("--output scores")
