@@ -11,6 +11,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from sluice.guardrail_metrics import GuardrailMetrics
 from sluice.remote_metrics import RemoteMetrics
 from sluice.stats import BatchRun, ModelStats
 
@@ -277,33 +278,7 @@ class Metrics:
             ["model"],
             registry=r,
         )
-
-        self.guardrail_seconds = Gauge(
-            "sluice_guardrail_seconds",
-            "Latency guardrail of a model version (latency_guardrail_ms in its config).",
-            ["model", "version", "backend"],
-            registry=r,
-        )
-        self.guardrail_slow_calls = Counter(
-            "sluice_guardrail_slow_calls",
-            "Calls slower than their version's latency guardrail (soft failures, counted "
-            "apart from the breaker's failures).",
-            ["model", "version", "backend"],
-            registry=r,
-        )
-        self.guardrail_p95_seconds = Gauge(
-            "sluice_guardrail_p95_seconds",
-            "Recent p95 latency of a guarded model version (guardrail.window_* settings).",
-            ["model", "version", "backend"],
-            registry=r,
-        )
-        self.guardrail_tripped = Gauge(
-            "sluice_guardrail_tripped",
-            "1 while a version's recent p95 is over its latency guardrail and calls prefer "
-            "the next candidate of its chain.",
-            ["model", "version", "backend"],
-            registry=r,
-        )
+        self.guardrail = GuardrailMetrics(r)
 
     def batch_observer(self, model: str, version: str, *, stats: ModelStats) -> BatchMetrics:
         """What one version's batcher reports to: these metrics and its ``stats``."""

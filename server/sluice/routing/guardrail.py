@@ -96,11 +96,11 @@ class Guardrail:
         )
         self._last_probe: float | None = None
         self._p95_s: float | None = None
-        self._slow = metrics.guardrail_slow_calls.labels(*key)
-        self._p95 = metrics.guardrail_p95_seconds.labels(*key)
-        self._tripped = metrics.guardrail_tripped.labels(*key)
+        self._slow = metrics.guardrail.slow_calls.labels(*key)
+        self._p95 = metrics.guardrail.p95_seconds.labels(*key)
+        self._tripped = metrics.guardrail.tripped.labels(*key)
         self._tripped.set(0)
-        metrics.guardrail_seconds.labels(*key).set(guardrail_ms / 1000)
+        metrics.guardrail.seconds.labels(*key).set(guardrail_ms / 1000)
 
     def record(self, seconds: float) -> None:
         """One answered call's latency; trips or recovers the version when its p95 says so."""
@@ -193,7 +193,7 @@ class Guardrails:
         if guardrail_ms is None:
             if guard is not None:
                 del self._guards[key]
-                self._metrics.guardrail_tripped.labels(*key).set(0)
+                self._metrics.guardrail.tripped.labels(*key).set(0)
             return None
         if guard is None or guard.guardrail_ms != guardrail_ms:
             guard = self._guards[key] = Guardrail(
