@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests import toolchains
@@ -48,3 +50,16 @@ def test_ci_requires_every_toolchain() -> None:
     script = (REPO_ROOT / ".ci" / "run").read_text()
     assert f"export {toolchains.REQUIRE_VARIABLE}=1\n" in script
     assert script.index(toolchains.REQUIRE_VARIABLE) < script.index("python3 -m pytest")
+
+
+def test_the_pytriton_python_named_by_the_variable_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``SLUICE_PYTRITON_PYTHON`` is the only place looked at when set: one that is not there
+    means no PyTriton toolchain, even where ``.cache/pytriton-venv`` has one."""
+    monkeypatch.setenv(toolchains.PYTRITON_VARIABLE, str(tmp_path / "no-such-python"))
+    toolchains.pytriton_python.cache_clear()
+    try:
+        assert toolchains.pytriton_python() is None
+    finally:
+        toolchains.pytriton_python.cache_clear()

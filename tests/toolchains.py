@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import os
 import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,14 @@ from tests.compat.procs import grpcurl_binary
 REQUIRE_VARIABLE = "SLUICE_REQUIRE_TOOLCHAINS"
 #: Where Debian's golang-*-dev packages put the Go sources the Go client builds against.
 DEBIAN_GOPATH = Path("/usr/share/gocode")
+#: A Python that can import PyTriton; it has its own virtual environment, since PyTriton 0.7
+#: needs numpy<2 and would clash with the test environment's packages.
+PYTRITON_VARIABLE = "SLUICE_PYTRITON_PYTHON"
+PYTRITON_VENV = Path(__file__).resolve().parent.parent / ".cache" / "pytriton-venv"
+PYTRITON_PEERS_PYTHON = Path("/tmp/peers-venv/bin/python")
+#: What .ci/run installs there: what ``bench/pytriton_server.py`` imports, at the versions
+#: the benchmark's peers are pinned to.
+PYTRITON_PACKAGES = "nvidia-pytriton==0.7.0 numpy==1.26.4 onnxruntime==1.31.1"
 GO_PACKAGES = (
     "golang-go golang-google-grpc-dev golang-google-protobuf-dev "
     "golang-github-golang-protobuf-1-5-dev"
@@ -46,6 +55,30 @@ def _go() -> bool:
     return _on_path("go", "gofmt")() and (DEBIAN_GOPATH / "src/google.golang.org/grpc").is_dir()
 
 
+@functools.cache
+def pytriton_python() -> Path | None:
+    """``$SLUICE_PYTRITON_PYTHON`` if set, else ``.cache/pytriton-venv``'s Python, else the
+    benchmark peers' ``/tmp/peers-venv`` Python: the first that exists, if it imports
+    PyTriton (and onnxruntime, which ``bench/pytriton_server.py`` runs the model with)."""
+    configured = os.environ.get(PYTRITON_VARIABLE)
+    if configured:
+        candidates = [Path(configured)]
+    else:
+        candidates = [PYTRITON_VENV / "bin" / "python", PYTRITON_PEERS_PYTHON]
+    python = next((c for c in candidates if c.is_file()), None)
+    if python is None:
+        return None
+    try:
+        done = subprocess.run(
+            [str(python), "-c", "import pytriton.triton, onnxruntime, numpy"],
+            capture_output=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return python if done.returncode == 0 else None
+
+
 def _python_package(name: str) -> Callable[[], bool]:
     return lambda: importlib.util.find_spec(name) is not None
 
@@ -65,6 +98,12 @@ TOOLCHAINS: dict[str, Toolchain] = {
         _python_package("tritonclient"), "pip install -e '.[test]' (tritonclient[grpc])"
     ),
     "redis": Toolchain(_python_package("redis"), "pip install -e '.[test]' (redis)"),
+    "pytriton": Toolchain(
+        lambda: pytriton_python() is not None,
+        "python3 -m venv .cache/pytriton-venv && .cache/pytriton-venv/bin/python -m pip install "
+        f"{PYTRITON_PACKAGES} (as .ci/run does), or set {PYTRITON_VARIABLE} to a Python "
+        "that has them",
+    ),
 }
 
 
