@@ -63,3 +63,16 @@ def test_the_pytriton_python_named_by_the_variable_wins(
         assert toolchains.pytriton_python() is None
     finally:
         toolchains.pytriton_python.cache_clear()
+
+
+def test_ci_and_the_readme_install_the_pytriton_the_toolchain_names() -> None:
+    """One set of pins: what the skip reason says, what .ci/run installs, what README says."""
+    script = (REPO_ROOT / ".ci" / "run").read_text()
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
+    assert f"{toolchains.PYTRITON_PACKAGES}\n" in script
+    assert "python3 -m venv .cache/pytriton-venv" in script
+    assert script.index(".cache/pytriton-venv") < script.index("python3 -m pytest")
+    assert toolchains.PYTRITON_PACKAGES in readme
+    assert toolchains.TOOLCHAINS["pytriton"].install.startswith(
+        "python3 -m venv .cache/pytriton-venv"
+    )
