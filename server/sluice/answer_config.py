@@ -78,6 +78,8 @@ class DegradedConfig(_Strict):
     response cache even when ``response_cache`` is off (then read only here)."""
     outputs: list[DegradedOutput] = []
     """Then this static answer (tensor models): every output of the model, once each."""
+    text: str | None = None
+    """The static answer of a generation model: sent as one chunk of text, never tokens."""
 
     @field_validator("outputs")
     @classmethod
@@ -87,6 +89,15 @@ class DegradedConfig(_Strict):
         if repeated:
             raise ValueError(f"output(s) {', '.join(repeated)} given more than once")
         return outputs
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DegradedConfig:
+        if self.outputs and self.text is not None:
+            raise ValueError(
+                "give 'outputs' (a tensor model's answer) or 'text' (a generation model's), "
+                "not both"
+            )
+        return self
 
     @functools.cached_property
     def arrays(self) -> dict[str, Array]:
@@ -116,9 +127,24 @@ def static_array(datatype: str, shape: list[int], data: list[Any]) -> Array:
     return array
 
 
-def check_degraded(degraded: DegradedConfig | None, io: IOSpec, *, where: Path) -> None:
-    """``ConfigError`` when the static degraded answer does not fit the model's outputs."""
-    if degraded is None or not degraded.outputs:
+def check_degraded(
+    degraded: DegradedConfig | None, io: IOSpec, *, where: Path, generates: bool = False
+) -> None:
+    """``ConfigError`` when the static degraded answer does not fit the model: ``text`` is
+    a generation model's answer, ``outputs`` a tensor model's, fitting its outputs."""
+    if degraded is None:
+        return
+    if generates and degraded.outputs:
+        raise ConfigError(
+            f"{where}: field 'degraded.outputs': this is a generation model; give its static "
+            "answer as 'degraded.text'"
+        )
+    if not generates and degraded.text is not None:
+        raise ConfigError(
+            f"{where}: field 'degraded.text': only a generation model answers with text; "
+            "give a tensor model's static answer as 'degraded.outputs'"
+        )
+    if not degraded.outputs:
         return
     specs = {spec.name: spec for spec in io.outputs}
     for index, output in enumerate(degraded.outputs):

@@ -130,7 +130,9 @@ class VersionLoader:
         executor, engine = self._start(executor, candidate, config, f"{name}/{version}")
         try:
             spec = self._spec(name, version, config, executor, candidate, decoupled=bool(engine))
-            check_degraded(config.degraded, spec.io, where=model_dir / "config.yaml")
+            check_degraded(
+                config.degraded, spec.io, where=model_dir / "config.yaml", generates=bool(engine)
+            )
         except ConfigError:
             await executor.close()
             raise

@@ -21,11 +21,12 @@ import numpy as np
 from sluice import logs
 from sluice.answer_config import DegradedConfig
 from sluice.caching import CacheKey, ResponseCache
-from sluice.domain import Call, InferRequest, InferResult, OutputTensor, Routing
+from sluice.domain import Call, GenerationRequest, InferRequest, InferResult, OutputTensor, Routing
 from sluice.errors import SluiceError
 from sluice.loader import ModelVersion
 from sluice.metrics import Metrics
 from sluice.registry.table import ModelTable
+from sluice.routing.generations import Served, StaticGeneration
 from sluice.tensors import Array, check_inputs, check_requested_outputs, reply_size
 from sluice.tracing import Tracing
 
@@ -165,6 +166,32 @@ class Answers:
             outputs=outputs,
             routing=Routing(attempts=attempts, fallback=False, degraded=source),
         )
+
+    def degraded_text(
+        self, request: GenerationRequest, *, error: SluiceError
+    ) -> StaticGeneration | None:
+        """A generation model's degraded text, for a generation no candidate could start
+        (None: it has none)."""
+        if request.model in self._aliases or request.backend:
+            return None
+        config = self._table.degraded(request.model)
+        if config is None or config.text is None:
+            return None
+        try:
+            version = self._table.get(request.model, request.version, healthy=False).spec.version
+        except SluiceError:
+            return None
+        self._metrics.degraded_responses.labels(request.model, STATIC).inc()
+        attributes = {"sluice.degraded": STATIC, "error.type": type(error).__name__}
+        with self._tracing.span("sluice.degraded", attributes, leaf=True):
+            log.warning(
+                "model %s answered from its degraded tier (%s): %s",
+                logs.clip(request.model),
+                STATIC,
+                error.message,
+            )
+        reason = f"degraded ({STATIC}): {error.message}"
+        return StaticGeneration(Served(request.model, version), config.text, reason=reason)
 
     async def _from_cache(
         self, prepared: Prepared

@@ -11,7 +11,7 @@ import random
 from sluice import logs
 from sluice.caching import ResponseCache
 from sluice.clock import Clock
-from sluice.dataplane import DataPlane, ServedGeneration
+from sluice.dataplane import DataPlane, Generation, ServedGeneration
 from sluice.domain import Call, GenerationRequest, InferRequest, InferResult, Routing
 from sluice.errors import (
     ContextOverflowError,
@@ -254,8 +254,10 @@ class Router:
 
     # -- generations --------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest, call: Call) -> ServedGeneration:
-        """Start a generation on the first candidate of the chain that can take it.
+    async def generate(self, request: GenerationRequest, call: Call) -> Generation:
+        """Start a generation on the first candidate of the chain that can take it; when
+        none can (each failed transiently or is open) and the model's config has a degraded
+        ``text``, that text, marked as degraded.
 
         A candidate is passed over when it is not ready, its breaker is open, or the prompt
         and ``max_new_tokens`` do not fit its context (so a fallback with a larger context
@@ -267,6 +269,17 @@ class Router:
         to the call's admission ticket before the generation is queued. A candidate whose
         recent time to first token is over its latency guardrail goes after the others.
         """
+        try:
+            return await self._generate(request, call)
+        except SluiceError as exc:
+            if not retryable(exc):
+                raise
+            degraded = self._answers.degraded_text(request, error=exc)
+            if degraded is None:
+                raise
+            return degraded
+
+    async def _generate(self, request: GenerationRequest, call: Call) -> Generation:
         candidates = self._candidates
         walk = candidates.walk(request.model, request.version)
         reason = ""

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator
 
 from sluice import callctx
 from sluice.admission import Ticket
-from sluice.dataplane import ServedGeneration
+from sluice.dataplane import Generation
 from sluice.domain import InferResult, OutputTensor
 from sluice.errors import SluiceError
 from sluice.generation.text import TEXT_OUTPUT, text_output
@@ -48,7 +48,7 @@ class DecoupledReplies:
 
     def __init__(
         self,
-        generation: ServedGeneration,
+        generation: Generation,
         request: pb.ModelInferRequest,
         *,
         stream: bool,
