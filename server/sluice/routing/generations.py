@@ -59,39 +59,39 @@ class StaticGeneration:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteChunk:
+    """One message of a remote generation: who serves it, its chunks (one per token; one
+    with ``NO_TOKEN`` for text no token came with), and the prompt's tokens once told."""
+
+    served: Served
+    chunks: tuple[Chunk, ...]
+    prompt_tokens: int | None = None
+
+
 class RemoteGeneration:
-    """A remote candidate's generation, its first chunk already received: the remote's
-    chunks relayed as they arrive. ``close`` ends the remote call (and releases what the
-    call holds) when the caller leaves the block."""
+    """A remote candidate's generation, its first message already received: the remote's
+    chunks relayed as they arrive. Leaving the block ends the remote call (``close``)."""
 
     def __init__(
         self,
-        served: Served,
-        first: Chunk,
-        rest: AsyncIterator[Chunk],
+        first: RemoteChunk,
+        rest: AsyncIterator[RemoteChunk],
         *,
         endpoint: str,
-        usage: Callable[[], tuple[int, int]],
         close: Callable[[], Awaitable[None]],
     ) -> None:
-        self.spec = served
+        self.spec = first.served
         self.fallback_reason = ""
         self.endpoint = endpoint
         self.degraded = ""
-        self._first: Chunk | None = first
+        self._first: RemoteChunk | None = first
         self._rest = rest
-        self._usage = usage
         self._close = close
         self._cancelled = False
-        self.finish_reason: FinishReason | None = first.finish_reason
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self._usage()[0]
-
-    @property
-    def completion_tokens(self) -> int:
-        return self._usage()[1]
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.finish_reason: FinishReason | None = None
 
     def listen(self, listener: GenerationListener) -> None:
         """Remote generations are not mirrored."""
@@ -104,18 +104,25 @@ class RemoteGeneration:
 
     async def _iterate(self) -> AsyncIterator[Chunk]:
         first, self._first = self._first, None
-        if first is not None:
-            yield first
-            if first.finish_reason is not None:
-                return
-        async for chunk in self._rest:
+        messages = [first] if first is not None else []
+        while True:
+            for message in messages:
+                if message.prompt_tokens is not None:
+                    self.prompt_tokens = message.prompt_tokens
+                for chunk in message.chunks:
+                    if chunk.token_id != NO_TOKEN:
+                        self.completion_tokens += 1
+                    self.finish_reason = chunk.finish_reason
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
             if self._cancelled:
                 self.finish_reason = FinishReason.CANCELLED
                 return
-            self.finish_reason = chunk.finish_reason
-            yield chunk
-            if chunk.finish_reason is not None:
+            message_or_none = await anext(self._rest, None)
+            if message_or_none is None:
                 return
+            messages = [message_or_none]
 
     async def __aenter__(self) -> RemoteGeneration:
         return self
