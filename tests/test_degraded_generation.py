@@ -13,10 +13,18 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from sluice.tracing import Tracing
+from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
 from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
 from tests.conftest import RunningServer, StartServer
-from tests.test_generation_service import PROMPT, collect, repository_with, request
+from tests.test_generation_service import (
+    PROMPT,
+    collect,
+    repository_with,
+    request,
+    stream_request,
+    text_of,
+)
 
 TEXT = "The story service is busy; please try again shortly."
 FAILING = f"faults: {{mode: fail}}\ndegraded:\n  text: {TEXT!r}\n"
@@ -62,19 +70,26 @@ async def test_a_failing_generation_model_answers_its_degraded_text_always_marke
         assert streamed[0].chunk.fallback_reason.startswith("degraded (static): ")
         assert streamed[0].chunk.finish_reason == gen.FINISH_REASON_STOP
 
+        decoupled = stream_request("d", stream=True)
+        decoupled.model_name = "failing_llama"
+        infer = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        replies = [r async for r in infer.ModelStreamInfer(iter([decoupled]))]
+        assert [text_of(r) for r in replies] == [TEXT]
+        assert replies[0].infer_response.parameters["sluice_degraded"].string_param == "static"
+
         # A healthy model with no degraded config is not touched.
         real = await collect(stub.Generate(request(max_new_tokens=4)))
         assert len(real) == 4 and all(not c.fallback_reason for c in real)
 
     labels = {"model": "failing_llama", "source": "static"}
-    assert sample(server, "sluice_degraded_responses_total", **labels) == 4
+    assert sample(server, "sluice_degraded_responses_total", **labels) == 5
     await tracing.flush()
     marked = [
         span.attributes["sluice.degraded"]
         for span in exporter.get_finished_spans()
         if span.name == "sluice.degraded" and span.attributes is not None
     ]
-    assert marked == ["static"] * 4
+    assert marked == ["static"] * 5
 
 
 async def test_a_caller_error_is_refused_not_degraded(

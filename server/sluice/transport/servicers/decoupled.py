@@ -100,6 +100,10 @@ class DecoupledReplies:
         )
         response = convert.infer_response(result)
         response.parameters[FINAL].bool_param = final and not self._empty_final
+        if self._generation.degraded:  # a degraded answer is never silent
+            response.parameters["sluice_degraded"].string_param = self._generation.degraded
+        if self._generation.endpoint:
+            response.parameters["sluice_endpoint"].string_param = self._generation.endpoint
         return pb.ModelStreamInferResponse(infer_response=response)
 
     def _flag_only(self) -> pb.ModelStreamInferResponse:
