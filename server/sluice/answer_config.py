@@ -33,6 +33,18 @@ class ResponseCacheConfig(_Strict):
     """Answer a call whose inputs, requested outputs and parameters were answered before by
     the same version from the server's response cache (``cache`` settings), without
     running it."""
+    generations: bool = False
+    """A generation model: keep its greedy generations (temperature 0: the same request
+    always makes the same tokens) and replay them to the same request."""
+
+
+def check_response_cache(config: ResponseCacheConfig, *, where: Path, generates: bool) -> None:
+    """``ConfigError`` when ``generations`` is asked of a tensor model."""
+    if config.generations and not generates:
+        raise ConfigError(
+            f"{where}: field 'response_cache.generations': only a generation model's "
+            "generations are cached; a tensor model's answers need 'enabled' alone"
+        )
 
 
 class DegradedOutput(_Strict):

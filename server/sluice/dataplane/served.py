@@ -46,6 +46,8 @@ class Generation(Protocol):
     """The remote endpoint that serves it ("" here)."""
     degraded: str
     """``static`` for a degraded answer ("" for a generated one)."""
+    cached: bool
+    """Replayed from the response cache."""
 
     @property
     def spec(self) -> Named: ...
@@ -87,6 +89,7 @@ class ServedGeneration:
         self.fallback_reason = ""
         self.endpoint = ""
         self.degraded = ""
+        self.cached = False
         self._stats = stats
         self._on_end = on_end
         self._clock = clock

@@ -269,8 +269,14 @@ class Router:
         to the call's admission ticket before the generation is queued. A candidate whose
         recent time to first token is over its latency guardrail goes after the others.
         """
+        keyed = await self._answers.generation_key(request)
+        if keyed is not None:
+            replayed = await self._answers.replayed(keyed, call)
+            if replayed is not None:
+                return replayed
         try:
-            return await self._generate(request, call)
+            generation = await self._generate(request, call)
+            return generation if keyed is None else self._answers.recorded(keyed, generation)
         except SluiceError as exc:
             if not retryable(exc):
                 raise

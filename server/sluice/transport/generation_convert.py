@@ -5,7 +5,7 @@ from __future__ import annotations
 from sluice.dataplane import Generation
 from sluice.domain import NO_TOKEN, Chunk, FinishReason, GenerationRequest, SamplingParams
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
-from sluice_client.names import DEGRADED_KEY, ENDPOINT_KEY
+from sluice_client.names import CACHE_KEY, DEGRADED_KEY, ENDPOINT_KEY
 
 FINISH_REASONS = {
     FinishReason.STOP: gen.FINISH_REASON_STOP,
@@ -61,10 +61,11 @@ def generate_response(generation: Generation, chunk: Chunk | None) -> gen.Genera
 
 
 def generation_trailers(generation: Generation) -> tuple[tuple[str, str], ...]:
-    """A degraded answer's mark and a remote candidate's endpoint, as trailing metadata."""
-    marks: tuple[tuple[str, str], ...] = ()
+    """A cache hit's mark, a degraded answer's and a remote candidate's endpoint, as
+    trailing metadata."""
+    marks: tuple[tuple[str, str], ...] = ((CACHE_KEY, "hit"),) if generation.cached else ()
     if generation.degraded:
-        marks = ((DEGRADED_KEY, generation.degraded),)
+        marks = (*marks, (DEGRADED_KEY, generation.degraded))
     if generation.endpoint:
         marks = (*marks, (ENDPOINT_KEY, generation.endpoint))
     return marks

@@ -102,6 +102,8 @@ class DecoupledReplies:
         response.parameters[FINAL].bool_param = final and not self._empty_final
         if self._generation.degraded:  # a degraded answer is never silent
             response.parameters["sluice_degraded"].string_param = self._generation.degraded
+        if self._generation.cached:
+            response.parameters["sluice_cache_hit"].bool_param = True
         if self._generation.endpoint:
             response.parameters["sluice_endpoint"].string_param = self._generation.endpoint
         return pb.ModelStreamInferResponse(infer_response=response)
