@@ -128,3 +128,30 @@ async def test_a_remote_generation_fallback_that_is_down_opens_its_breaker(
     assert sample(local, "sluice_breaker_state", breaker) == 2  # open
     labels = {"endpoint": remote.address, "model": "tiny_llama", "code": "UNAVAILABLE"}
     assert sample(local, "sluice_remote_requests_total", labels) == 2  # none once open
+
+
+async def test_a_remote_silent_before_its_first_token_gets_only_its_share_of_the_deadline(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    hanging = {"config": "faults: {mode: hang}\n"}
+    remote = await start_server(repository=repository_with(tmp_path / "remote", hanging=hanging))
+    config = (
+        "faults: {mode: fail}\n"
+        f"fallbacks: [{{endpoint: '{remote.address}', model: hanging}}, {{model: tiny_llama}}]\n"
+    )
+    local = await start_server(
+        repository=repository_with(tmp_path / "local", failing_llama={"config": config})
+    )
+    async with grpc.aio.insecure_channel(local.address) as here:
+        call = gen_grpc.GenerationServiceStub(here).Generate(
+            request(model="failing_llama", max_new_tokens=4), timeout=2.0
+        )
+        chunks = await collect(call)  # a DEADLINE_EXCEEDED would fail the test
+        trailers = dict(await call.trailing_metadata() or ())
+    assert {c.model_name for c in chunks} == {"tiny_llama"}
+    assert "x-sluice-endpoint" not in trailers
+    why = chunks[0].fallback_reason
+    assert "failing_llama' failed before its first token" in why
+    labels = {"endpoint": remote.address, "model": "hanging", "code": "DEADLINE_EXCEEDED"}
+    assert sample(local, "sluice_remote_requests_total", labels) == 1
+    assert sample(local, "sluice_remote_inflight_requests", {"endpoint": remote.address}) == 0
