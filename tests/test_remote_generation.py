@@ -37,7 +37,11 @@ async def test_a_failing_generation_falls_back_to_a_remote_sluice_token_for_toke
     remote = await start_server(
         repository=repository_with(tmp_path / "remote"), tracing=remote_tracing
     )
-    local = await start_server(repository=falling_back(tmp_path, remote.address))
+    local_exporter = InMemorySpanExporter()
+    local_tracing = Tracing.with_exporter(local_exporter)
+    local = await start_server(
+        repository=falling_back(tmp_path, remote.address), tracing=local_tracing
+    )
     asked = request(model="failing_llama", max_new_tokens=12)
     async with (
         grpc.aio.insecure_channel(local.address) as here,
@@ -75,14 +79,19 @@ async def test_a_failing_generation_falls_back_to_a_remote_sluice_token_for_toke
     labels = {"endpoint": remote.address, "model": "tiny_llama", "code": "OK"}
     assert sample(local, "sluice_remote_requests_total", labels) == 2
     assert sample(local, "sluice_remote_inflight_requests", {"endpoint": remote.address}) == 0
-    assert await remote_tracing.flush()
-    ids = {
-        span.attributes.get("sluice.request_id")
+    assert await remote_tracing.flush() and await local_tracing.flush()
+    served = {
+        span.attributes.get("sluice.request_id"): span
         for span in exporter.get_finished_spans()
         if span.name == GENERATE_SPAN and span.attributes
     }
-    assert "far-gen" in ids  # the caller's request id went along
+    assert "far-gen" in served  # the caller's request id went along, and its trace:
+    outbound = [s for s in local_exporter.get_finished_spans() if s.name == "sluice.remote"]
+    by_id = {s.context.span_id: s for s in outbound if s.context is not None}
+    parent = served["far-gen"].parent
+    assert parent is not None and parent.span_id in by_id
     await remote_tracing.shutdown()
+    await local_tracing.shutdown()
 
 
 async def test_a_remote_failing_after_its_first_token_ends_the_stream_with_unavailable(

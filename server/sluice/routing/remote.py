@@ -235,7 +235,10 @@ class Remotes:
         self._enter(target)
         assert self._client is not None  # check() refuses without one
         started = self._clock()
-        stream = self._client.generate(target, request, timeout_s=timeout_s, metadata=_metadata())
+        # Filled inside the ``sluice.remote`` span (the call starts at the first message
+        # asked for), so the remote's spans are its children, as a tensor call's are.
+        metadata: list[tuple[str, str]] = []
+        stream = self._client.generate(target, request, timeout_s=timeout_s, metadata=metadata)
         outcome = ["CANCELLED"]  # until the stream ends otherwise
         relays: list[AsyncGenerator[RemoteChunk, None]] = []
         closed = False
@@ -252,6 +255,7 @@ class Remotes:
         attributes = {"sluice.endpoint": target.endpoint, "sluice.model": target.model}
         try:
             with self._tracing.span("sluice.remote", attributes):
+                metadata.extend(_metadata())
                 first = await self._first(target, stream, first_token_s)
         except RemoteCallError as exc:
             outcome[0] = exc.code
