@@ -151,11 +151,15 @@ async def test_quick_start_and_every_client_example(tmp_path: Path) -> None:
 async def test_model_configs_load(
     index: int, start_server: StartServer, example_repository: Path
 ) -> None:
-    """Each config block, as the config of the example ``mlp`` (the models it names exist)."""
+    """Each config block, as the config of the example ``mlp`` (the models it names exist);
+    one that says it is a generation model's, as the example ``tiny_llama``'s."""
     config = blocks("yaml")[index].text
+    model, version = (
+        ("tiny_llama", "1") if config.startswith("# a generation model's config") else ("mlp", "2")
+    )
     for name in re.findall(r"model: (\w+)", config):
-        shutil.copytree(EXAMPLE_REPOSITORY / "mlp", example_repository / name)
-    (example_repository / "mlp" / "config.yaml").write_text(config)
+        shutil.copytree(EXAMPLE_REPOSITORY / model, example_repository / name)
+    (example_repository / model / "config.yaml").write_text(config)
     server = await start_server(repository=example_repository)
     rows = {(row.name, row.version): row for row in server.service.index()}
-    assert rows[("mlp", "2")].state == "READY", rows
+    assert rows[(model, version)].state == "READY", rows

@@ -33,6 +33,18 @@ class ResponseCacheConfig(_Strict):
     """Answer a call whose inputs, requested outputs and parameters were answered before by
     the same version from the server's response cache (``cache`` settings), without
     running it."""
+    generations: bool = False
+    """A generation model: keep its greedy generations (temperature 0: the same request
+    always makes the same tokens) and replay them to the same request."""
+
+
+def check_response_cache(config: ResponseCacheConfig, *, where: Path, generates: bool) -> None:
+    """``ConfigError`` when ``generations`` is asked of a tensor model."""
+    if config.generations and not generates:
+        raise ConfigError(
+            f"{where}: field 'response_cache.generations': only a generation model's "
+            "generations are cached; a tensor model's answers need 'enabled' alone"
+        )
 
 
 class DegradedOutput(_Strict):
@@ -78,6 +90,8 @@ class DegradedConfig(_Strict):
     response cache even when ``response_cache`` is off (then read only here)."""
     outputs: list[DegradedOutput] = []
     """Then this static answer (tensor models): every output of the model, once each."""
+    text: str | None = None
+    """The static answer of a generation model: sent as one chunk of text, never tokens."""
 
     @field_validator("outputs")
     @classmethod
@@ -87,6 +101,15 @@ class DegradedConfig(_Strict):
         if repeated:
             raise ValueError(f"output(s) {', '.join(repeated)} given more than once")
         return outputs
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DegradedConfig:
+        if self.outputs and self.text is not None:
+            raise ValueError(
+                "give 'outputs' (a tensor model's answer) or 'text' (a generation model's), "
+                "not both"
+            )
+        return self
 
     @functools.cached_property
     def arrays(self) -> dict[str, Array]:
@@ -116,9 +139,24 @@ def static_array(datatype: str, shape: list[int], data: list[Any]) -> Array:
     return array
 
 
-def check_degraded(degraded: DegradedConfig | None, io: IOSpec, *, where: Path) -> None:
-    """``ConfigError`` when the static degraded answer does not fit the model's outputs."""
-    if degraded is None or not degraded.outputs:
+def check_degraded(
+    degraded: DegradedConfig | None, io: IOSpec, *, where: Path, generates: bool = False
+) -> None:
+    """``ConfigError`` when the static degraded answer does not fit the model: ``text`` is
+    a generation model's answer, ``outputs`` a tensor model's, fitting its outputs."""
+    if degraded is None:
+        return
+    if generates and degraded.outputs:
+        raise ConfigError(
+            f"{where}: field 'degraded.outputs': this is a generation model; give its static "
+            "answer as 'degraded.text'"
+        )
+    if not generates and degraded.text is not None:
+        raise ConfigError(
+            f"{where}: field 'degraded.text': only a generation model answers with text; "
+            "give a tensor model's static answer as 'degraded.outputs'"
+        )
+    if not degraded.outputs:
         return
     specs = {spec.name: spec for spec in io.outputs}
     for index, output in enumerate(degraded.outputs):

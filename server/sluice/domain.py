@@ -183,8 +183,13 @@ class Chunk:
     """Newly complete text: empty while a character or a possible stop sequence is
     incomplete; never a stop sequence or a stop token's text."""
     token_id: int
-    """The token (a stop token included: it was generated and counts as usage)."""
+    """The token (a stop token included: it was generated and counts as usage); ``NO_TOKEN``
+    for text no token of this server made (a degraded answer's)."""
     finish_reason: FinishReason | None = None
+
+
+NO_TOKEN = -1
+"""A chunk's ``token_id`` when no token made its text."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sluice.answer_config import check_degraded
+from sluice.answer_config import check_degraded, check_response_cache
 from sluice.batching.dynamic import DynamicBatcher
 from sluice.breaker import BackendBreaker
 from sluice.breaker_state import BreakerStore
@@ -130,7 +130,9 @@ class VersionLoader:
         executor, engine = self._start(executor, candidate, config, f"{name}/{version}")
         try:
             spec = self._spec(name, version, config, executor, candidate, decoupled=bool(engine))
-            check_degraded(config.degraded, spec.io, where=model_dir / "config.yaml")
+            where, generates = model_dir / "config.yaml", bool(engine)
+            check_degraded(config.degraded, spec.io, where=where, generates=generates)
+            check_response_cache(config.response_cache, where=where, generates=generates)
         except ConfigError:
             await executor.close()
             raise

@@ -11,6 +11,9 @@ stream of bytes:
 * every request parameter except those that only bound the call (``timeout``,
   ``priority``).
 
+A greedy generation's key (``generation_key``) covers the version the same way, the prompt
+and every sampling parameter.
+
 The digest is the whole key: the store compares all of its 32 bytes, and each entry also
 names its model and version, checked again on a hit.
 """
@@ -19,11 +22,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sluice.domain import InferRequest, InputTensor
+from sluice.domain import GenerationRequest, InferRequest, InputTensor
 from sluice.repository import ModelSpec
 from sluice.tensors import decode_checked
 from sluice_client.tensors import to_raw
@@ -101,6 +104,21 @@ def request_key(
     for key, value in parameters:
         digest.update(_framed(_text(key)))
         digest.update(_framed(_text(_typed(value))))
+    return CacheKey(digest.digest(), spec.name, spec.version)
+
+
+def generation_key(request: GenerationRequest, *, spec: ModelSpec, identity: bytes) -> CacheKey:
+    """The key of a generation on ``spec``'s version: the prompt and every sampling
+    parameter (each by name, typed), so no two different requests share it."""
+    digest = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"sluice-gen-v1")
+    digest.update(_framed(identity))
+    digest.update(_framed(_text(request.prompt)))
+    params = request.params
+    names = sorted(field.name for field in fields(params))
+    digest.update(_count(len(names)))
+    for name in names:
+        digest.update(_framed(_text(name)))
+        digest.update(_framed(_text(_typed(getattr(params, name)))))
     return CacheKey(digest.digest(), spec.name, spec.version)
 
 

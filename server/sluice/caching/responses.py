@@ -14,11 +14,11 @@ import weakref
 
 import numpy as np
 
-from sluice.caching.keys import CacheKey, request_key, version_identity
+from sluice.caching.keys import CacheKey, generation_key, request_key, version_identity
 from sluice.caching.lru import ByteLRU, Cached, entry_bytes
 from sluice.caching.shared import SharedResponses
 from sluice.clock import Clock
-from sluice.domain import InferRequest, InferResult, OutputTensor
+from sluice.domain import GenerationRequest, InferRequest, InferResult, OutputTensor
 from sluice.loader import ModelVersion
 from sluice.metrics import Metrics
 from sluice.settings import CacheSettings
@@ -60,17 +60,25 @@ class ResponseCache:
         self, request: InferRequest, model: ModelVersion, wanted: list[str], *, payload_bytes: int
     ) -> CacheKey:
         """The key of a request validated against ``model``'s inputs."""
+        identity = await self._identity(model)
+        if payload_bytes <= OFF_LOOP_KEY_BYTES:
+            return request_key(request, spec=model.spec, identity=identity, wanted=wanted)
+        return await asyncio.to_thread(
+            request_key, request, spec=model.spec, identity=identity, wanted=wanted
+        )
+
+    async def generation_key(self, request: GenerationRequest, model: ModelVersion) -> CacheKey:
+        """The key of a greedy generation on ``model``."""
+        return generation_key(request, spec=model.spec, identity=await self._identity(model))
+
+    async def _identity(self, model: ModelVersion) -> bytes:
         identity = self._identities.get(model)
         if identity is None:
             # Shared by replicas, a version is named by its files' contents (read once).
             content = self._shared is not None
             identity = await asyncio.to_thread(version_identity, model.spec, content=content)
             self._identities[model] = identity
-        if payload_bytes <= OFF_LOOP_KEY_BYTES:
-            return request_key(request, spec=model.spec, identity=identity, wanted=wanted)
-        return await asyncio.to_thread(
-            request_key, request, spec=model.spec, identity=identity, wanted=wanted
-        )
+        return identity
 
     async def lookup(self, key: CacheKey, model: ModelVersion) -> Cached | None:
         """The answer kept under ``key``, here or shared by a replica (counted as a hit or

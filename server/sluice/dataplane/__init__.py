@@ -6,6 +6,6 @@
 """
 
 from sluice.dataplane.plane import DataPlane
-from sluice.dataplane.served import GenerationListener, ServedGeneration
+from sluice.dataplane.served import Generation, GenerationListener, ServedGeneration
 
-__all__ = ["DataPlane", "GenerationListener", "ServedGeneration"]
+__all__ = ["DataPlane", "Generation", "GenerationListener", "ServedGeneration"]

@@ -4,7 +4,7 @@ on, and what it costs (the version's statistics, generation metrics, its decode 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from opentelemetry.trace import Span
@@ -24,6 +24,44 @@ class GenerationListener(Protocol):
 
     def keep(self, chunk: Chunk) -> None: ...
     def finished(self) -> None: ...
+
+
+class Named(Protocol):
+    """Who serves a generation (a ``ModelSpec``, or what a stand-in names)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
+
+
+class Generation(Protocol):
+    """What the transport serves a generation from: one running here
+    (``ServedGeneration``), on a remote candidate, or a degraded answer."""
+
+    fallback_reason: str
+    endpoint: str
+    """The remote endpoint that serves it ("" here)."""
+    degraded: str
+    """``static`` for a degraded answer ("" for a generated one)."""
+    cached: bool
+    """Replayed from the response cache."""
+
+    @property
+    def spec(self) -> Named: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def finish_reason(self) -> FinishReason | None: ...
+    def listen(self, listener: GenerationListener) -> None: ...
+    def cancel(self) -> None: ...
+    def __aiter__(self) -> AsyncIterator[Chunk]: ...
+    async def __aenter__(self) -> Generation: ...
+    async def __aexit__(self, *exc_info: object) -> None: ...
 
 
 class ServedGeneration:
@@ -49,6 +87,9 @@ class ServedGeneration:
         self.spec = spec
         #: Why a fallback serves it rather than the model called ("" when that model does).
         self.fallback_reason = ""
+        self.endpoint = ""
+        self.degraded = ""
+        self.cached = False
         self._stats = stats
         self._on_end = on_end
         self._clock = clock

@@ -21,11 +21,27 @@ import numpy as np
 from sluice import logs
 from sluice.answer_config import DegradedConfig
 from sluice.caching import CacheKey, ResponseCache
-from sluice.domain import Call, InferRequest, InferResult, OutputTensor, Routing
+from sluice.dataplane import Generation
+from sluice.domain import (
+    Call,
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    InferRequest,
+    InferResult,
+    OutputTensor,
+    Routing,
+)
 from sluice.errors import SluiceError
 from sluice.loader import ModelVersion
 from sluice.metrics import Metrics
 from sluice.registry.table import ModelTable
+from sluice.routing.generations import (
+    RecordedGeneration,
+    ReplayedGeneration,
+    Served,
+    StaticGeneration,
+)
 from sluice.tensors import Array, check_inputs, check_requested_outputs, reply_size
 from sluice.tracing import Tracing
 
@@ -165,6 +181,100 @@ class Answers:
             outputs=outputs,
             routing=Routing(attempts=attempts, fallback=False, degraded=source),
         )
+
+    def degraded_text(
+        self, request: GenerationRequest, *, error: SluiceError
+    ) -> StaticGeneration | None:
+        """A generation model's degraded text, for a generation no candidate could start
+        (None: it has none)."""
+        if request.model in self._aliases or request.backend:
+            return None
+        config = self._table.degraded(request.model)
+        if config is None or config.text is None:
+            return None
+        try:
+            version = self._table.get(request.model, request.version, healthy=False).spec.version
+        except SluiceError:
+            return None
+        self._metrics.degraded_responses.labels(request.model, STATIC).inc()
+        attributes = {"sluice.degraded": STATIC, "error.type": type(error).__name__}
+        with self._tracing.span("sluice.degraded", attributes, leaf=True):
+            log.warning(
+                "model %s answered from its degraded tier (%s): %s",
+                logs.clip(request.model),
+                STATIC,
+                error.message,
+            )
+        reason = f"degraded ({STATIC}): {error.message}"
+        return StaticGeneration(Served(request.model, version), config.text, reason=reason)
+
+    async def generation_key(
+        self, request: GenerationRequest
+    ) -> tuple[CacheKey, ModelVersion] | None:
+        """The cache key of a greedy generation of a model whose ``response_cache`` keeps
+        generations (None: not cached)."""
+        if request.model in self._aliases or request.backend or not self._cache.enabled:
+            return None
+        config = self._table.response_cache(request.model)
+        if not (config.enabled and config.generations and request.params.greedy):
+            return None
+        try:
+            model = self._table.get(request.model, request.version, healthy=False)
+        except SluiceError:
+            return None  # the chain says what is wrong with the name
+        if model.engine is None:
+            return None
+        return await self._cache.generation_key(request, model), model
+
+    async def replayed(
+        self, keyed: tuple[CacheKey, ModelVersion], call: Call
+    ) -> ReplayedGeneration | None:
+        """The kept generation of the same request, replayed (None: none kept)."""
+        key, model = keyed
+        with self._tracing.span("sluice.cache", leaf=True) as span:
+            entry = await self._cache.lookup(key, model)
+            if span.is_recording():
+                span.set_attribute("sluice.cache.hit", entry is not None)
+        if entry is None:
+            return None
+        _weigh(call, entry.nbytes)
+        arrays = {output.name: output.array for output in entry.outputs}
+        reason = FinishReason(arrays["finish_reason"][0].decode())
+        texts, tokens = arrays["text"], arrays["token_ids"]
+        chunks = [
+            Chunk(text.decode(), int(token), reason if i == len(texts) - 1 else None)
+            for i, (text, token) in enumerate(zip(texts, tokens, strict=True))
+        ]
+        served = Served(entry.model, entry.version, entry.backend)
+        return ReplayedGeneration(served, chunks, prompt_tokens=int(arrays["prompt_tokens"][0]))
+
+    def recorded(self, keyed: tuple[CacheKey, ModelVersion], generation: Generation) -> Generation:
+        """``generation``, kept under the key once it ends normally (only the version the
+        key names: a fallback's generation is served as is)."""
+        key, model = keyed
+        spec = model.spec
+        served = generation.spec
+        if generation.endpoint or (served.name, served.version) != (spec.name, spec.version):
+            return generation
+
+        def keep(chunks: list[Chunk], prompt_tokens: int) -> None:
+            text = np.array([chunk.text.encode() for chunk in chunks], dtype=object)
+            reason = chunks[-1].finish_reason
+            assert reason is not None
+            outputs = [
+                OutputTensor("text", "BYTES", text),
+                OutputTensor(
+                    "token_ids", "INT64", np.array([c.token_id for c in chunks], np.int64)
+                ),
+                OutputTensor(
+                    "finish_reason", "BYTES", np.array([reason.value.encode()], dtype=object)
+                ),
+                OutputTensor("prompt_tokens", "INT64", np.array([prompt_tokens], np.int64)),
+            ]
+            result = InferResult(spec.name, spec.version, "", outputs, backend=spec.backend)
+            self._cache.store(key, result, model)
+
+        return RecordedGeneration(generation, keep)
 
     async def _from_cache(
         self, prepared: Prepared

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from sluice import callctx, logs
 from sluice.breaker import BackendBreaker
 from sluice.clock import Clock
-from sluice.domain import InferRequest, InferResult
+from sluice.domain import GenerationRequest, InferRequest, InferResult
 from sluice.errors import (
     BreakerOpenError,
     DeadlineExceededError,
@@ -42,6 +42,7 @@ from sluice.errors import (
     UnavailableError,
 )
 from sluice.metrics import Metrics
+from sluice.routing.generations import RemoteChunk, RemoteGeneration
 from sluice.routing.walk import label
 from sluice.settings import FallbackTarget, Settings
 from sluice.tracing import Tracing, outgoing_context
@@ -76,6 +77,18 @@ class RemoteClient(Protocol):
         timeout_s: float | None,
         metadata: Sequence[tuple[str, str]],
     ) -> InferResult: ...
+
+    def generate(
+        self,
+        target: FallbackTarget,
+        request: GenerationRequest,
+        *,
+        timeout_s: float | None,
+        metadata: Sequence[tuple[str, str]],
+    ) -> AsyncGenerator[RemoteChunk, None]:
+        """The remote's ``sluice.v1.GenerationService/Generate`` stream; closing the
+        generator ends the call."""
+        ...
 
     async def ready(self, target: FallbackTarget, *, timeout_s: float) -> bool: ...
 
@@ -151,20 +164,11 @@ class Remotes:
     ) -> InferResult:
         """One attempt on the remote candidate, within ``timeout_s`` (the attempt's share
         of the caller's deadline)."""
-        self.check(target)
-        assert self._client is not None  # check() refuses without one
         endpoint = target.endpoint
-        if self._inflight.get(endpoint, 0) >= self._max_inflight:
-            self._remote_metrics.requests.labels(endpoint, target.model, "LIMIT").inc()
-            raise UnavailableError(
-                f"{endpoint} has {self._max_inflight} calls in flight from this server "
-                "(remote.max_inflight_per_endpoint)"
-            )
+        self._enter(target)
         attributes = {"sluice.endpoint": endpoint, "sluice.model": target.model}
         started = self._clock()
         code = "CANCELLED"  # until the call ends otherwise (the caller may leave)
-        self._inflight[endpoint] = self._inflight.get(endpoint, 0) + 1
-        self._remote_metrics.inflight.labels(endpoint).inc()
         try:
             with self._tracing.span("sluice.remote", attributes) as span:
                 result = await self._call(target, request, timeout_s)
@@ -175,34 +179,114 @@ class Remotes:
             code = exc.code
             raise self._error(target, exc) from exc
         finally:
-            self._inflight[endpoint] -= 1
-            self._remote_metrics.inflight.labels(endpoint).dec()
-            self._remote_metrics.requests.labels(endpoint, target.model, code).inc()
-            self._remote_metrics.seconds.labels(endpoint, target.model).observe(
-                self._clock() - started
-            )
+            self._leave(target, code, started)
         result.endpoint = endpoint
         result.backend = result.backend or REMOTE_BACKEND
         return result
+
+    def _enter(self, target: FallbackTarget) -> None:
+        """Count a call in flight to the candidate's endpoint, if it is ready and has room."""
+        self.check(target)
+        endpoint = target.endpoint
+        if self._inflight.get(endpoint, 0) >= self._max_inflight:
+            self._remote_metrics.requests.labels(endpoint, target.model, "LIMIT").inc()
+            raise UnavailableError(
+                f"{endpoint} has {self._max_inflight} calls in flight from this server "
+                "(remote.max_inflight_per_endpoint)"
+            )
+        self._inflight[endpoint] = self._inflight.get(endpoint, 0) + 1
+        self._remote_metrics.inflight.labels(endpoint).inc()
+
+    def _leave(self, target: FallbackTarget, code: str, started: float) -> None:
+        endpoint = target.endpoint
+        self._inflight[endpoint] -= 1
+        self._remote_metrics.inflight.labels(endpoint).dec()
+        self._remote_metrics.requests.labels(endpoint, target.model, code).inc()
+        self._remote_metrics.seconds.labels(endpoint, target.model).observe(self._clock() - started)
 
     async def _call(
         self, target: FallbackTarget, request: InferRequest, timeout_s: float | None
     ) -> InferResult:
         assert self._client is not None
-        metadata = [*outgoing_context().items()]
-        request_id = callctx.request_id.get()
-        if request_id:
-            metadata.append((callctx.REQUEST_ID_KEY, request_id))
         try:
             with self._get(target).breaker.calling():
                 try:
                     return await self._client.infer(
-                        target, request, timeout_s=timeout_s, metadata=metadata
+                        target, request, timeout_s=timeout_s, metadata=_metadata()
                     )
                 except RemoteCallError as exc:
-                    if exc.code in _CALLERS_FAULT or exc.code in _NOT_ITS_FAULT:
-                        raise _Passed(exc) from exc  # not the remote's fault: no breaker count
-                    raise _Fault(exc) from exc
+                    raise _wrapped(exc) from exc
+        except (_Passed, _Fault) as wrapped:
+            raise wrapped.error from None
+
+    async def generate(
+        self,
+        target: FallbackTarget,
+        request: GenerationRequest,
+        *,
+        timeout_s: float | None,
+        first_token_s: float | None,
+    ) -> RemoteGeneration:
+        """A generation on the remote candidate, once its first message arrived: within
+        ``first_token_s`` (the attempt's share of the deadline; None: the call's own), the
+        call itself within ``timeout_s`` (the caller's remaining deadline). Failing or
+        silent before its first message counts against its breaker; after it, a failure
+        ends the stream with UNAVAILABLE."""
+        self._enter(target)
+        assert self._client is not None  # check() refuses without one
+        started = self._clock()
+        # Filled inside the ``sluice.remote`` span (the call starts at the first message
+        # asked for), so the remote's spans are its children, as a tensor call's are.
+        metadata: list[tuple[str, str]] = []
+        stream = self._client.generate(target, request, timeout_s=timeout_s, metadata=metadata)
+        outcome = ["CANCELLED"]  # until the stream ends otherwise
+        relays: list[AsyncGenerator[RemoteChunk, None]] = []
+        closed = False
+
+        async def close() -> None:
+            nonlocal closed
+            if not closed:
+                closed = True
+                for relay in relays:
+                    await relay.aclose()
+                await stream.aclose()
+                self._leave(target, outcome[0], started)
+
+        attributes = {"sluice.endpoint": target.endpoint, "sluice.model": target.model}
+        try:
+            with self._tracing.span("sluice.remote", attributes):
+                metadata.extend(_metadata())
+                first = await self._first(target, stream, first_token_s)
+        except RemoteCallError as exc:
+            outcome[0] = exc.code
+            await close()
+            raise self._error(target, exc) from exc
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError):
+                outcome[0] = "DEADLINE_EXCEEDED"
+            await close()
+            raise
+        if _ends(first):
+            outcome[0] = "OK"
+        relays.append(_relay(target, stream, outcome))
+        return RemoteGeneration(first, relays[0], endpoint=target.endpoint, close=close)
+
+    async def _first(
+        self,
+        target: FallbackTarget,
+        stream: AsyncGenerator[RemoteChunk, None],
+        first_token_s: float | None,
+    ) -> RemoteChunk:
+        try:
+            with self._get(target).breaker.calling():
+                try:
+                    async with asyncio.timeout(first_token_s):
+                        first = await anext(stream, None)
+                except RemoteCallError as exc:
+                    raise _wrapped(exc) from exc
+                if first is None:
+                    raise _Fault(RemoteCallError("INTERNAL", "its stream ended with no message"))
+                return first
         except (_Passed, _Fault) as wrapped:
             raise wrapped.error from None
 
@@ -250,6 +334,44 @@ class Remotes:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+def _metadata() -> list[tuple[str, str]]:
+    """The call's trace context and request id, for the remote."""
+    metadata = [*outgoing_context().items()]
+    request_id = callctx.request_id.get()
+    if request_id:
+        metadata.append((callctx.REQUEST_ID_KEY, request_id))
+    return metadata
+
+
+def _wrapped(exc: RemoteCallError) -> _Passed | _Fault:
+    """Whether the remote's error counts against its breaker (``_Fault``) or not."""
+    if exc.code in _CALLERS_FAULT or exc.code in _NOT_ITS_FAULT:
+        return _Passed(exc)  # not the remote's fault: no breaker count
+    return _Fault(exc)
+
+
+def _ends(message: RemoteChunk) -> bool:
+    return any(chunk.finish_reason is not None for chunk in message.chunks)
+
+
+async def _relay(
+    target: FallbackTarget, stream: AsyncIterator[RemoteChunk], outcome: list[str]
+) -> AsyncGenerator[RemoteChunk, None]:
+    """The remote's messages after the first; its failure as UNAVAILABLE."""
+    try:
+        async for message in stream:
+            if _ends(message):
+                outcome[0] = "OK"
+            yield message
+        outcome[0] = "OK"
+    except RemoteCallError as exc:
+        outcome[0] = exc.code
+        said = logs.clip(exc.message, _MAX_MESSAGE_CHARS)
+        raise UnavailableError(
+            f"{label(target)} failed during the generation: {exc.code}: {said}"
+        ) from exc
 
 
 class _Passed(Exception):

@@ -11,7 +11,7 @@ import random
 from sluice import logs
 from sluice.caching import ResponseCache
 from sluice.clock import Clock
-from sluice.dataplane import DataPlane, ServedGeneration
+from sluice.dataplane import DataPlane, Generation
 from sluice.domain import Call, GenerationRequest, InferRequest, InferResult, Routing
 from sluice.errors import (
     ContextOverflowError,
@@ -254,8 +254,10 @@ class Router:
 
     # -- generations --------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest, call: Call) -> ServedGeneration:
-        """Start a generation on the first candidate of the chain that can take it.
+    async def generate(self, request: GenerationRequest, call: Call) -> Generation:
+        """Start a generation on the first candidate of the chain that can take it; when
+        none can (each failed transiently or is open) and the model's config has a degraded
+        ``text``, that text, marked as degraded.
 
         A candidate is passed over when it is not ready, its breaker is open, or the prompt
         and ``max_new_tokens`` do not fit its context (so a fallback with a larger context
@@ -267,6 +269,23 @@ class Router:
         to the call's admission ticket before the generation is queued. A candidate whose
         recent time to first token is over its latency guardrail goes after the others.
         """
+        keyed = await self._answers.generation_key(request)
+        if keyed is not None:
+            replayed = await self._answers.replayed(keyed, call)
+            if replayed is not None:
+                return replayed
+        try:
+            generation = await self._generate(request, call)
+            return generation if keyed is None else self._answers.recorded(keyed, generation)
+        except SluiceError as exc:
+            if not retryable(exc):
+                raise
+            degraded = self._answers.degraded_text(request, error=exc)
+            if degraded is None:
+                raise
+            return degraded
+
+    async def _generate(self, request: GenerationRequest, call: Call) -> Generation:
         candidates = self._candidates
         walk = candidates.walk(request.model, request.version)
         reason = ""
@@ -289,7 +308,8 @@ class Router:
                 reason = reason or passed.reason
                 continue
             spec = served.spec
-            candidates.measured(spec.name, spec.version, spec.backend, self._clock() - started)
+            if not target.endpoint:
+                candidates.measured(spec.name, spec.version, spec.backend, self._clock() - started)
             if walk.demoted and not reason:
                 slow = walk.chain[min(walk.demoted)].model
                 reason = f"model '{slow}' is over its latency guardrail"
@@ -298,17 +318,16 @@ class Router:
 
     async def _start(
         self, request: GenerationRequest, target: FallbackTarget, call: Call, *, alone: bool
-    ) -> ServedGeneration:
+    ) -> Generation:
         """The generation on one candidate, once its first chunk is out; ``PassOver`` when
         the next candidate should take it."""
-        if target.endpoint:
-            error = UnsupportedError("remote candidates serve tensor calls, not generations")
-            raise PassOver(error, f"{label(target)} cannot serve now: {error.message}")
         sub = dataclasses.replace(
             request, model=target.model, version=target.version, backend=target.backend
         )
         budget_s = None if alone else self._attempt_budget_s(call.deadline, alone=False)
         try:
+            if target.endpoint:
+                return await self._remote_generation(sub, target, call, budget_s)
             return await self._plane.generate(sub, call, first_token_s=budget_s)
         except ContextOverflowError as exc:
             raise PassOver(
@@ -324,17 +343,40 @@ class Router:
             reason = f"model '{target.model}' failed before its first token: {exc.message}"
             raise PassOver(exc, reason) from exc
 
+    async def _remote_generation(
+        self,
+        request: GenerationRequest,
+        target: FallbackTarget,
+        call: Call,
+        first_token_s: float | None,
+    ) -> Generation:
+        """A remote candidate's generation: its first message within ``first_token_s``,
+        the call within the caller's remaining deadline."""
+        timeout_s = self._attempt_budget_s(call.deadline, alone=True)
+        try:
+            return await self.remotes.generate(
+                target, request, timeout_s=timeout_s, first_token_s=first_token_s
+            )
+        except (TimeoutError, DeadlineExceededError) as exc:
+            error = self._timeout_error(target, call.deadline, first_token_s, exc)
+            if error is exc:
+                raise
+            raise error from exc
+
     def _served(
         self,
         request: GenerationRequest,
         target: FallbackTarget,
-        served: ServedGeneration,
+        served: Generation,
         reason: str,
-    ) -> ServedGeneration:
+    ) -> Generation:
         """A started generation, with why a fallback serves it, mirrored when sampled."""
         if reason:
             spec = served.spec
-            self._metrics.fallbacks.labels(request.model, f"{spec.name}/{spec.version}").inc()
+            to = label(target) if target.endpoint else f"{spec.name}/{spec.version}"
+            self._metrics.fallbacks.labels(request.model, to).inc()
+            if target.endpoint:
+                reason = f"{reason}; served by {to}"
             log.info(
                 "generation for %s served by %s: %s",
                 logs.clip(request.model),

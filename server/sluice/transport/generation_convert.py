@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from sluice.dataplane import ServedGeneration
-from sluice.domain import Chunk, FinishReason, GenerationRequest, SamplingParams
+from sluice.dataplane import Generation
+from sluice.domain import NO_TOKEN, Chunk, FinishReason, GenerationRequest, SamplingParams
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
+from sluice_client.names import CACHE_KEY, DEGRADED_KEY, ENDPOINT_KEY
 
 FINISH_REASONS = {
     FinishReason.STOP: gen.FINISH_REASON_STOP,
@@ -39,7 +40,7 @@ def generation_request(
     )
 
 
-def generate_response(generation: ServedGeneration, chunk: Chunk | None) -> gen.GenerateResponse:
+def generate_response(generation: Generation, chunk: Chunk | None) -> gen.GenerateResponse:
     """One chunk; ``None`` (or a chunk that ends the generation) makes the last message,
     with the finish reason and usage."""
     response = gen.GenerateResponse(
@@ -49,10 +50,22 @@ def generate_response(generation: ServedGeneration, chunk: Chunk | None) -> gen.
     )
     if chunk is not None:
         response.text = chunk.text
-        response.token_ids.append(chunk.token_id)
+        if chunk.token_id != NO_TOKEN:
+            response.token_ids.append(chunk.token_id)
     reason = generation.finish_reason if chunk is None else chunk.finish_reason
     if reason is not None:
         response.finish_reason = FINISH_REASONS[reason]
         response.usage.prompt_tokens = generation.prompt_tokens
         response.usage.completion_tokens = generation.completion_tokens
     return response
+
+
+def generation_trailers(generation: Generation) -> tuple[tuple[str, str], ...]:
+    """A cache hit's mark, a degraded answer's and a remote candidate's endpoint, as
+    trailing metadata."""
+    marks: tuple[tuple[str, str], ...] = ((CACHE_KEY, "hit"),) if generation.cached else ()
+    if generation.degraded:
+        marks = (*marks, (DEGRADED_KEY, generation.degraded))
+    if generation.endpoint:
+        marks = (*marks, (ENDPOINT_KEY, generation.endpoint))
+    return marks

@@ -11,19 +11,32 @@ when larger than ``remote.max_reply_bytes`` (the channel's receive limit).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
-from sluice.domain import InferRequest, InferResult, InputTensor, OutputTensor
-from sluice.routing.remote import RemoteCallError
+from sluice.domain import (
+    NO_TOKEN,
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    InferRequest,
+    InferResult,
+    InputTensor,
+    OutputTensor,
+    SamplingParams,
+)
+from sluice.routing.generations import RemoteChunk, Served
+from sluice.routing.remote import REMOTE_BACKEND, RemoteCallError
 from sluice.settings import FallbackTarget, RemoteTLS, Settings
 from sluice.transport.convert import TYPED_FIELD
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+from sluice_api.sluice.v1 import generation_service_pb2 as gen
+from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
 from sluice_client.tensors import from_raw
 
 _TLSKey = tuple[Path | None, Path | None, Path | None, str]
@@ -39,23 +52,23 @@ class OutboundChannels:
         ]
         self._max_reply_bytes = settings.remote.max_reply_bytes
         self._channels: dict[tuple[str, _TLSKey | None], grpc.aio.Channel] = {}
-        self._stubs: dict[tuple[str, _TLSKey | None], pb_grpc.GRPCInferenceServiceStub] = {}
         self._opening: asyncio.Lock = asyncio.Lock()
 
-    async def _stub(self, target: FallbackTarget) -> pb_grpc.GRPCInferenceServiceStub:
+    async def _channel(self, target: FallbackTarget) -> grpc.aio.Channel:
         tls = target.tls
         key = (target.endpoint, _tls_key(tls) if tls is not None else None)
-        stub = self._stubs.get(key)
-        if stub is not None:
-            return stub
+        channel = self._channels.get(key)
+        if channel is not None:
+            return channel
         async with self._opening:  # one channel per key, however many calls arrive at once
-            stub = self._stubs.get(key)
-            if stub is None:
-                channel = await self._open(target.endpoint, tls)
-                self._channels[key] = channel
-                stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
-                self._stubs[key] = stub
-        return stub
+            channel = self._channels.get(key)
+            if channel is None:
+                channel = self._channels[key] = await self._open(target.endpoint, tls)
+        return channel
+
+    async def _stub(self, target: FallbackTarget) -> pb_grpc.GRPCInferenceServiceStub:
+        channel = await self._channel(target)
+        return pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
 
     async def _open(self, endpoint: str, tls: RemoteTLS | None) -> grpc.aio.Channel:
         if tls is None:
@@ -85,6 +98,31 @@ class OutboundChannels:
             raise _call_error(exc, self._max_reply_bytes) from exc
         return _result(target, request, response)
 
+    async def generate(
+        self,
+        target: FallbackTarget,
+        request: GenerationRequest,
+        *,
+        timeout_s: float | None,
+        metadata: Sequence[tuple[str, str]],
+    ) -> AsyncGenerator[RemoteChunk, None]:
+        channel = await self._channel(target)
+        stub = gen_grpc.GenerationServiceStub(channel)  # type: ignore[no-untyped-call]
+        message = gen.GenerateRequest(
+            model_name=target.model,
+            model_version=target.version,
+            prompt=request.prompt,
+            parameters=_sampling(request.params),
+        )
+        call = stub.Generate(message, timeout=timeout_s, metadata=tuple(metadata))
+        try:
+            async for response in call:
+                yield _remote_chunk(target, response)
+        except grpc.aio.AioRpcError as exc:
+            raise _call_error(exc, self._max_reply_bytes) from exc
+        finally:
+            call.cancel()
+
     async def ready(self, target: FallbackTarget, *, timeout_s: float) -> bool:
         stub = await self._stub(target)
         message = pb.ModelReadyRequest(name=target.model, version=target.version)
@@ -95,7 +133,7 @@ class OutboundChannels:
         return bool(response.ready)
 
     async def close(self) -> None:
-        channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
+        channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
 
@@ -200,3 +238,43 @@ def _typed_output(
     if tensor.datatype == "BYTES":
         return np.array(values, dtype=object).reshape(shape)
     return np.array(values, dtype=from_raw(b"", tensor.datatype, (0,)).dtype).reshape(shape)
+
+
+_FINISH_REASONS = {
+    gen.FINISH_REASON_STOP: FinishReason.STOP,
+    gen.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    gen.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+}
+
+
+def _sampling(params: SamplingParams) -> gen.SamplingParameters:
+    """The caller's sampling parameters, every one, for the remote."""
+    message = gen.SamplingParameters(
+        max_new_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        stop_sequences=params.stop_sequences,
+        stop_token_ids=params.stop_token_ids,
+        repetition_penalty=params.repetition_penalty,
+    )
+    if params.seed is not None:
+        message.seed = params.seed
+    return message
+
+
+def _remote_chunk(target: FallbackTarget, response: gen.GenerateResponse) -> RemoteChunk:
+    """One remote message as chunks: one per token (the text on the first), the finish
+    reason on the last."""
+    if response.finish_reason == gen.FINISH_REASON_ERROR:
+        raise RemoteCallError("INTERNAL", "its generation ended with FINISH_REASON_ERROR")
+    reason = _FINISH_REASONS.get(response.finish_reason)
+    ids = list(response.token_ids) or [NO_TOKEN]
+    last = len(ids) - 1
+    chunks = tuple(
+        Chunk(response.text if i == 0 else "", token, reason if i == last else None)
+        for i, token in enumerate(ids)
+    )
+    served = Served(response.model_name or target.model, response.model_version, REMOTE_BACKEND)
+    prompt_tokens = response.usage.prompt_tokens if response.HasField("usage") else None
+    return RemoteChunk(served, chunks, prompt_tokens)

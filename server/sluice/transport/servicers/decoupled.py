@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator
 
 from sluice import callctx
 from sluice.admission import Ticket
-from sluice.dataplane import ServedGeneration
+from sluice.dataplane import Generation
 from sluice.domain import InferResult, OutputTensor
 from sluice.errors import SluiceError
 from sluice.generation.text import TEXT_OUTPUT, text_output
@@ -48,7 +48,7 @@ class DecoupledReplies:
 
     def __init__(
         self,
-        generation: ServedGeneration,
+        generation: Generation,
         request: pb.ModelInferRequest,
         *,
         stream: bool,
@@ -100,6 +100,12 @@ class DecoupledReplies:
         )
         response = convert.infer_response(result)
         response.parameters[FINAL].bool_param = final and not self._empty_final
+        if self._generation.degraded:  # a degraded answer is never silent
+            response.parameters["sluice_degraded"].string_param = self._generation.degraded
+        if self._generation.cached:
+            response.parameters["sluice_cache_hit"].bool_param = True
+        if self._generation.endpoint:
+            response.parameters["sluice_endpoint"].string_param = self._generation.endpoint
         return pb.ModelStreamInferResponse(infer_response=response)
 
     def _flag_only(self) -> pb.ModelStreamInferResponse:

@@ -13,7 +13,11 @@ from sluice.dataplane import DataPlane
 from sluice.policy import CallPolicy
 from sluice.routing import Router
 from sluice.settings import Settings
-from sluice.transport.generation_convert import generate_response, generation_request
+from sluice.transport.generation_convert import (
+    generate_response,
+    generation_request,
+    generation_trailers,
+)
 from sluice.transport.servicers.generation_session import GenerationSession
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
 from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
@@ -43,6 +47,9 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[gen.GenerateResponse]:
         domain = generation_request(request, default_max_new_tokens=self._default_max_new_tokens)
         generation = await self._router.generate(domain, callctx.call())
+        marks = generation_trailers(generation)
+        if marks:
+            context.set_trailing_metadata((*(context.trailing_metadata() or ()), *marks))
         async with generation:
             async for chunk in generation:
                 yield generate_response(generation, chunk)

@@ -23,7 +23,7 @@ import grpc
 
 from sluice import callctx, logs
 from sluice.admission import AdmissionController
-from sluice.dataplane import ServedGeneration
+from sluice.dataplane import Generation
 from sluice.domain import FinishReason
 from sluice.errors import DrainingError, InvalidInputError, SluiceError
 from sluice.policy import CallPolicy
@@ -64,7 +64,7 @@ class GenerationSession:
             asyncio.Queue()
         )
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._generations: dict[str, ServedGeneration] = {}
+        self._generations: dict[str, Generation] = {}
         self._cancelled: set[str] = set()
 
     async def run(
