@@ -66,6 +66,18 @@ class Prepared:
     degraded: DegradedConfig | None
 
 
+@dataclass(frozen=True, slots=True)
+class KeyedGeneration:
+    """A greedy generation whose answer is kept in the response cache."""
+
+    key: CacheKey
+    model: ModelVersion
+    """The version the called name resolves to (the key names it)."""
+    reads: bool
+    """Normal traffic reads the cache (``response_cache.generations``); else only the
+    degraded tier does (``degraded.from_cache``)."""
+
+
 class Answers:
     def __init__(
         self,
@@ -164,15 +176,7 @@ class Answers:
         else:
             return None
         _weigh(call, reply_size(output.array for output in outputs))
-        self._metrics.degraded_responses.labels(request.model, source).inc()
-        attributes = {"sluice.degraded": source, "error.type": type(error).__name__}
-        with self._tracing.span("sluice.degraded", attributes, leaf=True):
-            log.warning(
-                "model %s answered from its degraded tier (%s): %s",
-                logs.clip(request.model),
-                source,
-                error.message,
-            )
+        self._mark(request.model, source, error)
         return InferResult(
             model=model,
             version=version,
@@ -182,41 +186,60 @@ class Answers:
             routing=Routing(attempts=attempts, fallback=False, degraded=source),
         )
 
-    def degraded_text(
-        self, request: GenerationRequest, *, error: SluiceError
-    ) -> StaticGeneration | None:
-        """A generation model's degraded text, for a generation no candidate could start
-        (None: it has none)."""
+    async def degraded_generation(
+        self,
+        request: GenerationRequest,
+        keyed: KeyedGeneration | None,
+        call: Call,
+        *,
+        error: SluiceError,
+    ) -> Generation | None:
+        """A generation model's degraded tier, for a generation no candidate could start:
+        the kept generation of the same greedy request (``from_cache``), else its degraded
+        text (None: neither)."""
         if request.model in self._aliases or request.backend:
             return None
         config = self._table.degraded(request.model)
-        if config is None or config.text is None:
+        if config is None:
+            return None
+        reason = f"degraded ({CACHE}): {error.message}"
+        if config.from_cache and keyed is not None:
+            replayed = await self.replayed(keyed, call, degraded=reason)
+            if replayed is not None:
+                self._mark(request.model, CACHE, error)
+                return replayed
+        if config.text is None:
             return None
         try:
             version = self._table.get(request.model, request.version, healthy=False).spec.version
         except SluiceError:
             return None
-        self._metrics.degraded_responses.labels(request.model, STATIC).inc()
-        attributes = {"sluice.degraded": STATIC, "error.type": type(error).__name__}
-        with self._tracing.span("sluice.degraded", attributes, leaf=True):
-            log.warning(
-                "model %s answered from its degraded tier (%s): %s",
-                logs.clip(request.model),
-                STATIC,
-                error.message,
-            )
+        self._mark(request.model, STATIC, error)
         reason = f"degraded ({STATIC}): {error.message}"
         return StaticGeneration(Served(request.model, version), config.text, reason=reason)
 
-    async def generation_key(
-        self, request: GenerationRequest
-    ) -> tuple[CacheKey, ModelVersion] | None:
+    def _mark(self, model: str, source: str, error: SluiceError) -> None:
+        """A degraded answer counted, logged and recorded on a span."""
+        self._metrics.degraded_responses.labels(model, source).inc()
+        attributes = {"sluice.degraded": source, "error.type": type(error).__name__}
+        with self._tracing.span("sluice.degraded", attributes, leaf=True):
+            log.warning(
+                "model %s answered from its degraded tier (%s): %s",
+                logs.clip(model),
+                source,
+                error.message,
+            )
+
+    async def generation_key(self, request: GenerationRequest) -> KeyedGeneration | None:
         """The cache key of a greedy generation of a model whose ``response_cache`` keeps
-        generations (None: not cached)."""
+        generations, or whose degraded tier answers from the cache (None: not cached)."""
         if request.model in self._aliases or request.backend or not self._cache.enabled:
             return None
         config = self._table.response_cache(request.model)
-        if not (config.enabled and config.generations and request.params.greedy):
+        reads = config.enabled and config.generations
+        degraded = self._table.degraded(request.model)
+        kept = reads or (degraded is not None and degraded.from_cache)
+        if not (kept and request.params.greedy):
             return None
         try:
             model = self._table.get(request.model, request.version, healthy=False)
@@ -224,13 +247,14 @@ class Answers:
             return None  # the chain says what is wrong with the name
         if model.engine is None:
             return None
-        return await self._cache.generation_key(request, model), model
+        return KeyedGeneration(await self._cache.generation_key(request, model), model, reads)
 
     async def replayed(
-        self, keyed: tuple[CacheKey, ModelVersion], call: Call
+        self, keyed: KeyedGeneration, call: Call, *, degraded: str = ""
     ) -> ReplayedGeneration | None:
-        """The kept generation of the same request, replayed (None: none kept)."""
-        key, model = keyed
+        """The kept generation of the same request, replayed (None: none kept); marked as
+        the degraded tier's answer when ``degraded`` says why, else as a cache hit."""
+        key, model = keyed.key, keyed.model
         with self._tracing.span("sluice.cache", leaf=True) as span:
             entry = await self._cache.lookup(key, model)
             if span.is_recording():
@@ -246,12 +270,13 @@ class Answers:
             for i, (text, token) in enumerate(zip(texts, tokens, strict=True))
         ]
         served = Served(entry.model, entry.version, entry.backend)
-        return ReplayedGeneration(served, chunks, prompt_tokens=int(arrays["prompt_tokens"][0]))
+        prompt_tokens = int(arrays["prompt_tokens"][0])
+        return ReplayedGeneration(served, chunks, prompt_tokens=prompt_tokens, degraded=degraded)
 
-    def recorded(self, keyed: tuple[CacheKey, ModelVersion], generation: Generation) -> Generation:
+    def recorded(self, keyed: KeyedGeneration, generation: Generation) -> Generation:
         """``generation``, kept under the key once it ends normally (only the version the
         key names: a fallback's generation is served as is)."""
-        key, model = keyed
+        key, model = keyed.key, keyed.model
         spec = model.spec
         served = generation.spec
         if generation.endpoint or (served.name, served.version) != (spec.name, spec.version):

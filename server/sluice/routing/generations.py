@@ -138,14 +138,17 @@ class RemoteGeneration:
 
 class ReplayedGeneration:
     """A greedy generation kept in the response cache, its chunks replayed as they were
-    made (``cached`` says so: the transport marks the response)."""
+    made (``cached`` says so: the transport marks the response); or, given why (``degraded``:
+    every candidate failed or is open), the degraded tier's answer, marked ``cache``."""
 
-    def __init__(self, served: Served, chunks: list[Chunk], *, prompt_tokens: int) -> None:
+    def __init__(
+        self, served: Served, chunks: list[Chunk], *, prompt_tokens: int, degraded: str = ""
+    ) -> None:
         self.spec = served
-        self.fallback_reason = ""
+        self.fallback_reason = degraded
         self.endpoint = ""
-        self.degraded = ""
-        self.cached = True
+        self.degraded = "cache" if degraded else ""
+        self.cached = not degraded
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None

@@ -256,8 +256,8 @@ class Router:
 
     async def generate(self, request: GenerationRequest, call: Call) -> Generation:
         """Start a generation on the first candidate of the chain that can take it; when
-        none can (each failed transiently or is open) and the model's config has a degraded
-        ``text``, that text, marked as degraded.
+        none can (each failed transiently or is open), the model's degraded tier: the kept
+        greedy generation (``from_cache``), else its ``text``, marked as degraded.
 
         A candidate is passed over when it is not ready, its breaker is open, or the prompt
         and ``max_new_tokens`` do not fit its context (so a fallback with a larger context
@@ -270,7 +270,7 @@ class Router:
         recent time to first token is over its latency guardrail goes after the others.
         """
         keyed = await self._answers.generation_key(request)
-        if keyed is not None:
+        if keyed is not None and keyed.reads:
             replayed = await self._answers.replayed(keyed, call)
             if replayed is not None:
                 return replayed
@@ -280,7 +280,7 @@ class Router:
         except SluiceError as exc:
             if not retryable(exc):
                 raise
-            degraded = self._answers.degraded_text(request, error=exc)
+            degraded = await self._answers.degraded_generation(request, keyed, call, error=exc)
             if degraded is None:
                 raise
             return degraded
