@@ -86,8 +86,9 @@ class DegradedConfig(_Strict):
     marked as degraded in the response)."""
 
     from_cache: bool = False
-    """First, a cached answer of the same request: successful answers are kept in the
-    response cache even when ``response_cache`` is off (then read only here)."""
+    """First, a cached answer of the same request: successful answers (a generation
+    model's greedy generations) are kept in the response cache even when ``response_cache``
+    is off (then read only here)."""
     outputs: list[DegradedOutput] = []
     """Then this static answer (tensor models): every output of the model, once each."""
     text: str | None = None
