@@ -16,7 +16,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sluice.tracing import Tracing
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.conftest import RunningServer, StartServer
+from tests.conftest import StartServer
+from tests.test_response_cache import infer, sample, stub
 
 ONES = np.ones((1, 16), dtype=np.int32)
 SEVENS = ", ".join(["7"] * 16)
@@ -50,24 +51,6 @@ async def channels() -> AsyncIterator[list[grpc.aio.Channel]]:
     yield opened
     for channel in opened:
         await channel.close()
-
-
-def stub(server: RunningServer, opened: list[grpc.aio.Channel]) -> pb_grpc.GRPCInferenceServiceStub:
-    channel = grpc.aio.insecure_channel(server.address)
-    opened.append(channel)
-    return pb_grpc.GRPCInferenceServiceStub(channel)
-
-
-async def infer(
-    client: pb_grpc.GRPCInferenceServiceStub, message: pb.ModelInferRequest
-) -> tuple[pb.ModelInferResponse, dict[str, str]]:
-    call = client.ModelInfer(message)
-    response = await call
-    return response, dict(await call.trailing_metadata() or ())
-
-
-def sample(server: RunningServer, name: str, **labels: str) -> float:
-    return server.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def output(response: pb.ModelInferResponse, index: int) -> np.ndarray:

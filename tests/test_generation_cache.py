@@ -12,22 +12,11 @@ import grpc
 
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
 from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
-from tests.conftest import RunningServer, StartServer
-from tests.test_generation_service import collect, repository_with, request, stats
+from tests.conftest import StartServer
+from tests.test_degraded_generation import generate, sample
+from tests.test_generation_service import repository_with, request, stats
 
 CACHED = {"config": "response_cache: {enabled: true, generations: true}\n"}
-
-
-def sample(server: RunningServer, name: str, **labels: str) -> float:
-    return server.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-async def generate(
-    stub: gen_grpc.GenerationServiceStub, message: gen.GenerateRequest
-) -> tuple[list[gen.GenerateResponse], dict[str, str]]:
-    call = stub.Generate(message)
-    chunks = await collect(call)
-    return chunks, dict(await call.trailing_metadata() or ())
 
 
 async def test_a_repeated_greedy_generation_is_replayed_from_the_cache(

@@ -24,7 +24,7 @@ from sluice_api.sluice.v1 import model_service_pb2 as models_pb
 from sluice_api.sluice.v1 import model_service_pb2_grpc as models_grpc
 from tests.certs import Certificates
 from tests.conftest import RunningServer, StartServer
-from tests.test_routing import ONES, simple_request
+from tests.test_routing import ONES, sample, simple_request
 from tests.test_validation import passthrough_bytes
 
 SERVER_SPAN = "inference.GRPCInferenceService/ModelInfer"
@@ -75,10 +75,6 @@ def failing_primary(tmp_path: Path, remote: str, tls: str = "") -> Path:
         f"faults: {{mode: fail}}\nfallbacks: [{{endpoint: '{remote}', model: simple{extra}}}]\n"
     )
     return copy_repository(tmp_path, "local", config)
-
-
-def sample(server: RunningServer, name: str, labels: dict[str, str]) -> float:
-    return server.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 async def infer(

@@ -13,14 +13,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sluice.tracing import Tracing
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
 from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
-from tests.conftest import RunningServer, StartServer
+from tests.conftest import StartServer
 from tests.test_generation_service import collect, repository_with, request
+from tests.test_routing import sample
 
 GENERATE_SPAN = "sluice.v1.GenerationService/Generate"
-
-
-def sample(server: RunningServer, name: str, labels: dict[str, str]) -> float:
-    return server.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def falling_back(tmp_path: Path, remote: str, model: str = "tiny_llama") -> Path:
