@@ -24,7 +24,7 @@ import time
 from collections.abc import Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sluice.errors import ConfigError
 from sluice.metrics import Metrics
@@ -33,6 +33,9 @@ from sluice.repository import EXAMPLE_REPOSITORY
 from sluice.settings import Settings
 from sluice.tracing import Tracing
 from sluice.transport.server import SluiceServer, create_server
+
+if TYPE_CHECKING:
+    from sluice.workers.topology import EngineSocket, Transports
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,20 @@ def report_start(registry: ModelRegistry, repository: Path) -> bool:
 
 
 async def serve(settings: Settings) -> int:
+    if settings.workers == 1:
+        return await _serve(settings, None)
+    from sluice.workers.topology import EngineSocket
+
+    engine = EngineSocket.create()
+    try:
+        return await _serve(settings, engine)
+    finally:
+        engine.remove()
+
+
+async def _serve(settings: Settings, engine: EngineSocket | None) -> int:
+    """Serve; with ``engine``, on that private socket behind ``settings.workers``
+    transport processes (``sluice.workers``)."""
     clock = time.monotonic
     set_torch_threads(settings)
     metrics = Metrics()
@@ -100,8 +117,15 @@ async def serve(settings: Settings) -> int:
             http = metrics.serve_http(settings.host, settings.metrics_port)
             log.info("metrics on http://%s:%d/metrics", settings.host, http.port)
         server = await create_server(
-            settings, registry, metrics=metrics, clock=clock, tracing=tracing
+            settings,
+            registry,
+            metrics=metrics,
+            clock=clock,
+            tracing=tracing,
+            listen=engine.address if engine is not None else None,
         )
+        if engine is not None:
+            server.front = await _start_transports(settings, engine, metrics, server)
     except ConfigError as exc:
         log.error("cannot start: %s", exc.message)
         if http is not None:
@@ -137,6 +161,30 @@ async def serve(settings: Settings) -> int:
         http.close()
     log.info("stopped")
     return status
+
+
+async def _start_transports(
+    settings: Settings, engine: EngineSocket, metrics: Metrics, server: SluiceServer
+) -> Transports:
+    """The transport processes in front of ``server``; stops ``server`` when they fail."""
+    from sluice.workers.topology import Transports
+
+    transports = Transports(settings, engine, metrics)
+    try:
+        port = await transports.start()
+    except BaseException:
+        await server.grpc_server.stop(0)
+        raise
+    transport = "plaintext" if not settings.tls.enabled else "TLS"
+    log.info(
+        "gRPC listening on %s:%d (%s; workers %d: %s)",
+        settings.host,
+        port,
+        transport,
+        settings.workers,
+        transports.describe(),
+    )
+    return transports
 
 
 async def _load_and_serve(

@@ -23,6 +23,12 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="model repository (SLUICE_MODEL_REPOSITORY, default: the examples)",
     )
     p.add_argument("--config", type=Path, help="YAML settings file (SLUICE_CONFIG)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="transport processes serving the gRPC port in front of one engine "
+        "(SLUICE_WORKERS, default 1)",
+    )
     tls = p.add_argument_group("TLS (plaintext without a certificate)")
     tls.add_argument(
         "--tls-cert-file", type=Path, help="PEM certificate chain (SLUICE_TLS__CERT_FILE)"
@@ -66,6 +72,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port,
             metrics_port=args.metrics_port,
             model_repository=args.model_repository,
+            workers=args.workers,
             tls=_tls_flags(args),
         )
     except ValidationError as exc:

@@ -505,6 +505,11 @@ class Settings(BaseSettings):
     drain_quiet_s: float = Field(0.2, ge=0)
     """After in-flight calls finish, how long no new call must arrive before the transport
     closes (calls arriving meanwhile are refused with UNAVAILABLE, which clients retry)."""
+    workers: int = Field(1, ge=1, le=64)
+    """Transport processes serving the gRPC port in front of the one engine process that
+    runs the models (1: a single process serves everything, as before). Above 1, each
+    transport terminates gRPC (and TLS) and forwards every call to the engine over a
+    private Unix socket; see docs/workers.md."""
     log_level: str = "INFO"
     """Log level name."""
     log_format: Literal["auto", "json", "text"] = "auto"

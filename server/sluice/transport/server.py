@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -57,6 +58,16 @@ def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+class Front(Protocol):
+    """Processes that serve the public port in front of this server (``sluice.workers``)."""
+
+    def begin_stop(self, grace_s: float) -> None:
+        """Stop taking calls; calls in flight get ``grace_s``."""
+        ...
+
+    async def wait_stopped(self, limit_s: float) -> None: ...
+
+
 @dataclass(eq=False)
 class SluiceServer:
     """A started server: its bound port, and the steps of an orderly shutdown."""
@@ -75,6 +86,9 @@ class SluiceServer:
     """Remote candidates: their connections close after the last call."""
     cache: ResponseCache | None = None
     """The response cache, closed once calls have finished (its shared store's client)."""
+    front: Front | None = None
+    """The transport processes in front of this server (``--workers`` above 1): they stop
+    after the calls they forwarded finished, before this server's transport closes."""
 
     async def mark_started(self) -> None:
         """After the start-up load: overall health follows whether anything can serve."""
@@ -114,7 +128,11 @@ class SluiceServer:
         self.health.end_watches()
         # Calls cut at the grace's end are writing their UNAVAILABLE: give them a moment.
         closing_s = min(_CLOSE_S, unload_s)
+        if self.front is not None:
+            self.front.begin_stop(max(give_up_at - loop.time(), 0.0) + closing_s)
         await self.grpc_server.stop(max(give_up_at - loop.time(), 0.0) + closing_s)
+        if self.front is not None:
+            await self.front.wait_stopped(closing_s)
         if self.health_server is not None:
             await self.health_server.server.stop(0)
         log.info("calls and streams finished; unloading models")
@@ -146,12 +164,17 @@ async def create_server(
     metrics: Metrics,
     clock: Clock,
     tracing: Tracing | None = None,
+    listen: str | None = None,
 ) -> SluiceServer:
     """Build, bind and start the server; models load afterwards (health NOT_SERVING).
 
+    ``listen``: a private address (``unix:<path>``) to serve in plaintext instead of the
+    gRPC port, for the transport processes in front of it (``sluice.workers``).
+
     Raises ConfigError when the TLS files do not load."""
     tracing = tracing or Tracing.off()
-    certificates = CertificateFiles(settings.tls) if settings.tls.enabled else None
+    tls = settings.tls.enabled and listen is None
+    certificates = CertificateFiles(settings.tls) if tls else None
     admin = AdminAccess.from_settings(settings)
     core = build_core(
         settings,
@@ -212,7 +235,7 @@ async def create_server(
                 await health_servicer.set(name, _status(registry.ready))
 
     registry.add_readiness_listener(on_readiness)
-    address = _bind_address(settings.host, settings.grpc_port)
+    address = listen or _bind_address(settings.host, settings.grpc_port)
     if certificates is None:
         port = server.add_insecure_port(address)
     else:  # TLS only: no plaintext port
@@ -228,7 +251,10 @@ async def create_server(
             await server.stop(0)
             raise
     transport = "plaintext" if certificates is None else certificates.describe()
-    log.info("gRPC listening on %s:%d (%s)", settings.host, port, transport)
+    if listen is not None:
+        log.info("engine listening on %s (the transport processes forward to it)", listen)
+    else:
+        log.info("gRPC listening on %s:%d (%s)", settings.host, port, transport)
     log.info("admin plane: %s", admin.describe())
     prober = HealthProber(registry, settings.probe, clock, remotes=router.remotes)
     return SluiceServer(

@@ -10,6 +10,10 @@ served only when every address the server listens on is a loopback address (deci
 the bind address at start); bound anywhere else they are refused. Refusals are
 PERMISSION_DENIED before the call runs. Who made the call (the token's name, the
 certificate identity, or ``local``) goes to ``callctx.caller`` for the model's history.
+
+Behind transport processes (``--workers``), TLS ends at the transport, which forwards the
+client certificate's names as internal metadata; they count only on calls that came over
+the engine's private Unix socket (``sluice.workers.identity``).
 """
 
 from __future__ import annotations
@@ -28,8 +32,7 @@ from sluice import callctx
 from sluice.errors import PermissionDeniedError
 from sluice.settings import Settings
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
-
-_CERTIFICATE_NAMES = ("x509_common_name", "x509_subject_alternative_name")
+from sluice.workers.identity import certificate_names, forwarded_names
 
 
 def is_loopback_only(host: str) -> bool:
@@ -136,14 +139,12 @@ def _bearer(call: CallInfo) -> bytes | None:
 def _certificate_identity(
     context: grpc.aio.ServicerContext[Any, Any], identities: frozenset[str]
 ) -> str | None:
-    """The first name of the verified client certificate that ``identities`` lists."""
-    auth = context.auth_context()
-    for key in _CERTIFICATE_NAMES:
-        for value in auth.get(key, ()):
-            name = value.decode(errors="replace")
-            if name in identities:
-                return name
-    return None
+    """The first name of the verified client certificate that ``identities`` lists: the
+    certificate of this connection, or the one a transport process forwarded."""
+    names = certificate_names(context.auth_context()) or forwarded_names(
+        context.peer(), context.invocation_metadata() or ()
+    )
+    return next((name for name in names if name in identities), None)
 
 
 class AuthInterceptor(Interceptor):

@@ -1,0 +1,220 @@
+"""The engine's side of ``--workers N``: its private socket and the transport processes.
+
+The engine (the process ``sluice serve`` runs in) listens on a Unix socket in a fresh 0700
+temporary directory (``EngineSocket``), removed at exit. ``Transports`` starts the N
+transport processes as fresh interpreters (never forked from this process with grpc
+running in it): the first binds the configured port (0: any), the others the port it got,
+all with ``SO_REUSEPORT``; only then is ``gRPC listening on host:port`` logged. A transport
+that exits while the server runs is started again (logged, counted in
+``sluice_transport_restarts_total``). The drain stops them after the engine has refused new
+calls and seen its in-flight ones finish (``SluiceServer.drain``); they die with the engine
+if it is killed (``PR_SET_PDEATHSIG``, and their stdin closing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge
+
+from sluice.metrics import Metrics
+from sluice.settings import Settings
+from sluice.workers.transport import TransportConfig
+
+log = logging.getLogger(__name__)
+
+START_LIMIT_S = 60.0
+"""How long a transport process may take to start listening (a fresh interpreter)."""
+RESTART_DELAYS_S = (0.1, 0.5, 2.0, 5.0)
+"""Waits before starting a transport that exited again, one more each time it exits
+within ``STEADY_S`` of its start (then the last, until it stays up)."""
+STEADY_S = 30.0
+"""A transport up this long counts as healthy: its next restart waits the first delay."""
+
+
+class TransportStartError(RuntimeError):
+    """A transport process did not start listening."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSocket:
+    """The engine's private Unix socket, in a directory only this user can enter."""
+
+    directory: Path
+
+    @classmethod
+    def create(cls) -> EngineSocket:
+        directory = Path(tempfile.mkdtemp(prefix="sluice-engine-"))  # mode 0700
+        return cls(directory)
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.directory / 'engine.sock'}"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _TransportMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.running = Gauge(
+            "sluice_transport_processes",
+            "Transport processes serving the gRPC port (--workers).",
+            registry=metrics.registry,
+        )
+        self.restarts = Counter(
+            "sluice_transport_restarts",
+            "Transport processes started again after one exited.",
+            registry=metrics.registry,
+        )
+
+
+class Transports:
+    """The N transport processes in front of the engine."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: EngineSocket,
+        metrics: Metrics,
+        *,
+        python: str = sys.executable,
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._python = python
+        self._metrics = _TransportMetrics(metrics)
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._supervisors: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.port = settings.grpc_port
+
+    async def start(self) -> int:
+        """Start every transport; the public port. ``TransportStartError`` when one cannot
+        listen (the others are stopped)."""
+        try:
+            self.port = await self._spawn(0, self._settings.grpc_port)
+            await asyncio.gather(
+                *(self._spawn(i, self.port) for i in range(1, self._settings.workers))
+            )
+        except BaseException:
+            self.begin_stop(0.0)
+            await self.wait_stopped(1.0)
+            raise
+        self._supervisors = [
+            asyncio.create_task(self._supervise(i), name=f"sluice-transport-{i}")
+            for i in range(self._settings.workers)
+        ]
+        return self.port
+
+    def _config(self, index: int, port: int) -> TransportConfig:
+        s = self._settings
+        return TransportConfig(
+            index=index,
+            engine=self._engine.address,
+            host=s.host,
+            port=port,
+            parent_pid=os.getpid(),
+            max_message_bytes=s.max_message_bytes,
+            max_connection_age_s=s.max_connection_age_s,
+            max_connection_age_grace_s=s.max_connection_age_grace_s,
+            tls=s.tls.model_dump(mode="json"),
+            tracing=s.tracing.model_dump(mode="json"),
+            log_level=s.log_level,
+            log_format=s.log_format,
+        )
+
+    async def _spawn(self, index: int, port: int) -> int:
+        """Start transport ``index`` on ``port``; the port it listens on."""
+        proc = await asyncio.create_subprocess_exec(
+            self._python,
+            "-m",
+            "sluice.workers.transport",
+            self._config(index, port).to_json(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self._procs[index] = proc
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(START_LIMIT_S):
+                line = await proc.stdout.readline()
+        except TimeoutError:
+            proc.kill()
+            line = b""
+        command, _, value = line.decode(errors="replace").strip().partition(" ")
+        if command != "port" or not value.isdigit():
+            status = await proc.wait()
+            raise TransportStartError(
+                f"transport process {index} did not start listening on "
+                f"{self._settings.host}:{port} (exit status {status}; its log says why)"
+            )
+        self._metrics.running.inc()
+        return int(value)
+
+    async def _supervise(self, index: int) -> None:
+        failures = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            status = await self._procs[index].wait()
+            self._metrics.running.dec()
+            if self._stopping:
+                return
+            failures = 0 if loop.time() - started >= STEADY_S else failures + 1
+            delay = RESTART_DELAYS_S[min(failures, len(RESTART_DELAYS_S) - 1)]
+            log.error(
+                "transport process %d exited with status %s; starting it again in %.1fs",
+                index,
+                status,
+                delay,
+            )
+            self._metrics.restarts.inc()
+            await asyncio.sleep(delay)
+            while not self._stopping:
+                try:
+                    await self._spawn(index, self.port)
+                    log.info("transport process %d serves again", index)
+                    break
+                except TransportStartError as exc:
+                    log.error("%s; trying again in %.1fs", exc, RESTART_DELAYS_S[-1])
+                    await asyncio.sleep(RESTART_DELAYS_S[-1])
+            if self._stopping:
+                return
+
+    def begin_stop(self, grace_s: float) -> None:
+        """Tell every transport to stop: no new calls, those in flight get ``grace_s``."""
+        self._stopping = True
+        for proc in self._procs.values():
+            if proc.returncode is None and proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.write(f"stop {grace_s:.3f}\n".encode())
+
+    async def wait_stopped(self, limit_s: float) -> None:
+        """Wait for the transports to exit; kill any still running after ``limit_s``."""
+        self._stopping = True
+        for task in self._supervisors:
+            task.cancel()
+        procs = [p for p in self._procs.values() if p.returncode is None]
+        if procs:
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=limit_s)
+            for proc in procs:
+                if proc.returncode is None:
+                    log.warning("transport process %d did not stop in time; killing it", proc.pid)
+                    proc.kill()
+                    await proc.wait()
+        for task in self._supervisors:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        log.info("transport processes stopped")
+
+    def describe(self) -> str:
+        return "transport processes in front of one engine process"

@@ -1,0 +1,253 @@
+"""A transport process: the public gRPC port, every call forwarded to the engine.
+
+Started by the engine (``topology``) as ``python -m sluice.workers.transport <config>``, a
+fresh interpreter. It binds ``host:port`` with ``SO_REUSEPORT`` (the first transport binds
+the configured port, possibly 0; the others bind the port it got), terminates TLS there, and
+forwards each call as raw bytes: unary calls through a ``forward.UnaryForwarder``, all other
+shapes through ``forward.relay_stream``. The caller's metadata, deadline and cancellation go
+to the engine; the engine's status, details and metadata come back unchanged. Its only
+additions are the caller's identity (``identity``) and, when tracing is on, a
+``sluice.transport`` span the engine's server span is a child of.
+
+Control is over pipes: it writes ``port <n>`` on stdout once it listens, and stops when its
+stdin says ``stop <grace_s>`` (finishing the calls in flight within the grace) or closes
+(the engine is gone: stop at once). SIGTERM and SIGINT are left to the engine, which drains
+first; the kernel kills this process if the engine dies (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from sluice import logs
+from sluice.settings import TLSSettings, TracingSettings
+from sluice.tracing import Tracing, outgoing_context
+from sluice.transport.tls import CertificateFiles
+from sluice.workers import forward, identity
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.sluice.v1 import generation_service_pb2 as gen_pb
+from sluice_api.sluice.v1 import model_service_pb2 as models_pb
+
+log = logging.getLogger("sluice.workers.transport")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TransportConfig:
+    """What a transport process needs, sent as JSON on its command line (no secrets: the
+    admin token is checked by the engine)."""
+
+    index: int
+    engine: str
+    """The engine's address (``unix:<path>``)."""
+    host: str
+    port: int
+    parent_pid: int
+    max_message_bytes: int
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float = 30.0
+    tls: dict[str, Any] = field(default_factory=dict)
+    tracing: dict[str, Any] = field(default_factory=dict)
+    log_level: str = "INFO"
+    log_format: str = "auto"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> TransportConfig:
+        return cls(**json.loads(text))
+
+
+def _methods() -> dict[str, bool]:
+    """Every method of the services Sluice serves, and whether it is unary-unary."""
+    files = (pb.DESCRIPTOR, gen_pb.DESCRIPTOR, models_pb.DESCRIPTOR, health_pb2.DESCRIPTOR)
+    return {
+        f"/{service.full_name}/{method.name}": not (
+            method.client_streaming or method.server_streaming
+        )
+        for file in files
+        for service in file.services_by_name.values()
+        for method in service.methods
+    }
+
+
+class Proxy(grpc.GenericRpcHandler):
+    """Forwards every method: unary ones as ``Reply``s, the rest as relayed streams."""
+
+    def __init__(self, forwarder: forward.GrpcForwarder, *, index: int, tracing: Tracing) -> None:
+        self._forwarder = forwarder
+        self._index = index
+        self._tracing = tracing
+        self._methods = _methods()
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is not None:
+            return handler
+        unary = self._methods.get(method)
+        if unary:
+            handler = grpc.unary_unary_rpc_method_handler(self._unary(method))
+        else:  # a stream, or a method only the engine knows (reflection, or none at all)
+            handler = grpc.stream_stream_rpc_method_handler(self._stream(method))
+        if unary is not None:  # callers' made-up names must not grow the table
+            self._handlers[method] = handler
+        return handler
+
+    def _metadata(self, context: Context) -> list[identity.Metadatum]:
+        forwarded = identity.outgoing(
+            context.invocation_metadata() or (),
+            peer=context.peer(),
+            names=identity.certificate_names(context.auth_context()),
+            transport=self._index,
+        )
+        if self._tracing.enabled:  # our span is the parent of the engine's
+            forwarded = [(k, v) for k, v in forwarded if k not in ("traceparent", "tracestate")]
+            forwarded.extend(outgoing_context().items())
+        return forwarded
+
+    def _span(self, method: str, context: Context) -> Any:
+        if not self._tracing.enabled or method.startswith(("/grpc.health.", "/grpc.reflection.")):
+            return _NO_SPAN
+        return self._tracing.server_span(
+            "/sluice.transport" + method,
+            context.invocation_metadata() or (),
+            {"sluice.transport": self._index},
+        )
+
+    def _unary(self, method: str) -> Callable[[bytes, Context], Any]:
+        unary = self._forwarder.unary
+
+        async def behavior(request: bytes, context: Context) -> bytes:
+            with self._span(method, context):
+                reply = await unary(
+                    method, request, self._metadata(context), context.time_remaining()
+                )
+            return await forward.answer_unary(reply, context)
+
+        return behavior
+
+    def _stream(self, method: str) -> Callable[[Any, Context], Any]:
+        multicallable = self._forwarder.stream(method)
+
+        async def behavior(incoming: Any, context: Context) -> None:
+            with self._span(method, context):
+                await forward.relay_stream(
+                    multicallable, incoming, context, self._metadata(context)
+                )
+
+        return behavior
+
+
+class _NoSpan:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+_NO_SPAN = _NoSpan()
+
+
+def _options(config: TransportConfig) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 1),  # every transport binds the same port
+    ]
+    if config.max_connection_age_s is not None:
+        options += [
+            ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def serve(config: TransportConfig) -> int:
+    tracing = Tracing.from_environment(TracingSettings(**config.tracing))
+    forwarder = forward.GrpcForwarder(config.engine, max_message_bytes=config.max_message_bytes)
+    server = grpc.aio.server(options=_options(config))
+    server.add_generic_rpc_handlers((Proxy(forwarder, index=config.index, tracing=tracing),))
+    tls = TLSSettings(**config.tls)
+    address = _address(config.host, config.port)
+    if tls.enabled:
+        port = server.add_secure_port(address, CertificateFiles(tls).credentials())
+    else:
+        port = server.add_insecure_port(address)
+    await server.start()
+    print(f"port {port}", flush=True)
+    log.info("transport %d serving %s:%d", config.index, config.host, port)
+    grace_s = await _wait_for_stop()
+    await server.stop(grace_s)
+    await forwarder.close()
+    await tracing.shutdown()
+    return 0
+
+
+async def _wait_for_stop() -> float:
+    """Read stdin until ``stop <grace_s>`` (that grace) or its end (no grace)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        command, _, value = line.decode().strip().partition(" ")
+        if command == "stop":
+            return float(value or 0)
+    return 0.0
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when the engine dies (Linux), and stop now if it
+    already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the closed stdin still stops us
+        pass
+    if os.getppid() != parent_pid:
+        sys.exit(0)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    config = TransportConfig.from_json(args[0])
+    _die_with_parent(config.parent_pid)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # the engine drains, then stops us
+        signal.signal(signum, signal.SIG_IGN)
+    logs.configure(config.log_level, config.log_format)  # type: ignore[arg-type]
+    try:
+        return asyncio.run(serve(config))
+    except (OSError, RuntimeError) as exc:
+        log.error(
+            "transport %d cannot listen on %s:%d: %s", config.index, config.host, config.port, exc
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

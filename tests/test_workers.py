@@ -1,0 +1,494 @@
+"""``sluice serve --workers 2``: two transport processes in front of one engine, tested over
+the real wire (a real process on 127.0.0.1, port 0; separate channels land on separate
+connections, which the kernel spreads over the transports)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from sluice.repository import EXAMPLE_REPOSITORY
+from sluice.workers.identity import IDENTITY_KEY, PEER_KEY
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
+from sluice_api.sluice.v1 import generation_service_pb2 as gen
+from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
+from sluice_api.sluice.v1 import model_service_pb2 as models
+from sluice_api.sluice.v1 import model_service_pb2_grpc as models_grpc
+from sluice_client.names import REQUEST_ID_KEY
+from tests.certs import ADMIN_CN, Certificates
+from tests.models import write_identity
+from tests.observability.collector import Collector
+from tests.serve_process import ServeProcess, serve_process
+
+WORKERS = ("--workers", "2")
+METRICS_URL = r"metrics on (http://\S+/metrics)"
+CHANNELS = 8
+"""Separate connections: the chance that all land on one of two transports is 1 in 128."""
+
+
+def echo_repository(root: Path, *, delay_us: int = 0, extra: str = "") -> Path:
+    """``echo`` (FP32 ``x`` [batch, -1] -> ``y``), versions 1 and 2, both served."""
+    write_identity(root, "echo")
+    shutil.copytree(root / "echo" / "1", root / "echo" / "2")
+    (root / "echo" / "config.yaml").write_text(
+        "max_batch_size: 64\nversion_policy: {all: true}\n"
+        f"dynamic_batching: {{max_queue_delay_us: {delay_us}}}\n{extra}"
+    )
+    return root
+
+
+def echo_request(value: float, version: str = "") -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(
+        model_name="echo",
+        model_version=version,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="x",
+                datatype="FP32",
+                shape=[1, 1],
+                contents=pb.InferTensorContents(fp32_contents=[value]),
+            )
+        ],
+    )
+
+
+def echoed(response: pb.ModelInferResponse) -> float:
+    return float(np.frombuffer(response.raw_output_contents[0], dtype=np.float32)[0])
+
+
+def channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """A channel with its own connection (not shared through grpc's global subchannel pool)."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+@asynccontextmanager
+async def channels(
+    address: str, count: int = CHANNELS, credentials: grpc.ChannelCredentials | None = None
+) -> AsyncIterator[list[grpc.aio.Channel]]:
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(channel(address, credentials)) for _ in range(count)]
+
+
+async def ready(server: ServeProcess) -> str:
+    address = await server.address()
+    await server.wait_for("ready: serving")
+    return address
+
+
+def metrics_text(server: ServeProcess) -> str:
+    url = re.search(METRICS_URL, server.log)
+    assert url is not None, server.log
+    with urllib.request.urlopen(url.group(1), timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+def metric(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert found is not None, f"{name} not in the metrics"
+    return float(found.group(1))
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def until(condition: object, limit_s: float = 30.0) -> None:
+    async with asyncio.timeout(limit_s):
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.05)
+
+
+async def test_every_kind_of_call_goes_through_the_transports_unchanged(tmp_path: Path) -> None:
+    repository = echo_repository(tmp_path / "models")
+    shutil.copytree(EXAMPLE_REPOSITORY / "tiny_llama", repository / "tiny_llama")
+    async with serve_process("--model-repository", repository, *WORKERS) as server:
+        address = await ready(server)
+        # Both transports listen on the port the log names.
+        served = re.findall(r"transport (\d) serving 127\.0\.0\.1:(\d+)", server.log)
+        await server.wait_for(r"transport 1 serving")
+        served = re.findall(r"transport (\d) serving 127\.0\.0\.1:(\d+)", server.log)
+        assert sorted(served) == [("0", address.rsplit(":")[1]), ("1", address.rsplit(":")[1])]
+        assert "engine listening on unix:" in server.log
+        async with channels(address) as chans:
+            # Unary: answers, metadata in (the request id) and trailing metadata out.
+            for i, chan in enumerate(chans):
+                call = pb_grpc.GRPCInferenceServiceStub(chan).ModelInfer(
+                    echo_request(float(i)), metadata=((REQUEST_ID_KEY, f"call-{i}"),), timeout=30
+                )
+                assert echoed(await call) == float(i)
+                assert (REQUEST_ID_KEY, f"call-{i}") in tuple(await call.trailing_metadata())
+            stub = pb_grpc.GRPCInferenceServiceStub(chans[0])
+            # Errors: the engine's code and details, and its trailers.
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await stub.ModelInfer(pb.ModelInferRequest(model_name="nope"), timeout=30)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "nope" in (missing.value.details() or "")
+            assert any(k == REQUEST_ID_KEY for k, _ in missing.value.trailing_metadata() or ())
+            # Binary metadata reaches the engine untouched (an invalid request id is replaced).
+            bad = echo_request(1.0)
+            bad.inputs[0].shape[:] = [1, 2]
+            with pytest.raises(grpc.aio.AioRpcError) as invalid:
+                await stub.ModelInfer(bad, metadata=(("x-blob-bin", b"\x00\xff"),), timeout=30)
+            assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # Server streaming (generation), bidirectional streaming (ModelStreamInfer).
+            tokens = [
+                r
+                async for r in gen_grpc.GenerationServiceStub(chans[1]).Generate(
+                    gen.GenerateRequest(
+                        model_name="tiny_llama",
+                        prompt="hello",
+                        parameters=gen.SamplingParameters(max_new_tokens=4),
+                    ),
+                    timeout=60,
+                )
+            ]
+            assert len(tokens) >= 2
+            stream = stub.ModelStreamInfer(iter([echo_request(5.0), echo_request(6.0)]))
+            replies = [r async for r in stream]
+            assert [echoed(r.infer_response) for r in replies] == [5.0, 6.0]
+            # Health (Check and Watch), reflection, and a method nobody serves.
+            health = health_pb2_grpc.HealthStub(chans[2])
+            checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert checked.status == health_pb2.HealthCheckResponse.SERVING
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+            reflection = reflection_pb2_grpc.ServerReflectionStub(chans[3])
+            listed = [
+                r
+                async for r in reflection.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+                )
+            ]
+            names = {s.name for s in listed[0].list_services_response.service}
+            assert {"inference.GRPCInferenceService", "sluice.v1.ModelService"} <= names
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await chans[4].unary_unary("/no.Such/Method")(b"", timeout=10)
+            assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # One answer from every connection: statistics and the repository index.
+            stats = [
+                await pb_grpc.GRPCInferenceServiceStub(c).ModelStatistics(
+                    pb.ModelStatisticsRequest(name="echo"), timeout=10
+                )
+                for c in chans
+            ]
+            counts = {sum(m.inference_stats.success.count for m in s.model_stats) for s in stats}
+            assert counts == {CHANNELS + 2}  # every unary and stream request, once
+            indexes = {
+                (
+                    await pb_grpc.GRPCInferenceServiceStub(c).RepositoryIndex(
+                        pb.RepositoryIndexRequest(), timeout=10
+                    )
+                ).SerializeToString(deterministic=True)
+                for c in chans
+            }
+            assert len(indexes) == 1
+        text = metrics_text(server)  # only the engine serves metrics
+        assert metric(text, "sluice_transport_processes") == 2
+        assert metric(text, "sluice_transport_restarts_total") == 0
+        assert await server.stop() == 0
+
+
+async def test_the_deadline_and_cancellation_reach_the_engine(tmp_path: Path) -> None:
+    repository = echo_repository(tmp_path / "models", delay_us=5_000_000, extra="")
+    (repository / "echo" / "config.yaml").write_text(
+        "max_batch_size: 64\nversion_policy: {all: true}\n"
+        "dynamic_batching: {max_queue_delay_us: 5000000, preferred_batch_sizes: [64]}\n"
+    )
+    async with serve_process("--model-repository", repository, *WORKERS) as server:
+        address = await ready(server)
+        async with channel(address) as chan:
+            stub = pb_grpc.GRPCInferenceServiceStub(chan)
+            # Waiting 5 s for a batch, a 0.5 s call ends with DEADLINE_EXCEEDED...
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await stub.ModelInfer(echo_request(1.0), timeout=0.5)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # ... and a cancelled call leaves the engine's queue: the engine dropped both.
+            call = stub.ModelInfer(echo_request(2.0), timeout=30)
+            await asyncio.sleep(0.5)
+            call.cancel()
+
+            def dropped() -> float:  # the engine saw both callers go (deadline or cancel)
+                found = re.findall(
+                    r'^sluice_dropped_requests_total{[^}]*reason="(?:deadline|cancelled)"'
+                    r"[^}]*} (\S+)$",
+                    metrics_text(server),
+                    re.MULTILINE,
+                )
+                return sum(float(value) for value in found)
+
+            await until(lambda: dropped() >= 2)
+        assert await server.stop() == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_forwarded_identity_cannot_be_forged_over_the_public_port(
+    tmp_path: Path, certificates: Certificates, workers: str
+) -> None:
+    repository = echo_repository(tmp_path / "models")
+    env = {
+        "SLUICE_TLS__CERT_FILE": str(certificates.server_cert),
+        "SLUICE_TLS__KEY_FILE": str(certificates.server_key),
+        "SLUICE_TLS__CLIENT_CA_FILE": str(certificates.ca),
+        "SLUICE_TLS__REQUIRE_CLIENT_CERT": "true",
+        "SLUICE_ADMIN__IDENTITIES": json.dumps([ADMIN_CN]),
+        "SLUICE_ADMIN__TOKEN": "the-admin-token",
+    }
+
+    def as_(cert: Path, key: Path) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            certificates.ca.read_bytes(), key.read_bytes(), cert.read_bytes()
+        )
+
+    app = as_(certificates.client_cert, certificates.client_key)
+    admin = as_(certificates.admin_cert, certificates.admin_key)
+    rescan = models.RescanRepositoryRequest(reason="test")
+    args = ("--model-repository", repository, "--workers", workers)
+    async with serve_process(*args, env=env) as server:
+        address = await ready(server)
+        async with channels(address, 4, app) as apps, channel(address, admin) as admins:
+            for chan in apps:  # a forged identity, over every transport
+                with pytest.raises(grpc.aio.AioRpcError) as denied:
+                    await models_grpc.ModelServiceStub(chan).RescanRepository(
+                        rescan,
+                        metadata=((IDENTITY_KEY, ADMIN_CN), (PEER_KEY, "unix:")),
+                        timeout=30,
+                    )
+                assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            # The admin's certificate is honoured through the transport, as is the token.
+            await models_grpc.ModelServiceStub(admins).RescanRepository(rescan, timeout=30)
+            await models_grpc.ModelServiceStub(apps[0]).RescanRepository(
+                rescan, metadata=(("authorization", "Bearer the-admin-token"),), timeout=30
+            )
+            history = await models_grpc.ModelServiceStub(admins).GetModelHistory(
+                models.GetModelHistoryRequest(model_name="echo"), timeout=30
+            )
+            assert history is not None
+        assert await server.stop() == 0
+
+
+async def test_a_promotion_under_load_reaches_every_transport_with_no_failed_call(
+    tmp_path: Path,
+) -> None:
+    repository = echo_repository(tmp_path / "models", delay_us=200)
+    async with serve_process("--model-repository", repository, *WORKERS) as server:
+        address = await ready(server)
+        failures: list[str] = []
+        versions: list[list[str]] = [[] for _ in range(CHANNELS)]
+        stop = asyncio.Event()
+
+        async def load(chan: grpc.aio.Channel, seen: list[str]) -> None:
+            stub = pb_grpc.GRPCInferenceServiceStub(chan)
+            while not stop.is_set():
+                try:
+                    reply = await stub.ModelInfer(echo_request(3.0), timeout=30)
+                    seen.append(reply.model_version)
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(f"{exc.code()}: {exc.details()}")
+
+        async with channels(address) as chans:
+            admin = models_grpc.ModelServiceStub(chans[0])
+            workers = [
+                asyncio.create_task(load(c, seen)) for c, seen in zip(chans, versions, strict=True)
+            ]
+            await until(lambda: all(len(v) >= 3 for v in versions))
+            for step in (
+                admin.PromoteModel(models.PromoteModelRequest(model_name="echo", version="1")),
+                admin.RollbackModel(models.RollbackModelRequest(model_name="echo")),
+                admin.PromoteModel(models.PromoteModelRequest(model_name="echo", version="1")),
+                admin.UnloadModel(models.UnloadModelRequest(model_name="echo", version="2")),
+                admin.LoadModel(models.LoadModelRequest(model_name="echo", version="2")),
+            ):
+                await step
+                await more_calls(versions)
+            await more_calls(versions)
+            stop.set()
+            await asyncio.gather(*workers)
+        assert failures == []
+        # After the last promotion every connection, whichever transport it is on, gets 1.
+        assert {v[-1] for v in versions} == {"1"}
+        assert all("2" in v for v in versions)  # and each saw version 2 before
+        assert await server.stop() == 0
+
+
+async def more_calls(versions: list[list[str]], count: int = 3) -> None:
+    """Until every connection has made ``count`` more calls."""
+    marks = [len(v) for v in versions]
+    await until(lambda: all(len(v) >= m + count for v, m in zip(versions, marks, strict=True)))
+
+
+async def test_sigterm_drains_through_every_transport_and_exits_0(tmp_path: Path) -> None:
+    repository = echo_repository(tmp_path / "models")
+    (repository / "echo" / "config.yaml").write_text(
+        "max_batch_size: 64\n"
+        "dynamic_batching: {max_queue_delay_us: 2000000, preferred_batch_sizes: [64]}\n"
+    )
+    env = {"SLUICE_DRAIN_NOTICE_S": "1.0", "SLUICE_DRAIN_GRACE_S": "20"}
+    async with serve_process("--model-repository", repository, *WORKERS, env=env) as server:
+        address = await ready(server)
+        transports = children(server.proc.pid)
+        assert len(transports) == 2
+        async with channels(address, 4) as chans:
+            watches = [
+                health_pb2_grpc.HealthStub(c).Watch(health_pb2.HealthCheckRequest()) for c in chans
+            ]
+            for watch in watches:
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            # Calls in flight (each waits 2 s for its batch) when the signal lands.
+            inflight = [
+                pb_grpc.GRPCInferenceServiceStub(c).ModelInfer(echo_request(7.0), timeout=30)
+                for c in chans
+            ]
+            await asyncio.sleep(0.3)
+            server.proc.send_signal(signal.SIGTERM)
+            for watch in watches:  # NOT_SERVING through every transport, then the end
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await server.wait_for("draining")
+            await asyncio.sleep(1.2)  # past the notice: new calls are refused
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pb_grpc.GRPCInferenceServiceStub(chans[0]).ModelInfer(
+                    echo_request(8.0), timeout=30
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert [echoed(await call) for call in inflight] == [7.0] * 4
+            for watch in watches:
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await watch.read()
+                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await server.finish() == 0
+        assert server.log.index("draining") < server.log.index("transport processes stopped")
+        assert not any(alive(pid) for pid in transports)
+
+
+async def test_a_dead_transport_is_restarted_and_none_outlives_a_killed_server(
+    tmp_path: Path,
+) -> None:
+    repository = echo_repository(tmp_path / "models")
+    async with serve_process("--model-repository", repository, *WORKERS) as server:
+        address = await ready(server)
+        first, second = children(server.proc.pid)
+        os.kill(first, signal.SIGKILL)
+        await server.wait_for(r"transport process 0 exited with status -9; starting it again")
+        await server.wait_for("transport process 0 serves again")
+        now = children(server.proc.pid)
+        assert len(now) == 2 and second in now and first not in now
+        async with channels(address) as chans:
+            replies = await asyncio.gather(
+                *(
+                    pb_grpc.GRPCInferenceServiceStub(c).ModelInfer(echo_request(1.0), timeout=30)
+                    for c in chans
+                )
+            )
+        assert [echoed(r) for r in replies] == [1.0] * CHANNELS
+        text = metrics_text(server)
+        assert metric(text, "sluice_transport_restarts_total") == 1
+        assert metric(text, "sluice_transport_processes") == 2
+        server.proc.kill()  # the engine dies without a drain: its transports die with it
+        await server.proc.wait()
+        await until(lambda: not any(alive(pid) for pid in now), limit_s=10)
+
+
+async def test_requests_from_different_transports_join_one_batch_in_one_trace_each(
+    tmp_path: Path,
+) -> None:
+    collector = await Collector().start()
+    repository = echo_repository(tmp_path / "models", delay_us=300_000)
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_SERVICE_NAME": "sluice-workers-test",
+    }
+    try:
+        async with serve_process("--model-repository", repository, *WORKERS, env=env) as server:
+            address = await ready(server)
+            async with channels(address) as chans:
+                for round_ in range(3):  # each connection has one call at a time
+                    calls = [
+                        pb_grpc.GRPCInferenceServiceStub(c).ModelInfer(
+                            echo_request(float(i)),
+                            metadata=(("traceparent", traceparent(round_, i)),),
+                            timeout=20,
+                        )
+                        for i, c in enumerate(chans)
+                    ]
+                    assert [echoed(await c) for c in calls] == [float(i) for i in range(CHANNELS)]
+                stats = await pb_grpc.GRPCInferenceServiceStub(chans[0]).ModelStatistics(
+                    pb.ModelStatisticsRequest(name="echo"), timeout=10
+                )
+            inferences = sum(m.inference_count for m in stats.model_stats)
+            executions = sum(m.execution_count for m in stats.model_stats)
+            assert inferences == 3 * CHANNELS
+            assert executions < inferences  # batches larger than any connection's one call
+            assert await server.stop() == 0
+        spans = await collector.wait_for(
+            lambda got: (
+                len([s for s in got if s.name.startswith("sluice.transport/")]) >= 3 * CHANNELS
+            )
+        )
+    finally:
+        await collector.stop()
+    by_id = {s.span_id: s for s in spans}
+    infer = "inference.GRPCInferenceService/ModelInfer"
+    transport_spans = [s for s in spans if s.name == f"sluice.transport/{infer}"]
+    # One trace per call: the caller's trace id, the transport's span under the caller's,
+    # the engine's server span under the transport's.
+    callers = {
+        traceparent(r, i).split("-")[1]: traceparent(r, i).split("-")[2]
+        for r in range(3)
+        for i in range(CHANNELS)
+    }
+    for span in transport_spans:
+        assert span.parent_span_id == callers[span.trace_id]
+        engine = [s for s in spans if s.name == infer and s.parent_span_id == span.span_id]
+        assert len(engine) == 1 and engine[0].trace_id == span.trace_id
+        assert 0 < engine[0].attributes["sluice.budget_s"] <= 20  # the caller's deadline
+    assert {s.trace_id for s in transport_spans} == set(callers)
+
+    def transport_of(span_id: str) -> int | None:
+        span = by_id.get(span_id)
+        while span is not None:
+            if "sluice.transport" in span.attributes:
+                return int(span.attributes["sluice.transport"])
+            span = by_id.get(span.parent_span_id)
+        return None
+
+    mixes = [
+        {transport_of(span_id) for _, span_id in batch.links}
+        for batch in spans
+        if batch.name == "sluice.batch"
+    ]
+    assert {0, 1} in [m - {None} for m in mixes], mixes  # a batch with calls from both
+
+
+def traceparent(round_: int, index: int) -> str:
+    return f"00-{round_ + 1:016x}{index + 1:016x}-{index + 1:016x}-01"
