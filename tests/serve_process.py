@@ -1,6 +1,8 @@
 """A real ``sluice serve`` process on 127.0.0.1, port 0, whose log is read as it is written.
 
 The process is killed when the ``serve_process`` block ends, so no server outlives its test.
+With ``SLUICE_TEST_WORKERS=N`` in the environment, every such server runs with
+``--workers N`` (transport processes in front of the engine) unless the test says otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from pathlib import Path
 LISTENING = re.compile(r"gRPC listening on [\d.]+:(\d+)")
 #: ``python -m sluice`` with the interpreter running the tests.
 THIS_PYTHON = (sys.executable, "-m", "sluice")
+
+
+def workers_env() -> dict[str, str]:
+    """``SLUICE_WORKERS`` as ``SLUICE_TEST_WORKERS`` asks (nothing when it is not set)."""
+    workers = os.environ.get("SLUICE_TEST_WORKERS")
+    return {"SLUICE_WORKERS": workers} if workers else {}
 
 
 @dataclass(eq=False)
@@ -80,7 +88,7 @@ async def serve_process(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "SLUICE_LOG_FORMAT": "json", **(env or {})},
+        env={**os.environ, "SLUICE_LOG_FORMAT": "json", **workers_env(), **(env or {})},
         cwd=cwd,
     )
     try:

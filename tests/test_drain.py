@@ -29,6 +29,7 @@ from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
 from tests.conftest import REPO_ROOT, StartServer
 from tests.fakes import Behaviour, fake_backends, fake_repository
 from tests.observability.collector import Collector
+from tests.serve_process import workers_env
 
 LISTENING = re.compile(rb"gRPC listening on [\d.]+:(\d+)")
 METRICS_URL = re.compile(r"metrics on (http://\S+/metrics)")
@@ -61,7 +62,13 @@ def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def start_process(
     repository: Path, extra_env: dict[str, str], processes: list[asyncio.subprocess.Process]
 ) -> tuple[asyncio.subprocess.Process, int, list[bytes]]:
-    env = {**os.environ, "SLUICE_DRAIN_GRACE_S": "60", "SLUICE_METRICS_PORT": "0", **extra_env}
+    env = {
+        **os.environ,
+        "SLUICE_DRAIN_GRACE_S": "60",
+        "SLUICE_METRICS_PORT": "0",
+        **workers_env(),
+        **extra_env,
+    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -20,9 +20,17 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pydantic import ValidationError
 
 from sluice.repository import EXAMPLE_REPOSITORY
-from sluice.workers.identity import IDENTITY_KEY, PEER_KEY
+from sluice.settings import load_settings
+from sluice.workers.identity import (
+    IDENTITY_KEY,
+    PEER_KEY,
+    TRANSPORT_KEY,
+    forwarded_names,
+    outgoing,
+)
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
@@ -503,3 +511,40 @@ async def test_requests_from_different_transports_join_one_batch_in_one_trace_ea
 
 def traceparent(round_: int, index: int) -> str:
     return f"00-{round_ + 1:016x}{index + 1:016x}-{index + 1:016x}-01"
+
+
+def test_a_transport_strips_the_callers_internal_keys_and_adds_the_identity() -> None:
+    forwarded = outgoing(
+        [
+            ("x-request-id", "r1"),
+            (IDENTITY_KEY, ADMIN_CN),
+            (PEER_KEY, "unix:"),
+            (TRANSPORT_KEY, "7"),
+            ("user-agent", "grpc-python"),
+            ("x-blob-bin", b"\x00"),
+            ("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01"),
+        ],
+        peer="ipv4:10.0.0.9:5555",
+        names=["app", "spiffe://sluice.test/app"],
+        transport=1,
+    )
+    assert forwarded == [
+        ("x-request-id", "r1"),
+        ("x-blob-bin", b"\x00"),
+        ("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01"),
+        (PEER_KEY, "ipv4:10.0.0.9:5555"),
+        (IDENTITY_KEY, "app"),
+        (IDENTITY_KEY, "spiffe://sluice.test/app"),
+        (TRANSPORT_KEY, "1"),
+    ]
+    # The engine takes the names only from its private socket.
+    assert forwarded_names("unix:", forwarded) == ["app", "spiffe://sluice.test/app"]
+    assert forwarded_names("ipv4:127.0.0.1:4444", forwarded) == []
+
+
+@pytest.mark.parametrize("workers", [0, 65])
+def test_workers_is_between_1_and_64(workers: int) -> None:
+    with pytest.raises(ValidationError, match="workers"):
+        load_settings(workers=workers)
+    assert load_settings().workers == 1
+    assert load_settings(workers=64).workers == 64

@@ -1,0 +1,98 @@
+"""``sluice serve --workers 1`` against ``--workers 2`` on the benchmark MLP, interleaved.
+
+Both servers run at once on the same repository (batch-1 requests, dynamic batching up to
+64 rows, no queue delay, as in bench/run.py); perf_analyzer measures each concurrency on
+one, then the other, for ``--rounds`` rounds, so machine noise hits both alike. The table
+gives the median of the rounds per server and concurrency, and the ratio 2 / 1.
+
+    python bench/workers.py                 # 3 rounds at c = 1, 8, 32 (about 5 minutes)
+    python bench/workers.py --quick         # 1 round, short windows (a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import run as core  # bench/run.py: model, repository, servers, perf_analyzer
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="0.5 s windows, one round")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3; quick 1)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--workers", type=int, default=2, help="the second server's workers")
+    parser.add_argument("--perf-analyzer", default=None, metavar="PATH")
+    parser.add_argument("--json", type=Path, default=None, help="also write the runs here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    profile = core.QUICK if args.quick else core.FULL
+    rounds = args.rounds or (1 if args.quick else 3)
+    pa = core.find_perf_analyzer(args.perf_analyzer)
+    names = {"workers-1": "1", f"workers-{args.workers}": str(args.workers)}
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {n: {} for n in names}
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-workers-") as tmp:
+        work = Path(tmp)
+        model_file = work / "mlp.onnx"
+        core.build_model(model_file)
+        repository = core.make_repository(work / "repo", model_file, "onnx", max_batch_size=64)
+        servers = {
+            name: core.sluice_server(name, repository, work, {"SLUICE_WORKERS": count})
+            for name, count in names.items()
+        }
+        try:
+            for server in servers.values():
+                server.start()
+                server.wait_ready()
+            for round_ in range(rounds):
+                for c in args.concurrency:
+                    for name, server in servers.items():  # A, B for each point
+                        out = core.run_perf_analyzer(
+                            pa, server.address, c, profile, work, f"{name}-r{round_}"
+                        )
+                        runs[name].setdefault(c, []).append(out)
+                        core.note(f"round {round_} {name} c={c}: {out.get('throughput')}")
+        finally:
+            for server in servers.values():
+                server.stop()
+    print(table(runs, args.concurrency, rounds))
+    if args.json is not None:
+        args.json.write_text(json.dumps(runs, indent=2, default=str))
+    return 0
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def table(runs: dict[str, dict[int, list[dict[str, Any]]]], cs: Sequence[int], rounds: int) -> str:
+    base, other = list(runs)
+    lines = [
+        f"medians of {rounds} interleaved round(s); throughput in inferences/s, p50 in us",
+        "",
+        f"| c | {base} inf/s | {other} inf/s | ratio | {base} p50 | {other} p50 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in cs:
+        a, b = _median(runs[base][c], "throughput"), _median(runs[other][c], "throughput")
+        pa, pb = _median(runs[base][c], "p50_us"), _median(runs[other][c], "p50_us")
+        ratio = f"{b / a:.2f}" if a and b else "n/a"
+        lines.append(
+            f"| {c} | {a or 0:.0f} | {b or 0:.0f} | {ratio} | {pa or 0:.0f} | {pb or 0:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
