@@ -29,6 +29,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3; quick 1)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workers", type=int, default=2, help="the second server's workers")
+    parser.add_argument(
+        "--stability",
+        type=int,
+        default=None,
+        metavar="PCT",
+        help="perf_analyzer -s (default: the profile's; raise it on a busy machine)",
+    )
     parser.add_argument("--perf-analyzer", default=None, metavar="PATH")
     parser.add_argument("--json", type=Path, default=None, help="also write the runs here")
     return parser.parse_args(argv)
@@ -58,7 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for c in args.concurrency:
                     for name, server in servers.items():  # A, B for each point
                         out = core.run_perf_analyzer(
-                            pa, server.address, c, profile, work, f"{name}-r{round_}"
+                            pa,
+                            server.address,
+                            c,
+                            profile,
+                            work,
+                            f"{name}-r{round_}",
+                            stability_pct=args.stability,
                         )
                         runs[name].setdefault(c, []).append(out)
                         core.note(f"round {round_} {name} c={c}: {out.get('throughput')}")
@@ -81,15 +94,19 @@ def table(runs: dict[str, dict[int, list[dict[str, Any]]]], cs: Sequence[int], r
     lines = [
         f"medians of {rounds} interleaved round(s); throughput in inferences/s, p50 in us",
         "",
-        f"| c | {base} inf/s | {other} inf/s | ratio | {base} p50 | {other} p50 |",
-        "|---|---|---|---|---|---|",
+        f"| c | {base} inf/s | {other} inf/s | ratio | {base} p50 | {other} p50 | stable runs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in cs:
         a, b = _median(runs[base][c], "throughput"), _median(runs[other][c], "throughput")
         pa, pb = _median(runs[base][c], "p50_us"), _median(runs[other][c], "p50_us")
         ratio = f"{b / a:.2f}" if a and b else "n/a"
+        stable = "/".join(
+            str(sum(r.get("throughput") is not None for r in runs[n][c])) for n in (base, other)
+        )
         lines.append(
-            f"| {c} | {a or 0:.0f} | {b or 0:.0f} | {ratio} | {pa or 0:.0f} | {pb or 0:.0f} |"
+            f"| {c} | {a or 0:.0f} | {b or 0:.0f} | {ratio} | {pa or 0:.0f} | {pb or 0:.0f} "
+            f"| {stable} |"
         )
     return "\n".join(lines)
 

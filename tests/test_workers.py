@@ -37,7 +37,7 @@ from sluice_api.sluice.v1 import generation_service_pb2 as gen
 from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
 from sluice_api.sluice.v1 import model_service_pb2 as models
 from sluice_api.sluice.v1 import model_service_pb2_grpc as models_grpc
-from sluice_client.names import REQUEST_ID_KEY
+from sluice_client.names import PUSHBACK_KEY, REQUEST_ID_KEY
 from tests.certs import ADMIN_CN, Certificates
 from tests.models import write_identity
 from tests.observability.collector import Collector
@@ -227,19 +227,29 @@ async def test_every_kind_of_call_goes_through_the_transports_unchanged(tmp_path
         assert await server.stop() == 0
 
 
-async def test_the_deadline_and_cancellation_reach_the_engine(tmp_path: Path) -> None:
+async def test_deadline_cancellation_and_pushback_cross_the_transports(tmp_path: Path) -> None:
     repository = echo_repository(tmp_path / "models", delay_us=5_000_000, extra="")
     (repository / "echo" / "config.yaml").write_text(
         "max_batch_size: 64\nversion_policy: {all: true}\n"
         "dynamic_batching: {max_queue_delay_us: 5000000, preferred_batch_sizes: [64]}\n"
     )
-    async with serve_process("--model-repository", repository, *WORKERS) as server:
+    env = {"SLUICE_ADMISSION__MAX_INFLIGHT_REQUESTS": "1", "SLUICE_ADMISSION__PUSHBACK_MS": "70"}
+    async with serve_process("--model-repository", repository, *WORKERS, env=env) as server:
         address = await ready(server)
-        async with channel(address) as chan:
+        async with channel(address) as chan, channel(address) as other:
             stub = pb_grpc.GRPCInferenceServiceStub(chan)
             # Waiting 5 s for a batch, a 0.5 s call ends with DEADLINE_EXCEEDED...
+            first = stub.ModelInfer(echo_request(1.0), timeout=0.5)
+            await asyncio.sleep(0.2)
+            # (meanwhile, over any transport, the engine's overload answer and its pushback)
+            with pytest.raises(grpc.aio.AioRpcError) as shed:
+                await pb_grpc.GRPCInferenceServiceStub(other).ModelInfer(
+                    echo_request(9.0), timeout=10
+                )
+            assert shed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert (PUSHBACK_KEY, "70") in tuple(shed.value.trailing_metadata() or ())
             with pytest.raises(grpc.aio.AioRpcError) as late:
-                await stub.ModelInfer(echo_request(1.0), timeout=0.5)
+                await first
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             # ... and a cancelled call leaves the engine's queue: the engine dropped both.
             call = stub.ModelInfer(echo_request(2.0), timeout=30)

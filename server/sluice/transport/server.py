@@ -195,7 +195,7 @@ async def create_server(
             tracing=tracing,
             admin=admin,
         ),
-        options=server_options(settings),
+        options=server_options(settings, private=listen is not None),
     )
     servicer = InferenceServicer(
         registry, router=router, settings=settings, policy=policy, admission=admission
@@ -272,15 +272,16 @@ async def create_server(
     )
 
 
-def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """The gRPC server's channel options: message limits and connection ageing."""
+def server_options(settings: Settings, *, private: bool = False) -> list[tuple[str, int]]:
+    """The gRPC server's channel options: message limits and connection ageing (not on a
+    ``private`` socket: the transport processes' connections are not to be spread)."""
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # A second server on a busy port must fail, not silently share it.
         ("grpc.so_reuseport", 0),
     ]
-    if settings.max_connection_age_s is not None:
+    if settings.max_connection_age_s is not None and not private:
         options += [
             ("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace_s * 1000)),
