@@ -415,7 +415,7 @@ async def test_sigterm_drains_through_every_transport_and_exits_0(tmp_path: Path
                     await watch.read()
                 assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert await server.finish() == 0
-        assert server.log.index("draining") < server.log.index("transport processes stopped")
+        assert server.log.index("draining") < server.log.index("transport processes exited")
         assert not any(alive(pid) for pid in transports)
 
 

@@ -214,7 +214,7 @@ class Transports:
         for task in self._supervisors:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        log.info("transport processes stopped")
+        log.info("transport processes exited")
 
     def describe(self) -> str:
         return "transport processes in front of one engine process"
