@@ -31,6 +31,7 @@ from sluice_client import RetryPolicy, channel_options
 from sluice_client.aio import AsyncClient
 from sluice_client.errors import SluiceClientError
 from tests.netns import Host
+from tests.serve_process import workers_env
 
 GRPC_PORT = 8001
 METRICS_PORT = 8002
@@ -137,6 +138,7 @@ def replica_env(redis_url: str) -> dict[str, str]:
         SLUICE_EXECUTOR__INTRA_OP_THREADS="1",
         SLUICE_LOG_FORMAT="json",
     )
+    env.update(workers_env())
     return env
 
 

@@ -38,6 +38,7 @@ from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
 from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
 from tests.models import write_fanout, write_identity
+from tests.serve_process import workers_env
 
 MiB = 1024 * 1024
 MAX_MESSAGE = 32 * MiB
@@ -99,7 +100,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             str(repository),
         ],
         stderr=subprocess.PIPE,
-        env={**os.environ, **SERVER_ENV},
+        env={**os.environ, **workers_env(), **SERVER_ENV},
     )
     assert process.stderr is not None
     log: list[bytes] = []
