@@ -238,9 +238,9 @@ async def test_deadline_cancellation_and_pushback_cross_the_transports(tmp_path:
         address = await ready(server)
         async with channel(address) as chan, channel(address) as other:
             stub = pb_grpc.GRPCInferenceServiceStub(chan)
-            # Waiting 5 s for a batch, a 0.5 s call ends with DEADLINE_EXCEEDED...
-            first = stub.ModelInfer(echo_request(1.0), timeout=0.5)
-            await asyncio.sleep(0.2)
+            # Waiting 5 s for a batch, a 3 s call ends with DEADLINE_EXCEEDED...
+            first = stub.ModelInfer(echo_request(1.0), timeout=3)
+            await until(lambda: metric(metrics_text(server), "sluice_inflight_requests") == 1)
             # (meanwhile, over any transport, the engine's overload answer and its pushback)
             with pytest.raises(grpc.aio.AioRpcError) as shed:
                 await pb_grpc.GRPCInferenceServiceStub(other).ModelInfer(
@@ -315,10 +315,13 @@ async def test_forwarded_identity_cannot_be_forged_over_the_public_port(
         assert await server.stop() == 0
 
 
-async def test_a_promotion_under_load_reaches_every_transport_with_no_failed_call(
+async def test_lifecycle_changes_under_load_reach_every_transport_with_no_failed_call(
     tmp_path: Path,
 ) -> None:
-    repository = echo_repository(tmp_path / "models", delay_us=200)
+    repository = echo_repository(
+        tmp_path / "models", delay_us=200, extra="shadow: {model: shadow, fraction: 1.0}\n"
+    )
+    write_identity(repository, "shadow")
     async with serve_process("--model-repository", repository, *WORKERS) as server:
         address = await ready(server)
         failures: list[str] = []
@@ -360,6 +363,16 @@ async def test_a_promotion_under_load_reaches_every_transport_with_no_failed_cal
                     await step()
                     await more_calls(versions)
                 await more_calls(versions)
+                # The shadow switch: off for every transport at once, then on again.
+                assert await shadow_mirrored(chans[0]) > 0
+                await admin.SetShadowing(models.SetShadowingRequest(enabled=False))
+                await more_calls(versions)  # mirrors already started finish
+                off = {await shadow_mirrored(c) for c in chans}
+                await more_calls(versions)
+                assert {await shadow_mirrored(c) for c in chans} == off  # one, unchanged
+                await admin.SetShadowing(models.SetShadowingRequest(enabled=True))
+                await more_calls(versions)
+                assert await shadow_mirrored(chans[-1]) > off.pop()
             finally:
                 stop.set()
                 await asyncio.gather(*workers)
@@ -368,6 +381,13 @@ async def test_a_promotion_under_load_reaches_every_transport_with_no_failed_cal
         assert {v[-1] for v in versions} == {"1"}
         assert all("2" in v for v in versions)  # and each saw version 2 before
         assert await server.stop() == 0
+
+
+async def shadow_mirrored(chan: grpc.aio.Channel) -> int:
+    report = await models_grpc.ModelServiceStub(chan).GetShadowReport(
+        models.GetShadowReportRequest(model_name="echo"), timeout=10
+    )
+    return sum(r.mirrored for r in report.reports)
 
 
 async def more_calls(versions: list[list[str]], count: int = 3) -> None:

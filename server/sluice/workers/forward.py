@@ -72,7 +72,6 @@ class GrpcForwarder:
             ],
         )
         self._unary: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
-        self._streams: dict[str, grpc.aio.StreamStreamMultiCallable[bytes, bytes]] = {}
 
     async def unary(
         self,
@@ -109,17 +108,10 @@ class GrpcForwarder:
         )
 
     def stream(self, method: str) -> grpc.aio.StreamStreamMultiCallable[bytes, bytes]:
-        """The engine's ``method`` as a bidirectional stream of raw messages. Only known
-        methods are kept (a caller's made-up names must not grow the table)."""
-        multicallable = self._streams.get(method)
-        if multicallable is None:
-            multicallable = self._channel.stream_stream(
-                method, request_serializer=_identity, response_deserializer=_identity
-            )
-        return multicallable
-
-    def keep_stream(self, method: str) -> None:
-        self._streams[method] = self.stream(method)
+        """The engine's ``method`` as a bidirectional stream of raw messages."""
+        return self._channel.stream_stream(
+            method, request_serializer=_identity, response_deserializer=_identity
+        )
 
     async def close(self) -> None:
         await self._channel.close()

@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2
 
 from sluice import logs
 from sluice.settings import TLSSettings, TracingSettings
-from sluice.tracing import Tracing, outgoing_context
+from sluice.tracing import UNTRACED, Tracing, outgoing_context
 from sluice.transport.tls import CertificateFiles
 from sluice.workers import forward, identity
 from sluice_api.inference import grpc_service_pb2 as pb
@@ -88,8 +88,16 @@ def _methods() -> dict[str, bool]:
 class Proxy(grpc.GenericRpcHandler):
     """Forwards every method: unary ones as ``Reply``s, the rest as relayed streams."""
 
-    def __init__(self, forwarder: forward.GrpcForwarder, *, index: int, tracing: Tracing) -> None:
-        self._forwarder = forwarder
+    def __init__(
+        self,
+        *,
+        unary: forward.UnaryForwarder,
+        streams: forward.GrpcForwarder,
+        index: int,
+        tracing: Tracing,
+    ) -> None:
+        self._unary_hop = unary
+        self._streams = streams
         self._index = index
         self._tracing = tracing
         self._methods = _methods()
@@ -125,7 +133,7 @@ class Proxy(grpc.GenericRpcHandler):
 
     def _span(self, method: str, context: Context) -> Any:
         if not self._tracing.enabled or method.startswith(("/grpc.health.", "/grpc.reflection.")):
-            return _NO_SPAN
+            return UNTRACED
         return self._tracing.server_span(
             "/sluice.transport" + method,
             context.invocation_metadata() or (),
@@ -133,7 +141,7 @@ class Proxy(grpc.GenericRpcHandler):
         )
 
     def _unary(self, method: str) -> Callable[[bytes, Context], Any]:
-        unary = self._forwarder.unary
+        unary = self._unary_hop.unary
 
         async def behavior(request: bytes, context: Context) -> bytes:
             with self._span(method, context):
@@ -145,7 +153,7 @@ class Proxy(grpc.GenericRpcHandler):
         return behavior
 
     def _stream(self, method: str) -> Callable[[Any, Context], Any]:
-        multicallable = self._forwarder.stream(method)
+        multicallable = self._streams.stream(method)
 
         async def behavior(incoming: Any, context: Context) -> None:
             with self._span(method, context):
@@ -154,17 +162,6 @@ class Proxy(grpc.GenericRpcHandler):
                 )
 
         return behavior
-
-
-class _NoSpan:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-
-_NO_SPAN = _NoSpan()
 
 
 def _options(config: TransportConfig) -> list[tuple[str, int]]:
@@ -189,7 +186,8 @@ async def serve(config: TransportConfig) -> int:
     tracing = Tracing.from_environment(TracingSettings(**config.tracing))
     forwarder = forward.GrpcForwarder(config.engine, max_message_bytes=config.max_message_bytes)
     server = grpc.aio.server(options=_options(config))
-    server.add_generic_rpc_handlers((Proxy(forwarder, index=config.index, tracing=tracing),))
+    proxy = Proxy(unary=forwarder, streams=forwarder, index=config.index, tracing=tracing)
+    server.add_generic_rpc_handlers((proxy,))
     tls = TLSSettings(**config.tls)
     address = _address(config.host, config.port)
     if tls.enabled:
