@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for round_ in range(rounds):
                 for c in args.concurrency:
                     for name, server in servers.items():  # A, B for each point
+                        cpu0, stats0 = cpu_s(server.pid), core.model_statistics(server.address)
                         out = core.run_perf_analyzer(
                             pa,
                             server.address,
@@ -72,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             work,
                             f"{name}-r{round_}",
                             stability_pct=args.stability,
+                        )
+                        out["cpu_us_per_inference"] = cpu_per_inference(
+                            cpu0, cpu_s(server.pid), stats0, core.model_statistics(server.address)
                         )
                         runs[name].setdefault(c, []).append(out)
                         core.note(f"round {round_} {name} c={c}: {out.get('throughput')}")
@@ -84,9 +88,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def cpu_s(pid: int | None) -> dict[str, float]:
+    """CPU seconds of the server process (the engine) and of its children (transports)."""
+    if pid is None:
+        return {}
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return {
+        "engine": core._proc_cpu_s(pid) or 0.0,
+        "transports": sum(core._proc_cpu_s(int(k)) or 0.0 for k in kids),
+    }
+
+
+def cpu_per_inference(
+    before: dict[str, float],
+    after: dict[str, float],
+    stats0: dict[str, int],
+    stats1: dict[str, int],
+) -> dict[str, float]:
+    """Microseconds of CPU per inference over a perf_analyzer run (warm-up included), by
+    process kind; a transport restarted in between would skew its share."""
+    count = stats1["inference_count"] - stats0["inference_count"]
+    if count <= 0 or not before:
+        return {}
+    return {kind: (after[kind] - before[kind]) / count * 1e6 for kind in before}
+
+
 def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(values) if values else None
+
+
+def _cpu(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Median CPU microseconds per inference, by process kind, over the runs."""
+    kinds = {k for r in rows for k in r.get("cpu_us_per_inference", {})}
+    return {
+        k: statistics.median(
+            r["cpu_us_per_inference"][k] for r in rows if k in r.get("cpu_us_per_inference", {})
+        )
+        for k in kinds
+    }
 
 
 def table(runs: dict[str, dict[int, list[dict[str, Any]]]], cs: Sequence[int], rounds: int) -> str:
@@ -94,8 +137,9 @@ def table(runs: dict[str, dict[int, list[dict[str, Any]]]], cs: Sequence[int], r
     lines = [
         f"medians of {rounds} interleaved round(s); throughput in inferences/s, p50 in us",
         "",
-        f"| c | {base} inf/s | {other} inf/s | ratio | {base} p50 | {other} p50 | stable runs |",
-        "|---|---|---|---|---|---|---|",
+        f"| c | {base} inf/s | {other} inf/s | ratio | {base} p50 | {other} p50 | stable runs "
+        f"| CPU us/inference {base} | {other}: engine + transports |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cs:
         a, b = _median(runs[base][c], "throughput"), _median(runs[other][c], "throughput")
@@ -104,9 +148,11 @@ def table(runs: dict[str, dict[int, list[dict[str, Any]]]], cs: Sequence[int], r
         stable = "/".join(
             str(sum(r.get("throughput") is not None for r in runs[n][c])) for n in (base, other)
         )
+        cpu_a, cpu_b = _cpu(runs[base][c]), _cpu(runs[other][c])
         lines.append(
             f"| {c} | {a or 0:.0f} | {b or 0:.0f} | {ratio} | {pa or 0:.0f} | {pb or 0:.0f} "
-            f"| {stable} |"
+            f"| {stable} | {cpu_a.get('engine', 0):.0f} "
+            f"| {cpu_b.get('engine', 0):.0f} + {cpu_b.get('transports', 0):.0f} |"
         )
     return "\n".join(lines)
 
