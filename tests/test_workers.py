@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -578,3 +579,18 @@ def test_workers_is_between_1_and_64(workers: int) -> None:
         load_settings(workers=workers)
     assert load_settings().workers == 1
     assert load_settings(workers=64).workers == 64
+
+
+async def test_a_busy_port_is_a_clear_error_and_exit_1(tmp_path: Path) -> None:
+    repository = echo_repository(tmp_path / "models")
+    with socket.socket() as busy:  # held the ordinary way: no SO_REUSEPORT
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ("--model-repository", repository, *WORKERS, "--grpc-port", str(port))
+        async with serve_process(*args) as server:  # the last --grpc-port wins
+            status = await server.finish(60)
+    assert status == 1, server.log
+    assert f"cannot listen on 127.0.0.1 (grpc_port {port}" in server.log
+    assert f"transport process 0 did not start listening on 127.0.0.1:{port}" in server.log
+    assert "Traceback" not in server.log
