@@ -202,6 +202,16 @@ class Metrics:
             "Streaming calls open now (a drain waits for them).",
             registry=r,
         )
+        self.transport_processes = Gauge(
+            "sluice_transport_processes",
+            "Transport processes serving the gRPC port (workers above 1).",
+            registry=r,
+        )
+        self.transport_restarts = Counter(
+            "sluice_transport_restarts",
+            "Transport processes started again after one exited.",
+            registry=r,
+        )
         self.breaker_transitions = Counter(
             "sluice_breaker_transitions",
             "Backend breaker state changes, by the state entered.",

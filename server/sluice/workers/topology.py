@@ -23,8 +23,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import Counter, Gauge
-
 from sluice.metrics import Metrics
 from sluice.settings import Settings
 from sluice.workers.transport import TransportConfig
@@ -63,20 +61,6 @@ class EngineSocket:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-class _TransportMetrics:
-    def __init__(self, metrics: Metrics) -> None:
-        self.running = Gauge(
-            "sluice_transport_processes",
-            "Transport processes serving the gRPC port (--workers).",
-            registry=metrics.registry,
-        )
-        self.restarts = Counter(
-            "sluice_transport_restarts",
-            "Transport processes started again after one exited.",
-            registry=metrics.registry,
-        )
-
-
 class Transports:
     """The N transport processes in front of the engine."""
 
@@ -91,7 +75,7 @@ class Transports:
         self._settings = settings
         self._engine = engine
         self._python = python
-        self._metrics = _TransportMetrics(metrics)
+        self._metrics = metrics
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -157,7 +141,7 @@ class Transports:
                 f"transport process {index} did not start listening on "
                 f"{self._settings.host}:{port} (exit status {status}; its log says why)"
             )
-        self._metrics.running.inc()
+        self._metrics.transport_processes.inc()
         return int(value)
 
     async def _supervise(self, index: int) -> None:
@@ -166,7 +150,7 @@ class Transports:
         while True:
             started = loop.time()
             status = await self._procs[index].wait()
-            self._metrics.running.dec()
+            self._metrics.transport_processes.dec()
             if self._stopping:
                 return
             failures = 0 if loop.time() - started >= STEADY_S else failures + 1
@@ -177,7 +161,7 @@ class Transports:
                 status,
                 delay,
             )
-            self._metrics.restarts.inc()
+            self._metrics.transport_restarts.inc()
             await asyncio.sleep(delay)
             while not self._stopping:
                 try:
