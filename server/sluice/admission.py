@@ -26,8 +26,9 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from types import TracebackType
 
 from sluice.errors import (
     DrainingError,
@@ -180,27 +181,19 @@ class AdmissionController:
             timeout.reschedule(give_up_at)
         self._drain_started.set()
 
-    @contextlib.asynccontextmanager
-    async def cutoff(self) -> AsyncIterator[None]:
+    def cutoff(self) -> Cutoff:
         """Run one call (or a whole stream) so that a drain's grace ending stops it with
         UNAVAILABLE (``DrainingError``), which tells the client to retry elsewhere, instead
         of leaving it running (or cancelled without a status) when the transport closes."""
-        try:
-            async with asyncio.timeout_at(self._give_up_at) as timeout:
-                self._cutoffs.add(timeout)
-                try:
-                    yield
-                finally:
-                    self._cutoffs.discard(timeout)
-        except TimeoutError as exc:
-            if not timeout.expired():
-                raise
-            self._metrics.rejected.labels("drain_grace").inc()
-            raise DrainingError(
-                "the server is shutting down and its drain grace ended before this call "
-                "finished; retry on another replica",
-                retry_after_ms=self._settings.pushback_ms,
-            ) from exc
+        return Cutoff(self)
+
+    def _drain_grace_ended(self) -> DrainingError:
+        self._metrics.rejected.labels("drain_grace").inc()
+        return DrainingError(
+            "the server is shutting down and its drain grace ended before this call "
+            "finished; retry on another replica",
+            retry_after_ms=self._settings.pushback_ms,
+        )
 
     async def wait_drain(self) -> None:
         """Return once a drain has begun: an open stream then stops taking new requests,
@@ -397,3 +390,33 @@ class AdmissionController:
     def _show(self) -> None:
         self._metrics.inflight_bytes.set(self._bytes)
         self._metrics.inflight_tokens.set(self._tokens)
+
+
+class Cutoff:
+    """``AdmissionController.cutoff`` for one call: an ``asyncio.timeout_at`` the drain
+    reschedules, whose expiry is a ``DrainingError``. (A plain class, not a generator:
+    every call enters one.)"""
+
+    __slots__ = ("_controller", "_timeout")
+
+    def __init__(self, controller: AdmissionController) -> None:
+        self._controller = controller
+        self._timeout = asyncio.timeout_at(controller._give_up_at)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+        self._controller._cutoffs.add(self._timeout)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._controller._cutoffs.discard(self._timeout)
+        try:
+            await self._timeout.__aexit__(exc_type, exc, tb)
+        except TimeoutError as timed_out:
+            if not self._timeout.expired():
+                raise
+            raise self._controller._drain_grace_ended() from timed_out

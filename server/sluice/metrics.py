@@ -7,6 +7,7 @@ counters exported with ``_total``. ``deploy/grafana/sluice.json`` charts them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -41,6 +42,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._call_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.requests = Counter(
             "sluice_requests",
             "Calls by method, model and gRPC status code.",
@@ -280,6 +282,19 @@ class Metrics:
         )
         self.guardrail = GuardrailMetrics(r)
 
+    def call_done(self, method: str, model: str, code: str, seconds: float) -> None:
+        """One call ended: counted by method, model and status code, and its latency.
+        Label children are bound once per label set (the values are bounded: methods of
+        the RPC table, loaded models or "", status code names)."""
+        children = self._call_children.get((method, model, code))
+        if children is None:
+            children = self._call_children[method, model, code] = (
+                self.requests.labels(method, model, code),
+                self.request_seconds.labels(method, model),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
     def batch_observer(self, model: str, version: str, *, stats: ModelStats) -> BatchMetrics:
         """What one version's batcher reports to: these metrics and its ``stats``."""
         return BatchMetrics(self, model, version, stats)
@@ -326,6 +341,7 @@ class BatchMetrics:
         "_compute",
         "_depth",
         "_inflight",
+        "_levels",
         "_queue",
         "metrics",
         "model",
@@ -343,6 +359,7 @@ class BatchMetrics:
         self._batch = metrics.batch_size.labels(model, version)
         self._compute = metrics.compute_seconds.labels(model, version)
         self._queue = metrics.queue_seconds.labels(model, version)
+        self._levels: dict[int, Any] = {}
 
     def queue_depth(self, depth: int) -> None:
         self._depth.set(depth)
@@ -362,7 +379,12 @@ class BatchMetrics:
         self.metrics.dropped.labels(self.model, self.version, reason).inc()
 
     def level_depth(self, level: int, depth: int) -> None:
-        self.metrics.priority_queue_depth.labels(self.model, self.version, str(level)).set(depth)
+        gauge = self._levels.get(level)
+        if gauge is None:  # levels are the configured ones: a handful
+            gauge = self._levels[level] = self.metrics.priority_queue_depth.labels(
+                self.model, self.version, str(level)
+            )
+        gauge.set(depth)
 
     def shed(self, level: int) -> None:
         self.metrics.shed.labels(str(level)).inc()

@@ -13,9 +13,9 @@ What the drain does with calls and open streams stays with ``AdmissionController
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from sluice.admission import AdmissionController, Ticket
@@ -102,14 +102,9 @@ class CallPolicy:
             self._metrics.rejected.labels("breaker").inc()
             raise
 
-    @contextlib.asynccontextmanager
-    async def within(self, budget_s: float, what: str) -> AsyncIterator[None]:
+    def within(self, budget_s: float, what: str) -> Within:
         """Hold the work inside to ``budget_s``; past it, ``DeadlineExceededError``."""
-        try:
-            async with asyncio.timeout(budget_s):
-                yield
-        except TimeoutError as exc:
-            raise DeadlineExceededError(f"{what} ran out of its {budget_s:.3f}s budget") from exc
+        return Within(budget_s, what)
 
     def admit_request(
         self,
@@ -134,3 +129,32 @@ class CallPolicy:
             ticket.release()
             raise
         return Admitted(budget_s, Call(deadline=deadline, ticket=ticket, priority=priority), ticket)
+
+
+class Within:
+    """``CallPolicy.within``: an ``asyncio.timeout`` whose expiry is a
+    ``DeadlineExceededError`` saying what ran out of time. (A plain class, not a
+    generator: every call enters one.)"""
+
+    __slots__ = ("_budget_s", "_timeout", "_what")
+
+    def __init__(self, budget_s: float, what: str) -> None:
+        self._budget_s = budget_s
+        self._what = what
+        self._timeout = asyncio.timeout(budget_s)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self._timeout.__aexit__(exc_type, exc, tb)
+        except TimeoutError as timed_out:
+            raise DeadlineExceededError(
+                f"{self._what} ran out of its {self._budget_s:.3f}s budget"
+            ) from timed_out

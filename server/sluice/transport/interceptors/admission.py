@@ -16,13 +16,14 @@ running when a drain's grace ends is stopped with UNAVAILABLE.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from sluice import callctx
-from sluice.admission import AdmissionController
+from sluice.admission import AdmissionController, Ticket
 from sluice.policy import CallPolicy
 from sluice.transport import convert
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
@@ -40,18 +41,26 @@ class AdmissionInterceptor(Interceptor):
     ) -> AsyncIterator[None]:
         async with self._controller.cutoff():
             if call.rpc.admitted:
-                async with self._admitted(call, context):
+                ticket, token, level = self._admit(call, context)
+                try:
                     yield
+                finally:
+                    ticket.release()
+                    with contextlib.suppress(ValueError):  # ended in another context
+                        callctx.ticket.reset(token)
+                    with contextlib.suppress(ValueError):
+                        callctx.priority.reset(level)
             elif call.request is None:  # request streams admit each request they carry
                 with self._controller.stream():
                     yield
             else:
                 yield
 
-    @contextlib.asynccontextmanager
-    async def _admitted(
+    def _admit(
         self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[None]:
+    ) -> tuple[Ticket, contextvars.Token[Ticket | None], contextvars.Token[int]]:
+        """Admit the call (or raise): its ticket, handed to the core through ``callctx``
+        with its priority level."""
         metadata = context.invocation_metadata() or ()
         tenant = self._policy.tenant(metadata)
         parameter = (
@@ -61,13 +70,4 @@ class AdmissionInterceptor(Interceptor):
         )
         priority = self._policy.priority(metadata, parameter)
         ticket = self._policy.admit(tenant, request_bytes=call.size, priority=priority)
-        token = callctx.ticket.set(ticket)
-        level = callctx.priority.set(priority)
-        try:
-            yield
-        finally:
-            ticket.release()
-            with contextlib.suppress(ValueError):  # ended in another context
-                callctx.ticket.reset(token)
-            with contextlib.suppress(ValueError):
-                callctx.priority.reset(level)
+        return ticket, callctx.ticket.set(ticket), callctx.priority.set(priority)

@@ -28,6 +28,7 @@ from sluice import callctx
 from sluice.errors import PermissionDeniedError
 from sluice.settings import Settings
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
+from sluice.transport.rpcs import Rpc
 
 _CERTIFICATE_NAMES = ("x509_common_name", "x509_subject_alternative_name")
 
@@ -149,6 +150,9 @@ def _certificate_identity(
 class AuthInterceptor(Interceptor):
     def __init__(self, access: AdminAccess) -> None:
         self._access = access
+
+    def applies(self, kind: Rpc, *, request_streaming: bool) -> bool:
+        return kind.admin
 
     @contextlib.asynccontextmanager
     async def around(

@@ -13,11 +13,16 @@ import grpc
 
 from sluice.policy import CallPolicy
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
+from sluice.transport.rpcs import Rpc
 
 
 class BreakerInterceptor(Interceptor):
     def __init__(self, policy: CallPolicy) -> None:
         self._policy = policy
+
+    def applies(self, kind: Rpc, *, request_streaming: bool) -> bool:
+        # Request streams check each request they carry (the stream sessions).
+        return kind.inference and not request_streaming
 
     @contextlib.asynccontextmanager
     async def around(

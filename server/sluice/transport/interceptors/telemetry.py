@@ -33,8 +33,6 @@ def _code_name(context: Context, default: str) -> str:
 
 
 def _finish_span(span: Span, code: str, model: str) -> None:
-    if not span.is_recording():
-        return
     if model:  # known once the request is decoded, inside the hooks
         span.set_attribute("sluice.model", model)
     span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
@@ -98,9 +96,10 @@ class TelemetryInterceptor(Interceptor):
                     code = _code_name(context, "UNKNOWN")
                     raise
                 finally:
-                    _finish_span(span, code, self._model_label(call))
+                    if span.is_recording():
+                        _finish_span(span, code, self._model_label(call))
         finally:
-            method, model = call.short_method, self._model_label(call)
-            self._metrics.requests.labels(method, model, code).inc()
-            self._metrics.request_seconds.labels(method, model).observe(self._clock() - started)
+            self._metrics.call_done(
+                call.short_method, self._model_label(call), code, self._clock() - started
+            )
             callctx.request_id.reset(token)
