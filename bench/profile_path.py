@@ -26,8 +26,9 @@ same concurrency.
 
     python bench/profile_path.py [--concurrency 1 32] [--seconds 8] [--tree DIR] [--out F]
 
-``--tree DIR`` serves Sluice from another checkout's ``server`` and ``clients/python``
-(e.g. ``git archive HEAD server clients/python | tar -x -C DIR`` of an earlier commit).
+``--servers null tree sluice --tree DIR`` adds Sluice served from another checkout's
+``server`` and ``clients/python`` (e.g. ``git archive REV server clients/python | tar -x -C
+DIR`` of an earlier commit), to compare before and after in one run.
 Needs py-spy (``pip install py-spy``) and permission to read the server's memory (ptrace).
 """
 
@@ -90,12 +91,17 @@ def frame_parts(frame: str) -> tuple[str, str]:
     return func, where.rsplit(":", 1)[0]
 
 
+def callback_frames(stack: list[str]) -> list[str]:
+    """The frames of the event-loop callback a sample is in (none: the loop itself)."""
+    starts = [i for i, frame in enumerate(stack) if frame.startswith(CALLBACK)]
+    return stack[starts[-1] + 1 :] if starts else []
+
+
 def stage_of(stack: list[str]) -> str:
     """The stage of one busy sample of the loop thread (frames root first)."""
-    starts = [i for i, frame in enumerate(stack) if frame.startswith(CALLBACK)]
-    if not starts:
+    stack = callback_frames(stack)
+    if not stack:
         return "grpc"  # the loop's own bookkeeping between callbacks
-    stack = stack[starts[-1] + 1 :]
     for frame in reversed(stack):
         func, path = frame_parts(frame)
         marker = path.rfind("/sluice/")
@@ -116,6 +122,7 @@ def read_samples(raw: Path, pid: int) -> dict[str, Any]:
     """Busy samples of the main thread by stage and by leaf function, and all its samples."""
     stages: collections.Counter[str] = collections.Counter()
     leaves: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
     total = idle = 0
     for line in raw.read_text().splitlines():
         stack_text, _, count_text = line.rpartition(" ")
@@ -131,7 +138,19 @@ def read_samples(raw: Path, pid: int) -> dict[str, Any]:
         stages[stage_of(stack)] += count
         func, path = frame_parts(stack[-1])
         leaves[f"{func} ({Path(path).name})"] += count
-    return {"total": total, "idle": idle, "stages": stages, "leaves": leaves}
+        for name in {
+            f"{func} ({Path(path).name})"
+            for func, path in map(frame_parts, callback_frames(stack))
+            if "/sluice/" in path
+        }:
+            inclusive[name] += count
+    return {
+        "total": total,
+        "idle": idle,
+        "stages": stages,
+        "leaves": leaves,
+        "inclusive": inclusive,
+    }
 
 
 def thread_cpu_s(pid: int) -> float:
@@ -215,6 +234,9 @@ def profile_one(
         "top_leaves_us": {
             name: round(n * per_sample_us, 1) for name, n in samples["leaves"].most_common(40)
         },
+        "sluice_inclusive_us": {
+            name: round(n * per_sample_us, 1) for name, n in samples["inclusive"].most_common(60)
+        },
         "raw": str(raw),
     }
 
@@ -259,8 +281,14 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     p.add_argument("--seconds", type=float, default=8.0, help="py-spy sampling per row")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
-    p.add_argument("--servers", nargs="+", default=["null", "sluice"], choices=["null", "sluice"])
-    p.add_argument("--tree", type=Path, help="serve Sluice from this checkout instead")
+    p.add_argument(
+        "--servers",
+        nargs="+",
+        default=["null", "sluice"],
+        choices=["null", "sluice", "tree"],
+        help="tree: Sluice served from --tree",
+    )
+    p.add_argument("--tree", type=Path, help="another checkout of Sluice (the 'tree' server)")
     p.add_argument("--perf-analyzer", help="perf_analyzer binary")
     p.add_argument("--out", type=Path, help="write the JSON result here")
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
@@ -278,8 +306,10 @@ def main() -> int:
             if name == "null":
                 server = core.null_server(work)
             else:
-                server = core.sluice_server("sluice", repo, work, {})
-                if args.tree is not None:
+                server = core.sluice_server(name, repo, work, {})
+                if name == "tree":
+                    if args.tree is None:
+                        p.error("the 'tree' server needs --tree DIR")
                     tree = args.tree.resolve()
                     server.env["PYTHONPATH"] = os.pathsep.join(
                         [str(tree / "server"), str(tree / "clients" / "python")]
@@ -302,12 +332,21 @@ def main() -> int:
     if args.out:
         args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(table(results, args.concurrency))
+    print_functions(results, args.top)
+    return 0
+
+
+def print_functions(results: dict[str, list[dict[str, Any]]], top: int) -> None:
+    """Per row: the leaf functions, and Sluice's functions with what they call."""
     for name, rows in results.items():
         for r in rows:
             print(f"\n{name} c={r['concurrency']}: top leaf functions (us per request)")
-            for leaf, us in list(r["top_leaves_us"].items())[: args.top]:
+            for leaf, us in list(r["top_leaves_us"].items())[:top]:
                 print(f"  {us:7.1f}  {leaf}")
-    return 0
+            if name != "null":
+                print(f"{name} c={r['concurrency']}: Sluice functions, inclusive (us per request)")
+                for func, us in list(r["sluice_inclusive_us"].items())[:top]:
+                    print(f"  {us:7.1f}  {func}")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,9 @@ class BatchQueue:
     def _ordered(self) -> list[Pending]:
         """The queue in the order requests are taken: by level (aged ones count as the
         highest), then by arrival."""
+        if len(self._queue) == self._depths[self._queue[0].level]:
+            # One level queued: aging only moves the oldest ahead, so arrival order stands.
+            return list(self._queue)
         now = self._clock()
         rank = self._priorities.rank
         return sorted(
@@ -218,6 +221,13 @@ class BatchQueue:
         if not self._queue:
             return
         now = self._clock()
+        if not any(
+            pending.future.done()
+            or (pending.deadline is not None and now >= pending.deadline)
+            or (pending.queue_deadline is not None and now >= pending.queue_deadline)
+            for pending in self._queue
+        ):
+            return
         kept: deque[Pending] = deque()
         for pending in self._queue:
             if pending.future.done():

@@ -97,12 +97,14 @@ def _checker(descriptor: Descriptor) -> _Check:
             for text in value if repeated else (value,):
                 _check_length(descriptor, name, text, limit)
         for name, repeated, message_type in nested:
-            value = getattr(message, name)
             if repeated:
-                for item in value:
-                    _checker(message_type)(item)
+                items = getattr(message, name)
+                if items:
+                    check_item = _checker(message_type)
+                    for item in items:
+                        check_item(item)
             elif message.HasField(name):
-                _checker(message_type)(value)
+                _checker(message_type)(getattr(message, name))
 
     return check
 

@@ -52,6 +52,7 @@ class CallInfo:
 
     __slots__ = (
         "_deserialize",
+        "_metadata",
         "_raw",
         "context",
         "message_bound",
@@ -92,6 +93,7 @@ class CallInfo:
         #: Request messages larger than this are refused before they are decoded (set by
         #: the decoding hook for methods whose longest useful message it knows).
         self.message_bound: MessageBound | None = None
+        self._metadata: tuple[tuple[str, Any], ...] | None = None
 
     async def decode(self) -> None:
         """Decode the request message (once); ``InvalidInputError`` when it cannot be."""
@@ -102,9 +104,15 @@ class CallInfo:
             self._deserialize, raw, self.short_method, bound=self.message_bound
         )
 
+    def invocation_metadata(self) -> tuple[tuple[str, Any], ...]:
+        """The request metadata (read from grpc once per call)."""
+        if self._metadata is None:
+            self._metadata = tuple(self.context.invocation_metadata() or ())
+        return self._metadata
+
     def metadata(self, key: str) -> str:
         """The first string value of request metadata ``key``, or ``""``."""
-        for name, value in self.context.invocation_metadata() or ():
+        for name, value in self.invocation_metadata():
             if name == key and isinstance(value, str):
                 return value
         return ""

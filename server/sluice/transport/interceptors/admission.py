@@ -61,7 +61,7 @@ class AdmissionInterceptor(Interceptor):
     ) -> tuple[Ticket, contextvars.Token[Ticket | None], contextvars.Token[int]]:
         """Admit the call (or raise): its ticket, handed to the core through ``callctx``
         with its priority level."""
-        metadata = context.invocation_metadata() or ()
+        metadata = call.invocation_metadata()
         tenant = self._policy.tenant(metadata)
         parameter = (
             convert.priority_parameter(call.request)

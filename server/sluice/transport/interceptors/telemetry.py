@@ -73,7 +73,7 @@ class TelemetryInterceptor(Interceptor):
         if not self._tracing.enabled or not call.rpc.traced:
             return UNTRACED
         return self._tracing.server_span(
-            call.method, context.invocation_metadata() or (), {"sluice.request_id": rid}
+            call.method, call.invocation_metadata(), {"sluice.request_id": rid}
         )
 
     @contextlib.asynccontextmanager
