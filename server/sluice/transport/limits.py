@@ -97,16 +97,20 @@ def _checker(descriptor: Descriptor) -> _Check:
             for text in value if repeated else (value,):
                 _check_length(descriptor, name, text, limit)
         for name, repeated, message_type in nested:
-            if repeated:
-                items = getattr(message, name)
-                if items:
-                    check_item = _checker(message_type)
-                    for item in items:
-                        check_item(item)
-            elif message.HasField(name):
-                _checker(message_type)(getattr(message, name))
+            _check_nested(message, name, repeated, message_type)
 
     return check
+
+
+def _check_nested(message: Message, name: str, repeated: bool, descriptor: Descriptor) -> None:
+    if repeated:
+        items = getattr(message, name)
+        if items:
+            check_item = _checker(descriptor)
+            for item in items:
+                check_item(item)
+    elif message.HasField(name):
+        _checker(descriptor)(getattr(message, name))
 
 
 def _has_bounded_strings(descriptor: Descriptor, seen: set[str]) -> bool:
