@@ -18,8 +18,9 @@ stage that called them):
 * ``hand-off``: handing a batch to the executor thread and taking its results back.
 
 Microseconds per request: the loop thread's CPU time while py-spy sampled (from
-``/proc/<pid>/task/<pid>/stat``) divided by the requests served meanwhile (perf_analyzer's
-throughput x the sampled seconds), spread over the stages by their share of the samples
+``/proc/<pid>/task/<pid>/stat``) divided by the requests served meanwhile (Sluice's
+ModelStatistics over the same seconds; for the no-math server, perf_analyzer's throughput x
+the sampled seconds), spread over the stages by their share of the samples
 (py-spy ``--gil``: the loop thread while it holds the GIL, so waiting in ``select`` or for
 the GIL is left out). ``share`` is Sluice's loop time minus the no-math server's at the
 same concurrency.
@@ -186,6 +187,8 @@ def profile_one(
     loader.start()
     time.sleep(2.0)
     assert server.pid is not None
+    counted = server.name != "null"  # Sluice counts its requests (ModelStatistics)
+    stats_before = core.model_statistics(server.address) if counted else None
     cpu_before, wall_before = thread_cpu_s(server.pid), time.monotonic()
     spy = subprocess.run(
         [
@@ -210,13 +213,17 @@ def profile_one(
         text=True,
     )
     cpu_s, wall_s = thread_cpu_s(server.pid) - cpu_before, time.monotonic() - wall_before
+    stats = core.stats_delta(stats_before, core.model_statistics(server.address)) if counted else {}
     loader.join()
     if spy.returncode != 0 or not raw.is_file():
         raise RuntimeError(f"py-spy failed: {spy.stderr[-800:]}")
-    if "error" in result:
+    if stats:  # the requests served while py-spy sampled, exactly
+        throughput = stats["inference_count"] / wall_s
+    elif "error" in result:  # perf_analyzer found no stable windows: nothing to count with
         raise RuntimeError(f"perf_analyzer failed: {result['error'][-800:]}")
+    else:
+        throughput = result["throughput"]
     samples = read_samples(raw, server.pid)
-    throughput = result["throughput"]
     busy = samples["total"] - samples["idle"]
     # The loop thread's CPU time per request, spread over the stages by their share of the
     # busy samples (wall-clock samples: a thread waiting for a core looks busy too).
@@ -226,6 +233,7 @@ def profile_one(
         "concurrency": c,
         "throughput": throughput,
         "p50_us": result.get("p50_us"),
+        "avg_batch": stats.get("avg_batch"),
         "samples": samples["total"],
         "busy_fraction": busy / max(samples["total"], 1),
         "loop_cpu_fraction": cpu_s / wall_s,
@@ -273,6 +281,7 @@ def table(results: dict[str, list[dict[str, Any]]], concurrencies: list[int]) ->
     )
     lines.append(row("throughput (infer/s)", lambda n, r: f"{r['throughput']:.0f}"))
     lines.append(row("p50 (us)", lambda n, r: f"{r['p50_us']:.0f}" if r["p50_us"] else ""))
+    lines.append(row("avg batch", lambda n, r: f"{r['avg_batch']}" if r.get("avg_batch") else ""))
     return "\n".join(lines)
 
 

@@ -28,8 +28,8 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import TracebackType
 
+from sluice.deadlines import Expiry
 from sluice.errors import (
     DrainingError,
     InvalidInputError,
@@ -181,11 +181,11 @@ class AdmissionController:
             timeout.reschedule(give_up_at)
         self._drain_started.set()
 
-    def cutoff(self) -> Cutoff:
+    def cutoff(self) -> Expiry:
         """Run one call (or a whole stream) so that a drain's grace ending stops it with
         UNAVAILABLE (``DrainingError``), which tells the client to retry elsewhere, instead
         of leaving it running (or cancelled without a status) when the transport closes."""
-        return Cutoff(self)
+        return Expiry(self._give_up_at, self._drain_grace_ended, scopes=self._cutoffs)
 
     def _drain_grace_ended(self) -> DrainingError:
         self._metrics.rejected.labels("drain_grace").inc()
@@ -390,33 +390,3 @@ class AdmissionController:
     def _show(self) -> None:
         self._metrics.inflight_bytes.set(self._bytes)
         self._metrics.inflight_tokens.set(self._tokens)
-
-
-class Cutoff:
-    """``AdmissionController.cutoff`` for one call: an ``asyncio.timeout_at`` the drain
-    reschedules, whose expiry is a ``DrainingError``. (A plain class, not a generator:
-    every call enters one.)"""
-
-    __slots__ = ("_controller", "_timeout")
-
-    def __init__(self, controller: AdmissionController) -> None:
-        self._controller = controller
-        self._timeout = asyncio.timeout_at(controller._give_up_at)
-
-    async def __aenter__(self) -> None:
-        await self._timeout.__aenter__()
-        self._controller._cutoffs.add(self._timeout)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._controller._cutoffs.discard(self._timeout)
-        try:
-            await self._timeout.__aexit__(exc_type, exc, tb)
-        except TimeoutError as timed_out:
-            if not self._timeout.expired():
-                raise
-            raise self._controller._drain_grace_ended() from timed_out

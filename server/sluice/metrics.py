@@ -42,7 +42,6 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self._call_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.requests = Counter(
             "sluice_requests",
             "Calls by method, model and gRPC status code.",
@@ -281,19 +280,6 @@ class Metrics:
             registry=r,
         )
         self.guardrail = GuardrailMetrics(r)
-
-    def call_done(self, method: str, model: str, code: str, seconds: float) -> None:
-        """One call ended: counted by method, model and status code, and its latency.
-        Label children are bound once per label set (the values are bounded: methods of
-        the RPC table, loaded models or "", status code names)."""
-        children = self._call_children.get((method, model, code))
-        if children is None:
-            children = self._call_children[method, model, code] = (
-                self.requests.labels(method, model, code),
-                self.request_seconds.labels(method, model),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
 
     def batch_observer(self, model: str, version: str, *, stats: ModelStats) -> BatchMetrics:
         """What one version's batcher reports to: these metrics and its ``stats``."""

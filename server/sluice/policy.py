@@ -15,11 +15,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from sluice.admission import AdmissionController, Ticket
-from sluice.deadlines import DeadlinePolicy
+from sluice.deadlines import DeadlinePolicy, Expiry
 from sluice.domain import Call
 from sluice.errors import BreakerOpenError, DeadlineExceededError
 from sluice.metrics import Metrics
@@ -102,9 +101,14 @@ class CallPolicy:
             self._metrics.rejected.labels("breaker").inc()
             raise
 
-    def within(self, budget_s: float, what: str) -> Within:
+    def within(self, budget_s: float, what: str) -> Expiry:
         """Hold the work inside to ``budget_s``; past it, ``DeadlineExceededError``."""
-        return Within(budget_s, what)
+
+        def ran_out() -> DeadlineExceededError:
+            return DeadlineExceededError(f"{what} ran out of its {budget_s:.3f}s budget")
+
+        when = asyncio.get_running_loop().time() + budget_s
+        return Expiry(when, ran_out, any_timeout=True)
 
     def admit_request(
         self,
@@ -129,32 +133,3 @@ class CallPolicy:
             ticket.release()
             raise
         return Admitted(budget_s, Call(deadline=deadline, ticket=ticket, priority=priority), ticket)
-
-
-class Within:
-    """``CallPolicy.within``: an ``asyncio.timeout`` whose expiry is a
-    ``DeadlineExceededError`` saying what ran out of time. (A plain class, not a
-    generator: every call enters one.)"""
-
-    __slots__ = ("_budget_s", "_timeout", "_what")
-
-    def __init__(self, budget_s: float, what: str) -> None:
-        self._budget_s = budget_s
-        self._what = what
-        self._timeout = asyncio.timeout(budget_s)
-
-    async def __aenter__(self) -> None:
-        await self._timeout.__aenter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            await self._timeout.__aexit__(exc_type, exc, tb)
-        except TimeoutError as timed_out:
-            raise DeadlineExceededError(
-                f"{self._what} ran out of its {self._budget_s:.3f}s budget"
-            ) from timed_out

@@ -259,12 +259,23 @@ Step = Callable[[CallInfo, Context, Any], Awaitable[Any]]
 """What runs inside the hooks: the servicer, given the call, its context and its argument."""
 
 
-def _within(hooks: Sequence[Around], step: Step) -> Step:
-    """``step`` inside ``hooks``, outermost first: one ``async with`` per hook, nested as if
-    written out by hand (no exit stack to keep per call)."""
+def _handler(start: Start, hooks: Sequence[Around], step: Step) -> Callable[..., Any]:
+    """The handler grpc calls: ``step`` inside ``hooks``, outermost first, one ``async
+    with`` each, nested as if written out by hand (no exit stack to keep per call)."""
     for hook in reversed(hooks):
         step = _layer(hook, step)
-    return step
+    run = step
+
+    async def behavior(request: Any, context: Context) -> Any:
+        call, argument = start(request, context)
+        del request  # the call owns it now (and drops the bytes once decoded)
+        try:
+            return await run(call, context, argument)
+        except BaseException as exc:
+            forget_frames(exc)
+            raise
+
+    return behavior
 
 
 def _layer(hook: Around, inner: Step) -> Step:
@@ -292,18 +303,7 @@ def _generated_responses(
         finally:
             await responses.aclose()
 
-    run = _within(hooks, drive)
-
-    async def behavior(request: Any, context: Context) -> None:
-        call, stream = start(request, context)
-        del request  # the call owns it now (and drops the bytes once decoded)
-        try:
-            await run(call, context, stream)
-        except BaseException as exc:
-            forget_frames(exc)
-            raise
-
-    return behavior
+    return _handler(start, hooks, drive)
 
 
 def _one_response(
@@ -319,18 +319,7 @@ def _one_response(
         result = await result if isinstance(result, Awaitable) else result
         return result if serialize is None else await encode_off_loop(serialize, result)
 
-    run = _within(hooks, respond)
-
-    async def behavior(request: Any, context: Context) -> Any:
-        call, stream = start(request, context)
-        del request  # the call owns it now (and drops the bytes once decoded)
-        try:
-            return await run(call, context, stream)
-        except BaseException as exc:
-            forget_frames(exc)
-            raise
-
-    return behavior
+    return _handler(start, hooks, respond)
 
 
 def forget_frames(exc: BaseException) -> None:
@@ -368,8 +357,7 @@ class Interceptor(abc.ABC):
     include_operational = False
 
     def applies(self, kind: Rpc, *, request_streaming: bool) -> bool:
-        """Whether this hook has anything to do for a method of ``kind`` (decided once per
-        method; a hook that never acts on such calls need not run for them)."""
+        """Whether the hook acts on calls of such a method (decided once per method)."""
         return True
 
     @abc.abstractmethod
@@ -378,9 +366,7 @@ class Interceptor(abc.ABC):
 
 class Chain(grpc.aio.ServerInterceptor):
     """Installs the interceptors as one grpc interceptor, outermost first: a method's
-    handler is wrapped once with the ``around`` hooks that apply to it nested, so a call
-    pays for one interceptor hop instead of one per concern.
-    """
+    handler is wrapped once with the hooks that apply to it, one hop for all concerns."""
 
     def __init__(self, interceptors: Sequence[Interceptor]) -> None:
         self._interceptors = tuple(interceptors)

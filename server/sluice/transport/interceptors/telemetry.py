@@ -58,6 +58,19 @@ class TelemetryInterceptor(Interceptor):
         self._models = models
         self._clock = clock
         self._tracing = tracing or Tracing.off()
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def _count(self, method: str, model: str, code: str, seconds: float) -> None:
+        """The call in the RPC metrics, through label children bound once per label set
+        (bounded: methods of the RPC table, loaded models or "", status code names)."""
+        children = self._children.get((method, model, code))
+        if children is None:
+            children = self._children[method, model, code] = (
+                self._metrics.requests.labels(method, model, code),
+                self._metrics.request_seconds.labels(method, model),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids):x}"
@@ -99,7 +112,5 @@ class TelemetryInterceptor(Interceptor):
                     if span.is_recording():
                         _finish_span(span, code, self._model_label(call))
         finally:
-            self._metrics.call_done(
-                call.short_method, self._model_label(call), code, self._clock() - started
-            )
+            self._count(call.short_method, self._model_label(call), code, self._clock() - started)
             callctx.request_id.reset(token)
