@@ -95,7 +95,8 @@ def _checker(descriptor: Descriptor) -> _Check:
         for name, limit, repeated in strings:
             value: Any = getattr(message, name)
             for text in value if repeated else (value,):
-                _check_length(descriptor, name, text, limit)
+                if 4 * len(text) > limit:  # else within it in any encoding of 4 bytes or less
+                    _check_length(descriptor, name, text, limit)
         for name, repeated, message_type in nested:
             _check_nested(message, name, repeated, message_type)
 
