@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
-from collections.abc import AsyncIterator
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -89,28 +89,60 @@ class TelemetryInterceptor(Interceptor):
             call.method, call.invocation_metadata(), {"sluice.request_id": rid}
         )
 
-    @contextlib.asynccontextmanager
-    async def around(self, call: CallInfo, context: Context) -> AsyncIterator[None]:
+    def around(self, call: CallInfo, context: Context) -> Observed:
+        return Observed(self, call, context)
+
+
+class Observed:
+    """One call's telemetry: its request id and span as it enters, its status code, span
+    end and metrics as it leaves. (A plain class rather than a generator-based context
+    manager: every call enters one.)"""
+
+    __slots__ = ("_call", "_context", "_owner", "_scope", "_span", "_started", "_token")
+
+    def __init__(self, owner: TelemetryInterceptor, call: CallInfo, context: Context) -> None:
+        self._owner = owner
+        self._call = call
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        owner, call = self._owner, self._call
         given = call.metadata(callctx.REQUEST_ID_KEY)
-        rid = given if given and valid_request_id(given) else self._new_id()
-        token = callctx.request_id.set(rid)
-        context.set_trailing_metadata(((callctx.REQUEST_ID_KEY, rid),))
-        started = self._clock()
-        code = "UNKNOWN"
+        rid = given if given and valid_request_id(given) else owner._new_id()
+        self._token = callctx.request_id.set(rid)
+        self._context.set_trailing_metadata(((callctx.REQUEST_ID_KEY, rid),))
+        self._started = owner._clock()
         try:
-            with self._server_span(call, context, rid) as span:
-                try:
-                    yield
-                    code = _code_name(context, "OK")
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except BaseException:
-                    code = _code_name(context, "UNKNOWN")
-                    raise
-                finally:
-                    if span.is_recording():
-                        _finish_span(span, code, self._model_label(call))
+            self._scope = owner._server_span(call, self._context, rid)
+            self._span = self._scope.__enter__()
+        except BaseException:
+            self._done("UNKNOWN")
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        owner, call = self._owner, self._call
+        if exc is None:
+            code = _code_name(self._context, "OK")
+        elif isinstance(exc, asyncio.CancelledError):
+            code = "CANCELLED"
+        else:
+            code = _code_name(self._context, "UNKNOWN")
+        try:
+            try:
+                if self._span.is_recording():
+                    _finish_span(self._span, code, owner._model_label(call))
+            finally:
+                self._scope.__exit__(exc_type, exc, tb)
         finally:
-            self._count(call.short_method, self._model_label(call), code, self._clock() - started)
-            callctx.request_id.reset(token)
+            self._done(code)
+
+    def _done(self, code: str) -> None:
+        owner, call = self._owner, self._call
+        seconds = owner._clock() - self._started
+        owner._count(call.short_method, owner._model_label(call), code, seconds)
+        callctx.request_id.reset(self._token)
