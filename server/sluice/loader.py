@@ -336,8 +336,8 @@ def freeze_heap() -> None:
     """Collect, then move everything alive (modules, settings, the loaded models) out of the
     cyclic collector's sight (``gc.freeze``). It lives as long as the process, yet every
     full collection walked it again: with the libraries a server imports that is tens of
-    milliseconds on the event loop, and under load a full collection comes every few hundred
-    calls (the objects of the calls in flight at each young collection count towards it).
+    milliseconds on the event loop, each time enough objects have survived young
+    collections (the objects of the calls in flight at each one count towards it).
     Objects are still freed by their reference counts; ``release_memory`` thaws them."""
     gc.collect()
     gc.freeze()
