@@ -25,11 +25,12 @@ the sampled seconds), spread over the stages by their share of the samples
 the GIL is left out). ``share`` is Sluice's loop time minus the no-math server's at the
 same concurrency.
 
-    python bench/profile_path.py [--concurrency 1 32] [--seconds 8] [--tree DIR] [--out F]
+    python bench/profile_path.py [--concurrency 1 32] [--seconds 8] [--rounds N] [--out F]
 
 ``--servers null tree sluice --tree DIR`` adds Sluice served from another checkout's
 ``server`` and ``clients/python`` (e.g. ``git archive REV server clients/python | tar -x -C
-DIR`` of an earlier commit), to compare before and after in one run.
+DIR`` of an earlier commit), to compare before and after in one run; ``--rounds N``
+interleaves the servers N times and keeps each one's least loop time per request.
 Needs py-spy (``pip install py-spy``) and permission to read the server's memory (ptrace).
 """
 
