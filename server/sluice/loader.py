@@ -345,10 +345,13 @@ def freeze_heap() -> None:
 
 def release_memory() -> None:
     """Hand freed memory back to the system after an unload (glibc keeps freed arenas
-    otherwise, and the process would never shrink back). The frozen heap is thawed first,
-    so the unloaded version's cycles are collected, and what stays alive frozen again."""
+    otherwise, and the process would never shrink back). A frozen heap (``freeze_heap``)
+    is thawed first, so the unloaded version's cycles are collected, and what stays alive
+    is frozen again."""
+    frozen = gc.get_freeze_count() > 0
     gc.unfreeze()
     gc.collect()
-    gc.freeze()
+    if frozen:
+        gc.freeze()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
