@@ -245,3 +245,51 @@ def test_dynamic_grpc_input_names_the_generator_for_the_model(
     generator = json.loads(path.read_text())["data"][0]["message_generator"]
     assert "infer_requests.py --model conv --input image:3x32x32 --input features:8" in generator
     assert generator.endswith("--output scores")
+
+
+def test_profile_attributes_each_loop_sample_to_the_stage_of_its_deepest_own_frame(
+    tmp_path: Path,
+) -> None:
+    """py-spy's raw output (``--threads --full-filenames``): only the loop thread counts;
+    frames above the callback (the loop, start-up code) never decide the stage; a shared
+    helper (metrics) counts for the stage that called it."""
+    profile = _load("profile_path")
+    srv = "/repo/server/sluice"
+    loop = (
+        "<module> (/repo/server/sluice/__main__.py:4)"
+        ";run_forever (/py/asyncio/base_events.py:607);"
+        "BaseEventLoop._run_once (/py/asyncio/base_events.py:1922);"
+        "Handle._run (/py/asyncio/events.py:80)"
+    )
+    raw = tmp_path / "samples.raw"
+    raw.write_text(
+        "\n".join(
+            [
+                f"thread (7): MainThread;{loop} 5",  # grpc's own callbacks
+                f"thread (7): MainThread;{loop};behavior ({srv}/transport/interceptors/_wrap.py:9)"
+                f";Observed.__aexit__ ({srv}/transport/interceptors/telemetry.py:3)"
+                f";MetricWrapperBase.labels (/py/prometheus_client/metrics.py:1) 3",
+                f"thread (7): MainThread;{loop};behavior ({srv}/transport/interceptors/_wrap.py:9)"
+                f";Router.infer ({srv}/routing/router.py:5)"
+                f";DataPlane.infer ({srv}/dataplane/plane.py:2)"
+                f";BatchMetrics.inflight ({srv}/metrics.py:8) 2",
+                f"thread (7): MainThread;{loop};_wait (/py/asyncio/tasks.py:3)"
+                f";DynamicBatcher._execute ({srv}/batching/dynamic.py:1) 4",
+                f"thread (7): MainThread;{loop}"
+                f";decode_message ({srv}/transport/interceptors/_wrap.py:4) 1",
+                f"thread (8): sluice-mlp-0;_serve ({srv}/executors/_threads.py:2) 50",
+                f"thread (7): MainThread;{loop};EpollSelector.select (/py/selectors.py:468) 9",
+            ]
+        )
+        + "\n"
+    )
+    samples = profile.read_samples(raw, 7)
+    assert samples["total"] == 24 and samples["idle"] == 9
+    assert dict(samples["stages"]) == {
+        "grpc": 5,
+        "interceptors": 3,
+        "routing": 2,
+        "batcher": 4,
+        "decode/encode": 1,
+    }
+    assert samples["inclusive"]["Router.infer (router.py)"] == 2

@@ -26,9 +26,10 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from sluice.deadlines import Expiry
 from sluice.errors import (
     DrainingError,
     InvalidInputError,
@@ -180,27 +181,19 @@ class AdmissionController:
             timeout.reschedule(give_up_at)
         self._drain_started.set()
 
-    @contextlib.asynccontextmanager
-    async def cutoff(self) -> AsyncIterator[None]:
+    def cutoff(self) -> Expiry:
         """Run one call (or a whole stream) so that a drain's grace ending stops it with
         UNAVAILABLE (``DrainingError``), which tells the client to retry elsewhere, instead
         of leaving it running (or cancelled without a status) when the transport closes."""
-        try:
-            async with asyncio.timeout_at(self._give_up_at) as timeout:
-                self._cutoffs.add(timeout)
-                try:
-                    yield
-                finally:
-                    self._cutoffs.discard(timeout)
-        except TimeoutError as exc:
-            if not timeout.expired():
-                raise
-            self._metrics.rejected.labels("drain_grace").inc()
-            raise DrainingError(
-                "the server is shutting down and its drain grace ended before this call "
-                "finished; retry on another replica",
-                retry_after_ms=self._settings.pushback_ms,
-            ) from exc
+        return Expiry(self._give_up_at, self._drain_grace_ended, scopes=self._cutoffs)
+
+    def _drain_grace_ended(self) -> DrainingError:
+        self._metrics.rejected.labels("drain_grace").inc()
+        return DrainingError(
+            "the server is shutting down and its drain grace ended before this call "
+            "finished; retry on another replica",
+            retry_after_ms=self._settings.pushback_ms,
+        )
 
     async def wait_drain(self) -> None:
         """Return once a drain has begun: an open stream then stops taking new requests,

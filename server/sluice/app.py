@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sluice.errors import ConfigError
+from sluice.loader import freeze_heap
 from sluice.metrics import Metrics
 from sluice.registry import IndexEntry, ModelRegistry
 from sluice.repository import EXAMPLE_REPOSITORY
@@ -197,6 +198,7 @@ async def _load_and_serve(
         return 0
     if not report_start(registry, repository):
         return 1
+    freeze_heap()
     await server.mark_started()
     await stop.wait()
     return 0

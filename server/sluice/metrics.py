@@ -7,6 +7,7 @@ counters exported with ``_total``. ``deploy/grafana/sluice.json`` charts them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -336,6 +337,7 @@ class BatchMetrics:
         "_compute",
         "_depth",
         "_inflight",
+        "_levels",
         "_queue",
         "metrics",
         "model",
@@ -353,6 +355,7 @@ class BatchMetrics:
         self._batch = metrics.batch_size.labels(model, version)
         self._compute = metrics.compute_seconds.labels(model, version)
         self._queue = metrics.queue_seconds.labels(model, version)
+        self._levels: dict[int, Any] = {}
 
     def queue_depth(self, depth: int) -> None:
         self._depth.set(depth)
@@ -372,7 +375,12 @@ class BatchMetrics:
         self.metrics.dropped.labels(self.model, self.version, reason).inc()
 
     def level_depth(self, level: int, depth: int) -> None:
-        self.metrics.priority_queue_depth.labels(self.model, self.version, str(level)).set(depth)
+        gauge = self._levels.get(level)
+        if gauge is None:  # levels are the configured ones: a handful
+            gauge = self._levels[level] = self.metrics.priority_queue_depth.labels(
+                self.model, self.version, str(level)
+            )
+        gauge.set(depth)
 
     def shed(self, level: int) -> None:
         self.metrics.shed.labels(str(level)).inc()

@@ -13,13 +13,12 @@ What the drain does with calls and open streams stays with ``AdmissionController
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from sluice.admission import AdmissionController, Ticket
-from sluice.deadlines import DeadlinePolicy
+from sluice.deadlines import DeadlinePolicy, Expiry
 from sluice.domain import Call
 from sluice.errors import BreakerOpenError, DeadlineExceededError
 from sluice.metrics import Metrics
@@ -102,14 +101,14 @@ class CallPolicy:
             self._metrics.rejected.labels("breaker").inc()
             raise
 
-    @contextlib.asynccontextmanager
-    async def within(self, budget_s: float, what: str) -> AsyncIterator[None]:
+    def within(self, budget_s: float, what: str) -> Expiry:
         """Hold the work inside to ``budget_s``; past it, ``DeadlineExceededError``."""
-        try:
-            async with asyncio.timeout(budget_s):
-                yield
-        except TimeoutError as exc:
-            raise DeadlineExceededError(f"{what} ran out of its {budget_s:.3f}s budget") from exc
+
+        def ran_out() -> DeadlineExceededError:
+            return DeadlineExceededError(f"{what} ran out of its {budget_s:.3f}s budget")
+
+        when = asyncio.get_running_loop().time() + budget_s
+        return Expiry(when, ran_out, any_timeout=True)
 
     def admit_request(
         self,

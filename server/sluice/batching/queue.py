@@ -96,7 +96,9 @@ class BatchQueue:
         if policy.timeout_s is not None:
             pending.queue_deadline = pending.enqueued_at + policy.timeout_s
         self._queue.append(pending)
-        self._show()
+        self._depths[level] += 1
+        self._observer.level_depth(level, self._depths[level])
+        self._observer.queue_depth(len(self._queue))
         self._arrived.set()
 
     def _evict_below(self, level: int) -> bool:
@@ -106,6 +108,8 @@ class BatchQueue:
         if victim.level <= level:
             return False
         self._queue.remove(victim)
+        self._depths[victim.level] -= 1
+        self._observer.level_depth(victim.level, self._depths[victim.level])
         self._observer.dropped("queue_full")
         self._observer.shed(victim.level)
         if not victim.future.done():
@@ -138,6 +142,9 @@ class BatchQueue:
     def _ordered(self) -> list[Pending]:
         """The queue in the order requests are taken: by level (aged ones count as the
         highest), then by arrival."""
+        if len(self._queue) == self._depths[self._queue[0].level]:
+            # One level queued: aging only moves the oldest ahead, so arrival order stands.
+            return list(self._queue)
         now = self._clock()
         rank = self._priorities.rank
         return sorted(
@@ -196,9 +203,17 @@ class BatchQueue:
             if pending.signature == head.signature and fits and (self._batched or not batch):
                 batch.append(pending)
                 rows += pending.rows
-        taken = {id(p) for p in batch}
-        self._queue = deque(p for p in self._queue if id(p) not in taken)
-        self._show()
+        if len(batch) == len(self._queue):
+            self._queue.clear()
+        else:
+            taken = {id(p) for p in batch}
+            self._queue = deque(p for p in self._queue if id(p) not in taken)
+        levels = {p.level for p in batch}
+        for pending in batch:
+            self._depths[pending.level] -= 1
+        for level in levels:
+            self._observer.level_depth(level, self._depths[level])
+        self._observer.queue_depth(len(self._queue))
         return batch
 
     def _drop_gone(self) -> None:
@@ -206,6 +221,13 @@ class BatchQueue:
         if not self._queue:
             return
         now = self._clock()
+        if not any(
+            pending.future.done()
+            or (pending.deadline is not None and now >= pending.deadline)
+            or (pending.queue_deadline is not None and now >= pending.queue_deadline)
+            for pending in self._queue
+        ):
+            return
         kept: deque[Pending] = deque()
         for pending in self._queue:
             if pending.future.done():

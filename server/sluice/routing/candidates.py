@@ -18,6 +18,8 @@ from sluice.routing.walk import Attempt, RetryBudget, Walk, label
 from sluice.settings import FallbackTarget, Settings
 
 _EWMA_WEIGHT = 0.2
+_MAX_CHAINS = 1024
+"""Chains kept built (for loaded models only); past this many the cache starts again."""
 
 
 class Candidates:
@@ -40,6 +42,11 @@ class Candidates:
         self._random = rng
         self._budgets: dict[str, RetryBudget] = {}
         self._service_time: dict[tuple[str, str], float] = {}
+        #: Chains built, by called name and version, with the fallbacks they were built from
+        #: (a reload that changes them makes a new tuple, so a stale chain is never used).
+        self._chains: dict[
+            tuple[str, str], tuple[tuple[FallbackTarget, ...], tuple[FallbackTarget, ...]]
+        ] = {}
         self.guardrails = Guardrails(settings.guardrail, metrics=metrics, clock=clock)
 
     def chain(self, name: str, version: str = "") -> list[FallbackTarget]:
@@ -47,11 +54,20 @@ class Candidates:
         alias = self._aliases.get(name)
         if alias:
             return list(alias)
+        configured = self._table.fallbacks(name)
+        known = self._chains.get((name, version))
+        if known is not None and known[0] is configured:
+            return list(known[1])
         fallbacks = [
             target if target.model else target.model_copy(update={"model": name})
-            for target in self._table.fallbacks(name)
+            for target in configured
         ]
-        return [FallbackTarget(model=name, version=version), *fallbacks]
+        chain = [FallbackTarget(model=name, version=version), *fallbacks]
+        if self._table.has_model(name):  # never one entry per name a caller makes up
+            if len(self._chains) >= _MAX_CHAINS:  # nor per version string
+                self._chains.clear()
+            self._chains[name, version] = (configured, tuple(chain))
+        return chain
 
     def walk(self, name: str, version: str) -> Walk:
         """A new call's walk; the call counts in its name's retry budget."""

@@ -191,18 +191,23 @@ class Router:
             sub = dataclasses.replace(
                 request, model=target.model, version=target.version, backend=target.backend
             )
-        attempt_call = dataclasses.replace(
-            call, deadline=None if budget_s is None else self._clock() + budget_s
-        )
         started = self._clock()
+        # Alone, the call's own deadline (batcher and interceptor) bounds the attempt, and
+        # the attempt's deadline is the call's; with untried candidates left, the attempt's
+        # share is its deadline, enforced here.
+        attempt_call = call
+        if not alone and budget_s is not None:
+            attempt_call = dataclasses.replace(call, deadline=started + budget_s)
         try:
-            # Alone, the call's own deadline (batcher and interceptor) bounds the attempt;
-            # with untried candidates left, the attempt's share is enforced here.
-            async with asyncio.timeout(None if alone else budget_s):
-                if target.endpoint:
-                    result = await self.remotes.infer(target, sub, timeout_s=budget_s)
-                else:
-                    result = await self._plane.infer(sub, attempt_call)
+            if target.endpoint:
+                answer = self.remotes.infer(target, sub, timeout_s=budget_s)
+            else:
+                answer = self._plane.infer(sub, attempt_call)
+            if alone:
+                result = await answer
+            else:
+                async with asyncio.timeout(budget_s):
+                    result = await answer
         except (TimeoutError, DeadlineExceededError) as exc:
             error = self._timeout_error(target, call.deadline, budget_s, exc)
             if error is exc:

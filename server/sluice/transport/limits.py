@@ -95,16 +95,23 @@ def _checker(descriptor: Descriptor) -> _Check:
         for name, limit, repeated in strings:
             value: Any = getattr(message, name)
             for text in value if repeated else (value,):
-                _check_length(descriptor, name, text, limit)
+                if 4 * len(text) > limit:  # else within it in any encoding of 4 bytes or less
+                    _check_length(descriptor, name, text, limit)
         for name, repeated, message_type in nested:
-            value = getattr(message, name)
-            if repeated:
-                for item in value:
-                    _checker(message_type)(item)
-            elif message.HasField(name):
-                _checker(message_type)(value)
+            _check_nested(message, name, repeated, message_type)
 
     return check
+
+
+def _check_nested(message: Message, name: str, repeated: bool, descriptor: Descriptor) -> None:
+    if repeated:
+        items = getattr(message, name)
+        if items:
+            check_item = _checker(descriptor)
+            for item in items:
+                check_item(item)
+    elif message.HasField(name):
+        _checker(descriptor)(getattr(message, name))
 
 
 def _has_bounded_strings(descriptor: Descriptor, seen: set[str]) -> bool:

@@ -18,7 +18,7 @@ import asyncio
 import inspect
 import traceback
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ class CallInfo:
 
     __slots__ = (
         "_deserialize",
+        "_metadata",
         "_raw",
         "context",
         "message_bound",
@@ -92,6 +93,7 @@ class CallInfo:
         #: Request messages larger than this are refused before they are decoded (set by
         #: the decoding hook for methods whose longest useful message it knows).
         self.message_bound: MessageBound | None = None
+        self._metadata: tuple[tuple[str, Any], ...] | None = None
 
     async def decode(self) -> None:
         """Decode the request message (once); ``InvalidInputError`` when it cannot be."""
@@ -102,9 +104,15 @@ class CallInfo:
             self._deserialize, raw, self.short_method, bound=self.message_bound
         )
 
+    def invocation_metadata(self) -> tuple[tuple[str, Any], ...]:
+        """The request metadata (read from grpc once per call)."""
+        if self._metadata is None:
+            self._metadata = tuple(self.context.invocation_metadata() or ())
+        return self._metadata
+
     def metadata(self, key: str) -> str:
         """The first string value of request metadata ``key``, or ``""``."""
-        for name, value in self.context.invocation_metadata() or ():
+        for name, value in self.invocation_metadata():
             if name == key and isinstance(value, str):
                 return value
         return ""
@@ -195,8 +203,9 @@ _FACTORIES = {
 
 
 def wrap(
-    handler: grpc.RpcMethodHandler[Any, Any], method: str, around: Around
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, hooks: Sequence[Around]
 ) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with ``hooks`` around every call, outermost first."""
     factory, attribute = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
     inner = getattr(handler, attribute)
     short_method = method.rsplit("/", 1)[-1]
@@ -225,15 +234,15 @@ def wrap(
 
     serialize: Serializer = handler.response_serializer or _identity
     if handler.response_streaming and inspect.isasyncgenfunction(inner):
-        behavior = _generated_responses(inner, start, around, serialize)
+        behavior = _generated_responses(inner, start, hooks, serialize)
     elif handler.response_streaming:
         # A handler that writes its responses itself (``context.write``): grpc encodes them.
-        behavior = _one_response(inner, start, around, None)
+        behavior = _one_response(inner, start, hooks, None)
         return factory(
             behavior, request_deserializer=None, response_serializer=handler.response_serializer
         )
     else:
-        behavior = _one_response(inner, start, around, serialize)
+        behavior = _one_response(inner, start, hooks, serialize)
     # Messages cross the wrapper as bytes: requests are decoded by ``CallInfo.decode`` and
     # ``decoded_stream``, responses encoded by ``encode_off_loop``.
     return factory(behavior, request_deserializer=None, response_serializer=None)
@@ -246,8 +255,39 @@ def _argument(call: CallInfo, stream: Any) -> Any:
     return stream if stream is not None else call.request
 
 
+Step = Callable[[CallInfo, Context, Any], Awaitable[Any]]
+"""What runs inside the hooks: the servicer, given the call, its context and its argument."""
+
+
+def _handler(start: Start, hooks: Sequence[Around], step: Step) -> Callable[..., Any]:
+    """The handler grpc calls: ``step`` inside ``hooks``, outermost first, one ``async
+    with`` each, nested as if written out by hand (no exit stack to keep per call)."""
+    for hook in reversed(hooks):
+        step = _layer(hook, step)
+    run = step
+
+    async def behavior(request: Any, context: Context) -> Any:
+        call, argument = start(request, context)
+        del request  # the call owns it now (and drops the bytes once decoded)
+        try:
+            return await run(call, context, argument)
+        except BaseException as exc:
+            forget_frames(exc)
+            raise
+
+    return behavior
+
+
+def _layer(hook: Around, inner: Step) -> Step:
+    async def layer(call: CallInfo, context: Context, argument: Any) -> Any:
+        async with hook(call, context):
+            return await inner(call, context, argument)
+
+    return layer
+
+
 def _generated_responses(
-    inner: Callable[..., Any], start: Start, around: Around, serialize: Serializer
+    inner: Callable[..., Any], start: Start, hooks: Sequence[Around], serialize: Serializer
 ) -> Callable[..., Any]:
     """The servicer's generator is driven here and its responses written with
     ``context.write``, so the whole call (hooks and the generator's cleanup) runs in the
@@ -255,42 +295,31 @@ def _generated_responses(
     runs in the context the hooks set values in. (Yielding instead lets grpc abandon the
     generator mid-write; it is then closed later, in another task.)"""
 
-    async def behavior(request: Any, context: Context) -> None:
-        call, stream = start(request, context)
-        del request  # the call owns it now (and drops the bytes once decoded)
+    async def drive(call: CallInfo, context: Context, argument: Any) -> None:
+        responses = inner(_argument(call, argument), context)
         try:
-            async with around(call, context):
-                responses = inner(_argument(call, stream), context)
-                try:
-                    async for response in responses:
-                        await context.write(await encode_off_loop(serialize, response))
-                finally:
-                    await responses.aclose()
-        except BaseException as exc:
-            forget_frames(exc)
-            raise
+            async for response in responses:
+                await context.write(await encode_off_loop(serialize, response))
+        finally:
+            await responses.aclose()
 
-    return behavior
+    return _handler(start, hooks, drive)
 
 
 def _one_response(
-    inner: Callable[..., Any], start: Start, around: Around, serialize: Serializer | None
+    inner: Callable[..., Any],
+    start: Start,
+    hooks: Sequence[Around],
+    serialize: Serializer | None,
 ) -> Callable[..., Any]:
     """A handler that returns its response (encoded here unless ``serialize`` is None)."""
 
-    async def behavior(request: Any, context: Context) -> Any:
-        call, stream = start(request, context)
-        del request  # the call owns it now (and drops the bytes once decoded)
-        try:
-            async with around(call, context):
-                result = inner(_argument(call, stream), context)
-                result = await result if isinstance(result, Awaitable) else result
-                return result if serialize is None else await encode_off_loop(serialize, result)
-        except BaseException as exc:
-            forget_frames(exc)
-            raise
+    async def respond(call: CallInfo, context: Context, argument: Any) -> Any:
+        result = inner(_argument(call, argument), context)
+        result = await result if isinstance(result, Awaitable) else result
+        return result if serialize is None else await encode_off_loop(serialize, result)
 
-    return behavior
+    return _handler(start, hooks, respond)
 
 
 def forget_frames(exc: BaseException) -> None:
@@ -302,7 +331,7 @@ def forget_frames(exc: BaseException) -> None:
     request (its bytes, the decoded message, a prompt's text) alive until the cyclic
     garbage collector ran, which it does by object count, not size. Repeated 20 MB calls
     grew the process by about 60 MB each until then. Some frames stay in the cycle through
-    other references (``AsyncExitStack`` keeps the exception details it was given), so
+    other references (a context manager may keep the exception details it was given), so
     their locals are cleared as well."""
     pending: list[BaseException] = [exc]
     seen: set[int] = set()
@@ -323,9 +352,13 @@ def _identity(raw: Any) -> Any:
 class Interceptor(abc.ABC):
     """One concern's hook around every call. ``Chain`` installs them; operational calls
     (health, reflection: ``transport.rpcs``) skip a hook unless it sets
-    ``include_operational``."""
+    ``include_operational``, and a method skips a hook whose ``applies`` says so."""
 
     include_operational = False
+
+    def applies(self, kind: Rpc, *, request_streaming: bool) -> bool:
+        """Whether the hook acts on calls of such a method (decided once per method)."""
+        return True
 
     @abc.abstractmethod
     def around(self, call: CallInfo, context: Context) -> AbstractAsyncContextManager[None]: ...
@@ -333,14 +366,21 @@ class Interceptor(abc.ABC):
 
 class Chain(grpc.aio.ServerInterceptor):
     """Installs the interceptors as one grpc interceptor, outermost first: a method's
-    handler is wrapped once with all their ``around`` hooks nested, so a call pays for one
-    interceptor hop instead of one per concern.
-    """
+    handler is wrapped once with the hooks that apply to it, one hop for all concerns."""
 
     def __init__(self, interceptors: Sequence[Interceptor]) -> None:
-        self._all = _nest([i.around for i in interceptors])
-        self._operational = _nest([i.around for i in interceptors if i.include_operational])
+        self._interceptors = tuple(interceptors)
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    def hooks(self, method: str, *, request_streaming: bool) -> list[Around]:
+        """The hooks a method's calls go through, outermost first."""
+        kind = rpc(method)
+        return [
+            i.around
+            for i in self._interceptors
+            if (i.include_operational or not kind.operational)
+            and i.applies(kind, request_streaming=request_streaming)
+        ]
 
     async def intercept_service(
         self,
@@ -354,18 +394,7 @@ class Chain(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        around = self._operational if rpc(method).operational else self._all
-        wrapped = wrap(handler, method, around)
+        hooks = self.hooks(method, request_streaming=handler.request_streaming)
+        wrapped = wrap(handler, method, hooks)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
-
-
-def _nest(hooks: Sequence[Around]) -> Around:
-    @asynccontextmanager
-    async def nested(call: CallInfo, context: Context) -> AsyncIterator[None]:
-        async with AsyncExitStack() as stack:
-            for hook in hooks:
-                await stack.enter_async_context(hook(call, context))
-            yield
-
-    return nested

@@ -32,6 +32,7 @@ from sluice import callctx
 from sluice.errors import PermissionDeniedError
 from sluice.settings import Settings
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
+from sluice.transport.rpcs import Rpc
 from sluice.workers.identity import certificate_names, forwarded_names
 
 
@@ -150,6 +151,9 @@ def _certificate_identity(
 class AuthInterceptor(Interceptor):
     def __init__(self, access: AdminAccess) -> None:
         self._access = access
+
+    def applies(self, kind: Rpc, *, request_streaming: bool) -> bool:
+        return kind.admin
 
     @contextlib.asynccontextmanager
     async def around(

@@ -10,14 +10,14 @@ decoded (and bounded) as the servicer reads them (see ``_wrap.decoded_stream``).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from sluice import callctx
 from sluice.errors import InvalidInputError
+from sluice.transport.interceptors._entering import Entering
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor, MessageBound
 from sluice.transport.limits import (
     MAX_REQUEST_ID_CHARS,
@@ -38,10 +38,10 @@ class DecodeInterceptor(Interceptor):
     def __init__(self, longest_prompt_bytes: Callable[[], int]) -> None:
         self._longest_prompt_bytes = longest_prompt_bytes
 
-    @contextlib.asynccontextmanager
-    async def around(
-        self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[None]:
+    def around(self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]) -> Entering:
+        return Entering(self._decode(call))
+
+    async def _decode(self, call: CallInfo) -> None:
         given = call.metadata(callctx.REQUEST_ID_KEY)
         if given and not valid_request_id(given):
             raise InvalidInputError(
@@ -58,4 +58,3 @@ class DecodeInterceptor(Interceptor):
                 else "no model served here generates text",
             )
         await call.decode()
-        yield

@@ -6,9 +6,8 @@ Anything unexpected becomes INTERNAL with the request id, never a traceback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -24,24 +23,40 @@ log = logging.getLogger(__name__)
 class ErrorInterceptor(Interceptor):
     include_operational = True
 
-    @contextlib.asynccontextmanager
-    async def around(
-        self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[None]:
-        try:
-            yield
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except SluiceError as exc:
-            rid = callctx.request_id.get()
-            await context.abort(
+    def around(self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]) -> Mapped:
+        return Mapped(call, context)
+
+
+class Mapped:
+    """Nothing as the call enters; as it leaves with an exception, the status for it."""
+
+    __slots__ = ("_call", "_context")
+
+    def __init__(self, call: CallInfo, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._call = call
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not isinstance(exc, Exception) or isinstance(
+            exc, (asyncio.CancelledError, grpc.aio.AbortError)
+        ):
+            return  # no error, or one that is not ours to map: it goes on as it is
+        rid = callctx.request_id.get()
+        if isinstance(exc, SluiceError):
+            await self._context.abort(
                 status_for(exc), message_for(exc, rid), trailing_metadata=trailers_for(exc, rid)
             )
-        except Exception:
-            rid = callctx.request_id.get()
-            log.exception("unexpected error in %s (request id %s)", call.method, rid)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error; quote request id {rid} when reporting it",
-                trailing_metadata=((callctx.REQUEST_ID_KEY, rid),),
-            )
+        log.error("unexpected error in %s (request id %s)", self._call.method, rid, exc_info=exc)
+        await self._context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error; quote request id {rid} when reporting it",
+            trailing_metadata=((callctx.REQUEST_ID_KEY, rid),),
+        )

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
-from collections.abc import AsyncIterator
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -33,8 +33,6 @@ def _code_name(context: Context, default: str) -> str:
 
 
 def _finish_span(span: Span, code: str, model: str) -> None:
-    if not span.is_recording():
-        return
     if model:  # known once the request is decoded, inside the hooks
         span.set_attribute("sluice.model", model)
     span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
@@ -60,6 +58,19 @@ class TelemetryInterceptor(Interceptor):
         self._models = models
         self._clock = clock
         self._tracing = tracing or Tracing.off()
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def _count(self, method: str, model: str, code: str, seconds: float) -> None:
+        """The call in the RPC metrics, through label children bound once per label set
+        (bounded: methods of the RPC table, loaded models or "", status code names)."""
+        children = self._children.get((method, model, code))
+        if children is None:
+            children = self._children[method, model, code] = (
+                self._metrics.requests.labels(method, model, code),
+                self._metrics.request_seconds.labels(method, model),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids):x}"
@@ -75,32 +86,63 @@ class TelemetryInterceptor(Interceptor):
         if not self._tracing.enabled or not call.rpc.traced:
             return UNTRACED
         return self._tracing.server_span(
-            call.method, context.invocation_metadata() or (), {"sluice.request_id": rid}
+            call.method, call.invocation_metadata(), {"sluice.request_id": rid}
         )
 
-    @contextlib.asynccontextmanager
-    async def around(self, call: CallInfo, context: Context) -> AsyncIterator[None]:
+    def around(self, call: CallInfo, context: Context) -> Observed:
+        return Observed(self, call, context)
+
+
+class Observed:
+    """One call's telemetry: its request id and span as it enters, its status code, span
+    end and metrics as it leaves. (A plain class rather than a generator-based context
+    manager: every call enters one.)"""
+
+    __slots__ = ("_call", "_context", "_owner", "_scope", "_span", "_started", "_token")
+
+    def __init__(self, owner: TelemetryInterceptor, call: CallInfo, context: Context) -> None:
+        self._owner = owner
+        self._call = call
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        owner, call = self._owner, self._call
         given = call.metadata(callctx.REQUEST_ID_KEY)
-        rid = given if given and valid_request_id(given) else self._new_id()
-        token = callctx.request_id.set(rid)
-        context.set_trailing_metadata(((callctx.REQUEST_ID_KEY, rid),))
-        started = self._clock()
-        code = "UNKNOWN"
+        rid = given if given and valid_request_id(given) else owner._new_id()
+        self._token = callctx.request_id.set(rid)
+        self._context.set_trailing_metadata(((callctx.REQUEST_ID_KEY, rid),))
+        self._started = owner._clock()
         try:
-            with self._server_span(call, context, rid) as span:
-                try:
-                    yield
-                    code = _code_name(context, "OK")
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except BaseException:
-                    code = _code_name(context, "UNKNOWN")
-                    raise
-                finally:
-                    _finish_span(span, code, self._model_label(call))
+            self._scope = owner._server_span(call, self._context, rid)
+            self._span = self._scope.__enter__()
+        except BaseException:
+            self._done("UNKNOWN")
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        owner, call = self._owner, self._call
+        if exc is None:
+            code = _code_name(self._context, "OK")
+        elif isinstance(exc, asyncio.CancelledError):
+            code = "CANCELLED"
+        else:
+            code = _code_name(self._context, "UNKNOWN")
+        try:
+            try:
+                if self._span.is_recording():
+                    _finish_span(self._span, code, owner._model_label(call))
+            finally:
+                self._scope.__exit__(exc_type, exc, tb)
         finally:
-            method, model = call.short_method, self._model_label(call)
-            self._metrics.requests.labels(method, model, code).inc()
-            self._metrics.request_seconds.labels(method, model).observe(self._clock() - started)
-            callctx.request_id.reset(token)
+            self._done(code)
+
+    def _done(self, code: str) -> None:
+        owner, call = self._owner, self._call
+        seconds = owner._clock() - self._started
+        owner._count(call.short_method, owner._model_label(call), code, seconds)
+        callctx.request_id.reset(self._token)
