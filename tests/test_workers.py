@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from sluice.repository import EXAMPLE_REPOSITORY
 from sluice.settings import load_settings
-from sluice.workers.identity import (
+from sluice.transport.identity import (
     IDENTITY_KEY,
     PEER_KEY,
     TRANSPORT_KEY,

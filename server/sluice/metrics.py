@@ -16,23 +16,8 @@ from sluice.guardrail_metrics import GuardrailMetrics
 from sluice.remote_metrics import RemoteMetrics
 from sluice.stats import BatchRun, ModelStats
 
-_LATENCY_BUCKETS = (
-    0.0002,
-    0.0005,
-    0.001,
-    0.002,
-    0.005,
-    0.01,
-    0.02,
-    0.05,
-    0.1,
-    0.2,
-    0.5,
-    1.0,
-    2.0,
-    5.0,
-    10.0,
-)
+_SUB_SECOND = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+_LATENCY_BUCKETS = (*_SUB_SECOND, 1.0, 2.0, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}

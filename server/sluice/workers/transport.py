@@ -34,8 +34,9 @@ from grpc_health.v1 import health_pb2
 from sluice import logs
 from sluice.settings import TLSSettings, TracingSettings
 from sluice.tracing import UNTRACED, Tracing, outgoing_context
+from sluice.transport import identity
 from sluice.transport.tls import CertificateFiles
-from sluice.workers import forward, identity
+from sluice.workers import forward
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.sluice.v1 import generation_service_pb2 as gen_pb
 from sluice_api.sluice.v1 import model_service_pb2 as models_pb

@@ -13,7 +13,7 @@ certificate identity, or ``local``) goes to ``callctx.caller`` for the model's h
 
 Behind transport processes (``--workers``), TLS ends at the transport, which forwards the
 client certificate's names as internal metadata; they count only on calls that came over
-the engine's private Unix socket (``sluice.workers.identity``).
+the engine's private Unix socket (``sluice.transport.identity``).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import grpc
 from sluice import callctx
 from sluice.errors import PermissionDeniedError
 from sluice.settings import Settings
+from sluice.transport.identity import certificate_names, forwarded_names
 from sluice.transport.interceptors._wrap import CallInfo, Interceptor
 from sluice.transport.rpcs import Rpc
-from sluice.workers.identity import certificate_names, forwarded_names
 
 
 def is_loopback_only(host: str) -> bool:
