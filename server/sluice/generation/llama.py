@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sluice.generation.config import LlamaConfig
-from sluice.generation.kv_cache import CacheStep
+from sluice.generation.kv_cache import KVStep
 from sluice.generation.modeling import (
     CausalLMModule,
     RMSNorm,
@@ -37,7 +37,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.kv_heads * head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.heads * head_dim, hidden, bias=config.o_bias)
 
-    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], kv: CacheStep | None) -> Tensor:
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], kv: KVStep | None) -> Tensor:
         cos, sin = rotary
         q = apply_rotary(split_heads(self.q_proj(x), self.heads), cos, sin)
         k = apply_rotary(split_heads(self.k_proj(x), self.kv_heads), cos, sin)
@@ -67,7 +67,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], kv: CacheStep | None) -> Tensor:
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], kv: KVStep | None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rotary, kv)
         out: Tensor = x + self.mlp(self.post_attention_layernorm(x))
         return out
@@ -97,7 +97,7 @@ class LlamaForCausalLM(CausalLMModule):
         )
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, device)
 
-    def hidden_states(self, input_ids: Tensor, positions: Tensor, kv: CacheStep | None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, positions: Tensor, kv: KVStep | None) -> Tensor:
         x: Tensor = self.model.embed_tokens(input_ids)
         rotary = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.model.layers:

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sluice.generation.kv_cache import CacheStep
+from sluice.generation.kv_cache import KVStep
 
 
 class CausalLMModule(nn.Module, abc.ABC):
     """A decoder-only language model that reads and writes a ``KVCachePool``."""
 
     @abc.abstractmethod
-    def hidden_states(self, input_ids: Tensor, positions: Tensor, kv: CacheStep | None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, positions: Tensor, kv: KVStep | None) -> Tensor:
         """``[batch, new_tokens]`` token ids at ``positions`` -> final hidden states.
 
         With ``kv``, the new tokens' keys and values are stored there and each token sees
@@ -72,7 +72,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, *, layer: int, kv: CacheStep | None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, *, layer: int, kv: KVStep | None) -> Tensor:
     """Scaled dot-product attention of ``[batch, heads, tokens, head_dim]`` queries over the
     new keys and values (``[batch, kv_heads, tokens, head_dim]``) and what ``kv`` holds.
 
@@ -80,8 +80,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, layer: int, kv: CacheStep | None)
     """
     if kv is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    keys, values = kv.update(layer, k, v)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=kv.mask, enable_gqa=True)
+    return kv.attend(layer, q, k, v)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
