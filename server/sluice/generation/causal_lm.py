@@ -51,6 +51,7 @@ class CausalLM:
         self.config = config
         self.device = torch.device(device)
         self._module = module
+        module.prepare()
         self._pool = KVCachePool(
             num_layers=config.num_layers,
             num_kv_heads=config.num_kv_heads,

@@ -13,10 +13,12 @@ from sluice.generation.config import LlamaConfig
 from sluice.generation.kv_cache import KVStep
 from sluice.generation.modeling import (
     CausalLMModule,
+    Fused,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
     attend,
+    fuse,
     merge_heads,
     split_heads,
 )
@@ -36,12 +38,21 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.kv_heads * head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(hidden, self.kv_heads * head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.heads * head_dim, hidden, bias=config.o_bias)
+        self._qkv: Fused | None = None
+
+    def fuse(self) -> None:
+        """Project queries, keys and values with one matrix product (see ``fuse``)."""
+        self._qkv = fuse(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], kv: KVStep | None) -> Tensor:
         cos, sin = rotary
-        q = apply_rotary(split_heads(self.q_proj(x), self.heads), cos, sin)
-        k = apply_rotary(split_heads(self.k_proj(x), self.kv_heads), cos, sin)
-        v = split_heads(self.v_proj(x), self.kv_heads)
+        if self._qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self._qkv(x)
+        q = apply_rotary(split_heads(q, self.heads), cos, sin)
+        k = apply_rotary(split_heads(k, self.kv_heads), cos, sin)
+        v = split_heads(v, self.kv_heads)
         out: Tensor = self.o_proj(merge_heads(attend(q, k, v, layer=self.layer, kv=kv)))
         return out
 
@@ -53,9 +64,18 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inner, bias=bias)
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self._gate_up: Fused | None = None
+
+    def fuse(self) -> None:
+        """Project the gate and the up branch with one matrix product (see ``fuse``)."""
+        self._gate_up = fuse(self.gate_proj, self.up_proj)
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self._gate_up is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self._gate_up(x)
+        out: Tensor = self.down_proj(F.silu(gate) * up)
         return out
 
 
@@ -104,6 +124,12 @@ class LlamaForCausalLM(CausalLMModule):
             x = layer(x, rotary, kv)
         out: Tensor = self.model.norm(x)
         return out
+
+    def prepare(self) -> None:
+        for layer in self.model.layers:
+            assert isinstance(layer, LlamaDecoderLayer)
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def logits(self, hidden: Tensor) -> Tensor:
         if self.lm_head is None:
