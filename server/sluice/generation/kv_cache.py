@@ -24,6 +24,7 @@ Not thread-safe: one thread drives a model and its pool.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,6 +89,9 @@ class CacheStep:
     """``[batch, new_tokens]``: the position each new token takes."""
     mask: torch.Tensor
     """``[batch, 1, new_tokens, total]`` booleans: which positions each new token sees."""
+    bias: torch.Tensor
+    """``mask`` as the attention adds it (0 where seen, -inf elsewhere), made once per
+    step rather than by every layer's attention."""
 
     @property
     def total(self) -> int:
@@ -110,7 +114,7 @@ class CacheStep:
         """Store ``layer``'s new keys and values and attend the new queries (``[batch,
         heads, new_tokens, head_dim]``) over every position each may see."""
         keys, values = self.update(layer, k, v)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.bias, enable_gqa=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +233,8 @@ class KVCachePool:
         seen = torch.arange(total, device=self._device)
         row_index = torch.tensor(rows, device=self._device)
         heads = torch.arange(self._kv_heads, device=self._device)
+        mask = (seen <= positions[:, :, None])[:, None]
+        bias = torch.zeros(mask.shape, dtype=self._dtype, device=self._device)
         return CacheStep(
             keys=self._keys,
             values=self._values,
@@ -238,7 +244,8 @@ class KVCachePool:
             write_index=(row_index[:, None, None], heads[None, :, None], positions[:, None, :]),
             row_slice=slice(rows[0], rows[0] + len(rows)) if consecutive else None,
             positions=positions,
-            mask=(seen <= positions[:, :, None])[:, None],
+            mask=mask,
+            bias=bias.masked_fill_(mask.logical_not(), -math.inf),
         )
 
     def commit(self, step: CacheStep, *, lengths: Sequence[int] | None = None) -> None:
