@@ -39,6 +39,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.kv_heads * head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.heads * head_dim, hidden, bias=config.o_bias)
         self._qkv: Fused | None = None
+        self._qk_v = ((self.heads + self.kv_heads) * head_dim, self.kv_heads * head_dim)
 
     def fuse(self) -> None:
         """Project queries, keys and values with one matrix product (see ``fuse``)."""
@@ -47,12 +48,14 @@ class LlamaAttention(nn.Module):
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], kv: KVStep | None) -> Tensor:
         cos, sin = rotary
         if self._qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = self._qkv(x)
-        q = apply_rotary(split_heads(q, self.heads), cos, sin)
-        k = apply_rotary(split_heads(k, self.kv_heads), cos, sin)
-        v = split_heads(v, self.kv_heads)
+            q = apply_rotary(split_heads(self.q_proj(x), self.heads), cos, sin)
+            k = apply_rotary(split_heads(self.k_proj(x), self.kv_heads), cos, sin)
+            v = split_heads(self.v_proj(x), self.kv_heads)
+        else:  # queries and keys lie side by side: rotate them in one go
+            qk, v = torch.split(self._qkv(x), self._qk_v, dim=-1)
+            qk = apply_rotary(split_heads(qk, self.heads + self.kv_heads), cos, sin)
+            q, k = torch.split(qk, (self.heads, self.kv_heads), dim=1)
+            v = split_heads(v, self.kv_heads)
         out: Tensor = self.o_proj(merge_heads(attend(q, k, v, layer=self.layer, kv=kv)))
         return out
 
@@ -74,7 +77,7 @@ class LlamaMLP(nn.Module):
         if self._gate_up is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate, up = self._gate_up(x)
+            gate, up = self._gate_up(x).chunk(2, dim=-1)
         out: Tensor = self.down_proj(F.silu(gate) * up)
         return out
 
