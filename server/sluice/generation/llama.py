@@ -39,7 +39,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.kv_heads * head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.heads * head_dim, hidden, bias=config.o_bias)
         self._qkv: Fused | None = None
-        self._qk_v = ((self.heads + self.kv_heads) * head_dim, self.kv_heads * head_dim)
+        self._qk_v = [(self.heads + self.kv_heads) * head_dim, self.kv_heads * head_dim]
 
     def fuse(self) -> None:
         """Project queries, keys and values with one matrix product (see ``fuse``)."""
@@ -54,7 +54,7 @@ class LlamaAttention(nn.Module):
         else:  # queries and keys lie side by side: rotate them in one go
             qk, v = torch.split(self._qkv(x), self._qk_v, dim=-1)
             qk = apply_rotary(split_heads(qk, self.heads + self.kv_heads), cos, sin)
-            q, k = torch.split(qk, (self.heads, self.kv_heads), dim=1)
+            q, k = torch.split(qk, [self.heads, self.kv_heads], dim=1)
             v = split_heads(v, self.kv_heads)
         out: Tensor = self.o_proj(merge_heads(attend(q, k, v, layer=self.layer, kv=kv)))
         return out
