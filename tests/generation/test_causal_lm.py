@@ -150,3 +150,48 @@ def test_prefill_many_pads_without_changing_any_prompts_logits(random_lm: Causal
         torch.testing.assert_close(together[index], alone, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(next_together[index], next_alone, rtol=1e-4, atol=1e-4)
     assert random_lm.live_sequences == 0
+
+
+def test_one_step_decodes_the_running_and_prefills_the_joining_as_separate_passes_do(
+    random_lm: CausalLM,
+) -> None:
+    vocab = random_lm.config.vocab_size
+    running_prompts = [[(7 * k) % vocab for k in range(9)], [2, 4]]
+    joining = [[1, 2, 3], [(4 + k) % vocab for k in range(11)], [10]]
+
+    def run(together: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        running = [random_lm.prefill(prompt)[1] for prompt in running_prompts]
+        decodes = [(5, running[1]), (6, running[0])]  # not the cache's row order
+        if together:
+            decoded, prefilled, caches = random_lm.step(decodes, joining)
+        else:
+            decoded = random_lm.decode(decodes)
+            prefilled, caches = random_lm.prefill_many(joining)
+        following = random_lm.decode([(8, cache) for cache in [*caches, *running]])
+        lengths = [cache.length for cache in [*caches, *running]]
+        for cache in [*caches, *running]:
+            cache.release()
+        return decoded, prefilled, following, lengths
+
+    apart, together = run(together=False), run(together=True)
+    for one, other in zip(together[:3], apart[:3], strict=True):
+        torch.testing.assert_close(one, other, rtol=1e-4, atol=1e-4)
+    assert together[3] == apart[3] == [4, 12, 2, 11, 4]
+    assert random_lm.live_sequences == 0
+
+
+def test_a_step_that_fails_gives_back_the_joining_sequences_rows(random_lm: CausalLM) -> None:
+    _, cache = random_lm.prefill([1, 2])
+    with pytest.raises(InvalidInputError, match="token ids"):
+        random_lm.step([(1, cache)], [[3], [random_lm.config.vocab_size]])
+    assert random_lm.live_sequences == 1
+    with pytest.raises(InvalidInputError, match="at least one token"):
+        random_lm.step([(1, cache)], [[3], []])
+    with pytest.raises(InvalidInputError, match="at least one token"):
+        random_lm.step([], [])
+    decoded, prefilled, caches = random_lm.step([(1, cache)], [])
+    assert decoded.shape == (1, random_lm.config.vocab_size)
+    assert prefilled.shape == (0, random_lm.config.vocab_size)
+    assert caches == []
+    cache.release()
+    assert random_lm.live_sequences == 0

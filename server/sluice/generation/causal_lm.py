@@ -4,6 +4,7 @@ This is the surface iteration-level batching drives::
 
     logits, cache = lm.prefill(prompt_ids)        # one new sequence
     logits = lm.decode([(token, cache), ...])     # one token for each of many sequences
+    running, joined, caches = lm.step(decodes, prompts)  # both in one forward pass
     cache.release()                               # the sequence leaves
 
 Between two ``decode`` calls sequences may join (``prefill``) and leave (``release``); the
@@ -17,6 +18,7 @@ at its boundary. Not thread-safe: one thread drives a model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +27,7 @@ from torch import Tensor
 from sluice.errors import InvalidInputError
 from sluice.generation.config import GPT2Config, LlamaConfig, ModelConfig, load_config
 from sluice.generation.gpt2 import GPT2LMHeadModel
-from sluice.generation.kv_cache import KVCachePool, SequenceCache
+from sluice.generation.kv_cache import CacheStep, KVCachePool, KVStep, MixedStep, SequenceCache
 from sluice.generation.llama import LlamaForCausalLM
 from sluice.generation.modeling import CausalLMModule
 from sluice.generation.weights import assign_weights, read_checkpoint
@@ -49,6 +51,7 @@ class CausalLM:
         self.config = config
         self.device = torch.device(device)
         self._module = module
+        module.prepare()
         self._pool = KVCachePool(
             num_layers=config.num_layers,
             num_kv_heads=config.num_kv_heads,
@@ -91,7 +94,7 @@ class CausalLM:
             raise InvalidInputError("the prompt has no tokens")
         cache = self._pool.open()
         try:
-            logits = self._forward([cache], [list(token_ids)])
+            (logits,) = self._forward([_Group([cache], [list(token_ids)])])
         except BaseException:
             cache.release()
             raise
@@ -106,52 +109,103 @@ class CausalLM:
         and the padded positions are beyond each sequence's length (the next token
         overwrites them).
         """
-        if not prompts or any(not prompt for prompt in prompts):
-            raise InvalidInputError("every prompt needs at least one token")
-        caches = [self._pool.open() for _ in prompts]
-        longest = max(len(prompt) for prompt in prompts)
-        padded = [[*prompt, *[0] * (longest - len(prompt))] for prompt in prompts]
-        lengths = [len(prompt) for prompt in prompts]
-        try:
-            logits = self._forward(caches, padded, lengths=lengths)
-        except BaseException:
-            for cache in caches:
-                cache.release()
-            raise
+        _, logits, caches = self.step([], prompts)
         return logits, caches
 
     def decode(self, steps: Sequence[tuple[int, SequenceCache]]) -> Tensor:
         """Add one token to each sequence in one forward pass: ``[len(steps), vocab]``
         float32 next-token logits, in the order of ``steps``."""
-        return self._forward([cache for _, cache in steps], [[token] for token, _ in steps])
+        (logits,) = self._forward([_decode_group(steps)])
+        return logits
 
-    def _forward(
-        self,
-        caches: list[SequenceCache],
-        token_ids: list[list[int]],
-        *,
-        lengths: Sequence[int] | None = None,
-    ) -> Tensor:
-        """One pass adding ``token_ids[i]`` to ``caches[i]``; with ``lengths``, only the first
-        ``lengths[i]`` of them are real (the rest is padding) and the logits are taken at the
-        last real one."""
+    def step(
+        self, decodes: Sequence[tuple[int, SequenceCache]], prompts: Sequence[Sequence[int]]
+    ) -> tuple[Tensor, Tensor, list[SequenceCache]]:
+        """``decode(decodes)`` and ``prefill_many(prompts)`` in one forward pass (either
+        may be empty): the running sequences' next-token logits, the new ones', and the new
+        ones' caches (released again if the pass fails).
+
+        The model reads its weights once for both: on a CPU, a pass over a few more tokens
+        costs little more than a pass over fewer, so sequences that join while others run
+        add their prompts to the others' step instead of a pass of their own.
+        """
+        if not (prompts or decodes) or any(not prompt for prompt in prompts):
+            raise InvalidInputError("every prompt needs at least one token")
+        caches = [self._pool.open() for _ in prompts]
+        longest = max((len(prompt) for prompt in prompts), default=0)
+        joining = _Group(
+            caches,
+            [[*prompt, *[0] * (longest - len(prompt))] for prompt in prompts],
+            [len(prompt) for prompt in prompts],
+        )
+        groups = [group for group in (_decode_group(decodes), joining) if group.caches]
+        try:
+            logits = self._forward(groups)
+        except BaseException:
+            for cache in reversed(caches):
+                cache.release()
+            raise
+        if not decodes:
+            logits.insert(0, logits[0][:0])
+        if not prompts:
+            logits.append(logits[0][:0])
+        return logits[0], logits[1], caches
+
+    def _forward(self, groups: Sequence[_Group]) -> list[Tensor]:
+        """One pass adding ``token_ids[i]`` to ``caches[i]`` in every group; with
+        ``lengths``, only the first ``lengths[i]`` of a group's tokens are real (the rest is
+        padding) and the logits are taken at the last real one. One group runs in its own
+        ``[batch, new_tokens]`` layout; several are packed one after another (``MixedStep``).
+        """
         vocab = self.config.vocab_size
-        if any(not 0 <= token < vocab for tokens in token_ids for token in tokens):
-            raise InvalidInputError(f"token ids must lie in [0, {vocab})")
+        for group in groups:
+            if any(not 0 <= token < vocab for tokens in group.token_ids for token in tokens):
+                raise InvalidInputError(f"token ids must lie in [0, {vocab})")
         with torch.no_grad():
-            step = self._pool.plan(caches, len(token_ids[0]))
-            order = torch.tensor(step.order, device=self.device)
-            input_ids = torch.tensor(token_ids, device=self.device)[order]
-            hidden = self._module.hidden_states(input_ids, step.positions, step)
-            if lengths is None:
-                last = hidden[:, -1]
-            else:
-                ordered = torch.tensor([lengths[i] for i in step.order], device=self.device)
-                last = hidden[torch.arange(len(caches), device=self.device), ordered - 1]
+            steps = self._pool.plan_groups([(g.caches, g.new_tokens) for g in groups])
+            inputs: list[Tensor] = []
+            lasts: list[int] = []
+            offset = 0
+            for group, step in zip(groups, steps, strict=True):
+                batch, new_tokens = step.positions.shape
+                inputs.append(torch.tensor([group.token_ids[i] for i in step.order]))
+                ends = group.ordered(step) or [new_tokens] * batch
+                lasts.extend(offset + row * new_tokens + end - 1 for row, end in enumerate(ends))
+                offset += batch * new_tokens
+            kv: KVStep = steps[0] if len(steps) == 1 else MixedStep(steps)
+            packed = [ids.reshape(-1) for ids in inputs]
+            input_ids = inputs[0] if len(steps) == 1 else torch.cat(packed)[None]
+            hidden = self._module.hidden_states(input_ids.to(self.device), kv.positions, kv)
+            last = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(lasts, device=self.device)]
             logits = self._module.logits(last).float()
-            self._pool.commit(
-                step, lengths=None if lengths is None else [lengths[i] for i in step.order]
-            )
-            restored = torch.empty_like(logits)
-            restored[order] = logits
-        return restored
+            results, start = [], 0
+            for group, step in zip(groups, steps, strict=True):
+                self._pool.commit(step, lengths=group.ordered(step))
+                rows = logits[start : start + len(step.order)]
+                restored = torch.empty_like(rows)
+                restored[torch.tensor(step.order, device=self.device)] = rows
+                results.append(restored)
+                start += len(step.order)
+        return results
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """Sequences of one forward pass that each add the same number of tokens."""
+
+    caches: list[SequenceCache]
+    token_ids: list[list[int]]
+    lengths: list[int] | None = None
+    """How many of each sequence's tokens are real (None: all)."""
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids[0]) if self.token_ids else 0
+
+    def ordered(self, step: CacheStep) -> list[int] | None:
+        """``lengths`` in the step's row order."""
+        return None if self.lengths is None else [self.lengths[i] for i in step.order]
+
+
+def _decode_group(steps: Sequence[tuple[int, SequenceCache]]) -> _Group:
+    return _Group([cache for _, cache in steps], [[token] for token, _ in steps])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sluice.generation.config import GPT2Config
-from sluice.generation.kv_cache import CacheStep
+from sluice.generation.kv_cache import KVStep
 from sluice.generation.modeling import CausalLMModule, attend, merge_heads, split_heads
 
 PREFIX = "transformer."
@@ -42,7 +42,7 @@ class GPT2Attention(nn.Module):
         self.c_attn = Conv1D(config.hidden_size, 3 * config.hidden_size)
         self.c_proj = Conv1D(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: Tensor, kv: CacheStep | None) -> Tensor:
+    def forward(self, x: Tensor, kv: KVStep | None) -> Tensor:
         q, k, v = (split_heads(part, self.heads) for part in self.c_attn(x).chunk(3, dim=-1))
         out: Tensor = self.c_proj(merge_heads(attend(q, k, v, layer=self.layer, kv=kv)))
         return out
@@ -67,7 +67,7 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, x: Tensor, kv: CacheStep | None) -> Tensor:
+    def forward(self, x: Tensor, kv: KVStep | None) -> Tensor:
         x = x + self.attn(self.ln_1(x), kv)
         out: Tensor = x + self.mlp(self.ln_2(x))
         return out
@@ -93,7 +93,7 @@ class GPT2LMHeadModel(CausalLMModule):
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
 
-    def hidden_states(self, input_ids: Tensor, positions: Tensor, kv: CacheStep | None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, positions: Tensor, kv: KVStep | None) -> Tensor:
         x: Tensor = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
         for block in self.transformer.h:
             x = block(x, kv)

@@ -24,10 +24,13 @@ Not thread-safe: one thread drives a model and its pool.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from sluice.errors import InvalidInputError
 
@@ -86,6 +89,9 @@ class CacheStep:
     """``[batch, new_tokens]``: the position each new token takes."""
     mask: torch.Tensor
     """``[batch, 1, new_tokens, total]`` booleans: which positions each new token sees."""
+    bias: torch.Tensor
+    """``mask`` as the attention adds it (0 where seen, -inf elsewhere), made once per
+    step rather than by every layer's attention."""
 
     @property
     def total(self) -> int:
@@ -103,6 +109,52 @@ class CacheStep:
         layer_values[self.write_index] = values
         rows = self.rows if self.row_slice is None else self.row_slice
         return layer_keys[rows, :, : self.total], layer_values[rows, :, : self.total]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store ``layer``'s new keys and values and attend the new queries (``[batch,
+        heads, new_tokens, head_dim]``) over every position each may see."""
+        keys, values = self.update(layer, k, v)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.bias, enable_gqa=True)
+
+
+@dataclass(frozen=True, slots=True)
+class MixedStep:
+    """One forward pass over groups of sequences that add different numbers of tokens (the
+    running sequences' next token and the joining ones' prompts), packed one after another
+    on the token axis of a batch of one: ``[1, sum(batch_g * new_tokens_g)]``.
+
+    Every layer but attention runs once over all the tokens; attention runs per group, in
+    that group's ``[batch, heads, new_tokens, head_dim]`` layout.
+    """
+
+    groups: tuple[CacheStep, ...]
+
+    @property
+    def positions(self) -> Tensor:
+        """``[1, tokens]``: each packed token's position."""
+        return torch.cat([group.positions.reshape(-1) for group in self.groups])[None]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``CacheStep.attend`` for packed ``[1, heads, tokens, head_dim]`` tensors."""
+        outputs, start = [], 0
+        for group in self.groups:
+            batch, new_tokens = group.positions.shape
+            end = start + batch * new_tokens
+            parts = (_unpack(x[0, :, start:end], batch) for x in (q, k, v))
+            out = group.attend(layer, *parts)
+            outputs.append(out.transpose(0, 1).flatten(1, 2))
+            start = end
+        return torch.cat(outputs, dim=1)[None]
+
+
+KVStep = CacheStep | MixedStep
+"""What a forward pass reads and writes the cache through."""
+
+
+def _unpack(x: Tensor, batch: int) -> Tensor:
+    """``[heads, batch * new_tokens, head_dim]`` -> ``[batch, heads, new_tokens, head_dim]``."""
+    heads, tokens, head_dim = x.shape
+    return x.reshape(heads, batch, tokens // batch, head_dim).transpose(0, 1)
 
 
 class KVCachePool:
@@ -144,17 +196,35 @@ class KVCachePool:
 
     def plan(self, caches: Sequence[SequenceCache], new_tokens: int) -> CacheStep:
         """Prepare a forward pass that adds ``new_tokens`` tokens to each of ``caches``."""
-        self._check_members(caches)
+        (step,) = self.plan_groups([(caches, new_tokens)])
+        return step
+
+    def plan_groups(
+        self, groups: Sequence[tuple[Sequence[SequenceCache], int]]
+    ) -> tuple[CacheStep, ...]:
+        """``plan`` for several groups of distinct sequences that share one forward pass
+        (each group adds its own number of tokens)."""
+        if not groups or any(not caches for caches, _ in groups):
+            raise ValueError("a step needs at least one sequence in each group")
+        self._check_members([cache for caches, _ in groups for cache in caches])
+        totals = []
+        for caches, new_tokens in groups:
+            for cache in caches:
+                if cache._length + new_tokens > self._max_context:
+                    raise InvalidInputError(
+                        f"the sequence would reach {cache._length + new_tokens} tokens; "
+                        f"the model's context is {self._max_context}"
+                    )
+            totals.append(max(cache._length for cache in caches) + new_tokens)
+        self._reserve(len(self._live), max(totals))
+        return tuple(
+            self._group(caches, new_tokens, total)
+            for (caches, new_tokens), total in zip(groups, totals, strict=True)
+        )
+
+    def _group(self, caches: Sequence[SequenceCache], new_tokens: int, total: int) -> CacheStep:
         order = tuple(sorted(range(len(caches)), key=lambda i: caches[i]._row))
         ordered = tuple(caches[i] for i in order)
-        for cache in ordered:
-            if cache._length + new_tokens > self._max_context:
-                raise InvalidInputError(
-                    f"the sequence would reach {cache._length + new_tokens} tokens; "
-                    f"the model's context is {self._max_context}"
-                )
-        total = max(cache._length for cache in ordered) + new_tokens
-        self._reserve(len(self._live), total)
         rows = [cache._row for cache in ordered]
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
         steps = torch.arange(new_tokens, device=self._device)
@@ -163,6 +233,8 @@ class KVCachePool:
         seen = torch.arange(total, device=self._device)
         row_index = torch.tensor(rows, device=self._device)
         heads = torch.arange(self._kv_heads, device=self._device)
+        mask = (seen <= positions[:, :, None])[:, None]
+        bias = torch.zeros(mask.shape, dtype=self._dtype, device=self._device)
         return CacheStep(
             keys=self._keys,
             values=self._values,
@@ -172,7 +244,8 @@ class KVCachePool:
             write_index=(row_index[:, None, None], heads[None, :, None], positions[:, None, :]),
             row_slice=slice(rows[0], rows[0] + len(rows)) if consecutive else None,
             positions=positions,
-            mask=(seen <= positions[:, :, None])[:, None],
+            mask=mask,
+            bias=bias.masked_fill_(mask.logical_not(), -math.inf),
         )
 
     def commit(self, step: CacheStep, *, lengths: Sequence[int] | None = None) -> None:
@@ -187,9 +260,10 @@ class KVCachePool:
         row = cache._row
         last = self._live.pop()
         if last is not cache:
-            filled = slice(0, last._length)
-            self._keys[:, row, :, filled] = self._keys[:, last._row, :, filled]
-            self._values[:, row, :, filled] = self._values[:, last._row, :, filled]
+            if last._length:  # a sequence opened since the last step has no storage yet
+                filled = slice(0, last._length)
+                self._keys[:, row, :, filled] = self._keys[:, last._row, :, filled]
+                self._values[:, row, :, filled] = self._values[:, last._row, :, filled]
             last._row = row
             self._live[row] = last
         cache._pool = None

@@ -10,13 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sluice.generation.config import LlamaConfig
-from sluice.generation.kv_cache import CacheStep
+from sluice.generation.kv_cache import KVStep
 from sluice.generation.modeling import (
     CausalLMModule,
+    Fused,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
     attend,
+    fuse,
     merge_heads,
     split_heads,
 )
@@ -36,12 +38,24 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.kv_heads * head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(hidden, self.kv_heads * head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.heads * head_dim, hidden, bias=config.o_bias)
+        self._qkv: Fused | None = None
+        self._qk_v = [(self.heads + self.kv_heads) * head_dim, self.kv_heads * head_dim]
 
-    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], kv: CacheStep | None) -> Tensor:
+    def fuse(self) -> None:
+        """Project queries, keys and values with one matrix product (see ``fuse``)."""
+        self._qkv = fuse(self.q_proj, self.k_proj, self.v_proj)
+
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], kv: KVStep | None) -> Tensor:
         cos, sin = rotary
-        q = apply_rotary(split_heads(self.q_proj(x), self.heads), cos, sin)
-        k = apply_rotary(split_heads(self.k_proj(x), self.kv_heads), cos, sin)
-        v = split_heads(self.v_proj(x), self.kv_heads)
+        if self._qkv is None:
+            q = apply_rotary(split_heads(self.q_proj(x), self.heads), cos, sin)
+            k = apply_rotary(split_heads(self.k_proj(x), self.kv_heads), cos, sin)
+            v = split_heads(self.v_proj(x), self.kv_heads)
+        else:  # queries and keys lie side by side: rotate them in one go
+            qk, v = torch.split(self._qkv(x), self._qk_v, dim=-1)
+            qk = apply_rotary(split_heads(qk, self.heads + self.kv_heads), cos, sin)
+            q, k = torch.split(qk, [self.heads, self.kv_heads], dim=1)
+            v = split_heads(v, self.kv_heads)
         out: Tensor = self.o_proj(merge_heads(attend(q, k, v, layer=self.layer, kv=kv)))
         return out
 
@@ -53,9 +67,18 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inner, bias=bias)
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self._gate_up: Fused | None = None
+
+    def fuse(self) -> None:
+        """Project the gate and the up branch with one matrix product (see ``fuse``)."""
+        self._gate_up = fuse(self.gate_proj, self.up_proj)
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self._gate_up is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self._gate_up(x).chunk(2, dim=-1)
+        out: Tensor = self.down_proj(F.silu(gate) * up)
         return out
 
 
@@ -67,7 +90,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], kv: CacheStep | None) -> Tensor:
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], kv: KVStep | None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rotary, kv)
         out: Tensor = x + self.mlp(self.post_attention_layernorm(x))
         return out
@@ -97,13 +120,19 @@ class LlamaForCausalLM(CausalLMModule):
         )
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, device)
 
-    def hidden_states(self, input_ids: Tensor, positions: Tensor, kv: CacheStep | None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, positions: Tensor, kv: KVStep | None) -> Tensor:
         x: Tensor = self.model.embed_tokens(input_ids)
         rotary = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, rotary, kv)
         out: Tensor = self.model.norm(x)
         return out
+
+    def prepare(self) -> None:
+        for layer in self.model.layers:
+            assert isinstance(layer, LlamaDecoderLayer)
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def logits(self, hidden: Tensor) -> Tensor:
         if self.lm_head is None:

@@ -57,8 +57,9 @@ class TokenSampler:
             scores = _keep_top_p(scores, self._params.top_p)
         return scores
 
-    def _noise(self, size: int, device: torch.device) -> Tensor:
-        return torch.empty(size, device=device).exponential_(generator=self._generator)
+    def _draw(self, noise: Tensor) -> None:
+        """Fill ``noise`` (one row) with this request's next exponential draws."""
+        noise.exponential_(generator=self._generator)
 
     def _remember(self, token: int) -> None:
         if self._params.repetition_penalty != 1:
@@ -81,13 +82,15 @@ def sample_many(samplers: Sequence[TokenSampler], logits: Tensor) -> list[int]:
         temperatures = torch.tensor(
             [samplers[i].params.temperature for i in drawn], device=scores.device
         )
-        scaled = scores[drawn] / temperatures[:, None]
+        scaled = (scores if len(drawn) == len(samplers) else scores[drawn]) / temperatures[:, None]
         if any(samplers[i].params.top_k or samplers[i].params.top_p < 1 for i in drawn):
             scaled = torch.stack(
                 [samplers[i]._filtered(row) for i, row in zip(drawn, scaled, strict=True)]
             )
         probabilities = torch.softmax(scaled, dim=-1)
-        noise = torch.stack([samplers[i]._noise(scores.shape[-1], scores.device) for i in drawn])
+        noise = torch.empty_like(probabilities)
+        for row, i in enumerate(drawn):
+            samplers[i]._draw(noise[row])
         for i, token in zip(drawn, (probabilities / noise).argmax(dim=-1).tolist(), strict=True):
             tokens[i] = token
     for sampler, token in zip(samplers, tokens, strict=True):

@@ -6,8 +6,11 @@ One engine thread owns the model and its key/value cache. Each iteration it
    away costs at most the step that was already running when it left),
 2. lets waiting sequences join (``schedule``: most urgent priority level first, oldest first
    within a level, aged ones first; within ``max_running_sequences`` and
-   ``max_tokens_in_flight``) and prefills them: their first token goes out at once,
-3. decodes one token for every running sequence in one forward pass, and
+   ``max_tokens_in_flight``),
+3. runs one forward pass that decodes one token for every running sequence and prefills the
+   joining ones (``CausalLM.step``: the weights are read once for both, so a sequence
+   joining costs the others a few more tokens in their pass, not a pass of its own; the
+   joining sequences' first tokens come out of that pass), and
 4. hands the step's chunks to the event loop in one call.
 
 The event-loop side is one ``Generation`` per request (``sequence``): an async iterator of
@@ -166,24 +169,37 @@ class ContinuousBatcher(GenerationEngine):
     def _step(self, joining: list[EngineSequence]) -> None:
         schedule = self._schedule
         schedule.retire()
+        active = [s for s in schedule.running if s.cache is not None and schedule.ready(s)]
+        schedule.running.extend(joining)
         if joining:
-            self._prefill(joining)
-            self._stats.running = len(schedule.running)
-            self._flush()  # first tokens go out now, not after the others' decode
-        active = [
-            s
-            for s in schedule.running
-            if s not in joining and s.cache is not None and schedule.ready(s)
-        ]
-        if active:
+            self._join(joining, active)
+        elif active:
             self._decode(active)
         self._stats.running = len(schedule.running)
         self._flush()
 
+    def _join(self, joining: list[EngineSequence], active: list[EngineSequence]) -> None:
+        """Prefill the joining sequences in the running ones' decode pass (one pass reads
+        the weights once for both); if that pass fails, prefill and decode apart, so a
+        failure lands only on the sequences that cause it."""
+        steps = [(s.last_token, s.cache) for s in active if s.cache is not None]
+        try:
+            decoded, prefilled, caches = self.lm.step(steps, [s.prompt_ids for s in joining])
+        except (SluiceError, RuntimeError, ValueError):
+            self._prefill(joining)
+            if active:
+                self._decode(active)
+            return
+        for sequence, cache in zip(joining, caches, strict=True):
+            sequence.cache = cache
+            self._start(sequence)
+        if active:
+            self._stats.decode_steps += 1
+        self._sample([*joining, *active], torch.cat([prefilled, decoded]))
+
     def _prefill(self, joining: list[EngineSequence]) -> None:
         """Prefill the joining sequences in one forward pass; if that fails, one at a time,
         so a sequence that cannot run fails alone."""
-        self._schedule.running.extend(joining)
         try:
             logits, caches = self.lm.prefill_many([s.prompt_ids for s in joining])
         except (SluiceError, RuntimeError, ValueError) as exc:
@@ -193,9 +209,10 @@ class ContinuousBatcher(GenerationEngine):
                 return
             self._schedule.leave(joining[0], End(None, self._backend_error("prefill", exc)))
             return
-        for sequence, row, cache in zip(joining, logits, caches, strict=True):
+        for sequence, cache in zip(joining, caches, strict=True):
             sequence.cache = cache
-            self._first_token(sequence, row)
+            self._start(sequence)
+        self._sample(joining, logits)
 
     def _prefill_alone(self, sequence: EngineSequence) -> None:
         try:
@@ -203,9 +220,11 @@ class ContinuousBatcher(GenerationEngine):
         except (SluiceError, RuntimeError, ValueError) as exc:  # torch reports these
             self._schedule.leave(sequence, End(None, self._backend_error("prefill", exc)))
             return
-        self._first_token(sequence, logits)
+        self._start(sequence)
+        self._sample([sequence], logits[None])
 
-    def _first_token(self, sequence: EngineSequence, logits: torch.Tensor) -> None:
+    def _start(self, sequence: EngineSequence) -> None:
+        """A prefilled sequence gets its sampler and its output."""
         sequence.sampler = TokenSampler(
             sequence.params,
             prompt_ids=sequence.prompt_ids,
@@ -216,7 +235,6 @@ class ContinuousBatcher(GenerationEngine):
             self.tokenizer, sequence.params, prompt_ids=sequence.prompt_ids
         )
         self._stats.prefills += 1
-        self._emit(sequence, sequence.sampler.sample(logits))
 
     def _decode(self, active: list[EngineSequence]) -> None:
         steps = [(s.last_token, s.cache) for s in active if s.cache is not None]
@@ -229,8 +247,13 @@ class ContinuousBatcher(GenerationEngine):
                 self._schedule.leave(sequence, End(None, error))
             return
         self._stats.decode_steps += 1
-        samplers = [s.sampler for s in active if s.sampler is not None]
-        for sequence, token in zip(active, sample_many(samplers, logits), strict=True):
+        self._sample(active, logits)
+
+    def _sample(self, sequences: list[EngineSequence], logits: torch.Tensor) -> None:
+        """Choose each sequence's next token (row ``i`` of ``logits`` is ``sequences[i]``'s)
+        and send it."""
+        samplers = [s.sampler for s in sequences if s.sampler is not None]
+        for sequence, token in zip(sequences, sample_many(samplers, logits), strict=True):
             self._emit(sequence, token)
 
     def _emit(self, sequence: EngineSequence, token: int) -> None:
