@@ -96,6 +96,44 @@ class LaneMetrics:
         limit.set(settings.max_calls_per_connection)
 
 
+class _Outbox:
+    """Frames written in one turn of the event loop leave in one write: a batch of calls
+    answered together costs one system call, not one each (writing to a Unix socket also
+    wakes the reader, which is most of its cost). A large frame is written at once,
+    after those before it, so it is never copied into a joined buffer."""
+
+    __slots__ = ("_frames", "_scheduled", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._frames: list[bytes] = []
+        self._scheduled = False
+
+    def put(self, data: bytes) -> None:
+        if len(data) >= _DIRECT_BYTES:
+            self.flush()
+            self._write(data)
+            return
+        self._frames.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        frames = self._frames
+        if frames:
+            self._write(frames[0] if len(frames) == 1 else b"".join(frames))
+            frames.clear()
+
+    def _write(self, data: bytes) -> None:
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+
+_DIRECT_BYTES = 64 * 1024
+
+
 class LaneServer:
     """The engine's side: serves lane connections on a Unix socket."""
 
@@ -166,11 +204,13 @@ class _EngineConnection(asyncio.BufferedProtocol):
         self._reader = FrameReader(lane.max_frame_bytes)
         self._calls: dict[int, _EngineCall] = {}
         self._transport: asyncio.Transport | None = None
+        self._outbox: _Outbox | None = None
         self._closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._outbox = _Outbox(transport)
         self._lane._connections.add(self)
         self._lane.metrics.connections.inc()
 
@@ -334,8 +374,8 @@ class _EngineConnection(asyncio.BufferedProtocol):
         )
 
     def _send(self, call_id: int, reply: Reply) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(encode_reply(call_id, reply))
+        if self._transport is not None and self._outbox is not None:
+            self._outbox.put(encode_reply(call_id, reply))
 
 
 def _status(code: grpc.StatusCode, details: str) -> Reply:
@@ -417,6 +457,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._next_id = 0
         self._transport: asyncio.Transport | None = None
+        self._outbox: _Outbox | None = None
         self._writable = asyncio.Event()
         self._writable.set()
         self._lost = asyncio.get_running_loop().create_future()
@@ -425,6 +466,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._outbox = _Outbox(transport)
         self.open = True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -477,7 +519,8 @@ class _ClientConnection(asyncio.BufferedProtocol):
     async def call(self, call: CallFrame) -> Reply:
         while not self._writable.is_set():  # the engine is not reading: wait, do not buffer
             await self._writable.wait()
-        if self._transport is None:
+        outbox = self._outbox
+        if self._transport is None or outbox is None:
             return _unavailable("the connection to the engine closed")
         call_id = self._next_id
         while call_id in self._pending:  # only after 2**32 calls, with one still running
@@ -485,12 +528,12 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self._next_id = 0 if call_id == MAX_CALL_ID else call_id + 1
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
-        self._transport.write(encode_call(call_id, call))
+        outbox.put(encode_call(call_id, call))
         try:
             return await future
         except asyncio.CancelledError:
             if self._pending.pop(call_id, None) is not None and self._transport is not None:
-                self._transport.write(frame(CANCEL, call_id))
+                outbox.put(frame(CANCEL, call_id))
             raise
 
     async def close(self) -> None:
