@@ -33,7 +33,7 @@ from sluice.workers.frames import (
     encode_reply,
     frame,
 )
-from sluice.workers.lane import LaneClient, LaneServer, LaneSettings
+from sluice.workers.lane import LaneClient, LaneServer, LaneSettings, forward
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2 as models_pb
 from tests.conftest import REPO_ROOT, RunningServer, StartServer
@@ -501,3 +501,72 @@ async def test_a_transport_process_that_dies_cancels_its_calls_in_the_engine(
         )
     )
     assert sample(running, "sluice_lane_connections") == 0
+
+
+# A public port that forwards through the lane, as a transport worker does.
+
+
+class Forwarding(grpc.GenericRpcHandler):
+    """Every method, as raw bytes, through ``forward``."""
+
+    def __init__(self, lane: LaneClient) -> None:
+        self._lane = lane
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method = handler_call_details.method
+        lane = self._lane
+
+        async def behaviour(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await forward(lane, method, request, context)
+
+        return grpc.unary_unary_rpc_method_handler(behaviour)
+
+
+@pytest.fixture
+async def public_port(client: LaneClient) -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((Forwarding(client),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(0)
+
+
+async def test_a_forwarding_port_answers_as_the_engines_own_port(
+    start_server: StartServer, start_lane: StartLane, public_port: str
+) -> None:
+    running = await start_server()
+    await start_lane(running)
+    request = mlp_request(rows(9, count=2))
+    for timeout in (30, None):
+        forwarded = await over_grpc(public_port, INFER, request, timeout=timeout)
+        assert forwarded.code is grpc.StatusCode.OK
+        assert normal(forwarded) == normal(await over_grpc(running.address, INFER, request))
+    missing = mlp_request(rows(0), model="no-such-model")
+    forwarded = await over_grpc(public_port, INFER, missing)
+    assert forwarded.code is grpc.StatusCode.NOT_FOUND
+    assert normal(forwarded) == normal(await over_grpc(running.address, INFER, missing))
+
+
+async def test_a_forwarded_refusal_keeps_its_pushback_and_rich_details(
+    held: tuple[RunningServer, Behaviour], start_lane: StartLane, public_port: str
+) -> None:
+    running, behaviour = held
+    await start_lane(running)
+    holding = [asyncio.ensure_future(over_grpc(public_port, INFER, fake_request())) for _ in "ab"]
+    await until(lambda: sample(running, "sluice_inflight_requests") == 2)
+    refused = await over_grpc(public_port, INFER, fake_request())
+    assert refused.code is grpc.StatusCode.UNAVAILABLE
+    assert normal(refused) == normal(await over_grpc(running.address, INFER, fake_request()))
+    assert {key for key, _ in refused.trailing_metadata} >= {
+        "grpc-retry-pushback-ms",
+        "grpc-status-details-bin",
+    }
+    behaviour.release()
+    assert [reply.code for reply in await asyncio.gather(*holding)] == [grpc.StatusCode.OK] * 2
+    behaviour.hold()
+    late = await over_grpc(public_port, INFER, fake_request(), timeout=0.2)
+    assert late.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    await until(lambda: sample(running, "sluice_lane_calls") == 0)

@@ -317,6 +317,9 @@ class _EngineConnection(asyncio.BufferedProtocol):
                 reply = _status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
             else:  # the handler ended in a cancellation of its own
                 reply = _status(grpc.StatusCode.CANCELLED, "Cancelled")
+        except Exception:  # a fault of the lane itself: the caller still gets a status
+            log.exception("engine lane: %s failed outside its handler", call.method[:200])
+            reply = _status(grpc.StatusCode.INTERNAL, "the engine lane failed to run this call")
         finally:
             del self._calls[call_id]
             self._lane.metrics.calls.dec()
@@ -335,16 +338,11 @@ class _EngineConnection(asyncio.BufferedProtocol):
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"{call.method} streams; the engine lane carries unary calls only",
             )
-        request: Any = call.request
-        if handler.request_deserializer is not None:
-            request = handler.request_deserializer(bytes(request))
-        behaviour: Any = handler.unary_unary
         try:
-            result = behaviour(request, context)
-            response = await result if inspect.isawaitable(result) else result
+            response = await _unary(handler, call.request, context)
         except grpc.aio.AbortError:
             return self._ended(context, None)
-        except Exception as exc:
+        except Exception as exc:  # what grpc's server answers for an exception it is given
             return Reply(
                 grpc.StatusCode.UNKNOWN,
                 f"Unexpected {type(exc)}: {exc}",
@@ -352,15 +350,13 @@ class _EngineConnection(asyncio.BufferedProtocol):
                 context.initial,
                 context.trailing_metadata(),
             )
-        if handler.response_serializer is not None:
-            response = handler.response_serializer(response)
         if len(response) > self._lane.max_message_bytes:
             return _status(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"Sent message larger than max ({len(response)} vs. "
                 f"{self._lane.max_message_bytes})",
             )
-        return self._ended(context, bytes(response))
+        return self._ended(context, response)
 
     @staticmethod
     def _ended(context: LaneContext, response: bytes | None) -> Reply:
@@ -376,6 +372,24 @@ class _EngineConnection(asyncio.BufferedProtocol):
     def _send(self, call_id: int, reply: Reply) -> None:
         if self._transport is not None and self._outbox is not None:
             self._outbox.put(encode_reply(call_id, reply))
+
+
+async def _unary(
+    handler: grpc.RpcMethodHandler[Any, Any], request: bytes | memoryview, context: LaneContext
+) -> bytes:
+    """The handler's response bytes (the interceptors' handlers take and give bytes; a
+    bare servicer handler's messages are decoded and encoded here)."""
+    message: Any = request
+    if handler.request_deserializer is not None:
+        message = handler.request_deserializer(bytes(request))
+    behaviour: Any = handler.unary_unary
+    result = behaviour(message, context)
+    response = await result if inspect.isawaitable(result) else result
+    if handler.response_serializer is not None:
+        response = handler.response_serializer(response)
+    if not isinstance(response, bytes | bytearray | memoryview):
+        raise TypeError(f"the handler's response is {type(response).__name__}, not bytes")
+    return bytes(response)
 
 
 def _status(code: grpc.StatusCode, details: str) -> Reply:
@@ -551,3 +565,27 @@ def _reply(body: bytes | bytearray) -> Reply:
 
 def _unavailable(details: str) -> Reply:
     return Reply(grpc.StatusCode.UNAVAILABLE, details, None, (), ())
+
+
+async def forward(
+    lane: LaneClient, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+) -> bytes | None:
+    """Serve one unary call of a transport's public port through the engine: its metadata,
+    deadline and caller go along, and what the engine answered (status, details, metadata,
+    response bytes) is what the caller gets."""
+    reply = await lane.unary(
+        method,
+        request,
+        tuple(context.invocation_metadata() or ()),
+        context.time_remaining(),
+        peer=context.peer(),
+        auth=tuple(
+            (key, value) for key, values in context.auth_context().items() for value in values
+        ),
+    )
+    if reply.initial_metadata:
+        await context.send_initial_metadata(reply.initial_metadata)
+    if reply.code is not grpc.StatusCode.OK:
+        await context.abort(reply.code, reply.details, reply.trailing_metadata)
+    context.set_trailing_metadata(reply.trailing_metadata)
+    return reply.response
