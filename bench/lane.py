@@ -15,6 +15,10 @@ CPU time over each window is divided by the calls it answered:
 * ``calls/s``: what the clients got (noisy on a shared machine; the CPU columns are not).
 
     python bench/lane.py [--seconds 5] [--rounds 3] [--clients 2] [--concurrency 32]
+                         [--method infer|live]
+
+``--method live`` times ServerLive instead: the same interceptors with no model behind
+them, so what is left is the cost of the way in.
 """
 
 from __future__ import annotations
@@ -31,10 +35,15 @@ from pathlib import Path
 
 VARIANTS = ("lane", "unix", "tcp")
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+LIVE = "/inference.GRPCInferenceService/ServerLive"
+METHODS = {"infer": (INFER, "ModelInfer", "mlp"), "live": (LIVE, "ServerLive", "")}
+"""``--method``: the call, and its ``sluice_requests_total`` labels (method, model)."""
 METADATA = (("x-sluice-tenant", "bench"),)
 
 
-def infer_request() -> bytes:
+def request_for(method: str) -> bytes:
+    if method == LIVE:
+        return b""  # an empty ServerLiveRequest
     import numpy as np
 
     from sluice_api.inference import grpc_service_pb2 as pb
@@ -52,7 +61,7 @@ def infer_request() -> bytes:
 # The engine.
 
 
-async def engine(folder: Path) -> None:
+async def engine(folder: Path, method: str) -> None:
     """Serve the example models three ways; answer ``stats`` lines on stdin with CPU times."""
     import grpc
 
@@ -79,14 +88,11 @@ async def engine(folder: Path) -> None:
     )
     await lane.start(folder / "lane.sock")
     unix = grpc.aio.server()
-    handler = await server.methods.handler(INFER)
+    path, short, model = METHODS[method]
+    handler = await server.methods.handler(path)
     assert handler is not None
     unix.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "inference.GRPCInferenceService", {"ModelInfer": handler}
-            ),
-        )
+        (grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {short: handler}),)
     )
     unix.add_insecure_port(f"unix:{folder / 'grpc.sock'}")
     await unix.start()
@@ -97,7 +103,7 @@ async def engine(folder: Path) -> None:
     while line := await reader.readline():
         if line.strip() == b"stats":
             answered = metrics.registry.get_sample_value(
-                "sluice_requests_total", {"method": "ModelInfer", "model": "mlp", "code": "OK"}
+                "sluice_requests_total", {"method": short, "model": model, "code": "OK"}
             )
             answered = answered or 0.0
             stats = {"loop": time.thread_time(), "process": time.process_time(), "calls": answered}
@@ -110,29 +116,29 @@ async def engine(folder: Path) -> None:
 # The clients.
 
 
-async def client(variant: str, target: str, concurrency: int, seconds: float) -> None:
+async def client(variant: str, target: str, method: str, concurrency: int, seconds: float) -> None:
     """Keep ``concurrency`` calls in flight for ``seconds``; print how many succeeded."""
     import grpc
 
     from sluice.workers.lane import LaneClient
 
-    request = infer_request()
+    request = request_for(method)
     done = 0
     failed = 0
     if variant == "lane":
         lane = LaneClient(target)
 
         async def call() -> bool:
-            reply = await lane.unary(INFER, request, METADATA, 30)
+            reply = await lane.unary(method, request, METADATA, 30)
             return reply.code is grpc.StatusCode.OK
 
     else:
         channel = grpc.aio.insecure_channel(target)
-        method = channel.unary_unary(INFER)
+        stub = channel.unary_unary(method)
 
         async def call() -> bool:
             try:
-                await method(request, metadata=METADATA, timeout=30)
+                await stub(request, metadata=METADATA, timeout=30)
             except grpc.aio.AioRpcError:
                 return False
             return True
@@ -184,6 +190,7 @@ def window(
                 "client",
                 variant,
                 target,
+                METHODS[args.method][0],
                 str(per_client),
                 str(args.seconds),
             ],
@@ -209,10 +216,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight, in all")
+    parser.add_argument(
+        "--method",
+        choices=sorted(METHODS),
+        default="infer",
+        help="infer: ModelInfer on mlp; live: ServerLive (the handler chain without a model)",
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="lane-bench-"))
     engine_proc = subprocess.Popen(
-        [sys.executable, __file__, "engine", str(folder)],
+        [sys.executable, __file__, "engine", str(folder), args.method],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -235,8 +248,9 @@ def main() -> None:
 
 
 def report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
+    what = "ModelInfer (mlp, batch 1)" if args.method == "infer" else "ServerLive"
     print(
-        f"ModelInfer (mlp, batch 1), c={args.concurrency} over {args.clients} client processes, "
+        f"{what}, c={args.concurrency} over {args.clients} client processes, "
         f"{args.rounds} interleaved rounds of {args.seconds:g}s; medians"
     )
     print("| path | engine loop CPU us/call | engine process CPU us/call | calls/s |")
@@ -256,9 +270,9 @@ def report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) ->
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "engine":
-        asyncio.run(engine(Path(sys.argv[2])))
+        asyncio.run(engine(Path(sys.argv[2]), sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "client":
-        variant, target, concurrency, seconds = sys.argv[2:6]
-        asyncio.run(client(variant, target, int(concurrency), float(seconds)))
+        variant, target, method, concurrency, seconds = sys.argv[2:7]
+        asyncio.run(client(variant, target, method, int(concurrency), float(seconds)))
     else:
         main()

@@ -263,6 +263,34 @@ async def test_bad_input_and_unknown_models_fail_with_grpcs_status_and_details(
     assert "unary calls only" in streaming.details
 
 
+async def test_a_large_request_crosses_in_its_own_buffer_and_fails_as_over_grpc(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    running = await start_server()
+    await start_lane(running)
+    # Declared one row, carrying 2 MiB: decoded off the loop (over 1 MiB), then refused.
+    request = pb.ModelInferRequest(
+        model_name="mlp",
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 64])
+        ],
+        raw_input_contents=[bytes(range(256)) * 8192],
+    ).SerializeToString()
+    over_lane = await client.unary(INFER, request, RID, 30)
+    assert over_lane.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert normal(over_lane) == normal(await over_grpc(running.address, INFER, request))
+    assert (
+        sample(
+            running,
+            "sluice_requests_total",
+            method="ModelInfer",
+            model="mlp",
+            code="INVALID_ARGUMENT",
+        )
+        == 2
+    )
+
+
 @pytest.fixture
 async def held(
     start_server: StartServer, tmp_path: Path
