@@ -598,3 +598,29 @@ async def test_a_forwarded_refusal_keeps_its_pushback_and_rich_details(
     late = await over_grpc(public_port, INFER, fake_request(), timeout=0.2)
     assert late.code is grpc.StatusCode.DEADLINE_EXCEEDED
     await until(lambda: sample(running, "sluice_lane_calls") == 0)
+
+
+async def test_calls_in_flight_when_the_engine_goes_away_end_unavailable(
+    held: tuple[RunningServer, Behaviour], start_lane: StartLane, client: LaneClient
+) -> None:
+    running, _ = held
+    lane = await start_lane(running)
+    call = asyncio.ensure_future(client.unary(INFER, fake_request(), RID, 30))
+    await until(lambda: sample(running, "sluice_lane_calls") == 1)
+    await lane.close()
+    reply = await call
+    assert reply.code is grpc.StatusCode.UNAVAILABLE
+    assert "closed before the call finished" in reply.details
+    # The engine stopped the call it could no longer answer.
+    await until(
+        lambda: (
+            sample(
+                running,
+                "sluice_requests_total",
+                method="ModelInfer",
+                model="fake",
+                code="CANCELLED",
+            )
+            == 1
+        )
+    )
