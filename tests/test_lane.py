@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -23,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from sluice.workers.frames import (
     CALL,
+    REPLY,
     CallFrame,
     FrameReader,
     Oversize,
@@ -34,6 +36,7 @@ from sluice.workers.frames import (
     frame,
 )
 from sluice.workers.lane import LaneClient, LaneServer, LaneSettings, forward
+from sluice.workers.outbox import Outbox
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2 as models_pb
 from tests.conftest import REPO_ROOT, RunningServer, StartServer
@@ -205,6 +208,44 @@ def test_the_reader_cuts_frames_from_any_split_and_skips_oversize_ones() -> None
     assert decode_call(frames[0][2]) == CallFrame(LIVE, b"x" * 10)  # type: ignore[arg-type]
     assert bytes(decode_call(frames[1][2]).request) == bytes(range(256)) * 2000  # type: ignore[arg-type]
     assert frames[2][2] == Oversize(600_000)
+
+
+class _Sink(asyncio.Protocol):
+    """One end of a socket pair: hands the Outbox its transport's write signals."""
+
+    def __init__(self) -> None:
+        self.outbox: Outbox | None = None
+
+    def pause_writing(self) -> None:
+        assert self.outbox is not None
+        self.outbox.pause()
+
+    def resume_writing(self) -> None:
+        assert self.outbox is not None
+        self.outbox.resume()
+
+
+async def test_the_outbox_keeps_frames_whole_and_in_order_and_signals_its_backlog() -> None:
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    transport, sink = await loop.create_unix_connection(_Sink, sock=ours)
+    backlog: list[bool] = []
+    outbox = Outbox(transport, backlog_bytes=1024 * 1024, on_backlog=backlog.append)
+    sink.outbox = outbox
+    sent = [
+        frame(REPLY, i, bytes([i]) * size)
+        for i, size in enumerate((10, 3_000_000, 20, 700_000, 5, 2_000_000))
+    ]
+    for data in sent:
+        outbox.put(data)
+    assert backlog == [True]  # the peer has read nothing yet
+    reader, writer = await asyncio.open_unix_connection(sock=theirs)
+    received = await reader.readexactly(sum(map(len, sent)))
+    assert received == b"".join(sent)
+    await until(lambda: backlog == [True, False])
+    transport.close()
+    writer.close()
+    await writer.wait_closed()
 
 
 # Calls through a real server.

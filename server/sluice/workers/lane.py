@@ -52,6 +52,7 @@ from sluice.workers.frames import (
     encode_reply,
     frame,
 )
+from sluice.workers.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ class LaneSettings(BaseModel):
     max_metadata_bytes: int = Field(64 * 1024, ge=1024)
     """Bytes a call frame may carry beyond its message (method, metadata, identity); with
     the server's ``max_message_bytes``, the largest frame the engine reads."""
+    max_backlog_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    """Reply bytes waiting for a connection's peer to read them beyond which the engine
+    reads no more calls from it (until half have gone); the client likewise stops sending
+    calls while this many call bytes wait."""
 
 
 class LaneMetrics:
@@ -94,44 +99,6 @@ class LaneMetrics:
             registry=registry,
         )
         limit.set(settings.max_calls_per_connection)
-
-
-class _Outbox:
-    """Frames written in one turn of the event loop leave in one write: a batch of calls
-    answered together costs one system call, not one each (writing to a Unix socket also
-    wakes the reader, which is most of its cost). A large frame is written at once,
-    after those before it, so it is never copied into a joined buffer."""
-
-    __slots__ = ("_frames", "_scheduled", "_transport")
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._frames: list[bytes] = []
-        self._scheduled = False
-
-    def put(self, data: bytes) -> None:
-        if len(data) >= _DIRECT_BYTES:
-            self.flush()
-            self._write(data)
-            return
-        self._frames.append(data)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        frames = self._frames
-        if frames:
-            self._write(frames[0] if len(frames) == 1 else b"".join(frames))
-            frames.clear()
-
-    def _write(self, data: bytes) -> None:
-        if not self._transport.is_closing():
-            self._transport.write(data)
-
-
-_DIRECT_BYTES = 64 * 1024
 
 
 class LaneServer:
@@ -204,13 +171,17 @@ class _EngineConnection(asyncio.BufferedProtocol):
         self._reader = FrameReader(lane.max_frame_bytes)
         self._calls: dict[int, _EngineCall] = {}
         self._transport: asyncio.Transport | None = None
-        self._outbox: _Outbox | None = None
+        self._outbox: Outbox | None = None
         self._closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._outbox = _Outbox(transport)
+        self._outbox = Outbox(
+            transport,
+            backlog_bytes=self._lane.settings.max_backlog_bytes,
+            on_backlog=self._backlog,
+        )
         self._lane._connections.add(self)
         self._lane.metrics.connections.inc()
 
@@ -235,14 +206,21 @@ class _EngineConnection(asyncio.BufferedProtocol):
         tasks = [call.task for call in self._calls.values() if call.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def pause_writing(self) -> None:
+    def _backlog(self, full: bool) -> None:
         # The peer is not reading its replies: read no more calls until it does.
         if self._transport is not None:
-            self._transport.pause_reading()
+            if full:
+                self._transport.pause_reading()
+            else:
+                self._transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        if self._outbox is not None:
+            self._outbox.pause()
 
     def resume_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()
+        if self._outbox is not None:
+            self._outbox.resume()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._reader.buffer()
@@ -404,9 +382,16 @@ class LaneClient:
     """The transport's side: unary calls to the engine over one multiplexed connection,
     opened on first use and again after the engine restarts."""
 
-    def __init__(self, path: str | Path, *, max_reply_bytes: int = 2**31) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_reply_bytes: int = 2**31,
+        max_backlog_bytes: int = LaneSettings().max_backlog_bytes,
+    ) -> None:
         self.path = str(path)
         self.max_reply_bytes = max_reply_bytes
+        self.max_backlog_bytes = max_backlog_bytes
         self._connection: _ClientConnection | None = None
         self._connecting: asyncio.Lock | None = None
 
@@ -454,7 +439,8 @@ class LaneClient:
             if connection is None or not connection.open:
                 loop = asyncio.get_running_loop()
                 _, connection = await loop.create_unix_connection(
-                    lambda: _ClientConnection(self.max_reply_bytes), self.path
+                    lambda: _ClientConnection(self.max_reply_bytes, self.max_backlog_bytes),
+                    self.path,
                 )
                 self._connection = connection
             return connection
@@ -466,12 +452,13 @@ class LaneClient:
 
 
 class _ClientConnection(asyncio.BufferedProtocol):
-    def __init__(self, max_reply_bytes: int) -> None:
+    def __init__(self, max_reply_bytes: int, max_backlog_bytes: int) -> None:
+        self._backlog_bytes = max_backlog_bytes
         self._reader = FrameReader(max_reply_bytes)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._next_id = 0
         self._transport: asyncio.Transport | None = None
-        self._outbox: _Outbox | None = None
+        self._outbox: Outbox | None = None
         self._writable = asyncio.Event()
         self._writable.set()
         self._lost = asyncio.get_running_loop().create_future()
@@ -480,7 +467,9 @@ class _ClientConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._outbox = _Outbox(transport)
+        self._outbox = Outbox(
+            transport, backlog_bytes=self._backlog_bytes, on_backlog=self._backlog
+        )
         self.open = True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -501,11 +490,20 @@ class _ClientConnection(asyncio.BufferedProtocol):
         if not self._lost.done():
             self._lost.set_result(None)
 
+    def _backlog(self, full: bool) -> None:
+        # The engine is not reading its calls: callers wait rather than add to the backlog.
+        if full:
+            self._writable.clear()
+        else:
+            self._writable.set()
+
     def pause_writing(self) -> None:
-        self._writable.clear()
+        if self._outbox is not None:
+            self._outbox.pause()
 
     def resume_writing(self) -> None:
-        self._writable.set()
+        if self._outbox is not None:
+            self._outbox.resume()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._reader.buffer()
