@@ -15,10 +15,12 @@ CPU time over each window is divided by the calls it answered:
 * ``calls/s``: what the clients got (noisy on a shared machine; the CPU columns are not).
 
     python bench/lane.py [--seconds 5] [--rounds 3] [--clients 2] [--concurrency 32]
-                         [--method infer|live]
+                         [--method infer|live|echo] [--bytes 4194304]
 
 ``--method live`` times ServerLive instead: the same interceptors with no model behind
-them, so what is left is the cost of the way in.
+them, so what is left is the cost of the way in. ``--method echo`` sends ``--bytes`` each
+way through a bare handler that parses its request (lane and unix only): what a large
+message costs on its way in and out.
 """
 
 from __future__ import annotations
@@ -31,22 +33,35 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 VARIANTS = ("lane", "unix", "tcp")
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 LIVE = "/inference.GRPCInferenceService/ServerLive"
-METHODS = {"infer": (INFER, "ModelInfer", "mlp"), "live": (LIVE, "ServerLive", "")}
+ECHO = "/bench.Lane/Echo"
+METHODS = {
+    "infer": (INFER, "ModelInfer", "mlp"),
+    "live": (LIVE, "ServerLive", ""),
+    "echo": (ECHO, "Echo", ""),
+}
 """``--method``: the call, and its ``sluice_requests_total`` labels (method, model)."""
+LARGE_MESSAGE_BYTES = 256 * 1024 * 1024
 METADATA = (("x-sluice-tenant", "bench"),)
 
 
-def request_for(method: str) -> bytes:
-    if method == LIVE:
-        return b""  # an empty ServerLiveRequest
+def request_for(method: str, size: int) -> bytes:
     import numpy as np
 
     from sluice_api.inference import grpc_service_pb2 as pb
+
+    if method == LIVE:
+        return b""  # an empty ServerLiveRequest
+    if method == ECHO:
+        return pb.ModelInferRequest(
+            model_name="echo", raw_input_contents=[b"\x01" * size]
+        ).SerializeToString()
 
     x = np.random.default_rng(0).standard_normal((1, 64), dtype=np.float32)
     return pb.ModelInferRequest(
@@ -97,32 +112,87 @@ async def engine(folder: Path, method: str) -> None:
     unix.add_insecure_port(f"unix:{folder / 'grpc.sock'}")
     await unix.start()
     print(json.dumps({"port": server.port}), flush=True)
-    reader = asyncio.StreamReader()
-    loop = asyncio.get_running_loop()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while line := await reader.readline():
-        if line.strip() == b"stats":
-            answered = metrics.registry.get_sample_value(
+    await answer_stats(
+        lambda: (
+            metrics.registry.get_sample_value(
                 "sluice_requests_total", {"method": short, "model": model, "code": "OK"}
             )
-            answered = answered or 0.0
-            stats = {"loop": time.thread_time(), "process": time.process_time(), "calls": answered}
-            print(json.dumps(stats), flush=True)
+            or 0.0
+        )
+    )
     await lane.close()
     await unix.stop(0)
     await server.drain(0)
 
 
+async def echo_engine(folder: Path) -> None:
+    """A handler that parses its request (as the decoding hook does) and answers it back,
+    with no interceptors: what large messages cost on their way in and out, alone."""
+    import grpc
+
+    from sluice.transport.server import MethodTable
+    from sluice.workers.lane import LaneServer
+    from sluice_api.inference import grpc_service_pb2 as pb
+
+    answered = 0
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        nonlocal answered
+        pb.ModelInferRequest.FromString(request)
+        answered += 1
+        return bytes(request)
+
+    options = [
+        ("grpc.max_receive_message_length", LARGE_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", LARGE_MESSAGE_BYTES),
+    ]
+    unix = grpc.aio.server(options=options)
+    methods = MethodTable(unix, ())
+    methods.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "bench.Lane", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+            ),
+        )
+    )
+    lane = LaneServer(methods, max_message_bytes=LARGE_MESSAGE_BYTES)
+    await lane.start(folder / "lane.sock")
+    unix.add_insecure_port(f"unix:{folder / 'grpc.sock'}")
+    await unix.start()
+    print(json.dumps({"port": 0}), flush=True)
+    await answer_stats(lambda: float(answered))
+    await lane.close()
+    await unix.stop(0)
+
+
+async def answer_stats(answered: Callable[[], float]) -> None:
+    """Answer each ``stats`` line on stdin with the loop thread's and the process's CPU
+    time and the calls answered so far, until stdin closes."""
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        if line.strip() == b"stats":
+            stats = {
+                "loop": time.thread_time(),
+                "process": time.process_time(),
+                "calls": answered(),
+            }
+            print(json.dumps(stats), flush=True)
+
+
 # The clients.
 
 
-async def client(variant: str, target: str, method: str, concurrency: int, seconds: float) -> None:
+async def client(
+    variant: str, target: str, method: str, size: int, concurrency: int, seconds: float
+) -> None:
     """Keep ``concurrency`` calls in flight for ``seconds``; print how many succeeded."""
     import grpc
 
     from sluice.workers.lane import LaneClient
 
-    request = request_for(method)
+    request = request_for(method, size)
     done = 0
     failed = 0
     if variant == "lane":
@@ -133,7 +203,13 @@ async def client(variant: str, target: str, method: str, concurrency: int, secon
             return reply.code is grpc.StatusCode.OK
 
     else:
-        channel = grpc.aio.insecure_channel(target)
+        channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", LARGE_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", LARGE_MESSAGE_BYTES),
+            ],
+        )
         stub = channel.unary_unary(method)
 
         async def call() -> bool:
@@ -191,6 +267,7 @@ def window(
                 variant,
                 target,
                 METHODS[args.method][0],
+                str(args.bytes),
                 str(per_client),
                 str(args.seconds),
             ],
@@ -220,8 +297,10 @@ def main() -> None:
         "--method",
         choices=sorted(METHODS),
         default="infer",
-        help="infer: ModelInfer on mlp; live: ServerLive (the handler chain without a model)",
+        help="infer: ModelInfer on mlp; live: ServerLive (the handler chain without a model); "
+        "echo: --bytes each way through a bare handler (lane and unix only)",
     )
+    parser.add_argument("--bytes", type=int, default=4 * 1024 * 1024, help="echo's message size")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="lane-bench-"))
     engine_proc = subprocess.Popen(
@@ -234,9 +313,11 @@ def main() -> None:
         assert engine_proc.stdout is not None
         port = json.loads(engine_proc.stdout.readline())["port"]
         where = targets(folder, port)
-        runs: dict[str, list[dict[str, float]]] = {variant: [] for variant in VARIANTS}
+        variants = VARIANTS[:2] if args.method == "echo" else VARIANTS
+        runs: dict[str, list[dict[str, float]]] = {variant: [] for variant in variants}
         for round_ in range(args.rounds):
-            for variant in VARIANTS[round_ % 3 :] + VARIANTS[: round_ % 3]:
+            turn = round_ % len(variants)
+            for variant in variants[turn:] + variants[:turn]:
                 result = window(engine_proc, variant, where[variant], args)
                 runs[variant].append(result)
                 print(f"round {round_} {variant}: {json.dumps(result)}", file=sys.stderr)
@@ -248,7 +329,11 @@ def main() -> None:
 
 
 def report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
-    what = "ModelInfer (mlp, batch 1)" if args.method == "infer" else "ServerLive"
+    what = {
+        "infer": "ModelInfer (mlp, batch 1)",
+        "live": "ServerLive",
+        "echo": f"Echo of {args.bytes} bytes",
+    }[args.method]
     print(
         f"{what}, c={args.concurrency} over {args.clients} client processes, "
         f"{args.rounds} interleaved rounds of {args.seconds:g}s; medians"
@@ -270,9 +355,12 @@ def report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) ->
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "engine":
-        asyncio.run(engine(Path(sys.argv[2]), sys.argv[3]))
+        if sys.argv[3] == "echo":
+            asyncio.run(echo_engine(Path(sys.argv[2])))
+        else:
+            asyncio.run(engine(Path(sys.argv[2]), sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "client":
-        variant, target, method, concurrency, seconds = sys.argv[2:7]
-        asyncio.run(client(variant, target, method, int(concurrency), float(seconds)))
+        variant, target, method, size, concurrency, seconds = sys.argv[2:8]
+        asyncio.run(client(variant, target, method, int(size), int(concurrency), float(seconds)))
     else:
         main()
