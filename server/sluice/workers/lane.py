@@ -130,14 +130,24 @@ class LaneServer:
         os.chmod(path, 0o600)
         log.info("engine lane listening on %s", path)
 
-    async def close(self) -> None:
-        """Stop listening, cancel the calls still running and close the connections."""
+    async def close(self, grace_s: float = 1.0) -> None:
+        """Stop listening and close the connections: the calls still running are
+        cancelled, and replies already made get ``grace_s`` to be read before the
+        connections are cut. (Drain the server first to let calls finish.)"""
         if self._server is not None:
             self._server.close()
-        for connection in list(self._connections):
+        connections = list(self._connections)
+        for connection in connections:
             connection.close()
-        for connection in list(self._connections):
-            await connection.finished()
+        try:
+            async with asyncio.timeout(grace_s):
+                for connection in connections:
+                    await connection.finished()
+        except TimeoutError:
+            for connection in connections:
+                connection.abort()
+            for connection in connections:
+                await connection.finished()
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -199,6 +209,10 @@ class _EngineConnection(asyncio.BufferedProtocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     async def finished(self) -> None:
         """Return once the connection is closed and its calls have ended."""
