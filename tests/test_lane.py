@@ -39,6 +39,7 @@ from sluice.workers.lane import LaneClient, LaneServer, LaneSettings, forward
 from sluice.workers.outbox import Outbox
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2 as models_pb
+from tests.certs import ADMIN_CN, Certificates
 from tests.conftest import REPO_ROOT, RunningServer, StartServer
 from tests.fakes import Behaviour, fake_backends, fake_repository
 
@@ -665,3 +666,28 @@ async def test_calls_in_flight_when_the_engine_goes_away_end_unavailable(
             == 1
         )
     )
+
+
+async def test_a_forwarded_certificate_identity_opens_the_admin_plane(
+    start_server: StartServer,
+    start_lane: StartLane,
+    client: LaneClient,
+    example_repository: Path,
+    certificates: Certificates,
+) -> None:
+    running = await start_server(
+        repository=example_repository,
+        tls=certificates.server_settings(),
+        admin={"identities": [ADMIN_CN]},
+    )
+    await start_lane(running)
+    promote = "/sluice.v1.ModelService/PromoteModel"
+    request = models_pb.PromoteModelRequest(model_name="mlp", version="2").SerializeToString()
+    tls = (("transport_security_type", b"ssl"),)
+    someone = (*tls, ("x509_common_name", b"someone-else"))
+    refused = await client.unary(promote, request, RID, 30, peer="ipv4:10.0.0.7:5", auth=someone)
+    assert refused.code is grpc.StatusCode.PERMISSION_DENIED
+    assert "client certificate named in admin.identities" in refused.details
+    admin = (*tls, ("x509_common_name", ADMIN_CN.encode()))
+    allowed = await client.unary(promote, request, RID, 30, peer="ipv4:10.0.0.7:5", auth=admin)
+    assert allowed.code is grpc.StatusCode.OK, allowed.details
