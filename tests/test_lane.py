@@ -354,14 +354,22 @@ async def test_a_call_past_its_deadline_ends_deadline_exceeded_and_stops_in_the_
 ) -> None:
     running, _ = held
     await start_lane(running)
+
+    def ended(code: str) -> float:
+        return sample(
+            running, "sluice_requests_total", method="ModelInfer", model="fake", code=code
+        )
+
     over_lane = await client.unary(INFER, fake_request(), RID, 0.2)
-    assert over_lane.code is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert (await over_grpc(running.address, INFER, fake_request(), timeout=0.2)).code is (
-        grpc.StatusCode.DEADLINE_EXCEEDED
-    )
-    # Nothing of the call is left running in the engine.
-    await until(lambda: sample(running, "sluice_lane_calls") == 0)
+    assert over_lane == Reply(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", None, (), ())
+    # The engine ended the call itself, through its deadline hook: nothing of it is left.
+    await until(lambda: ended("DEADLINE_EXCEEDED") == 1)
+    assert sample(running, "sluice_lane_calls") == 0
+    assert sample(running, "sluice_inflight_requests") == 0
+    over_grpc_reply = await over_grpc(running.address, INFER, fake_request(), timeout=0.2)
+    assert over_grpc_reply.code is grpc.StatusCode.DEADLINE_EXCEEDED
     await until(lambda: sample(running, "sluice_inflight_requests") == 0)
+    assert (ended("DEADLINE_EXCEEDED"), ended("CANCELLED")) == (2, 0)
 
 
 async def test_a_cancelled_caller_cancels_its_call_in_the_engine(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -68,6 +69,10 @@ class LaneSettings(BaseModel):
     max_metadata_bytes: int = Field(64 * 1024, ge=1024)
     """Bytes a call frame may carry beyond its message (method, metadata, identity); with
     the server's ``max_message_bytes``, the largest frame the engine reads."""
+    deadline_grace_s: float = Field(0.1, ge=0.0)
+    """How long after a call's deadline the engine cancels a call still running (its
+    deadline hook normally ends it first, with DEADLINE_EXCEEDED and a message that says
+    which budget ran out; this stops handlers that have no such hook)."""
     max_backlog_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
     """Reply bytes waiting for a connection's peer to read them beyond which the engine
     reads no more calls from it (until half have gone); the client likewise stops sending
@@ -289,7 +294,7 @@ class _EngineConnection(asyncio.BufferedProtocol):
         running.task = asyncio.get_running_loop().create_task(self._serve(call_id, call, running))
         if call.timeout_s is not None:
             running.timer = asyncio.get_running_loop().call_later(
-                max(call.timeout_s, 0.0), running.expire
+                max(call.timeout_s, 0.0) + lane.settings.deadline_grace_s, running.expire
             )
 
     def _refuse(self, call_id: int, details: str) -> None:
@@ -419,28 +424,21 @@ class LaneClient:
         peer: str = "",
         auth: Sequence[tuple[str, bytes]] = (),
     ) -> Reply:
-        """Call ``method``; a cancelled caller's call is cancelled in the engine too."""
-        call = CallFrame(method, request, tuple(metadata), timeout, peer, tuple(auth))
-        if timeout is None:
-            return await self._call(call)
+        """Call ``method``. A cancelled caller's call is cancelled in the engine too; one
+        past its deadline ends DEADLINE_EXCEEDED here and is ended by the engine at the
+        same deadline (its deadline hook says so in the engine's metrics and logs)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         try:
-            async with asyncio.timeout(timeout):
-                return await self._call(call)
+            async with asyncio.timeout_at(deadline):  # connecting, and room to write
+                connection = await self._connect()
+                await connection.writable()
         except TimeoutError:
-            return Reply(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", None, (), ())
-
-    async def _call(self, call: CallFrame) -> Reply:
-        try:
-            connection = await self._connect()
+            return _deadline_exceeded()
         except OSError as exc:
-            return Reply(
-                grpc.StatusCode.UNAVAILABLE,
-                f"cannot reach the engine at {self.path}: {exc}",
-                None,
-                (),
-                (),
-            )
-        return await connection.call(call)
+            return _unavailable(f"cannot reach the engine at {self.path}: {exc}")
+        call = CallFrame(method, request, tuple(metadata), None, peer, tuple(auth))
+        return await connection.call(call, deadline)
 
     async def _connect(self) -> _ClientConnection:
         connection = self._connection
@@ -542,18 +540,26 @@ class _ClientConnection(asyncio.BufferedProtocol):
             else:
                 future.set_result(_reply(body))
 
-    async def call(self, call: CallFrame) -> Reply:
-        while not self._writable.is_set():  # the engine is not reading: wait, do not buffer
+    async def writable(self) -> None:
+        """Return once calls may be written (the engine is reading what was sent)."""
+        while not self._writable.is_set():
             await self._writable.wait()
+
+    async def call(self, call: CallFrame, deadline: float | None) -> Reply:
         outbox = self._outbox
         if self._transport is None or outbox is None:
             return _unavailable("the connection to the engine closed")
+        loop = asyncio.get_running_loop()
         call_id = self._next_id
         while call_id in self._pending:  # only after 2**32 calls, with one still running
             call_id = 0 if call_id == MAX_CALL_ID else call_id + 1
         self._next_id = 0 if call_id == MAX_CALL_ID else call_id + 1
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply] = loop.create_future()
         self._pending[call_id] = future
+        timer = None
+        if deadline is not None:
+            call = dataclasses.replace(call, timeout_s=deadline - loop.time())
+            timer = loop.call_at(deadline, self._expire, call_id)
         outbox.put(encode_call(call_id, call))
         try:
             return await future
@@ -561,6 +567,16 @@ class _ClientConnection(asyncio.BufferedProtocol):
             if self._pending.pop(call_id, None) is not None and self._transport is not None:
                 outbox.put(frame(CANCEL, call_id))
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, call_id: int) -> None:
+        """The call's deadline passed: its caller is answered now. No cancel is sent: the
+        engine ends the call at the same deadline, through its own deadline hook."""
+        future = self._pending.pop(call_id, None)
+        if future is not None and not future.done():
+            future.set_result(_deadline_exceeded())
 
     async def close(self) -> None:
         if self._transport is not None:
@@ -573,6 +589,10 @@ def _reply(body: bytes | bytearray) -> Reply:
         return decode_reply(body)
     except FrameError as exc:
         return _unavailable(f"engine lane: {exc}")
+
+
+def _deadline_exceeded() -> Reply:
+    return Reply(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", None, (), ())
 
 
 def _unavailable(details: str) -> Reply:
