@@ -42,6 +42,11 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 CODES: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
 
+def too_large(size: int, limit: int) -> str:
+    """grpc's words for a message over the limit (RESOURCE_EXHAUSTED)."""
+    return f"Received message larger than max ({size} vs. {limit})"
+
+
 class FrameError(Exception):
     """A frame that does not follow this format (a bug on the other side)."""
 
