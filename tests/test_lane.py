@@ -699,3 +699,46 @@ async def test_a_forwarded_certificate_identity_opens_the_admin_plane(
     admin = (*tls, ("x509_common_name", ADMIN_CN.encode()))
     allowed = await client.unary(promote, request, RID, 30, peer="ipv4:10.0.0.7:5", auth=admin)
     assert allowed.code is grpc.StatusCode.OK, allowed.details
+
+
+def unary_methods() -> list[tuple[str, bytes]]:
+    """Every unary method the server has (its admin calls aside: they change what is
+    served), each with a request naming ``mlp`` where the message has a model name."""
+    from google.protobuf import message_factory
+    from grpc_health.v1 import health_pb2
+
+    from sluice.transport.rpcs import rpc
+    from sluice_api.sluice.v1 import generation_service_pb2 as gen_pb
+
+    services = [
+        pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        models_pb.DESCRIPTOR.services_by_name["ModelService"],
+        gen_pb.DESCRIPTOR.services_by_name["GenerationService"],
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+    ]
+    calls = []
+    for service in services:
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            if method.client_streaming or method.server_streaming or rpc(path).admin:
+                continue
+            message = message_factory.GetMessageClass(method.input_type)()
+            for field in ("model_name", "name"):
+                if field in method.input_type.fields_by_name:
+                    setattr(message, field, "mlp")
+            calls.append((path, message.SerializeToString()))
+    return calls
+
+
+async def test_every_unary_method_answers_as_over_grpc(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    running = await start_server()
+    await start_lane(running)
+    methods = unary_methods()
+    assert len(methods) >= 15
+    for method, request in methods:
+        over_lane = await client.unary(method, request, RID, 30)
+        assert normal(over_lane) == normal(await over_grpc(running.address, method, request)), (
+            method
+        )

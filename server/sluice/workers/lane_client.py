@@ -61,14 +61,16 @@ class LaneClient:
         same deadline (its deadline hook says so in the engine's metrics and logs)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        try:
-            async with asyncio.timeout_at(deadline):  # connecting, and room to write
-                connection = await self._connect()
-                await connection.writable()
-        except TimeoutError:
-            return _deadline_exceeded()
-        except OSError as exc:
-            return _unavailable(f"cannot reach the engine at {self.path}: {exc}")
+        connection = self._connection
+        if connection is None or not connection.ready:
+            try:
+                async with asyncio.timeout_at(deadline):  # connecting, and room to write
+                    connection = await self._connect()
+                    await connection.writable()
+            except TimeoutError:
+                return _deadline_exceeded()
+            except OSError as exc:
+                return _unavailable(f"cannot reach the engine at {self.path}: {exc}")
         call = CallFrame(method, request, tuple(metadata), None, peer, tuple(auth))
         return await connection.call(call, deadline)
 
@@ -171,6 +173,11 @@ class _ClientConnection(asyncio.BufferedProtocol):
                 )
             else:
                 future.set_result(_reply(body))
+
+    @property
+    def ready(self) -> bool:
+        """Open, and calls may be written now."""
+        return self.open and self._writable.is_set()
 
     async def writable(self) -> None:
         """Return once calls may be written (the engine is reading what was sent)."""

@@ -20,7 +20,6 @@ from sluice.workers.context import LaneContext
 from sluice.workers.frames import (
     CALL,
     CANCEL,
-    CallFrame,
     FrameError,
     FrameReader,
     Oversize,
@@ -33,6 +32,9 @@ from sluice.workers.lane_settings import LaneMetrics, LaneSettings
 from sluice.workers.outbox import Outbox
 
 log = logging.getLogger(__name__)
+
+_Box = list[bytes | memoryview]
+"""A call's request, in a list its handler empties (so only the handler holds it)."""
 
 
 class LaneServer:
@@ -220,7 +222,12 @@ class _EngineConnection(asyncio.BufferedProtocol):
         running = _EngineCall(context)
         self._calls[call_id] = running
         lane.metrics.calls.inc()
-        running.task = asyncio.get_running_loop().create_task(self._serve(call_id, call, running))
+        # The request travels in a box the handler empties: once the interceptors have
+        # decoded it, nothing here keeps its bytes alive for the rest of the call.
+        request = [call.request]
+        running.task = asyncio.get_running_loop().create_task(
+            self._serve(call_id, call.method, request, running)
+        )
         if call.timeout_s is not None:
             running.timer = asyncio.get_running_loop().call_later(
                 max(call.timeout_s, 0.0) + lane.settings.deadline_grace_s, running.expire
@@ -229,11 +236,11 @@ class _EngineConnection(asyncio.BufferedProtocol):
     def _refuse(self, call_id: int, details: str) -> None:
         self._send(call_id, _status(grpc.StatusCode.RESOURCE_EXHAUSTED, details))
 
-    async def _serve(self, call_id: int, call: CallFrame, running: _EngineCall) -> None:
+    async def _serve(self, call_id: int, method: str, request: _Box, running: _EngineCall) -> None:
         context = running.context
         reply: Reply | None
         try:
-            reply = await self._run(call, context)
+            reply = await self._run(method, request, context)
         except asyncio.CancelledError:
             # As grpc: the handler saw a cancellation. A caller that went away gets nothing;
             # one whose deadline passed gets DEADLINE_EXCEEDED.
@@ -244,7 +251,7 @@ class _EngineConnection(asyncio.BufferedProtocol):
             else:  # the handler ended in a cancellation of its own
                 reply = _status(grpc.StatusCode.CANCELLED, "Cancelled")
         except Exception:  # a fault of the lane itself: the caller still gets a status
-            log.exception("engine lane: %s failed outside its handler", call.method[:200])
+            log.exception("engine lane: %s failed outside its handler", method[:200])
             reply = _status(grpc.StatusCode.INTERNAL, "the engine lane failed to run this call")
         finally:
             del self._calls[call_id]
@@ -255,17 +262,17 @@ class _EngineConnection(asyncio.BufferedProtocol):
         if reply is not None:
             self._send(call_id, reply)
 
-    async def _run(self, call: CallFrame, context: LaneContext) -> Reply:
-        handler = await self._lane.handler(call.method)
+    async def _run(self, method: str, request: _Box, context: LaneContext) -> Reply:
+        handler = await self._lane.handler(method)
         if handler is None:
             return _status(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         if handler.request_streaming or handler.response_streaming:
             return _status(
                 grpc.StatusCode.UNIMPLEMENTED,
-                f"{call.method} streams; the engine lane carries unary calls only",
+                f"{method} streams; the engine lane carries unary calls only",
             )
         try:
-            response = await _unary(handler, call.request, context)
+            response = await _unary(handler, request, context)
         except grpc.aio.AbortError:
             return self._ended(context, None)
         except Exception as exc:  # what grpc's server answers for an exception it is given
@@ -301,15 +308,16 @@ class _EngineConnection(asyncio.BufferedProtocol):
 
 
 async def _unary(
-    handler: grpc.RpcMethodHandler[Any, Any], request: bytes | memoryview, context: LaneContext
+    handler: grpc.RpcMethodHandler[Any, Any], request: _Box, context: LaneContext
 ) -> bytes:
     """The handler's response bytes (the interceptors' handlers take and give bytes; a
     bare servicer handler's messages are decoded and encoded here)."""
-    message: Any = request
+    message: Any = request.pop()
     if handler.request_deserializer is not None:
-        message = handler.request_deserializer(bytes(request))
+        message = handler.request_deserializer(bytes(message))
     behaviour: Any = handler.unary_unary
     result = behaviour(message, context)
+    del message  # the handler holds the request now, and lets it go once decoded
     response = await result if inspect.isawaitable(result) else result
     if handler.response_serializer is not None:
         response = handler.response_serializer(response)
