@@ -366,10 +366,12 @@ async def test_a_call_past_its_deadline_ends_deadline_exceeded_and_stops_in_the_
     await until(lambda: ended("DEADLINE_EXCEEDED") == 1)
     assert sample(running, "sluice_lane_calls") == 0
     assert sample(running, "sluice_inflight_requests") == 0
+    assert ended("CANCELLED") == 0
+    # Over grpc the caller sees the same; the engine's own record of it races grpc's
+    # cancellation there (DEADLINE_EXCEEDED or CANCELLED), so it is not compared.
     over_grpc_reply = await over_grpc(running.address, INFER, fake_request(), timeout=0.2)
-    assert over_grpc_reply.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert over_grpc_reply == over_lane
     await until(lambda: sample(running, "sluice_inflight_requests") == 0)
-    assert (ended("DEADLINE_EXCEEDED"), ended("CANCELLED")) == (2, 0)
 
 
 async def test_a_cancelled_caller_cancels_its_call_in_the_engine(

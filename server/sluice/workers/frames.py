@@ -65,27 +65,34 @@ class CallFrame:
     """The caller's ``auth_context`` properties (TLS identity), one entry per value."""
 
 
-def frame(kind: int, call_id: int, *parts: bytes | bytearray | memoryview) -> bytes:
+Buffer = bytes | bytearray | memoryview
+
+
+def frame(kind: int, call_id: int, *parts: Buffer) -> bytes:
     """One frame: its head and the body made of ``parts``."""
-    length = sum(map(len, parts))
-    return b"".join((HEAD.pack(length, kind, call_id), *parts))
+    return b"".join(framed(kind, call_id, parts, b""))
 
 
-def encode_call(call_id: int, call: CallFrame) -> bytes:
+def framed(
+    kind: int, call_id: int, parts: Sequence[Buffer], message: Buffer
+) -> tuple[bytes, Buffer]:
+    """A frame as two pieces: its head with the body's ``parts`` joined, then ``message``
+    (the request or response, not copied: written after the head as it is)."""
+    length = sum(map(len, parts)) + len(message)
+    return b"".join((HEAD.pack(length, kind, call_id), *parts)), message
+
+
+def call_frame(call_id: int, call: CallFrame) -> tuple[bytes, Buffer]:
     method = call.method.encode()
     peer = call.peer.encode()
     timeout = math.nan if call.timeout_s is None else call.timeout_s
     head = CALL_HEAD.pack(timeout, len(method), len(peer), len(call.metadata), len(call.auth))
-    return frame(
-        CALL,
-        call_id,
-        head,
-        method,
-        peer,
-        *_entries(call.metadata),
-        *_entries(call.auth),
-        call.request,
-    )
+    parts = (head, method, peer, *_entries(call.metadata), *_entries(call.auth))
+    return framed(CALL, call_id, parts, call.request)
+
+
+def encode_call(call_id: int, call: CallFrame) -> bytes:
+    return b"".join(call_frame(call_id, call))
 
 
 def decode_call(body: bytes | bytearray) -> CallFrame:
@@ -125,7 +132,7 @@ class Reply:
     trailing_metadata: Metadata
 
 
-def encode_reply(call_id: int, reply: Reply) -> bytes:
+def reply_frame(call_id: int, reply: Reply) -> tuple[bytes, Buffer]:
     details = reply.details.encode()
     head = REPLY_HEAD.pack(
         reply.code.value[0],
@@ -134,15 +141,17 @@ def encode_reply(call_id: int, reply: Reply) -> bytes:
         len(reply.initial_metadata),
         len(reply.trailing_metadata),
     )
-    return frame(
-        REPLY,
-        call_id,
+    parts = (
         head,
         details,
         *_entries(reply.initial_metadata),
         *_entries(reply.trailing_metadata),
-        reply.response or b"",
     )
+    return framed(REPLY, call_id, parts, reply.response or b"")
+
+
+def encode_reply(call_id: int, reply: Reply) -> bytes:
+    return b"".join(reply_frame(call_id, reply))
 
 
 def decode_reply(body: bytes | bytearray) -> Reply:

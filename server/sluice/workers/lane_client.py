@@ -20,8 +20,8 @@ from sluice.workers.frames import (
     FrameReader,
     Oversize,
     Reply,
+    call_frame,
     decode_reply,
-    encode_call,
     frame,
     too_large,
 )
@@ -199,7 +199,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
         if deadline is not None:
             call = dataclasses.replace(call, timeout_s=deadline - loop.time())
             timer = loop.call_at(deadline, self._expire, call_id)
-        outbox.put(encode_call(call_id, call))
+        outbox.put(*call_frame(call_id, call))
         try:
             return await future
         except asyncio.CancelledError:

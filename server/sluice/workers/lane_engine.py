@@ -25,7 +25,7 @@ from sluice.workers.frames import (
     Oversize,
     Reply,
     decode_call,
-    encode_reply,
+    reply_frame,
     too_large,
 )
 from sluice.workers.lane_settings import LaneMetrics, LaneSettings
@@ -304,7 +304,7 @@ class _EngineConnection(asyncio.BufferedProtocol):
 
     def _send(self, call_id: int, reply: Reply) -> None:
         if self._transport is not None and self._outbox is not None:
-            self._outbox.put(encode_reply(call_id, reply))
+            self._outbox.put(*reply_frame(call_id, reply))
 
 
 async def _unary(

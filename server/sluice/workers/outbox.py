@@ -53,9 +53,12 @@ class Outbox:
         self._backlogged = False
         self._on_backlog = on_backlog
 
-    def put(self, frame: bytes) -> None:
-        self._frames.append(memoryview(frame))
-        self._pending += len(frame)
+    def put(self, *pieces: bytes | bytearray | memoryview) -> None:
+        """One frame, in pieces written one after the other (none of them copied here)."""
+        for piece in pieces:
+            if piece:
+                self._frames.append(memoryview(piece))
+                self._pending += len(piece)
         if self._pending > self._backlog_bytes and not self._backlogged:
             self._backlogged = True
             self._on_backlog(True)
