@@ -254,8 +254,14 @@ def stats(proc: subprocess.Popen[str]) -> dict[str, float]:
 
 
 def window(
-    engine_proc: subprocess.Popen[str], variant: str, target: str, args: argparse.Namespace
+    engine_proc: subprocess.Popen[str],
+    variant: str,
+    target: str,
+    args: argparse.Namespace,
+    *,
+    seconds: float | None = None,
 ) -> dict[str, float]:
+    seconds = args.seconds if seconds is None else seconds
     per_client = max(args.concurrency // args.clients, 1)
     before = stats(engine_proc)
     clients = [
@@ -269,7 +275,7 @@ def window(
                 METHODS[args.method][0],
                 str(args.bytes),
                 str(per_client),
-                str(args.seconds),
+                str(seconds),
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -282,7 +288,7 @@ def window(
     return {
         "loop_us": (after["loop"] - before["loop"]) / calls * 1e6,
         "process_us": (after["process"] - before["process"]) / calls * 1e6,
-        "calls_per_s": sum(r["done"] for r in results) / args.seconds,
+        "calls_per_s": sum(r["done"] for r in results) / seconds,
         "failed": sum(r["failed"] for r in results),
     }
 
@@ -291,6 +297,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds per path, not counted")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight, in all")
     parser.add_argument(
@@ -315,6 +322,8 @@ def main() -> None:
         where = targets(folder, port)
         variants = VARIANTS[:2] if args.method == "echo" else VARIANTS
         runs: dict[str, list[dict[str, float]]] = {variant: [] for variant in variants}
+        for variant in variants:  # warm-up, not counted: first calls, lazy imports, caches
+            window(engine_proc, variant, where[variant], args, seconds=args.warmup)
         for round_ in range(args.rounds):
             turn = round_ % len(variants)
             for variant in variants[turn:] + variants[:turn]:
