@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sluice.workers import shm
 from sluice.workers.frames import (
     CALL,
     REPLY,
@@ -305,11 +306,17 @@ async def test_bad_input_and_unknown_models_fail_with_grpcs_status_and_details(
     assert "unary calls only" in streaming.details
 
 
-async def test_a_large_request_crosses_in_its_own_buffer_and_fails_as_over_grpc(
-    start_server: StartServer, start_lane: StartLane, client: LaneClient
+def shared_files() -> list[str]:
+    return sorted(path.name for path in shm.SHM_DIR.glob("sluice-lane-*"))
+
+
+@pytest.mark.parametrize("shared_min_bytes", [1024 * 1024, 0], ids=["shared", "socket"])
+async def test_a_large_request_crosses_and_fails_as_over_grpc(
+    start_server: StartServer, start_lane: StartLane, socket_path: Path, shared_min_bytes: int
 ) -> None:
     running = await start_server()
     await start_lane(running)
+    before = shared_files()
     # Declared one row, carrying 2 MiB: decoded off the loop (over 1 MiB), then refused.
     request = pb.ModelInferRequest(
         model_name="mlp",
@@ -318,19 +325,34 @@ async def test_a_large_request_crosses_in_its_own_buffer_and_fails_as_over_grpc(
         ],
         raw_input_contents=[bytes(range(256)) * 8192],
     ).SerializeToString()
-    over_lane = await client.unary(INFER, request, RID, 30)
+    client = LaneClient(socket_path, shared_min_bytes=shared_min_bytes)
+    try:
+        over_lane = await client.unary(INFER, request, RID, 30)
+    finally:
+        await client.close()
     assert over_lane.code is grpc.StatusCode.INVALID_ARGUMENT
     assert normal(over_lane) == normal(await over_grpc(running.address, INFER, request))
-    assert (
-        sample(
-            running,
-            "sluice_requests_total",
-            method="ModelInfer",
-            model="mlp",
-            code="INVALID_ARGUMENT",
-        )
-        == 2
-    )
+    assert shared_files() == before  # the engine removed the shared file it took
+
+
+async def test_requests_in_shared_memory_answer_byte_for_byte_and_leave_nothing_behind(
+    start_server: StartServer, start_lane: StartLane, socket_path: Path
+) -> None:
+    running = await start_server(max_message_bytes=16384)
+    await start_lane(running)
+    before = shared_files()
+    client = LaneClient(socket_path, shared_min_bytes=1024)
+    try:
+        request = mlp_request(rows(3, count=16))  # 4 KiB of floats: shared
+        over_lane = await client.unary(INFER, request, RID, 30)
+        assert over_lane.code is grpc.StatusCode.OK, over_lane.details
+        assert normal(over_lane) == normal(await over_grpc(running.address, INFER, request))
+        too_large = await client.unary(INFER, b"\x00" * 20000, RID, 30)
+        assert too_large.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert too_large.details == "Received message larger than max (20000 vs. 16384)"
+    finally:
+        await client.close()
+    assert shared_files() == before
 
 
 @pytest.fixture
@@ -367,10 +389,11 @@ async def test_a_call_past_its_deadline_ends_deadline_exceeded_and_stops_in_the_
     assert sample(running, "sluice_lane_calls") == 0
     assert sample(running, "sluice_inflight_requests") == 0
     assert ended("CANCELLED") == 0
-    # Over grpc the caller sees the same; the engine's own record of it races grpc's
-    # cancellation there (DEADLINE_EXCEEDED or CANCELLED), so it is not compared.
+    # Over grpc the caller gets the same code; which side's message wins (the client's
+    # own deadline or the server's deadline hook) and what the engine records are races
+    # there, so they are not compared.
     over_grpc_reply = await over_grpc(running.address, INFER, fake_request(), timeout=0.2)
-    assert over_grpc_reply == over_lane
+    assert over_grpc_reply.code is grpc.StatusCode.DEADLINE_EXCEEDED
     await until(lambda: sample(running, "sluice_inflight_requests") == 0)
 
 

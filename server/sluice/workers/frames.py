@@ -34,6 +34,8 @@ ENTRY = struct.Struct("<BHI")
 CALL = 1
 CANCEL = 2
 REPLY = 3
+CALL_SHARED = 4
+"""A CALL whose request is in shared memory: the message bytes are its name (``shm``)."""
 
 MAX_CALL_ID = 2**32 - 1
 
@@ -82,12 +84,16 @@ def framed(
     return b"".join((HEAD.pack(length, kind, call_id), *parts)), message
 
 
-def call_frame(call_id: int, call: CallFrame) -> tuple[bytes, Buffer]:
+def call_frame(call_id: int, call: CallFrame, shared: str | None = None) -> tuple[bytes, Buffer]:
+    """The call's frame; with ``shared``, a CALL_SHARED frame naming the shared file that
+    holds the request."""
     method = call.method.encode()
     peer = call.peer.encode()
     timeout = math.nan if call.timeout_s is None else call.timeout_s
     head = CALL_HEAD.pack(timeout, len(method), len(peer), len(call.metadata), len(call.auth))
     parts = (head, method, peer, *_entries(call.metadata), *_entries(call.auth))
+    if shared is not None:
+        return framed(CALL_SHARED, call_id, parts, shared.encode())
     return framed(CALL, call_id, parts, call.request)
 
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from sluice.workers import shm
 from sluice.workers.frames import (
     CANCEL,
     MAX_CALL_ID,
     REPLY,
+    Buffer,
     CallFrame,
     FrameError,
     FrameReader,
@@ -39,10 +42,13 @@ class LaneClient:
         *,
         max_reply_bytes: int = 2**31,
         max_backlog_bytes: int = LaneSettings().max_backlog_bytes,
+        shared_min_bytes: int = LaneSettings().shared_min_bytes,
     ) -> None:
         self.path = str(path)
         self.max_reply_bytes = max_reply_bytes
         self.max_backlog_bytes = max_backlog_bytes
+        #: Requests this large or larger go through shared memory (0: never).
+        self.shared_min_bytes = shared_min_bytes if shm.available() else 0
         self._connection: _ClientConnection | None = None
         self._connecting: asyncio.Lock | None = None
 
@@ -85,7 +91,9 @@ class LaneClient:
             if connection is None or not connection.open:
                 loop = asyncio.get_running_loop()
                 _, connection = await loop.create_unix_connection(
-                    lambda: _ClientConnection(self.max_reply_bytes, self.max_backlog_bytes),
+                    lambda: _ClientConnection(
+                        self.max_reply_bytes, self.max_backlog_bytes, self.shared_min_bytes
+                    ),
                     self.path,
                 )
                 self._connection = connection
@@ -98,8 +106,15 @@ class LaneClient:
 
 
 class _ClientConnection(asyncio.BufferedProtocol):
-    def __init__(self, max_reply_bytes: int, max_backlog_bytes: int) -> None:
+    def __init__(self, max_reply_bytes: int, max_backlog_bytes: int, shared_min: int) -> None:
         self._backlog_bytes = max_backlog_bytes
+        self._shared_min = shared_min
+        # Shared files sent and maybe not yet taken, in send order, and each call's place
+        # in that order: the engine reads frames in order, so once any call is answered,
+        # every file sent before it has been taken (and its name removed).
+        self._shared: deque[tuple[int, str]] = deque()
+        self._order: dict[int, int] = {}
+        self._sent = 0
         self._reader = FrameReader(max_reply_bytes)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._next_id = 0
@@ -133,6 +148,10 @@ class _ClientConnection(asyncio.BufferedProtocol):
             if not future.done():
                 future.set_result(lost)
         self._pending.clear()
+        for _, name in self._shared:  # the engine may not have read these frames
+            shm.remove(name)
+        self._shared.clear()
+        self._order.clear()
         if not self._lost.done():
             self._lost.set_result(None)
 
@@ -156,6 +175,9 @@ class _ClientConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         for kind, call_id, body in self._reader.feed(nbytes):
+            sent = self._order.pop(call_id, None)
+            while sent is not None and self._shared and self._shared[0][0] <= sent:
+                self._shared.popleft()
             future = self._pending.pop(call_id, None)
             if future is None or future.done():
                 continue  # a call its caller gave up on
@@ -199,16 +221,26 @@ class _ClientConnection(asyncio.BufferedProtocol):
         if deadline is not None:
             call = dataclasses.replace(call, timeout_s=deadline - loop.time())
             timer = loop.call_at(deadline, self._expire, call_id)
-        outbox.put(*call_frame(call_id, call))
+        outbox.put(*self._frame(call_id, call))
         try:
             return await future
         except asyncio.CancelledError:
+            self._order.pop(call_id, None)  # no answer will come
             if self._pending.pop(call_id, None) is not None and self._transport is not None:
                 outbox.put(frame(CANCEL, call_id))
             raise
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _frame(self, call_id: int, call: CallFrame) -> tuple[bytes, Buffer]:
+        sent, self._sent = self._sent, self._sent + 1
+        self._order[call_id] = sent
+        if self._shared_min and len(call.request) >= self._shared_min:
+            name = shm.write(call.request)
+            self._shared.append((sent, name))
+            return call_frame(call_id, call, shared=name)
+        return call_frame(call_id, call)
 
     def _expire(self, call_id: int) -> None:
         """The call's deadline passed: its caller is answered now. No cancel is sent: the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -16,10 +17,13 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from sluice.transport.server import MethodTable
+from sluice.workers import shm
 from sluice.workers.context import LaneContext
 from sluice.workers.frames import (
     CALL,
+    CALL_SHARED,
     CANCEL,
+    CallFrame,
     FrameError,
     FrameReader,
     Oversize,
@@ -177,8 +181,8 @@ class _EngineConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         for kind, call_id, body in self._reader.feed(nbytes):
-            if kind == CALL:
-                self._start(call_id, body)
+            if kind in (CALL, CALL_SHARED):
+                self._start(call_id, body, shared=kind == CALL_SHARED)
             elif kind == CANCEL:
                 call = self._calls.get(call_id)
                 if call is not None and call.task is not None:
@@ -189,15 +193,14 @@ class _EngineConnection(asyncio.BufferedProtocol):
                 self.close()
                 return
 
-    def _start(self, call_id: int, body: bytes | bytearray | Oversize) -> None:
+    def _start(self, call_id: int, body: bytes | bytearray | Oversize, *, shared: bool) -> None:
         lane = self._lane
         if call_id in self._calls:
             log.warning("engine lane: call id %d reused while running; closing", call_id)
             self.close()
             return
-        if isinstance(body, Oversize):
-            lane.metrics.refused.labels("frame").inc()
-            self._refuse(call_id, too_large(body.size, lane.max_frame_bytes))
+        call = self._read(call_id, body, shared=shared)
+        if call is None:
             return
         if len(self._calls) >= lane.settings.max_calls_per_connection:
             lane.metrics.refused.labels("calls").inc()
@@ -206,16 +209,6 @@ class _EngineConnection(asyncio.BufferedProtocol):
                 f"the engine is running {len(self._calls)} calls from this transport "
                 f"connection, its limit (lane max_calls_per_connection); retry shortly",
             )
-            return
-        try:
-            call = decode_call(body)
-        except FrameError as exc:
-            lane.metrics.refused.labels("malformed").inc()
-            self._send(call_id, _status(grpc.StatusCode.INTERNAL, f"engine lane: {exc}"))
-            return
-        if len(call.request) > lane.max_message_bytes:
-            lane.metrics.refused.labels("frame").inc()
-            self._refuse(call_id, too_large(len(call.request), lane.max_message_bytes))
             return
         deadline = None if call.timeout_s is None else time.monotonic() + call.timeout_s
         context = LaneContext(call.metadata, deadline=deadline, peer=call.peer, auth=call.auth)
@@ -232,6 +225,35 @@ class _EngineConnection(asyncio.BufferedProtocol):
             running.timer = asyncio.get_running_loop().call_later(
                 max(call.timeout_s, 0.0) + lane.settings.deadline_grace_s, running.expire
             )
+
+    def _read(
+        self, call_id: int, body: bytes | bytearray | Oversize, *, shared: bool
+    ) -> CallFrame | None:
+        """The call a frame carries (its shared request taken, and so removed, before
+        anything can refuse it), or None once it is refused."""
+        lane = self._lane
+        if isinstance(body, Oversize):
+            lane.metrics.refused.labels("frame").inc()
+            self._refuse(call_id, too_large(body.size, lane.max_frame_bytes))
+            return None
+        try:
+            call = decode_call(body)
+            if shared:
+                view = shm.take(bytes(call.request).decode(), lane.max_message_bytes)
+                call = dataclasses.replace(call, request=view)
+        except (FrameError, UnicodeDecodeError, OSError) as exc:
+            lane.metrics.refused.labels("malformed").inc()
+            self._send(call_id, _status(grpc.StatusCode.INTERNAL, f"engine lane: {exc}"))
+            return None
+        except ValueError as exc:  # a shared request over the limit
+            lane.metrics.refused.labels("frame").inc()
+            self._refuse(call_id, str(exc))
+            return None
+        if len(call.request) > lane.max_message_bytes:
+            lane.metrics.refused.labels("frame").inc()
+            self._refuse(call_id, too_large(len(call.request), lane.max_message_bytes))
+            return None
+        return call
 
     def _refuse(self, call_id: int, details: str) -> None:
         self._send(call_id, _status(grpc.StatusCode.RESOURCE_EXHAUSTED, details))

@@ -21,6 +21,9 @@ class LaneSettings(BaseModel):
     """How long after a call's deadline the engine cancels a call still running (its
     deadline hook normally ends it first, with DEADLINE_EXCEEDED and a message that says
     which budget ran out; this stops handlers that have no such hook)."""
+    shared_min_bytes: int = Field(1024 * 1024, ge=0)
+    """Requests this large or larger cross in shared memory (``/dev/shm``) instead of the
+    socket, sparing the engine's event loop the copy through it (0: never)."""
     max_backlog_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
     """Reply bytes waiting for a connection's peer to read them beyond which the engine
     reads no more calls from it (until half have gone); the client likewise stops sending
