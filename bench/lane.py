@@ -15,12 +15,13 @@ CPU time over each window is divided by the calls it answered:
 * ``calls/s``: what the clients got (noisy on a shared machine; the CPU columns are not).
 
     python bench/lane.py [--seconds 5] [--rounds 3] [--clients 2] [--concurrency 32]
-                         [--method infer|live|echo] [--bytes 4194304]
+                         [--method infer|live|echo|ingest] [--bytes 4194304]
 
 ``--method live`` times ServerLive instead: the same interceptors with no model behind
 them, so what is left is the cost of the way in. ``--method echo`` sends ``--bytes`` each
-way through a bare handler that parses its request (lane and unix only): what a large
-message costs on its way in and out.
+way through a bare handler that parses its request, ``--method ingest`` sends them in
+and gets an empty reply (lane, lane-socket and unix: ``lane-socket`` keeps large
+requests off shared memory): what a large message costs on its way in and out.
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ VARIANTS = ("lane", "unix", "tcp")
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 LIVE = "/inference.GRPCInferenceService/ServerLive"
 ECHO = "/bench.Lane/Echo"
+INGEST = "/bench.Lane/Ingest"
+LARGE = ("echo", "ingest")
+"""Methods of the bare handler: --bytes in, the same back (echo) or nothing (ingest)."""
 METHODS = {
     "infer": (INFER, "ModelInfer", "mlp"),
     "live": (LIVE, "ServerLive", ""),
     "echo": (ECHO, "Echo", ""),
+    "ingest": (INGEST, "Ingest", ""),
 }
 """``--method``: the call, and its ``sluice_requests_total`` labels (method, model)."""
 LARGE_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -58,7 +63,7 @@ def request_for(method: str, size: int) -> bytes:
 
     if method == LIVE:
         return b""  # an empty ServerLiveRequest
-    if method == ECHO:
+    if method in (ECHO, INGEST):
         return pb.ModelInferRequest(
             model_name="echo", raw_input_contents=[b"\x01" * size]
         ).SerializeToString()
@@ -142,6 +147,12 @@ async def echo_engine(folder: Path) -> None:
         answered += 1
         return bytes(request)
 
+    async def ingest(request: bytes, context: Any) -> bytes:
+        nonlocal answered
+        pb.ModelInferRequest.FromString(request)
+        answered += 1
+        return b""
+
     options = [
         ("grpc.max_receive_message_length", LARGE_MESSAGE_BYTES),
         ("grpc.max_send_message_length", LARGE_MESSAGE_BYTES),
@@ -151,7 +162,11 @@ async def echo_engine(folder: Path) -> None:
     methods.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
-                "bench.Lane", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+                "bench.Lane",
+                {
+                    "Echo": grpc.unary_unary_rpc_method_handler(echo),
+                    "Ingest": grpc.unary_unary_rpc_method_handler(ingest),
+                },
             ),
         )
     )
@@ -195,8 +210,13 @@ async def client(
     request = request_for(method, size)
     done = 0
     failed = 0
-    if variant == "lane":
-        lane = LaneClient(target)
+    if variant.startswith("lane"):
+        # lane-socket: large requests through the socket, not shared memory
+        lane = (
+            LaneClient(target, shared_min_bytes=0)
+            if variant == "lane-socket"
+            else LaneClient(target)
+        )
 
         async def call() -> bool:
             reply = await lane.unary(method, request, METADATA, 30)
@@ -240,6 +260,7 @@ async def client(
 def targets(folder: Path, port: int) -> dict[str, str]:
     return {
         "lane": str(folder / "lane.sock"),
+        "lane-socket": str(folder / "lane.sock"),
         "unix": f"unix:{folder / 'grpc.sock'}",
         "tcp": f"127.0.0.1:{port}",
     }
@@ -305,7 +326,8 @@ def main() -> None:
         choices=sorted(METHODS),
         default="infer",
         help="infer: ModelInfer on mlp; live: ServerLive (the handler chain without a model); "
-        "echo: --bytes each way through a bare handler (lane and unix only)",
+        "echo: --bytes each way through a bare handler; ingest: --bytes in, an empty reply "
+        "(echo and ingest: lane, lane-socket and unix)",
     )
     parser.add_argument("--bytes", type=int, default=4 * 1024 * 1024, help="echo's message size")
     args = parser.parse_args()
@@ -320,7 +342,7 @@ def main() -> None:
         assert engine_proc.stdout is not None
         port = json.loads(engine_proc.stdout.readline())["port"]
         where = targets(folder, port)
-        variants = VARIANTS[:2] if args.method == "echo" else VARIANTS
+        variants = ("lane", "lane-socket", "unix") if args.method in LARGE else VARIANTS
         runs: dict[str, list[dict[str, float]]] = {variant: [] for variant in variants}
         for variant in variants:  # warm-up, not counted: first calls, lazy imports, caches
             window(engine_proc, variant, where[variant], args, seconds=args.warmup)
@@ -342,6 +364,7 @@ def report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) ->
         "infer": "ModelInfer (mlp, batch 1)",
         "live": "ServerLive",
         "echo": f"Echo of {args.bytes} bytes",
+        "ingest": f"Ingest of {args.bytes} bytes (empty reply)",
     }[args.method]
     print(
         f"{what}, c={args.concurrency} over {args.clients} client processes, "
@@ -364,7 +387,7 @@ def report(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) ->
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "engine":
-        if sys.argv[3] == "echo":
+        if sys.argv[3] in LARGE:
             asyncio.run(echo_engine(Path(sys.argv[2])))
         else:
             asyncio.run(engine(Path(sys.argv[2]), sys.argv[3]))
