@@ -11,11 +11,18 @@ way instead of a full grpc call.
 
 Many calls share one connection (frames carry a call id), each in its own task. A caller
 that goes away sends a cancel frame and its call's task is cancelled, as grpc cancels a
-handler; a closed connection cancels all of its calls; a call past its deadline is
-cancelled too. Everything is bounded: a frame by the server's message limit plus a
-metadata allowance, the calls of one connection by ``LaneSettings.max_calls_per_connection``
-(more are refused with RESOURCE_EXHAUSTED), and what waits to be written by the socket's
-write buffer (a connection whose peer does not read stops being read).
+handler; a closed connection cancels all of its calls. A call past its deadline is
+answered DEADLINE_EXCEEDED by the client and ended in the engine by its deadline hook
+(a backstop cancels it ``deadline_grace_s`` later). Everything is bounded: a frame by the
+server's message limit plus a metadata allowance, the calls of one connection by
+``LaneSettings.max_calls_per_connection`` (more are refused with RESOURCE_EXHAUSTED), and
+what waits to be written by ``max_backlog_bytes`` (a connection whose peer does not read
+stops being read). Requests of ``shared_min_bytes`` or more cross in shared memory
+(``workers.shm``).
+
+Parts: ``frames`` (the wire format), ``outbox`` (ordered, batched, chunked writes),
+``context`` (the servicer context), ``lane_engine``, ``lane_client``, ``lane_settings``.
+bench/README.md ("Engine lane") has what a call costs the engine each way.
 """
 
 from sluice.workers.frames import Reply
