@@ -7,6 +7,7 @@ read-only: the engine's handler parses the request straight from the mapping, wi
 copy through the socket on the engine's event loop. The mapping goes when its last view
 does.
 
+The engine and its transports run as one user: a file is readable by its owner only.
 Names are made here and checked on receipt (``sluice-lane-`` and hex only), so a frame
 can never name another file. A sender whose frame may not have been read (the connection
 closed) removes the file itself; removing it twice is harmless.
