@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -89,6 +91,8 @@ class SluiceServer:
     front: Front | None = None
     """The transport processes in front of this server (``--workers`` above 1): they stop
     after the calls they forwarded finished, before this server's transport closes."""
+    methods: MethodTable | None = None
+    """Each method's intercepted handler, for calls that reach the server outside grpc."""
 
     async def mark_started(self) -> None:
         """After the start-up load: overall health follows whether anything can serve."""
@@ -185,22 +189,23 @@ async def create_server(
         remote=OutboundChannels(settings),
     )
     admission, router, shadow, policy = core.admission, core.router, core.shadow, core.policy
-    server = grpc.aio.server(
-        interceptors=interceptors.build(
-            registry=registry,
-            policy=policy,
-            admission=admission,
-            metrics=metrics,
-            clock=clock,
-            tracing=tracing,
-            admin=admin,
-        ),
-        options=server_options(settings, private=listen is not None),
+    chain = interceptors.build(
+        registry=registry,
+        policy=policy,
+        admission=admission,
+        metrics=metrics,
+        clock=clock,
+        tracing=tracing,
+        admin=admin,
     )
+    server = grpc.aio.server(
+        interceptors=chain, options=server_options(settings, private=listen is not None)
+    )
+    methods = MethodTable(server, chain)
     servicer = InferenceServicer(
         registry, router=router, settings=settings, policy=policy, admission=admission
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, methods)  # type: ignore[no-untyped-call]
     models_pb_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ModelServicer(
             registry,
@@ -208,7 +213,7 @@ async def create_server(
             guardrails=router.guardrails,
             max_reason_chars=settings.admin.max_reason_chars,
         ),
-        server,
+        methods,
     )
     gen_pb_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
         GenerationServicer(
@@ -218,10 +223,10 @@ async def create_server(
             policy=policy,
             admission=admission,
         ),
-        server,
+        methods,
     )
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, methods)
     reflection.enable(
         server, (INFERENCE_SERVICE, MODEL_SERVICE, GENERATION_SERVICE, health.SERVICE_NAME)
     )
@@ -269,7 +274,56 @@ async def create_server(
         health_port,
         remotes=router.remotes,
         cache=core.cache,
+        methods=methods,
     )
+
+
+class MethodTable:
+    """Each method's handler as a call gets it: the servicer's handler wrapped by the
+    interceptors. The servicers are added here (it passes them on to the grpc server), so
+    calls that reach the server outside grpc (the engine lane, ``sluice.workers.lane``)
+    run exactly the handler chain grpc's own calls run."""
+
+    def __init__(
+        self, server: grpc.aio.Server, chain: Sequence[grpc.aio.ServerInterceptor]
+    ) -> None:
+        self._server = server
+        self._chain = tuple(chain)
+        self._generic: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+        self._generic.extend(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self._server.add_registered_method_handlers(service, handlers)
+
+    async def handler(self, method: str) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """``method``'s intercepted handler (None: no such method). The chain's wrapping
+        depends on the method alone, so a caller may keep what this returns."""
+
+        async def servicers(
+            details: grpc.HandlerCallDetails,
+        ) -> grpc.RpcMethodHandler[Any, Any] | None:
+            for generic in self._generic:
+                found = generic.service(details)
+                if found is not None:
+                    return found
+            return None
+
+        continuation: Any = servicers
+        for interceptor in reversed(self._chain):
+            continuation = functools.partial(interceptor.intercept_service, continuation)
+        found: grpc.RpcMethodHandler[Any, Any] | None = await continuation(_Details(method))
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Details(grpc.HandlerCallDetails):
+    method: str
+    invocation_metadata: tuple[tuple[str, str | bytes], ...] = ()
 
 
 def server_options(settings: Settings, *, private: bool = False) -> list[tuple[str, int]]:

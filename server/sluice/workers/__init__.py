@@ -11,5 +11,7 @@ is kept.
 * ``transport``: a transport process (``python -m sluice.workers.transport``);
 * ``forward``: the hop from a transport to the engine (the unary interface and its
   grpc-over-Unix-socket implementation, and the stream relay);
-* ``identity``: the caller's identity as it crosses the hop.
+* ``lane``: the unary fast path of that hop (``lane_client`` in the transports,
+  ``lane_engine`` in the engine, the wire format in ``frames``, large requests through
+  ``shm``); the caller's identity crosses as ``transport.identity`` says.
 """

@@ -1,0 +1,294 @@
+"""The transport's side of the lane (``sluice.workers.lane``): unary calls to the engine
+over one multiplexed connection, and ``forward`` for a public port's calls."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from sluice.workers import shm
+from sluice.workers.frames import (
+    CANCEL,
+    MAX_CALL_ID,
+    REPLY,
+    Buffer,
+    CallFrame,
+    FrameError,
+    FrameReader,
+    Oversize,
+    Reply,
+    call_frame,
+    decode_reply,
+    frame,
+    too_large,
+)
+from sluice.workers.lane_settings import LaneSettings
+from sluice.workers.outbox import Outbox
+
+
+class LaneClient:
+    """The transport's side: unary calls to the engine over one multiplexed connection,
+    opened on first use and again after the engine restarts."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_reply_bytes: int = 2**31,
+        max_backlog_bytes: int = LaneSettings().max_backlog_bytes,
+        shared_min_bytes: int = LaneSettings().shared_min_bytes,
+    ) -> None:
+        self.path = str(path)
+        self.max_reply_bytes = max_reply_bytes
+        self.max_backlog_bytes = max_backlog_bytes
+        #: Requests this large or larger go through shared memory (0: never).
+        self.shared_min_bytes = shared_min_bytes if shm.available() else 0
+        self._connection: _ClientConnection | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def unary(
+        self,
+        method: str,
+        request: bytes,
+        metadata: Sequence[tuple[str, str | bytes]] = (),
+        timeout: float | None = None,  # noqa: ASYNC109 (grpc's call signature)
+        *,
+        peer: str = "",
+        auth: Sequence[tuple[str, bytes]] = (),
+    ) -> Reply:
+        """Call ``method``. A cancelled caller's call is cancelled in the engine too; one
+        past its deadline ends DEADLINE_EXCEEDED here and is ended by the engine at the
+        same deadline (its deadline hook says so in the engine's metrics and logs)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        connection = self._connection
+        if connection is None or not connection.ready:
+            try:
+                async with asyncio.timeout_at(deadline):  # connecting, and room to write
+                    connection = await self._connect()
+                    await connection.writable()
+            except TimeoutError:
+                return _deadline_exceeded()
+            except OSError as exc:
+                return _unavailable(f"cannot reach the engine at {self.path}: {exc}")
+        call = CallFrame(method, request, tuple(metadata), None, peer, tuple(auth))
+        return await connection.call(call, deadline)
+
+    async def _connect(self) -> _ClientConnection:
+        connection = self._connection
+        if connection is not None and connection.open:
+            return connection
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            connection = self._connection
+            if connection is None or not connection.open:
+                loop = asyncio.get_running_loop()
+                _, connection = await loop.create_unix_connection(
+                    lambda: _ClientConnection(
+                        self.max_reply_bytes, self.max_backlog_bytes, self.shared_min_bytes
+                    ),
+                    self.path,
+                )
+                self._connection = connection
+            return connection
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+
+class _ClientConnection(asyncio.BufferedProtocol):
+    def __init__(self, max_reply_bytes: int, max_backlog_bytes: int, shared_min: int) -> None:
+        self._backlog_bytes = max_backlog_bytes
+        self._shared_min = shared_min
+        # Shared files sent and maybe not yet taken, in send order, and each call's place
+        # in that order: the engine reads frames in order, so once any call is answered,
+        # every file sent before it has been taken (and its name removed).
+        self._shared: deque[tuple[int, str]] = deque()
+        self._order: dict[int, int] = {}
+        self._sent = 0
+        self._reader = FrameReader(max_reply_bytes)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._next_id = 0
+        self._transport: asyncio.Transport | None = None
+        self._outbox: Outbox | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._lost = asyncio.get_running_loop().create_future()
+        self.open = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._outbox = Outbox(
+            transport, backlog_bytes=self._backlog_bytes, on_backlog=self._backlog
+        )
+        self.open = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        self._transport = None
+        self._writable.set()  # writers wake up and find the connection gone
+        lost = Reply(
+            grpc.StatusCode.UNAVAILABLE,
+            "the connection to the engine closed before the call finished",
+            None,
+            (),
+            (),
+        )
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result(lost)
+        self._pending.clear()
+        for _, name in self._shared:  # the engine may not have read these frames
+            shm.remove(name)
+        self._shared.clear()
+        self._order.clear()
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def _backlog(self, full: bool) -> None:
+        # The engine is not reading its calls: callers wait rather than add to the backlog.
+        if full:
+            self._writable.clear()
+        else:
+            self._writable.set()
+
+    def pause_writing(self) -> None:
+        if self._outbox is not None:
+            self._outbox.pause()
+
+    def resume_writing(self) -> None:
+        if self._outbox is not None:
+            self._outbox.resume()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        for kind, call_id, body in self._reader.feed(nbytes):
+            sent = self._order.pop(call_id, None)
+            while sent is not None and self._shared and self._shared[0][0] <= sent:
+                self._shared.popleft()
+            future = self._pending.pop(call_id, None)
+            if future is None or future.done():
+                continue  # a call its caller gave up on
+            if kind != REPLY:
+                future.set_result(_unavailable(f"engine lane: a frame of unknown kind {kind}"))
+            elif isinstance(body, Oversize):
+                future.set_result(
+                    Reply(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        too_large(body.size, self._reader.max_body_bytes),
+                        None,
+                        (),
+                        (),
+                    )
+                )
+            else:
+                future.set_result(_reply(body))
+
+    @property
+    def ready(self) -> bool:
+        """Open, and calls may be written now."""
+        return self.open and self._writable.is_set()
+
+    async def writable(self) -> None:
+        """Return once calls may be written (the engine is reading what was sent)."""
+        while not self._writable.is_set():
+            await self._writable.wait()
+
+    async def call(self, call: CallFrame, deadline: float | None) -> Reply:
+        outbox = self._outbox
+        if self._transport is None or outbox is None:
+            return _unavailable("the connection to the engine closed")
+        loop = asyncio.get_running_loop()
+        call_id = self._next_id
+        while call_id in self._pending:  # only after 2**32 calls, with one still running
+            call_id = 0 if call_id == MAX_CALL_ID else call_id + 1
+        self._next_id = 0 if call_id == MAX_CALL_ID else call_id + 1
+        future: asyncio.Future[Reply] = loop.create_future()
+        self._pending[call_id] = future
+        timer = None
+        if deadline is not None:
+            call = dataclasses.replace(call, timeout_s=deadline - loop.time())
+            timer = loop.call_at(deadline, self._expire, call_id)
+        outbox.put(*self._frame(call_id, call))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._order.pop(call_id, None)  # no answer will come
+            if self._pending.pop(call_id, None) is not None and self._transport is not None:
+                outbox.put(frame(CANCEL, call_id))
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _frame(self, call_id: int, call: CallFrame) -> tuple[bytes, Buffer]:
+        sent, self._sent = self._sent, self._sent + 1
+        self._order[call_id] = sent
+        if self._shared_min and len(call.request) >= self._shared_min:
+            name = shm.write(call.request)
+            self._shared.append((sent, name))
+            return call_frame(call_id, call, shared=name)
+        return call_frame(call_id, call)
+
+    def _expire(self, call_id: int) -> None:
+        """The call's deadline passed: its caller is answered now. No cancel is sent: the
+        engine ends the call at the same deadline, through its own deadline hook."""
+        future = self._pending.pop(call_id, None)
+        if future is not None and not future.done():
+            future.set_result(_deadline_exceeded())
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            await self._lost
+
+
+def _reply(body: bytes | bytearray) -> Reply:
+    try:
+        return decode_reply(body)
+    except FrameError as exc:
+        return _unavailable(f"engine lane: {exc}")
+
+
+def _deadline_exceeded() -> Reply:
+    return Reply(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", None, (), ())
+
+
+def _unavailable(details: str) -> Reply:
+    return Reply(grpc.StatusCode.UNAVAILABLE, details, None, (), ())
+
+
+async def forward(
+    lane: LaneClient, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+) -> bytes | None:
+    """Serve one unary call of a transport's public port through the engine: its metadata,
+    deadline and caller go along, and what the engine answered (status, details, metadata,
+    response bytes) is what the caller gets."""
+    reply = await lane.unary(
+        method,
+        request,
+        tuple(context.invocation_metadata() or ()),
+        context.time_remaining(),
+        peer=context.peer(),
+        auth=tuple(
+            (key, value) for key, values in context.auth_context().items() for value in values
+        ),
+    )
+    if reply.initial_metadata:
+        await context.send_initial_metadata(reply.initial_metadata)
+    if reply.code is not grpc.StatusCode.OK:
+        await context.abort(reply.code, reply.details, reply.trailing_metadata)
+    context.set_trailing_metadata(reply.trailing_metadata)
+    return reply.response

@@ -1,0 +1,769 @@
+"""The engine lane: unary calls reach a real server's handler chain over a Unix socket and
+end exactly as the same calls over grpc do (same status, details, trailers, response bytes).
+
+Each test compares the lane with grpc on the same running server: calls carry a fixed
+``x-request-id``, so error details (which quote it) and trailers compare equal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sluice.workers import shm
+from sluice.workers.frames import (
+    CALL,
+    REPLY,
+    CallFrame,
+    FrameReader,
+    Oversize,
+    Reply,
+    decode_call,
+    decode_reply,
+    encode_call,
+    encode_reply,
+    frame,
+)
+from sluice.workers.lane import LaneClient, LaneServer, LaneSettings, forward
+from sluice.workers.outbox import Outbox
+from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.sluice.v1 import model_service_pb2 as models_pb
+from tests.certs import ADMIN_CN, Certificates
+from tests.conftest import REPO_ROOT, RunningServer, StartServer
+from tests.fakes import Behaviour, fake_backends, fake_repository
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+LIVE = "/inference.GRPCInferenceService/ServerLive"
+RID = (("x-request-id", "lane-test"),)
+
+StartLane = Callable[..., Awaitable[LaneServer]]
+
+
+@pytest.fixture
+def socket_path(tmp_path: Path) -> AsyncIterator[Path] | Any:
+    """The engine's socket: in ``tmp_path`` unless that is too long for a Unix socket."""
+    path = tmp_path / "engine.sock"
+    if len(str(path)) < 100:
+        yield path
+        return
+    short = Path(tempfile.mkdtemp(prefix="lane-"))
+    yield short / "engine.sock"
+    shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
+async def start_lane(start_server: StartServer, socket_path: Path) -> AsyncIterator[StartLane]:
+    """Lane servers on ``socket_path`` for running servers; closed before the servers drain."""
+    lanes: list[LaneServer] = []
+
+    async def start(
+        running: RunningServer, registry: CollectorRegistry | None = None, **settings: Any
+    ) -> LaneServer:
+        assert running.server.methods is not None
+        lane = LaneServer(
+            running.server.methods,
+            max_message_bytes=running.settings.max_message_bytes,
+            settings=LaneSettings(**settings),
+            registry=registry or running.metrics.registry,
+        )
+        await lane.start(socket_path)
+        lanes.append(lane)
+        return lane
+
+    yield start
+    for lane in lanes:
+        await lane.close()
+
+
+@pytest.fixture
+async def client(socket_path: Path) -> AsyncIterator[LaneClient]:
+    lane = LaneClient(socket_path)
+    yield lane
+    await lane.close()
+
+
+async def over_grpc(
+    address: str,
+    method: str,
+    request: bytes,
+    metadata: Sequence[tuple[str, str | bytes]] = RID,
+    timeout: float | None = 30,  # noqa: ASYNC109 (the grpc call's own timeout)
+) -> Reply:
+    """The same call over grpc, as a ``Reply``."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(method)(request, metadata=metadata, timeout=timeout)
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as exc:
+            return Reply(
+                exc.code(),
+                exc.details() or "",
+                None,
+                tuple(exc.initial_metadata() or ()),
+                tuple(exc.trailing_metadata() or ()),
+            )
+        return Reply(
+            grpc.StatusCode.OK,
+            "",
+            response,
+            tuple(await call.initial_metadata() or ()),
+            tuple(await call.trailing_metadata() or ()),
+        )
+
+
+def normal(reply: Reply) -> Reply:
+    """``reply`` with its metadata in key order (grpc's core sends some keys first)."""
+    return Reply(
+        reply.code,
+        reply.details,
+        reply.response,
+        tuple(sorted(reply.initial_metadata)),
+        tuple(sorted(reply.trailing_metadata, key=lambda pair: pair[0])),
+    )
+
+
+def mlp_request(rows: np.ndarray, model: str = "mlp") -> bytes:
+    return pb.ModelInferRequest(
+        model_name=model,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="input", datatype="FP32", shape=list(rows.shape)
+            )
+        ],
+        raw_input_contents=[rows.astype(np.float32).tobytes()],
+    ).SerializeToString()
+
+
+def fake_request(value: float = 1.0) -> bytes:
+    return pb.ModelInferRequest(
+        model_name="fake",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 4])],
+        raw_input_contents=[np.full((1, 4), value, np.float32).tobytes()],
+    ).SerializeToString()
+
+
+def sample(running: RunningServer, name: str, **labels: str) -> float:
+    return running.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (yielding to the server) until ``condition`` holds; the test's timeout bounds it."""
+    while not condition():
+        await asyncio.sleep(0.005)
+
+
+def rows(seed: int, count: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 64), dtype=np.float32)
+
+
+# The wire format.
+
+
+def test_call_and_reply_frames_round_trip_text_and_binary_metadata() -> None:
+    call = CallFrame(
+        INFER,
+        b"\x00request",
+        (("k", "v"), ("trace-bin", b"\xff\x00")),
+        1.5,
+        "ipv4:10.0.0.7:5",
+        (("x509_common_name", b"admin"),),
+    )
+    body = encode_call(7, call)[9:]
+    assert decode_call(body) == call
+    assert decode_call(encode_call(7, CallFrame(LIVE, b""))[9:]).timeout_s is None
+    reply = Reply(
+        grpc.StatusCode.UNAVAILABLE, "busy", None, (), (("grpc-retry-pushback-ms", "50"),)
+    )
+    assert decode_reply(encode_reply(3, reply)[9:]) == reply
+
+
+def test_the_reader_cuts_frames_from_any_split_and_skips_oversize_ones() -> None:
+    small = encode_call(1, CallFrame(LIVE, b"x" * 10))
+    big = encode_call(2, CallFrame(INFER, bytes(range(256)) * 2000))  # beyond the scratch
+    oversize = frame(CALL, 3, b"z" * 600_000)
+    stream = small + big + oversize + small
+    reader = FrameReader(max_body_bytes=550_000, scratch_bytes=4096)
+    frames = []
+    at = 0
+    for step in (1, 7, 100, 4096, 65536):
+        while at < len(stream):
+            view = reader.buffer()
+            n = min(step, len(view), len(stream) - at)
+            view[:n] = stream[at : at + n]
+            at += n
+            frames += reader.feed(n)
+            if step == 1 and at > 40:
+                break
+    assert [(kind, call_id) for kind, call_id, _ in frames] == [(1, 1), (1, 2), (1, 3), (1, 1)]
+    assert decode_call(frames[0][2]) == CallFrame(LIVE, b"x" * 10)  # type: ignore[arg-type]
+    assert bytes(decode_call(frames[1][2]).request) == bytes(range(256)) * 2000  # type: ignore[arg-type]
+    assert frames[2][2] == Oversize(600_000)
+
+
+class _Sink(asyncio.Protocol):
+    """One end of a socket pair: hands the Outbox its transport's write signals."""
+
+    def __init__(self) -> None:
+        self.outbox: Outbox | None = None
+
+    def pause_writing(self) -> None:
+        assert self.outbox is not None
+        self.outbox.pause()
+
+    def resume_writing(self) -> None:
+        assert self.outbox is not None
+        self.outbox.resume()
+
+
+async def test_the_outbox_keeps_frames_whole_and_in_order_and_signals_its_backlog() -> None:
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    transport, sink = await loop.create_unix_connection(_Sink, sock=ours)
+    backlog: list[bool] = []
+    outbox = Outbox(transport, backlog_bytes=1024 * 1024, on_backlog=backlog.append)
+    sink.outbox = outbox
+    sent = [
+        frame(REPLY, i, bytes([i]) * size)
+        for i, size in enumerate((10, 3_000_000, 20, 700_000, 5, 2_000_000))
+    ]
+    for data in sent:
+        outbox.put(data)
+    assert backlog == [True]  # the peer has read nothing yet
+    reader, writer = await asyncio.open_unix_connection(sock=theirs)
+    received = await reader.readexactly(sum(map(len, sent)))
+    assert received == b"".join(sent)
+    await until(lambda: backlog == [True, False])
+    transport.close()
+    writer.close()
+    await writer.wait_closed()
+
+
+# Calls through a real server.
+
+
+async def test_model_infer_answers_byte_for_byte_as_over_grpc(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    running = await start_server()
+    await start_lane(running)
+    for seed in range(3):
+        request = mlp_request(rows(seed, count=seed + 1))
+        over_lane = await client.unary(INFER, request, RID, 30)
+        expected = await over_grpc(running.address, INFER, request)
+        assert over_lane.code is grpc.StatusCode.OK, over_lane.details
+        assert normal(over_lane) == normal(expected)
+        assert ("x-sluice-served-by", "mlp/2/onnxruntime") in over_lane.trailing_metadata or any(
+            key == "x-sluice-served-by" for key, _ in over_lane.trailing_metadata
+        )
+    live = await client.unary(LIVE, pb.ServerLiveRequest().SerializeToString(), RID, None)
+    assert pb.ServerLiveResponse.FromString(live.response or b"").live
+    # The interceptors counted the lane's calls as the grpc ones.
+    assert (
+        sample(running, "sluice_requests_total", method="ModelInfer", model="mlp", code="OK") == 6
+    )
+
+
+async def test_bad_input_and_unknown_models_fail_with_grpcs_status_and_details(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    running = await start_server()
+    await start_lane(running)
+    wrong_shape = pb.ModelInferRequest(
+        model_name="mlp",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 3])],
+        raw_input_contents=[np.zeros(3, np.float32).tobytes()],
+    ).SerializeToString()
+    cases = {
+        grpc.StatusCode.INVALID_ARGUMENT: wrong_shape,
+        grpc.StatusCode.NOT_FOUND: mlp_request(rows(0), model="no-such-model"),
+    }
+    for code, request in cases.items():
+        over_lane = await client.unary(INFER, request, RID, 30)
+        assert over_lane.code is code
+        assert normal(over_lane) == normal(await over_grpc(running.address, INFER, request))
+    undecodable = b"\xff\xff\xff"
+    over_lane = await client.unary(INFER, undecodable, RID, 30)
+    assert over_lane.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert normal(over_lane) == normal(await over_grpc(running.address, INFER, undecodable))
+    for method in ("/inference.GRPCInferenceService/NoSuchMethod", "/no.Such/Service"):
+        over_lane = await client.unary(method, b"", RID, 30)
+        assert normal(over_lane) == normal(await over_grpc(running.address, method, b""))
+        assert over_lane.code is grpc.StatusCode.UNIMPLEMENTED
+    streaming = await client.unary("/inference.GRPCInferenceService/ModelStreamInfer", b"", RID)
+    assert streaming.code is grpc.StatusCode.UNIMPLEMENTED
+    assert "unary calls only" in streaming.details
+
+
+def shared_files() -> list[str]:
+    return sorted(path.name for path in shm.SHM_DIR.glob("sluice-lane-*"))
+
+
+@pytest.mark.parametrize("shared_min_bytes", [1024 * 1024, 0], ids=["shared", "socket"])
+async def test_a_large_request_crosses_and_fails_as_over_grpc(
+    start_server: StartServer, start_lane: StartLane, socket_path: Path, shared_min_bytes: int
+) -> None:
+    running = await start_server()
+    await start_lane(running)
+    before = shared_files()
+    # Declared one row, carrying 2 MiB: decoded off the loop (over 1 MiB), then refused.
+    request = pb.ModelInferRequest(
+        model_name="mlp",
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 64])
+        ],
+        raw_input_contents=[bytes(range(256)) * 8192],
+    ).SerializeToString()
+    client = LaneClient(socket_path, shared_min_bytes=shared_min_bytes)
+    try:
+        over_lane = await client.unary(INFER, request, RID, 30)
+    finally:
+        await client.close()
+    assert over_lane.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert normal(over_lane) == normal(await over_grpc(running.address, INFER, request))
+    assert shared_files() == before  # the engine removed the shared file it took
+
+
+async def test_requests_in_shared_memory_answer_byte_for_byte_and_leave_nothing_behind(
+    start_server: StartServer, start_lane: StartLane, socket_path: Path
+) -> None:
+    running = await start_server(max_message_bytes=16384)
+    await start_lane(running)
+    before = shared_files()
+    client = LaneClient(socket_path, shared_min_bytes=1024)
+    try:
+        request = mlp_request(rows(3, count=16))  # 4 KiB of floats: shared
+        over_lane = await client.unary(INFER, request, RID, 30)
+        assert over_lane.code is grpc.StatusCode.OK, over_lane.details
+        assert normal(over_lane) == normal(await over_grpc(running.address, INFER, request))
+        too_large = await client.unary(INFER, b"\x00" * 20000, RID, 30)
+        assert too_large.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert too_large.details == "Received message larger than max (20000 vs. 16384)"
+    finally:
+        await client.close()
+    assert shared_files() == before
+
+
+@pytest.fixture
+async def held(
+    start_server: StartServer, tmp_path: Path
+) -> AsyncIterator[tuple[RunningServer, Behaviour]]:
+    """A server whose ``fake`` model holds every batch until the test releases it."""
+    behaviour = Behaviour()
+    behaviour.hold()
+    running = await start_server(
+        repository=fake_repository(tmp_path / "models"),
+        backends=fake_backends(behaviour),
+        admission={"max_inflight_requests": 2},
+    )
+    yield running, behaviour
+    behaviour.release()
+
+
+async def test_a_call_past_its_deadline_ends_deadline_exceeded_and_stops_in_the_engine(
+    held: tuple[RunningServer, Behaviour], start_lane: StartLane, client: LaneClient
+) -> None:
+    running, _ = held
+    await start_lane(running)
+
+    def ended(code: str) -> float:
+        return sample(
+            running, "sluice_requests_total", method="ModelInfer", model="fake", code=code
+        )
+
+    over_lane = await client.unary(INFER, fake_request(), RID, 0.2)
+    assert over_lane == Reply(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", None, (), ())
+    # The engine ended the call itself, through its deadline hook: nothing of it is left.
+    await until(lambda: ended("DEADLINE_EXCEEDED") == 1)
+    assert sample(running, "sluice_lane_calls") == 0
+    assert sample(running, "sluice_inflight_requests") == 0
+    assert ended("CANCELLED") == 0
+    # Over grpc the caller gets the same code; which side's message wins (the client's
+    # own deadline or the server's deadline hook) and what the engine records are races
+    # there, so they are not compared.
+    over_grpc_reply = await over_grpc(running.address, INFER, fake_request(), timeout=0.2)
+    assert over_grpc_reply.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    await until(lambda: sample(running, "sluice_inflight_requests") == 0)
+
+
+async def test_a_cancelled_caller_cancels_its_call_in_the_engine(
+    held: tuple[RunningServer, Behaviour], start_lane: StartLane, client: LaneClient
+) -> None:
+    running, behaviour = held
+    await start_lane(running)
+    call = asyncio.ensure_future(client.unary(INFER, fake_request(), RID, 30))
+    await behaviour.started.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    # The interceptors saw a cancellation, as grpc's own would show it.
+    await until(
+        lambda: (
+            sample(
+                running,
+                "sluice_requests_total",
+                method="ModelInfer",
+                model="fake",
+                code="CANCELLED",
+            )
+            == 1
+        )
+    )
+    assert sample(running, "sluice_lane_calls") == 0
+    behaviour.release()
+    assert (await client.unary(INFER, fake_request(), RID, 30)).code is grpc.StatusCode.OK
+
+
+async def test_admission_refusal_carries_the_pushback_trailer_as_over_grpc(
+    held: tuple[RunningServer, Behaviour], start_lane: StartLane, client: LaneClient
+) -> None:
+    running, behaviour = held
+    await start_lane(running)
+    holding = [
+        asyncio.ensure_future(client.unary(INFER, fake_request(), RID, 30)) for _ in range(2)
+    ]
+    await until(lambda: sample(running, "sluice_inflight_requests") == 2)
+    refused = await client.unary(INFER, fake_request(), RID, 30)
+    assert refused.code is grpc.StatusCode.UNAVAILABLE
+    assert ("grpc-retry-pushback-ms", "50") in refused.trailing_metadata
+    assert normal(refused) == normal(await over_grpc(running.address, INFER, fake_request()))
+    behaviour.release()
+    assert [reply.code for reply in await asyncio.gather(*holding)] == [grpc.StatusCode.OK] * 2
+
+
+async def test_admin_calls_need_the_bearer_token_as_over_grpc(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient, example_repository: Path
+) -> None:
+    running = await start_server(
+        repository=example_repository, host="0.0.0.0", admin={"token": "s3cret"}
+    )
+    await start_lane(running)
+    promote = "/sluice.v1.ModelService/PromoteModel"
+    request = models_pb.PromoteModelRequest(model_name="mlp", version="2").SerializeToString()
+    for authorization in ((), (("authorization", "Bearer wrong"),)):
+        metadata = (*RID, *authorization)
+        refused = await client.unary(promote, request, metadata, 30)
+        assert refused.code is grpc.StatusCode.PERMISSION_DENIED
+        assert normal(refused) == normal(
+            await over_grpc(running.address, promote, request, metadata)
+        )
+    allowed = await client.unary(promote, request, (*RID, ("authorization", "Bearer s3cret")), 30)
+    assert allowed.code is grpc.StatusCode.OK, allowed.details
+
+
+async def test_oversize_messages_and_frames_are_refused_and_the_connection_goes_on(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    running = await start_server(max_message_bytes=4096)
+    await start_lane(running, max_metadata_bytes=1024)
+    over_message = b"\x00" * 5000  # over the message limit, inside the frame limit
+    refused = await client.unary(INFER, over_message, RID, 30)
+    assert refused.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.details == "Received message larger than max (5000 vs. 4096)"
+    assert (await over_grpc(running.address, INFER, over_message)).code is refused.code
+    over_frame = await client.unary(INFER, b"\x00" * 100_000, RID, 30)
+    assert over_frame.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert sample(running, "sluice_lane_refused_total", reason="frame") == 2
+    live = await client.unary(LIVE, pb.ServerLiveRequest().SerializeToString(), RID, 30)
+    assert live.code is grpc.StatusCode.OK
+    assert sample(running, "sluice_lane_connections") == 1
+
+
+async def test_many_concurrent_calls_share_one_connection(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    running = await start_server()
+    await start_lane(running)
+    requests = [rows(seed) for seed in range(64)]
+    replies = await asyncio.gather(
+        *(client.unary(INFER, mlp_request(x), RID, 30) for x in requests)
+    )
+    assert sample(running, "sluice_lane_connections") == 1
+    for x, reply in zip(requests, replies, strict=True):
+        assert reply.code is grpc.StatusCode.OK, reply.details
+        alone = await over_grpc(running.address, INFER, mlp_request(x))
+        ours = pb.ModelInferResponse.FromString(reply.response or b"")
+        theirs = pb.ModelInferResponse.FromString(alone.response or b"")
+        for mine, other in zip(ours.raw_output_contents, theirs.raw_output_contents, strict=True):
+            np.testing.assert_allclose(
+                np.frombuffer(mine, np.float32), np.frombuffer(other, np.float32), rtol=1e-5
+            )
+
+
+async def test_calls_over_the_connection_limit_are_refused(
+    held: tuple[RunningServer, Behaviour], start_lane: StartLane, client: LaneClient
+) -> None:
+    running, behaviour = held
+    await start_lane(running, max_calls_per_connection=2)
+    holding = [
+        asyncio.ensure_future(client.unary(INFER, fake_request(), RID, 30)) for _ in range(2)
+    ]
+    await until(lambda: sample(running, "sluice_lane_calls") == 2)
+    refused = await client.unary(INFER, fake_request(), RID, 30)
+    assert refused.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_calls_per_connection" in refused.details
+    assert sample(running, "sluice_lane_refused_total", reason="calls") == 1
+    assert sample(running, "sluice_lane_max_calls_per_connection") == 2
+    behaviour.release()
+    assert [reply.code for reply in await asyncio.gather(*holding)] == [grpc.StatusCode.OK] * 2
+
+
+async def test_the_client_reconnects_after_the_engine_restarts(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    running = await start_server()
+    lane = await start_lane(running)
+    request = mlp_request(rows(1))
+    assert (await client.unary(INFER, request, RID, 30)).code is grpc.StatusCode.OK
+    await lane.close()
+    down = await client.unary(INFER, request, RID, 30)
+    assert down.code is grpc.StatusCode.UNAVAILABLE
+    await start_lane(running, registry=CollectorRegistry())
+    again = await client.unary(INFER, request, RID, 30)
+    assert normal(again) == normal(await over_grpc(running.address, INFER, request))
+
+
+# A transport in another process.
+
+
+async def lane_process(
+    socket: Path, method: str, request: bytes, *args: str
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.lane_process",
+        str(socket),
+        method,
+        request.hex(),
+        *args,
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+
+
+async def test_a_client_in_another_process_gets_grpcs_answers(
+    start_server: StartServer,
+    start_lane: StartLane,
+    socket_path: Path,
+    processes: list[asyncio.subprocess.Process],
+) -> None:
+    running = await start_server()
+    await start_lane(running)
+    request = mlp_request(rows(5, count=4))
+    proc = await lane_process(socket_path, INFER, request, "3")
+    processes.append(proc)
+    out, _ = await proc.communicate()
+    lines = out.decode().splitlines()
+    assert lines[0] == "started"
+    expected = await over_grpc(running.address, INFER, request, (("x-request-id", "lane-process"),))
+    assert expected.response is not None
+    for line in lines[1:]:
+        reply = json.loads(line)
+        assert reply["code"] == "OK"
+        assert bytes.fromhex(reply["response"]) == expected.response
+        assert [tuple(pair) for pair in reply["trailing"]] == list(expected.trailing_metadata)
+    assert len(lines) == 4
+
+
+async def test_a_transport_process_that_dies_cancels_its_calls_in_the_engine(
+    held: tuple[RunningServer, Behaviour],
+    start_lane: StartLane,
+    socket_path: Path,
+    processes: list[asyncio.subprocess.Process],
+) -> None:
+    running, _ = held
+    await start_lane(running)
+    proc = await lane_process(socket_path, INFER, fake_request(), "2")
+    processes.append(proc)
+    await until(lambda: sample(running, "sluice_lane_calls") == 2)
+    proc.kill()
+    await proc.wait()
+    await until(lambda: sample(running, "sluice_lane_calls") == 0)
+    await until(
+        lambda: (
+            sample(
+                running,
+                "sluice_requests_total",
+                method="ModelInfer",
+                model="fake",
+                code="CANCELLED",
+            )
+            == 2
+        )
+    )
+    assert sample(running, "sluice_lane_connections") == 0
+
+
+# A public port that forwards through the lane, as a transport worker does.
+
+
+class Forwarding(grpc.GenericRpcHandler):
+    """Every method, as raw bytes, through ``forward``."""
+
+    def __init__(self, lane: LaneClient) -> None:
+        self._lane = lane
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method = handler_call_details.method
+        lane = self._lane
+
+        async def behaviour(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await forward(lane, method, request, context)
+
+        return grpc.unary_unary_rpc_method_handler(behaviour)
+
+
+@pytest.fixture
+async def public_port(client: LaneClient) -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((Forwarding(client),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(0)
+
+
+async def test_a_forwarding_port_answers_as_the_engines_own_port(
+    start_server: StartServer, start_lane: StartLane, public_port: str
+) -> None:
+    running = await start_server()
+    await start_lane(running)
+    request = mlp_request(rows(9, count=2))
+    for timeout in (30, None):
+        forwarded = await over_grpc(public_port, INFER, request, timeout=timeout)
+        assert forwarded.code is grpc.StatusCode.OK
+        assert normal(forwarded) == normal(await over_grpc(running.address, INFER, request))
+    missing = mlp_request(rows(0), model="no-such-model")
+    forwarded = await over_grpc(public_port, INFER, missing)
+    assert forwarded.code is grpc.StatusCode.NOT_FOUND
+    assert normal(forwarded) == normal(await over_grpc(running.address, INFER, missing))
+
+
+async def test_a_forwarded_refusal_keeps_its_pushback_and_rich_details(
+    held: tuple[RunningServer, Behaviour], start_lane: StartLane, public_port: str
+) -> None:
+    running, behaviour = held
+    await start_lane(running)
+    holding = [asyncio.ensure_future(over_grpc(public_port, INFER, fake_request())) for _ in "ab"]
+    await until(lambda: sample(running, "sluice_inflight_requests") == 2)
+    refused = await over_grpc(public_port, INFER, fake_request())
+    assert refused.code is grpc.StatusCode.UNAVAILABLE
+    assert normal(refused) == normal(await over_grpc(running.address, INFER, fake_request()))
+    assert {key for key, _ in refused.trailing_metadata} >= {
+        "grpc-retry-pushback-ms",
+        "grpc-status-details-bin",
+    }
+    behaviour.release()
+    assert [reply.code for reply in await asyncio.gather(*holding)] == [grpc.StatusCode.OK] * 2
+    behaviour.hold()
+    late = await over_grpc(public_port, INFER, fake_request(), timeout=0.2)
+    assert late.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    await until(lambda: sample(running, "sluice_lane_calls") == 0)
+
+
+async def test_calls_in_flight_when_the_engine_goes_away_end_unavailable(
+    held: tuple[RunningServer, Behaviour], start_lane: StartLane, client: LaneClient
+) -> None:
+    running, _ = held
+    lane = await start_lane(running)
+    call = asyncio.ensure_future(client.unary(INFER, fake_request(), RID, 30))
+    await until(lambda: sample(running, "sluice_lane_calls") == 1)
+    await lane.close()
+    reply = await call
+    assert reply.code is grpc.StatusCode.UNAVAILABLE
+    assert "closed before the call finished" in reply.details
+    # The engine stopped the call it could no longer answer.
+    await until(
+        lambda: (
+            sample(
+                running,
+                "sluice_requests_total",
+                method="ModelInfer",
+                model="fake",
+                code="CANCELLED",
+            )
+            == 1
+        )
+    )
+
+
+async def test_a_forwarded_certificate_identity_opens_the_admin_plane(
+    start_server: StartServer,
+    start_lane: StartLane,
+    client: LaneClient,
+    example_repository: Path,
+    certificates: Certificates,
+) -> None:
+    running = await start_server(
+        repository=example_repository,
+        tls=certificates.server_settings(),
+        admin={"identities": [ADMIN_CN]},
+    )
+    await start_lane(running)
+    promote = "/sluice.v1.ModelService/PromoteModel"
+    request = models_pb.PromoteModelRequest(model_name="mlp", version="2").SerializeToString()
+    tls = (("transport_security_type", b"ssl"),)
+    someone = (*tls, ("x509_common_name", b"someone-else"))
+    refused = await client.unary(promote, request, RID, 30, peer="ipv4:10.0.0.7:5", auth=someone)
+    assert refused.code is grpc.StatusCode.PERMISSION_DENIED
+    assert "client certificate named in admin.identities" in refused.details
+    admin = (*tls, ("x509_common_name", ADMIN_CN.encode()))
+    allowed = await client.unary(promote, request, RID, 30, peer="ipv4:10.0.0.7:5", auth=admin)
+    assert allowed.code is grpc.StatusCode.OK, allowed.details
+
+
+def unary_methods() -> list[tuple[str, bytes]]:
+    """Every unary method the server has (its admin calls aside: they change what is
+    served), each with a request naming ``mlp`` where the message has a model name."""
+    from google.protobuf import message_factory
+    from grpc_health.v1 import health_pb2
+
+    from sluice.transport.rpcs import rpc
+    from sluice_api.sluice.v1 import generation_service_pb2 as gen_pb
+
+    services = [
+        pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        models_pb.DESCRIPTOR.services_by_name["ModelService"],
+        gen_pb.DESCRIPTOR.services_by_name["GenerationService"],
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+    ]
+    calls = []
+    for service in services:
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            if method.client_streaming or method.server_streaming or rpc(path).admin:
+                continue
+            message = message_factory.GetMessageClass(method.input_type)()
+            for field in ("model_name", "name"):
+                if field in method.input_type.fields_by_name:
+                    setattr(message, field, "mlp")
+            calls.append((path, message.SerializeToString()))
+    return calls
+
+
+async def test_every_unary_method_answers_as_over_grpc(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    running = await start_server()
+    await start_lane(running)
+    methods = unary_methods()
+    assert len(methods) >= 15
+    for method, request in methods:
+        over_lane = await client.unary(method, request, RID, 30)
+        assert normal(over_lane) == normal(await over_grpc(running.address, method, request)), (
+            method
+        )
