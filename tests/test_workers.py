@@ -226,6 +226,7 @@ async def test_every_kind_of_call_goes_through_the_transports_unchanged(tmp_path
         text = metrics_text(server)  # only the engine serves metrics
         assert metric(text, "sluice_transport_processes") == 2
         assert metric(text, "sluice_transport_restarts_total") == 0
+        assert metric(text, "sluice_lane_connections") >= 1  # unary calls came by the lane
         assert await server.stop() == 0
 
 

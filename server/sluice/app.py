@@ -36,6 +36,7 @@ from sluice.tracing import Tracing
 from sluice.transport.server import SluiceServer, create_server
 
 if TYPE_CHECKING:
+    from sluice.workers.lane import LaneServer
     from sluice.workers.topology import EngineSocket, Transports
 
 log = logging.getLogger(__name__)
@@ -164,16 +165,39 @@ async def _serve(settings: Settings, engine: EngineSocket | None) -> int:
     return status
 
 
+async def _start_lane(
+    settings: Settings, engine: EngineSocket, metrics: Metrics, server: SluiceServer
+) -> LaneServer:
+    """The engine lane the transports send their unary calls through (``workers.lane``)."""
+    from sluice.workers.lane import LaneServer
+
+    assert server.methods is not None  # create_server always makes the table
+    lane = LaneServer(
+        server.methods,
+        max_message_bytes=settings.max_message_bytes,
+        settings=settings.lane,
+        registry=metrics.registry,
+    )
+    try:
+        await lane.start(engine.lane)
+    except BaseException:
+        await server.grpc_server.stop(0)
+        raise
+    return lane
+
+
 async def _start_transports(
     settings: Settings, engine: EngineSocket, metrics: Metrics, server: SluiceServer
 ) -> Transports:
     """The transport processes in front of ``server``; stops ``server`` when they fail."""
     from sluice.workers.topology import Transports
 
-    transports = Transports(settings, engine, metrics)
+    lane = await _start_lane(settings, engine, metrics, server)
+    transports = Transports(settings, engine, metrics, lane=lane)
     try:
         port = await transports.start()
     except BaseException:
+        await lane.close(0)
         await server.grpc_server.stop(0)
         raise
     transport = "plaintext" if not settings.tls.enabled else "TLS"

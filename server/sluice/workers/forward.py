@@ -16,25 +16,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 
+from sluice.workers.frames import Reply
+
 Metadata = Sequence[tuple[str, str | bytes]]
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A unary call's outcome as the engine gave it."""
-
-    code: grpc.StatusCode
-    details: str
-    response: bytes | None
-    """The response message (None unless ``code`` is OK)."""
-    initial_metadata: tuple[tuple[str, str | bytes], ...]
-    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 class UnaryForwarder(Protocol):
@@ -44,8 +33,13 @@ class UnaryForwarder(Protocol):
         request: bytes,
         metadata: Metadata,
         timeout: float | None,  # noqa: ASYNC109  # the call's remaining deadline, passed on
+        *,
+        peer: str = "",
+        auth: Sequence[tuple[str, bytes]] = (),
     ) -> Reply:
-        """Make the unary call ``method`` on the engine; cancelled with the awaiting task."""
+        """Make the unary call ``method`` on the engine; cancelled with the awaiting task.
+        ``peer`` and ``auth`` (the caller's address and its TLS auth context) go along
+        where the hop carries them; otherwise ``metadata`` says who called."""
         ...
 
     async def close(self) -> None: ...
@@ -79,7 +73,11 @@ class GrpcForwarder:
         request: bytes,
         metadata: Metadata,
         timeout: float | None,  # noqa: ASYNC109  # the call's remaining deadline, passed on
+        *,
+        peer: str = "",
+        auth: Sequence[tuple[str, bytes]] = (),
     ) -> Reply:
+        # the caller's identity crosses in ``metadata`` (``transport.identity``)
         multicallable = self._unary.get(method)
         if multicallable is None:
             multicallable = self._unary[method] = self._channel.unary_unary(

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from sluice.metrics import Metrics
 from sluice.settings import Settings
+from sluice.workers.lane import LaneServer
 from sluice.workers.transport import TransportConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ class EngineSocket:
     def address(self) -> str:
         return f"unix:{self.directory / 'engine.sock'}"
 
+    @property
+    def lane(self) -> Path:
+        """The engine lane's socket (``workers.lane``): the transports' unary calls."""
+        return self.directory / "lane.sock"
+
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -70,9 +76,11 @@ class Transports:
         engine: EngineSocket,
         metrics: Metrics,
         *,
+        lane: LaneServer | None = None,
         python: str = sys.executable,
     ) -> None:
         self._settings = settings
+        self._lane = lane
         self._engine = engine
         self._python = python
         self._metrics = metrics
@@ -104,6 +112,10 @@ class Transports:
         return TransportConfig(
             index=index,
             engine=self._engine.address,
+            lane=str(self._engine.lane),
+            lane_shared_min_bytes=s.lane.shared_min_bytes,
+            lane_max_backlog_bytes=s.lane.max_backlog_bytes,
+            lane_max_metadata_bytes=s.lane.max_metadata_bytes,
             host=s.host,
             port=port,
             parent_pid=os.getpid(),
@@ -199,6 +211,8 @@ class Transports:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         log.info("transport processes exited")
+        if self._lane is not None:  # nothing more can come through it
+            await self._lane.close()
 
     def describe(self) -> str:
         return "transport processes in front of one engine process"

@@ -37,6 +37,7 @@ from sluice.tracing import UNTRACED, Tracing, outgoing_context
 from sluice.transport import identity
 from sluice.transport.tls import CertificateFiles
 from sluice.workers import forward
+from sluice.workers.lane_client import LaneClient
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.sluice.v1 import generation_service_pb2 as gen_pb
 from sluice_api.sluice.v1 import model_service_pb2 as models_pb
@@ -53,7 +54,12 @@ class TransportConfig:
 
     index: int
     engine: str
-    """The engine's address (``unix:<path>``)."""
+    """The engine's address (``unix:<path>``): streaming calls."""
+    lane: str
+    """The engine lane's socket path: unary calls."""
+    lane_shared_min_bytes: int
+    lane_max_backlog_bytes: int
+    lane_max_metadata_bytes: int
     host: str
     port: int
     parent_pid: int
@@ -147,7 +153,12 @@ class Proxy(grpc.GenericRpcHandler):
         async def behavior(request: bytes, context: Context) -> bytes:
             with self._span(method, context):
                 reply = await unary(
-                    method, request, self._metadata(context), context.time_remaining()
+                    method,
+                    request,
+                    self._metadata(context),
+                    context.time_remaining(),
+                    peer=context.peer(),
+                    auth=[(k, v) for k, vs in context.auth_context().items() for v in vs],
                 )
             return await forward.answer_unary(reply, context)
 
@@ -186,8 +197,14 @@ def _address(host: str, port: int) -> str:
 async def serve(config: TransportConfig) -> int:
     tracing = Tracing.from_environment(TracingSettings(**config.tracing))
     forwarder = forward.GrpcForwarder(config.engine, max_message_bytes=config.max_message_bytes)
+    lane = LaneClient(
+        config.lane,
+        max_reply_bytes=config.max_message_bytes + config.lane_max_metadata_bytes,
+        max_backlog_bytes=config.lane_max_backlog_bytes,
+        shared_min_bytes=config.lane_shared_min_bytes,
+    )
     server = grpc.aio.server(options=_options(config))
-    proxy = Proxy(unary=forwarder, streams=forwarder, index=config.index, tracing=tracing)
+    proxy = Proxy(unary=lane, streams=forwarder, index=config.index, tracing=tracing)
     server.add_generic_rpc_handlers((proxy,))
     tls = TLSSettings(**config.tls)
     address = _address(config.host, config.port)
@@ -200,6 +217,7 @@ async def serve(config: TransportConfig) -> int:
     log.info("transport %d serving %s:%d", config.index, config.host, port)
     grace_s = await _wait_for_stop()
     await server.stop(grace_s)
+    await lane.close()
     await forwarder.close()
     await tracing.shutdown()
     return 0
