@@ -104,7 +104,7 @@ async def engine(folder: Path, method: str) -> None:
     await server.mark_started()
     assert server.methods is not None
     lane = LaneServer(
-        server.methods, max_message_bytes=settings.max_message_bytes, registry=metrics.registry
+        server.methods, max_message_bytes=settings.max_message_bytes, metrics=metrics.lane
     )
     await lane.start(folder / "lane.sock")
     unix = grpc.aio.server()

@@ -36,7 +36,7 @@ from sluice.workers.frames import (
     encode_reply,
     frame,
 )
-from sluice.workers.lane import LaneClient, LaneServer, LaneSettings, forward
+from sluice.workers.lane import LaneClient, LaneMetrics, LaneServer, LaneSettings, forward
 from sluice.workers.outbox import Outbox
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2 as models_pb
@@ -76,7 +76,7 @@ async def start_lane(start_server: StartServer, socket_path: Path) -> AsyncItera
             running.server.methods,
             max_message_bytes=running.settings.max_message_bytes,
             settings=LaneSettings(**settings),
-            registry=registry or running.metrics.registry,
+            metrics=LaneMetrics(registry) if registry is not None else running.metrics.lane,
         )
         await lane.start(socket_path)
         lanes.append(lane)

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
         "sluice.priority",
         "sluice.tensors",
         "sluice.remote_metrics",
+        "sluice.lane_metrics",
         "sluice.guardrail_metrics",
         "sluice.metrics",
         "sluice.tracing",

@@ -176,7 +176,7 @@ async def _start_lane(
         server.methods,
         max_message_bytes=settings.max_message_bytes,
         settings=settings.lane,
-        registry=metrics.registry,
+        metrics=metrics.lane,
     )
     try:
         await lane.start(engine.lane)

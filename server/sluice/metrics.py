@@ -13,6 +13,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from sluice.guardrail_metrics import GuardrailMetrics
+from sluice.lane_metrics import LaneMetrics
 from sluice.remote_metrics import RemoteMetrics
 from sluice.stats import BatchRun, ModelStats
 
@@ -146,6 +147,7 @@ class Metrics:
             registry=r,
         )
         self.remote = RemoteMetrics(r)
+        self.lane = LaneMetrics(r)
         self.cache_hits = Counter(
             "sluice_cache_hits", "Response cache hits (degraded ones too).", ["model"], registry=r
         )

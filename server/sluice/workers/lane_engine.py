@@ -50,12 +50,13 @@ class LaneServer:
         *,
         max_message_bytes: int,
         settings: LaneSettings | None = None,
-        registry: CollectorRegistry | None = None,
+        metrics: LaneMetrics | None = None,
     ) -> None:
         self.settings = settings or LaneSettings()
         self.max_message_bytes = max_message_bytes
         self.max_frame_bytes = max_message_bytes + self.settings.max_metadata_bytes
-        self.metrics = LaneMetrics(registry or CollectorRegistry(), self.settings)
+        self.metrics = metrics or LaneMetrics(CollectorRegistry())
+        self.metrics.max_calls_per_connection.set(self.settings.max_calls_per_connection)
         self._methods = methods
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._server: asyncio.Server | None = None

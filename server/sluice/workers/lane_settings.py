@@ -1,36 +1,6 @@
-"""The engine lane's metrics (its settings are ``Settings.lane``)."""
+"""The engine lane's settings (``Settings.lane``) and metrics (``Metrics.lane``)."""
 
-from __future__ import annotations
-
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
+from sluice.lane_metrics import LaneMetrics
 from sluice.settings import LaneSettings
 
 __all__ = ["LaneMetrics", "LaneSettings"]
-
-
-class LaneMetrics:
-    """The lane's gauges and counters, in the server's registry."""
-
-    def __init__(self, registry: CollectorRegistry, settings: LaneSettings) -> None:
-        self.connections = Gauge(
-            "sluice_lane_connections",
-            "Transport connections to the engine lane.",
-            registry=registry,
-        )
-        self.calls = Gauge(
-            "sluice_lane_calls", "Calls running in the engine through the lane.", registry=registry
-        )
-        self.refused = Counter(
-            "sluice_lane_refused",
-            "Lane calls refused before they ran, by reason (calls: over the per-connection "
-            "limit; frame: over the frame size limit; malformed: unreadable frame).",
-            ["reason"],
-            registry=registry,
-        )
-        limit = Gauge(
-            "sluice_lane_max_calls_per_connection",
-            "The lane's limit on calls running per connection.",
-            registry=registry,
-        )
-        limit.set(settings.max_calls_per_connection)
