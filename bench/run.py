@@ -9,6 +9,7 @@ One run measures, on this machine, for the benchmark MLP (FP32 ``input`` [batch,
                        under torch.inference_mode;
   (b) ``null``         bench/null_server.py (grpc.aio, no math) under perf_analyzer;
   (c) ``batched``      Sluice (onnxruntime), max_batch_size 64, max_queue_delay_us 0;
+      ``workers-2``    the same with ``--workers 2`` (two transport processes, one engine);
   (d) ``unbatched``    Sluice (onnxruntime), max_batch_size 1;
   (e) ``torch-export`` Sluice serving model.pt2 (torch.export, dynamic batch), batched as (c);
   (f) ``torchscript``  Sluice serving model.pt (TorchScript), batched as (c);
@@ -18,7 +19,7 @@ One run measures, on this machine, for the benchmark MLP (FP32 ``input`` [batch,
                        it is missing);
 
 (b) to (h) under perf_analyzer at concurrency 1, 8, 32 and 128 (one sample per request);
-(b), (c), (g) and (h) again on a second model, the two-input convolution ``conv`` of
+(b), (c), ``workers-2``, (g) and (h) again on a second model, the two-input convolution ``conv`` of
 bench/conv_model.py. The PyTorch files carry exactly the ONNX file's weights
 (bench/torch_mlp.py) and are checked against onnxruntime before anything is measured.
 Then the runner checks the targets and writes ``bench/results/<timestamp>.json``, one PNG
@@ -71,14 +72,15 @@ ORT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 CONCURRENCIES = (1, 8, 32, 128)  # the full run; --quick leaves out 128
 QUICK_CONCURRENCIES = (1, 8, 32)
 PEERS = ("pytriton", "mlserver")
-SERVERS = ("null", "batched", "unbatched", "torch-export", "torchscript", *PEERS)
+SERVERS = ("null", "batched", "workers-2", "unbatched", "torch-export", "torchscript", *PEERS)
 TORCH_SERVERS = ("torch-export", "torchscript")
-SLUICE_SERVERS = ("batched", "unbatched", *TORCH_SERVERS)
+SLUICE_SERVERS = ("batched", "workers-2", "unbatched", *TORCH_SERVERS)
 # The servers measured on the second model (bench/conv_model.py).
-CONV_SERVERS = ("null", "batched", *PEERS)
+CONV_SERVERS = ("null", "batched", "workers-2", *PEERS)
 SERVER_TITLES = {
     "null": "transport ceiling (grpc.aio, no math)",
     "batched": "Sluice, onnxruntime, dynamic batching (max_batch_size 64, delay 0)",
+    "workers-2": "Sluice as batched, --workers 2 (two transport processes, one engine)",
     "unbatched": "Sluice, onnxruntime, max_batch_size 1",
     "torch-export": "Sluice, torch.export model.pt2, dynamic batching (64, delay 0)",
     "torchscript": "Sluice, TorchScript model.pt, dynamic batching (64, delay 0)",
@@ -88,10 +90,13 @@ SERVER_TITLES = {
 # What each Sluice server's repository holds: (model file kind, max_batch_size).
 SERVER_MODELS = {
     "batched": ("onnx", 64),
+    "workers-2": ("onnx", 64),
     "unbatched": ("onnx", 1),
     "torch-export": ("pt2", 64),
     "torchscript": ("pt", 64),
 }
+# Settings a Sluice server runs with beyond its repository.
+SERVER_ENV = {"workers-2": {"SLUICE_WORKERS": "2"}}
 MODEL_FILENAMES = {"onnx": "model.onnx", "pt2": "model.pt2", "pt": "model.pt"}
 # The in-process runtimes of part (a): key in the JSON -> label in the report.
 INPROCESS_TITLES = {
@@ -1391,7 +1396,8 @@ def bench_server(
             max_batch_size=max_batch,
             model=spec.name,
         )
-        server = sluice_server(name, repo, work, args.extra_env, model=spec.name)
+        env = {**args.extra_env, **SERVER_ENV.get(name, {})}
+        server = sluice_server(name, repo, work, env, model=spec.name)
     label = name if spec.name == MODEL else f"{name} ({spec.name})"
     try:
         with running(server):
