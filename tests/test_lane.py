@@ -25,6 +25,8 @@ from prometheus_client import CollectorRegistry
 from sluice.workers import shm
 from sluice.workers.frames import (
     CALL,
+    CANCEL,
+    HEAD,
     REPLY,
     CallFrame,
     FrameReader,
@@ -767,3 +769,37 @@ async def test_every_unary_method_answers_as_over_grpc(
         assert normal(over_lane) == normal(await over_grpc(running.address, method, request)), (
             method
         )
+
+
+async def test_a_call_cancelled_in_the_frame_read_with_it_is_forgotten_by_the_engine(
+    start_server: StartServer, start_lane: StartLane, socket_path: Path
+) -> None:
+    # A busy engine reads a call and its cancel in one read: the call's task is cancelled
+    # before it ever runs. It must still leave the connection's table (and the gauge), or
+    # such calls pile up until the connection refuses every call.
+    running = await start_server()
+    await start_lane(running, max_calls_per_connection=3)
+    reader, writer = await asyncio.open_unix_connection(str(socket_path))
+
+    async def replies(count: int) -> list[tuple[int, int, grpc.StatusCode, str]]:
+        got = []
+        for _ in range(count):
+            length, kind, call_id = HEAD.unpack(await reader.readexactly(HEAD.size))
+            reply = decode_reply(await reader.readexactly(length))
+            got.append((kind, call_id, reply.code, reply.details))
+        return sorted(got)
+
+    try:
+        live = CallFrame(LIVE, pb.ServerLiveRequest().SerializeToString(), RID, 30.0)
+        pairs = b"".join(encode_call(i, live) + frame(CANCEL, i) for i in range(2))
+        writer.write(pairs + encode_call(7, live))
+        await writer.drain()
+        assert await replies(1) == [(REPLY, 7, grpc.StatusCode.OK, "")]
+        # The connection's limit is whole again: three calls at once all run.
+        writer.write(b"".join(encode_call(i, live) for i in (8, 9, 10)))
+        await writer.drain()
+        assert await replies(3) == [(REPLY, i, grpc.StatusCode.OK, "") for i in (8, 9, 10)]
+        await until(lambda: sample(running, "sluice_lane_calls") == 0)
+    finally:
+        writer.close()
+        await writer.wait_closed()

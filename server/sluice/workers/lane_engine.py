@@ -222,6 +222,9 @@ class _EngineConnection(asyncio.BufferedProtocol):
         running.task = asyncio.get_running_loop().create_task(
             self._serve(call_id, call.method, request, running)
         )
+        # A task cancelled before its first step (its CANCEL frame came in the same read,
+        # or the connection closed) never enters ``_serve``: it is forgotten here instead.
+        running.task.add_done_callback(lambda _: self._forget(call_id, running))
         if call.timeout_s is not None:
             running.timer = asyncio.get_running_loop().call_later(
                 max(call.timeout_s, 0.0) + lane.settings.deadline_grace_s, running.expire
@@ -277,13 +280,19 @@ class _EngineConnection(asyncio.BufferedProtocol):
             log.exception("engine lane: %s failed outside its handler", method[:200])
             reply = _status(grpc.StatusCode.INTERNAL, "the engine lane failed to run this call")
         finally:
-            del self._calls[call_id]
-            self._lane.metrics.calls.dec()
-            if running.timer is not None:
-                running.timer.cancel()
-            context.finish()
+            self._forget(call_id, running)
         if reply is not None:
             self._send(call_id, reply)
+
+    def _forget(self, call_id: int, running: _EngineCall) -> None:
+        """The call ended: it leaves the connection's table (once)."""
+        if self._calls.get(call_id) is not running:
+            return
+        del self._calls[call_id]
+        self._lane.metrics.calls.dec()
+        if running.timer is not None:
+            running.timer.cancel()
+        running.context.finish()
 
     async def _run(self, method: str, request: _Box, context: LaneContext) -> Reply:
         handler = await self._lane.handler(method)
