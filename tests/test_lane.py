@@ -803,3 +803,25 @@ async def test_a_call_cancelled_in_the_frame_read_with_it_is_forgotten_by_the_en
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_a_request_that_cannot_go_into_shared_memory_crosses_the_socket(
+    start_server: StartServer,
+    start_lane: StartLane,
+    socket_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # /dev/shm full (a container's 64 MiB default) or gone: the call is not lost for it.
+    running = await start_server()
+    await start_lane(running)
+    client = LaneClient(socket_path, shared_min_bytes=1024)
+    assert client.shared_min_bytes == 1024
+    monkeypatch.setattr(shm, "SHM_DIR", tmp_path / "no-such-dir")
+    try:
+        request = mlp_request(rows(5, count=16))
+        over_lane = await client.unary(INFER, request, RID, 30)
+        assert over_lane.code is grpc.StatusCode.OK, over_lane.details
+        assert normal(over_lane) == normal(await over_grpc(running.address, INFER, request))
+    finally:
+        await client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,8 @@ from sluice.workers.frames import (
 )
 from sluice.workers.lane_settings import LaneSettings
 from sluice.workers.outbox import Outbox
+
+log = logging.getLogger(__name__)
 
 
 class LaneClient:
@@ -237,9 +240,13 @@ class _ClientConnection(asyncio.BufferedProtocol):
         sent, self._sent = self._sent, self._sent + 1
         self._order[call_id] = sent
         if self._shared_min and len(call.request) >= self._shared_min:
-            name = shm.write(call.request)
-            self._shared.append((sent, name))
-            return call_frame(call_id, call, shared=name)
+            try:
+                name = shm.write(call.request)
+            except OSError as exc:  # /dev/shm full or gone: the socket still carries it
+                log.warning("engine lane: a request goes by the socket: %s", exc)
+            else:
+                self._shared.append((sent, name))
+                return call_frame(call_id, call, shared=name)
         return call_frame(call_id, call)
 
     def _expire(self, call_id: int) -> None:
