@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import threading
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -23,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import ValidationError
 
+from sluice.executors.base import Executor, LoadOptions
+from sluice.executors.registry import BackendRegistry
 from sluice.repository import EXAMPLE_REPOSITORY
 from sluice.settings import load_settings
 from sluice.transport.identity import (
@@ -32,6 +35,8 @@ from sluice.transport.identity import (
     forwarded_names,
     outgoing,
 )
+from sluice.workers.lane import LaneServer
+from sluice.workers.topology import EngineSocket, Transports
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
@@ -40,6 +45,8 @@ from sluice_api.sluice.v1 import model_service_pb2 as models
 from sluice_api.sluice.v1 import model_service_pb2_grpc as models_grpc
 from sluice_client.names import PUSHBACK_KEY, REQUEST_ID_KEY
 from tests.certs import ADMIN_CN, Certificates
+from tests.conftest import StartServer
+from tests.fakes import Behaviour, FakeFactory, fake_repository
 from tests.models import write_identity
 from tests.observability.collector import Collector
 from tests.serve_process import ServeProcess, serve_process
@@ -596,3 +603,55 @@ async def test_a_busy_port_is_a_clear_error_and_exit_1(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1 (grpc_port {port}" in server.log
     assert f"transport process 0 did not start listening on 127.0.0.1:{port}" in server.log
     assert "Traceback" not in server.log
+
+
+class _GatedLoads(FakeFactory):
+    """The fake backend, whose loads wait (in their thread) while ``closed`` is set."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        super().__init__(behaviour)
+        self.closed = threading.Event()
+        self.opened = threading.Event()
+        self.waiting = threading.Event()
+
+    def load(self, path: Path, options: LoadOptions) -> Executor:
+        if self.closed.is_set():
+            self.waiting.set()
+            self.opened.wait(60)
+        return super().load(path, options)
+
+
+async def test_a_drain_lets_a_slow_admin_call_through_a_transport_finish(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # A LoadModel (not admitted, so not what the drain's quiet wait counts) still running
+    # when the drain starts gets the drain's grace through a transport, as it does over
+    # the engine's own port: the transport is not killed a moment after the engine's port
+    # has closed.
+    factory = _GatedLoads(Behaviour())
+    running = await start_server(
+        repository=fake_repository(tmp_path / "models"), backends=BackendRegistry([factory])
+    )
+    engine = EngineSocket.create()
+    assert running.server.methods is not None
+    lane = LaneServer(running.server.methods, max_message_bytes=running.settings.max_message_bytes)
+    await lane.start(engine.lane)
+    transports = Transports(running.settings, engine, running.metrics, lane=lane)
+    try:
+        port = await transports.start()
+        running.server.front = transports
+        async with channel(f"127.0.0.1:{port}") as chan:
+            stub = models_grpc.ModelServiceStub(chan)
+            await stub.UnloadModel(models.UnloadModelRequest(model_name="fake"), timeout=30)
+            factory.closed.set()
+            loading = stub.LoadModel(models.LoadModelRequest(model_name="fake"), timeout=60)
+            await asyncio.to_thread(factory.waiting.wait, 30)
+            drain = asyncio.create_task(running.server.drain(grace_s=30, quiet_s=0))
+            await asyncio.sleep(2.0)  # past the drain's closing allowance (1 s)
+            factory.opened.set()
+            await loading
+            await drain
+    finally:
+        factory.opened.set()
+        await transports.wait_stopped(5)
+        engine.remove()
