@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import threading
 import urllib.request
 from collections.abc import AsyncIterator
@@ -653,5 +654,30 @@ async def test_a_drain_lets_a_slow_admin_call_through_a_transport_finish(
             await drain
     finally:
         factory.opened.set()
+        await transports.wait_stopped(5)
+        engine.remove()
+
+
+async def test_a_transport_that_cannot_be_started_again_is_retried_and_the_stop_still_ends(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # The interpreter the transports run in is gone (a deploy replaced the environment):
+    # restarting a transport that exited fails with OSError, which must neither end its
+    # supervision silently nor surface from the stop.
+    running = await start_server()
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    engine = EngineSocket.create()
+    transports = Transports(running.settings, engine, running.metrics, python=str(python))
+    try:
+        await transports.start()
+        python.unlink()
+        os.kill(transports._procs[0].pid, signal.SIGKILL)
+        restarts = "sluice_transport_restarts_total"
+        await until(lambda: running.metrics.registry.get_sample_value(restarts) == 1)
+        await asyncio.sleep(0.5)  # past the first restart's delay: its start fails
+        assert all(not task.done() for task in transports._supervisors)
+    finally:
         await transports.wait_stopped(5)
         engine.remove()

@@ -180,7 +180,7 @@ class Transports:
                     await self._spawn(index, self.port)
                     log.info("transport process %d serves again", index)
                     break
-                except TransportStartError as exc:
+                except (TransportStartError, OSError) as exc:  # OSError: cannot even exec
                     log.error("%s; trying again in %.1fs", exc, RESTART_DELAYS_S[-1])
                     await asyncio.sleep(RESTART_DELAYS_S[-1])
             if self._stopping:
