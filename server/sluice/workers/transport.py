@@ -79,6 +79,13 @@ class TransportConfig:
         return cls(**json.loads(text))
 
 
+_REFLECTION = (
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+"""The reflection services' methods: relayed to the engine, which serves them."""
+
+
 def _methods() -> dict[str, bool]:
     """Every method of the services Sluice serves, and whether it is unary-unary."""
     files = (pb.DESCRIPTOR, gen_pb.DESCRIPTOR, models_pb.DESCRIPTOR, health_pb2.DESCRIPTOR)
@@ -118,12 +125,13 @@ class Proxy(grpc.GenericRpcHandler):
         if handler is not None:
             return handler
         unary = self._methods.get(method)
+        if unary is None and not method.startswith(_REFLECTION):
+            return None  # no service has it: grpc answers UNIMPLEMENTED, as the engine would
         if unary:
             handler = grpc.unary_unary_rpc_method_handler(self._unary(method))
-        else:  # a stream, or a method only the engine knows (reflection, or none at all)
+        else:  # a stream, or reflection (its descriptors are the engine's)
             handler = grpc.stream_stream_rpc_method_handler(self._stream(method))
-        if unary is not None:  # callers' made-up names must not grow the table
-            self._handlers[method] = handler
+        self._handlers[method] = handler  # known names only: callers cannot grow the table
         return handler
 
     def _metadata(self, context: Context) -> list[identity.Metadatum]:
