@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -825,3 +827,30 @@ async def test_a_request_that_cannot_go_into_shared_memory_crosses_the_socket(
         assert normal(over_lane) == normal(await over_grpc(running.address, INFER, request))
     finally:
         await client.close()
+
+
+def test_a_sweep_removes_what_dead_senders_left_and_nothing_else() -> None:
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead = int(gone.stdout)
+    names = {
+        "dead": f"sluice-lane-{dead}-{'c' * 32}",
+        "alive": f"sluice-lane-{os.getpid()}-{'d' * 32}",
+        "other": f"other-{dead}-{'e' * 32}",
+    }
+    for name in names.values():
+        (shm.SHM_DIR / name).write_bytes(b"x")
+    try:
+        assert shm.sweep(None) >= 1
+        assert not (shm.SHM_DIR / names["dead"]).exists()
+        assert (shm.SHM_DIR / names["alive"]).exists()  # its sender still runs
+        assert (shm.SHM_DIR / names["other"]).exists()  # not a lane file
+        assert shm.sweep(os.getpid()) == 1  # a sender that has exited: all of its files
+        assert not (shm.SHM_DIR / names["alive"]).exists()
+    finally:
+        for name in names.values():
+            (shm.SHM_DIR / name).unlink(missing_ok=True)

@@ -36,6 +36,7 @@ from sluice.transport.identity import (
     forwarded_names,
     outgoing,
 )
+from sluice.workers import shm
 from sluice.workers.lane import LaneServer
 from sluice.workers.topology import EngineSocket, Transports
 from sluice_api.inference import grpc_service_pb2 as pb
@@ -457,9 +458,17 @@ async def test_a_dead_transport_is_restarted_and_none_outlives_a_killed_server(
     async with serve_process("--model-repository", repository, *WORKERS) as server:
         address = await ready(server)
         first, second = children(server.proc.pid)
+        # Large requests the transports had written to shared memory, never read.
+        left = shm.SHM_DIR / f"sluice-lane-{first}-{'a' * 32}"
+        kept = shm.SHM_DIR / f"sluice-lane-{second}-{'b' * 32}"
+        left.write_bytes(b"x" * 4096)
+        kept.write_bytes(b"x" * 4096)
         os.kill(first, signal.SIGKILL)
         await server.wait_for(r"transport process 0 exited with status -9; starting it again")
         await server.wait_for("transport process 0 serves again")
+        assert not left.exists()  # the dead transport's: removed by the engine
+        assert kept.exists()  # a running transport's: its own
+        kept.unlink()
         now = children(server.proc.pid)
         assert len(now) == 2 and second in now and first not in now
         async with channels(address) as chans:

@@ -8,9 +8,11 @@ copy through the socket on the engine's event loop. The mapping goes when its la
 does.
 
 The engine and its transports run as one user: a file is readable by its owner only.
-Names are made here and checked on receipt (``sluice-lane-`` and hex only), so a frame
-can never name another file. A sender whose frame may not have been read (the connection
-closed) removes the file itself; removing it twice is harmless.
+Names are made here and checked on receipt (``sluice-lane-<pid>-`` and hex only), so a
+frame can never name another file. A sender whose frame may not have been read (the
+connection closed) removes the file itself; removing it twice is harmless. A sender that
+dies first cannot: its names carry its pid, and the engine removes what a transport left
+once that transport has exited (``sweep``), and at start what any dead sender left.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import secrets
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
-_NAME = re.compile(r"sluice-lane-[0-9a-f]{32}")
+_NAME = re.compile(r"sluice-lane-(\d{1,10})-[0-9a-f]{32}")
 
 
 def available() -> bool:
@@ -32,7 +34,7 @@ def available() -> bool:
 
 def write(data: bytes | bytearray | memoryview) -> str:
     """A new shared file holding ``data`` (owner-only); its name."""
-    name = f"sluice-lane-{secrets.token_hex(16)}"
+    name = f"sluice-lane-{os.getpid()}-{secrets.token_hex(16)}"
     fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
         view = memoryview(data)
@@ -70,3 +72,30 @@ def remove(name: str) -> None:
     if _NAME.fullmatch(name):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(SHM_DIR / name)
+
+
+def sweep(pid: int | None = None) -> int:
+    """Remove the shared files a sender left: those of process ``pid`` (it has exited), or
+    with None those of every sender that no longer runs. How many were removed."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for path in SHM_DIR.iterdir():
+            found = _NAME.fullmatch(path.name)
+            if found is None:
+                continue
+            owner = int(found.group(1))
+            if owner == pid or (pid is None and not _running(owner)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it runs
+        return True
+    return True

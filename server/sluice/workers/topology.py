@@ -25,6 +25,7 @@ from pathlib import Path
 
 from sluice.metrics import Metrics
 from sluice.settings import Settings
+from sluice.workers import shm
 from sluice.workers.lane import LaneServer
 from sluice.workers.transport import TransportConfig
 
@@ -92,6 +93,7 @@ class Transports:
     async def start(self) -> int:
         """Start every transport; the public port. ``TransportStartError`` when one cannot
         listen (the others are stopped)."""
+        self._sweep(None)  # what transports of a killed server left
         try:
             self.port = await self._spawn(0, self._settings.grpc_port)
             await asyncio.gather(
@@ -163,6 +165,7 @@ class Transports:
             started = loop.time()
             status = await self._procs[index].wait()
             self._metrics.transport_processes.dec()
+            self._sweep(self._procs[index].pid)
             if self._stopping:
                 return
             failures = 0 if loop.time() - started >= STEADY_S else failures + 1
@@ -210,9 +213,18 @@ class Transports:
         for task in self._supervisors:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for proc in self._procs.values():
+            self._sweep(proc.pid)
         log.info("transport processes exited")
         if self._lane is not None:  # nothing more can come through it
             await self._lane.close()
 
     def describe(self) -> str:
         return "transport processes in front of one engine process"
+
+    @staticmethod
+    def _sweep(pid: int | None) -> None:
+        """Remove the shared-memory requests a transport (None: any dead one) left."""
+        removed = shm.sweep(pid)
+        if removed:
+            log.warning("removed %d shared-memory request(s) left by a transport", removed)
