@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sluice.tracing import Tracing
 from sluice.workers import shm
+from sluice.workers.forward import GrpcForwarder
 from sluice.workers.frames import (
     CALL,
     CANCEL,
@@ -40,8 +42,9 @@ from sluice.workers.frames import (
     encode_reply,
     frame,
 )
-from sluice.workers.lane import LaneClient, LaneMetrics, LaneServer, LaneSettings, forward
+from sluice.workers.lane import LaneClient, LaneMetrics, LaneServer, LaneSettings
 from sluice.workers.outbox import Outbox
+from sluice.workers.transport import Proxy
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.sluice.v1 import model_service_pb2 as models_pb
 from tests.certs import ADMIN_CN, Certificates
@@ -610,35 +613,21 @@ async def test_a_transport_process_that_dies_cancels_its_calls_in_the_engine(
     assert sample(running, "sluice_lane_connections") == 0
 
 
-# A public port that forwards through the lane, as a transport worker does.
-
-
-class Forwarding(grpc.GenericRpcHandler):
-    """Every method, as raw bytes, through ``forward``."""
-
-    def __init__(self, lane: LaneClient) -> None:
-        self._lane = lane
-
-    def service(
-        self, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        method = handler_call_details.method
-        lane = self._lane
-
-        async def behaviour(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            return await forward(lane, method, request, context)
-
-        return grpc.unary_unary_rpc_method_handler(behaviour)
+# A public port that forwards through the lane: a transport worker's own proxy.
 
 
 @pytest.fixture
 async def public_port(client: LaneClient) -> AsyncIterator[str]:
+    streams = GrpcForwarder("unix:/nonexistent", max_message_bytes=1024)  # unary calls only
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((Forwarding(client),))
+    server.add_generic_rpc_handlers(
+        (Proxy(unary=client, streams=streams, index=0, tracing=Tracing.off()),)
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     yield f"127.0.0.1:{port}"
     await server.stop(0)
+    await streams.close()
 
 
 async def test_a_forwarding_port_answers_as_the_engines_own_port(

@@ -26,8 +26,8 @@ bench/README.md ("Engine lane") has what a call costs the engine each way.
 """
 
 from sluice.workers.frames import Reply
-from sluice.workers.lane_client import LaneClient, forward
+from sluice.workers.lane_client import LaneClient
 from sluice.workers.lane_engine import LaneServer
 from sluice.workers.lane_settings import LaneMetrics, LaneSettings
 
-__all__ = ["LaneClient", "LaneMetrics", "LaneServer", "LaneSettings", "Reply", "forward"]
+__all__ = ["LaneClient", "LaneMetrics", "LaneServer", "LaneSettings", "Reply"]

@@ -1,5 +1,6 @@
 """The transport's side of the lane (``sluice.workers.lane``): unary calls to the engine
-over one multiplexed connection, and ``forward`` for a public port's calls."""
+over one multiplexed connection (``workers.transport.Proxy`` sends its public port's unary
+calls through it)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -275,27 +275,3 @@ def _deadline_exceeded() -> Reply:
 
 def _unavailable(details: str) -> Reply:
     return Reply(grpc.StatusCode.UNAVAILABLE, details, None, (), ())
-
-
-async def forward(
-    lane: LaneClient, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
-) -> bytes | None:
-    """Serve one unary call of a transport's public port through the engine: its metadata,
-    deadline and caller go along, and what the engine answered (status, details, metadata,
-    response bytes) is what the caller gets."""
-    reply = await lane.unary(
-        method,
-        request,
-        tuple(context.invocation_metadata() or ()),
-        context.time_remaining(),
-        peer=context.peer(),
-        auth=tuple(
-            (key, value) for key, values in context.auth_context().items() for value in values
-        ),
-    )
-    if reply.initial_metadata:
-        await context.send_initial_metadata(reply.initial_metadata)
-    if reply.code is not grpc.StatusCode.OK:
-        await context.abort(reply.code, reply.details, reply.trailing_metadata)
-    context.set_trailing_metadata(reply.trailing_metadata)
-    return reply.response
