@@ -156,15 +156,31 @@ OFF_LOOP_BYTES = 1024 * 1024
 async def encode_response(result: InferResult) -> pb.ModelInferResponse:
     """``infer_response`` for callers on the event loop: off the loop when the reply is
     large or holds many BYTES elements."""
-    heavy = any(
+    if _heavy(result):
+        return await asyncio.to_thread(infer_response, result)
+    return infer_response(result)
+
+
+async def encoded_reply(result: InferResult) -> pb.ModelInferResponse | bytes:
+    """A unary call's reply: a large one made and encoded in a worker thread, and given as
+    its bytes (sizing a message on the loop, to decide where to encode it, costs a copy of
+    its largest contents there)."""
+    if _heavy(result):
+        return await asyncio.to_thread(_encoded, result)
+    return infer_response(result)
+
+
+def _encoded(result: InferResult) -> bytes:
+    return infer_response(result).SerializeToString()
+
+
+def _heavy(result: InferResult) -> bool:
+    return any(
         output.array.size > OFF_LOOP_ELEMENTS
         if output.datatype == "BYTES"
         else output.array.nbytes > OFF_LOOP_BYTES
         for output in result.outputs
     )
-    if heavy:
-        return await asyncio.to_thread(infer_response, result)
-    return infer_response(result)
 
 
 def infer_response(result: InferResult) -> pb.ModelInferResponse:

@@ -28,14 +28,12 @@ from google.protobuf.message import Message
 from sluice.errors import InvalidInputError
 from sluice.transport.limits import check_strings
 from sluice.transport.rpcs import Rpc, rpc
+from sluice.transport.wire_size import OFF_LOOP_BYTES, Serializer, encode_off_loop
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 Deserializer = Callable[[bytes], Any]
-
-OFF_LOOP_MESSAGE_BYTES = 1024 * 1024
-"""Messages larger than this are decoded and encoded in a worker thread."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +158,7 @@ async def decode_off_loop(
     """``decode_message``, in a worker thread for a large message (parsing one is C work
     that holds the GIL; from a thread the event loop at least gets the GIL back between
     that and its other work)."""
-    if len(raw) <= OFF_LOOP_MESSAGE_BYTES or (bound is not None and len(raw) > bound.max_bytes):
+    if len(raw) <= OFF_LOOP_BYTES or (bound is not None and len(raw) > bound.max_bytes):
         return decode_message(deserialize, raw, method, index, bound=bound)
     return await asyncio.to_thread(decode_message, deserialize, raw, method, index, bound=bound)
 
@@ -176,16 +174,6 @@ async def decoded_stream(
         yield await decode_off_loop(
             deserialize, raw, call.short_method, index, bound=call.message_bound
         )
-
-
-Serializer = Callable[[Any], bytes]
-
-
-async def encode_off_loop(serialize: Serializer, message: Any) -> bytes:
-    """A response's bytes, made in a worker thread when the message is large."""
-    if isinstance(message, Message) and message.ByteSize() > OFF_LOOP_MESSAGE_BYTES:
-        return await asyncio.to_thread(serialize, message)
-    return serialize(message)
 
 
 Around = Callable[[CallInfo, Context], AbstractAsyncContextManager[None]]

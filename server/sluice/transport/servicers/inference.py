@@ -85,13 +85,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
-    ) -> pb.ModelInferResponse:
+    ) -> pb.ModelInferResponse | bytes:
         domain = convert.infer_request(request)
         result = await self._router.infer(domain, callctx.call())
         context.set_trailing_metadata(
             (*(context.trailing_metadata() or ()), *convert.routing_trailers(result))
         )
-        return await convert.encode_response(result)
+        return await convert.encoded_reply(result)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context

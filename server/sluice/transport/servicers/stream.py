@@ -48,6 +48,7 @@ from sluice.transport import convert
 from sluice.transport.servicers.decoupled import DecoupledReplies, Reply, error_reply
 from sluice.transport.servicers.reading import read_failure
 from sluice.transport.status import message_for, status_for, trailers_for
+from sluice.transport.wire_size import encoded_size
 from sluice_api.inference import grpc_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class StreamInferSession:
         count = 0
         try:
             async for request in requests:
-                size = request.ByteSize()
+                size = await encoded_size(request)
                 await self._window.acquire(size)
                 await self._slots.acquire()
                 task = asyncio.create_task(self._serve(request, size))
@@ -263,7 +264,7 @@ class StreamInferSession:
         response = await convert.encode_response(result)
         response.parameters["triton_final_response"].bool_param = True
         answer = pb.ModelStreamInferResponse(infer_response=response)
-        reply_size = answer.ByteSize()
+        reply_size = await encoded_size(answer)
         self._window.add(reply_size)
         return _Answer(answer, size + reply_size, ticket)
 
