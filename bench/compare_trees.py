@@ -29,7 +29,7 @@ VARIANTS = ("before", "after")
 
 
 def server_for(variant: str, repo: Path, work: Path, tree: Path) -> core.ServerProcess:
-    server = core.sluice_server(variant, repo, work, {})
+    server = core.sluice_server(variant, repo, work, {"SLUICE_WORKERS": "1"})  # row (c)
     if variant == "before":
         server.env["PYTHONPATH"] = os.pathsep.join(
             [str(tree / "server"), str(tree / "clients" / "python")]

@@ -114,6 +114,9 @@ def server(repository: Path, device: str, log_path: Path) -> Iterator[str]:
         SLUICE_PROBE__INTERVAL_S="0",
         PYTHONUNBUFFERED="1",
     )
+    # One process, as in the published runs, unless SLUICE_WORKERS says otherwise (unset,
+    # `sluice serve` chooses from the machine: docs/workers.md).
+    env.setdefault("SLUICE_WORKERS", "1")
     command = [sys.executable, "-m", "sluice", "serve", "--model-repository", str(repository)]
     command += ["--grpc-port", "0", "--metrics-port", "0"]
     with log_path.open("w") as log:

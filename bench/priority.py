@@ -109,7 +109,7 @@ async def server(repo: Path, config: Path) -> AsyncIterator[str]:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "SLUICE_LOG_FORMAT": "text"},
+        env={"SLUICE_WORKERS": "1", **os.environ, "SLUICE_LOG_FORMAT": "text"},
     )
     assert proc.stderr is not None
     drain: asyncio.Task[None] | None = None

@@ -292,7 +292,7 @@ def table(results: dict[str, list[dict[str, Any]]], concurrencies: list[int]) ->
 def make_server(name: str, repo: Path, work: Path, tree: Path | None) -> core.ServerProcess:
     if name == "null":
         return core.null_server(work)
-    server = core.sluice_server(name, repo, work, {})
+    server = core.sluice_server(name, repo, work, {"SLUICE_WORKERS": "1"})  # the one loop profiled
     if name == "tree" and tree is not None:
         tree = tree.resolve()
         server.env["PYTHONPATH"] = os.pathsep.join(

@@ -79,7 +79,7 @@ SLUICE_SERVERS = ("batched", "workers-2", "unbatched", *TORCH_SERVERS)
 CONV_SERVERS = ("null", "batched", "workers-2", *PEERS)
 SERVER_TITLES = {
     "null": "transport ceiling (grpc.aio, no math)",
-    "batched": "Sluice, onnxruntime, dynamic batching (max_batch_size 64, delay 0)",
+    "batched": "Sluice, onnxruntime, dynamic batching (max_batch_size 64, delay 0), workers 1",
     "workers-2": "Sluice as batched, --workers 2 (two transport processes, one engine)",
     "unbatched": "Sluice, onnxruntime, max_batch_size 1",
     "torch-export": "Sluice, torch.export model.pt2, dynamic batching (64, delay 0)",
@@ -96,7 +96,12 @@ SERVER_MODELS = {
     "torchscript": ("pt", 64),
 }
 # Settings a Sluice server runs with beyond its repository.
-SERVER_ENV = {"workers-2": {"SLUICE_WORKERS": "2"}}
+# ``workers`` is pinned: unset, it is chosen from the machine (2 on two cores, where the
+# ``workers-2`` rows are the default).
+SERVER_ENV = {
+    "workers-2": {"SLUICE_WORKERS": "2"},
+    **{name: {"SLUICE_WORKERS": "1"} for name in ("batched", "unbatched", *TORCH_SERVERS)},
+}
 MODEL_FILENAMES = {"onnx": "model.onnx", "pt2": "model.pt2", "pt": "model.pt"}
 # The in-process runtimes of part (a): key in the JSON -> label in the report.
 INPROCESS_TITLES = {

@@ -74,9 +74,12 @@ async def serve_process(
     command: Sequence[str | os.PathLike[str]] = THIS_PYTHON,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    unset: Sequence[str] = (),
 ) -> AsyncIterator[ServeProcess]:
     """``<command> serve --grpc-port 0 --metrics-port 0 <args>``, JSON logs unless ``env``
-    says otherwise; killed at the end of the block if it is still running."""
+    says otherwise, without the environment variables named in ``unset``; killed at the
+    end of the block if it is still running."""
+    environment = {"SLUICE_LOG_FORMAT": "json", **workers_env(), **(env or {})}
     proc = await asyncio.create_subprocess_exec(
         *command,
         "serve",
@@ -88,7 +91,11 @@ async def serve_process(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "SLUICE_LOG_FORMAT": "json", **workers_env(), **(env or {})},
+        env={
+            name: value
+            for name, value in {**os.environ, **environment}.items()
+            if name not in unset
+        },
         cwd=cwd,
     )
     try:

@@ -10,6 +10,7 @@ run (the README says so); ``kubectl kustomize`` renders are run by ``tests/deplo
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from sluice.machine import default_workers
 from sluice.repository import EXAMPLE_REPOSITORY
 from sluice_client import Client
 from tests.compat.procs import Completed, grpcurl_binary, run
@@ -133,6 +135,10 @@ async def test_quick_start_and_every_client_example(tmp_path: Path) -> None:
     async with serve_process(cwd=tmp_path) as server:
         await server.wait_for(re.escape(SERVING))
         address = await server.address()
+        if "SLUICE_WORKERS" not in os.environ and not os.environ.get("SLUICE_TEST_WORKERS"):
+            # As a newcomer runs it: ``workers`` chosen from the machine, as README says.
+            chosen = await server.wait_for(r"workers (\d+), chosen from the machine")
+            assert int(chosen.group(1)) == default_workers()
         results: list[Completed] = []
         for argv in client_commands():
             results.append(

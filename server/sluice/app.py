@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from sluice.errors import ConfigError
 from sluice.loader import freeze_heap
+from sluice.machine import default_workers, usable_cores
 from sluice.metrics import Metrics
 from sluice.registry import IndexEntry, ModelRegistry
 from sluice.repository import EXAMPLE_REPOSITORY
@@ -87,6 +88,10 @@ def report_start(registry: ModelRegistry, repository: Path) -> bool:
 
 
 async def serve(settings: Settings) -> int:
+    if settings.workers is None:
+        cores = usable_cores()
+        settings = settings.model_copy(update={"workers": default_workers(cores)})
+        log.info("workers %d, chosen from the machine (%d usable cores)", settings.workers, cores)
     if settings.workers == 1:
         return await _serve(settings, None)
     from sluice.workers.topology import EngineSocket

@@ -27,7 +27,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--workers",
         type=int,
         help="transport processes serving the gRPC port in front of one engine "
-        "(SLUICE_WORKERS, default 1)",
+        "(SLUICE_WORKERS; default: 1 on one core, else one per usable core, at most 4)",
     )
     tls = p.add_argument_group("TLS (plaintext without a certificate)")
     tls.add_argument(

@@ -529,11 +529,14 @@ class Settings(BaseSettings):
     drain_quiet_s: float = Field(0.2, ge=0)
     """After in-flight calls finish, how long no new call must arrive before the transport
     closes (calls arriving meanwhile are refused with UNAVAILABLE, which clients retry)."""
-    workers: int = Field(1, ge=1, le=64)
+    workers: int | None = Field(None, ge=1, le=64)
     """Transport processes serving the gRPC port in front of the one engine process that
-    runs the models (1: a single process serves everything, as before). Above 1, each
-    transport terminates gRPC (and TLS) and forwards every call to the engine over a
-    private Unix socket; see docs/workers.md."""
+    runs the models (1: a single process serves everything). Above 1, each transport
+    terminates gRPC (and TLS) and forwards every call to the engine over a private Unix
+    socket; see docs/workers.md. None (the default): chosen from the machine when the
+    server starts, ``sluice.machine.default_workers``: 1 on one usable core, else one per
+    usable core (the CPUs the process may run on, or its container's CPU quota if lower),
+    at most 4."""
     lane: LaneSettings = LaneSettings()
     """The unary path from the transport processes to the engine (``workers`` above 1)."""
     log_level: str = "INFO"

@@ -81,6 +81,8 @@ class Transports:
         python: str = sys.executable,
     ) -> None:
         self._settings = settings
+        #: ``workers`` as the engine resolved it (``app.serve``: chosen from the machine).
+        self.count = settings.workers or 1
         self._lane = lane
         self._engine = engine
         self._python = python
@@ -96,16 +98,14 @@ class Transports:
         self._sweep(None)  # what transports of a killed server left
         try:
             self.port = await self._spawn(0, self._settings.grpc_port)
-            await asyncio.gather(
-                *(self._spawn(i, self.port) for i in range(1, self._settings.workers))
-            )
+            await asyncio.gather(*(self._spawn(i, self.port) for i in range(1, self.count)))
         except BaseException:
             self.begin_stop(0.0)
             await self.wait_stopped(1.0)
             raise
         self._supervisors = [
             asyncio.create_task(self._supervise(i), name=f"sluice-transport-{i}")
-            for i in range(self._settings.workers)
+            for i in range(self.count)
         ]
         return self.port
 
