@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -649,6 +650,40 @@ def test_hostile_input(server: Server, case: Case) -> None:
     if case.max_seconds is not None:
         assert took < case.max_seconds, OBSERVED[case.id]
     assert server.log_size() - log_before < 64 * 1024, "a hostile call filled the log"
+
+
+METRICS_AT = re.compile(rb"metrics on (http://[\d.]+:\d+/metrics)")
+HELD = (
+    "sluice_open_streams",
+    "sluice_inflight_requests",
+    "sluice_inflight_bytes",
+    "sluice_stream_pending_bytes",
+)
+
+
+def _held(server: Server) -> dict[str, float]:
+    """What the server holds for calls now, from its metrics (summed over labels)."""
+    (url,) = {found.group(1) for line in server.log if (found := METRICS_AT.search(line))}
+    with urllib.request.urlopen(url.decode(), timeout=10) as reply:
+        text = reply.read().decode()
+    held = dict.fromkeys(HELD, 0.0)
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in held:
+            held[name] += float(line.rsplit(" ", 1)[1])
+    return held
+
+
+def test_a_cancelled_stream_gives_back_all_it_held_at_once(server: Server) -> None:
+    """A client fills a stream it never reads, then cancels it: the server ends the stream
+    and gives back its admission (requests, bytes) and its window right away, not when a
+    drain's grace runs out."""
+    with grpc.insecure_channel(server.address) as channel:
+        _never_reading_stream(channel)
+    deadline = time.monotonic() + 10
+    while any((held := _held(server)).values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(held.values()), held
 
 
 def test_summary(server: Server, tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -19,10 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sluice import tensors
+from sluice.transport.interceptors._wrap import CallInfo, decoded_stream
+from sluice.transport.rpcs import rpc
 from sluice.transport.wire_size import (
     MAX_WALKED_ITEMS,
     encode_off_loop,
-    encoded_size,
+    received_message_bytes,
     size_bound,
 )
 from sluice_api.inference import grpc_service_pb2 as pb
@@ -113,7 +116,7 @@ def test_a_message_with_many_entries_is_not_walked_to_the_end() -> None:
     assert many.ByteSize() < 1024 * 1024
     assert size_bound(many, above=1 << 30) is None  # "may be larger": encoded off the loop
     fewer = pb.ModelInferRequest(model_name="m")
-    for index in range(MAX_WALKED_ITEMS):
+    for index in range(MAX_WALKED_ITEMS // 4):  # an entry and its value's field each count
         fewer.parameters[f"p{index}"].bool_param = True
     assert size_bound(fewer, above=1 << 30) is not None
 
@@ -124,12 +127,42 @@ def test_text_that_is_not_ascii_is_counted_at_its_widest() -> None:
     assert bound is not None and bound >= request.ByteSize()
 
 
-async def test_encoded_size_is_exact_for_a_large_message() -> None:
-    response = pb.ModelInferResponse(raw_output_contents=[bytes(2 * 1024 * 1024)])
-    assert size_bound(response, above=1024 * 1024) is None
-    assert await encoded_size(response) == response.ByteSize()
-    small = pb.ModelInferResponse(model_name="m")
-    assert await encoded_size(small) >= small.ByteSize()
+async def test_a_stream_message_is_counted_as_it_arrived_unknown_fields_included() -> None:
+    """A stream's byte window and admission count each request at the length it came with:
+    fields the schema does not declare (which ``size_bound`` cannot see) included."""
+    declared = pb.ModelInferRequest(model_name="m").SerializeToString()
+    unknown = b"\xfa\x3f" + bytes([0x80, 0x80, 0x08]) + bytes(131072)  # field 1023, 128 KiB
+    messages = [declared, declared + unknown]
+
+    async def arriving() -> AsyncIterator[bytes]:
+        for message in messages:
+            yield message
+
+    method = "/inference.GRPCInferenceService/ModelStreamInfer"
+    call = CallInfo(method, "ModelStreamInfer", None, None, kind=rpc(method), streaming=True)
+    seen = []
+    async for request in decoded_stream(call, arriving(), pb.ModelInferRequest.FromString):
+        assert request.model_name == "m"
+        seen.append(received_message_bytes.get())
+    assert seen == [len(declared), len(declared) + len(unknown)]
+    bound = size_bound(pb.ModelInferRequest.FromString(messages[1]), above=1 << 30)
+    assert bound is not None and bound < len(unknown)  # why requests are not sized by it
+
+
+def test_a_reply_with_many_small_parts_is_left_to_a_thread_after_a_bounded_walk() -> None:
+    """However a message is shaped, ``size_bound`` visits at most ``MAX_WALKED_ITEMS``
+    fields and entries on the loop: past that, the answer is "may be larger"."""
+    wide = pb.ModelInferRequest()
+    for index in range(MAX_WALKED_ITEMS // 8):
+        tensor = wide.inputs.add(name=f"x{index}", datatype="INT64", shape=[1])
+        tensor.contents.int64_contents.append(index)
+        tensor.parameters["p"].bool_param = True
+    assert wide.ByteSize() < 64 * 1024
+    assert size_bound(wide, above=1 << 30) is None
+    narrow = pb.ModelInferRequest()
+    for index in range(MAX_WALKED_ITEMS // 16):
+        narrow.inputs.add(name=f"x{index}", datatype="INT64")
+    assert size_bound(narrow, above=1 << 30) is not None
 
 
 async def test_encode_off_loop_encodes_in_a_thread_only_what_may_be_large() -> None:

@@ -153,34 +153,39 @@ OFF_LOOP_BYTES = 1024 * 1024
 """Numeric outputs larger than this (copied twice on the way to the reply) too."""
 
 
-async def encode_response(result: InferResult) -> pb.ModelInferResponse:
-    """``infer_response`` for callers on the event loop: off the loop when the reply is
-    large or holds many BYTES elements."""
-    if _heavy(result):
-        return await asyncio.to_thread(infer_response, result)
-    return infer_response(result)
-
-
 async def encoded_reply(result: InferResult) -> pb.ModelInferResponse | bytes:
     """A unary call's reply: a large one made and encoded in a worker thread, and given as
     its bytes (sizing a message on the loop, to decide where to encode it, costs a copy of
     its largest contents there)."""
     if _heavy(result):
-        return await asyncio.to_thread(_encoded, result)
+        return await asyncio.to_thread(lambda: infer_response(result).SerializeToString())
     return infer_response(result)
 
 
-def _encoded(result: InferResult) -> bytes:
-    return infer_response(result).SerializeToString()
+async def encoded_stream_reply(result: InferResult) -> pb.ModelStreamInferResponse | bytes:
+    """``encoded_reply`` for ModelStreamInfer: the response in its stream message, marked
+    final."""
+    if _heavy(result):
+        return await asyncio.to_thread(lambda: stream_reply(result).SerializeToString())
+    return stream_reply(result)
+
+
+def stream_reply(result: InferResult) -> pb.ModelStreamInferResponse:
+    response = infer_response(result)
+    response.parameters["triton_final_response"].bool_param = True
+    return pb.ModelStreamInferResponse(infer_response=response)
 
 
 def _heavy(result: InferResult) -> bool:
-    return any(
-        output.array.size > OFF_LOOP_ELEMENTS
-        if output.datatype == "BYTES"
-        else output.array.nbytes > OFF_LOOP_BYTES
-        for output in result.outputs
-    )
+    """Whether making the reply is work for a worker thread: many BYTES elements, or many
+    bytes of numbers, over all its outputs."""
+    elements = size = 0
+    for output in result.outputs:
+        if output.datatype == "BYTES":
+            elements += output.array.size
+        else:
+            size += output.array.nbytes
+    return elements > OFF_LOOP_ELEMENTS or size > OFF_LOOP_BYTES
 
 
 def infer_response(result: InferResult) -> pb.ModelInferResponse:

@@ -1,32 +1,35 @@
-"""How many bytes a message takes on the wire, known without encoding it.
+"""How many bytes a message this server made takes on the wire, known without encoding it.
 
 upb's ``ByteSize`` encodes the whole message to count it: for a 16 MiB reply that is about
 50 ms of C work that holds the GIL, on the event loop if it is asked there (every other
-call, health checks included, waits behind it). ``size_bound`` works the size out from the
-fields instead: the length of each repeated number field (one C call, whatever its
-length), of each string and bytes value, and of each nested message, in turn. It bounds
-the size from above (a number encoded as a varint is counted at its widest, ten bytes; a
-length prefix at five), and it stops early: once the count passes ``above``, or once it
-has walked ``MAX_WALKED_ITEMS`` entries of repeated and map fields, it answers None ("may
-be larger"), so what it costs does not grow with the message. A string or bytes value is
-copied to be measured (protobuf gives no length without the value), so a servicer that
-knows its reply is large encodes it itself, in a worker thread, and ``encode_off_loop``
-passes its bytes through.
+call, health checks included, waits behind it). ``encode_off_loop`` must decide, on the
+loop, whether a reply is encoded there or in a worker thread: ``size_bound`` works the size
+out from the fields instead. It bounds the size from above (a number encoded as a varint
+is counted at its widest, ten bytes; a length prefix at five) and stops early: once the
+count passes ``above``, or once it has visited ``MAX_WALKED_ITEMS`` fields and entries, it
+answers None ("may be larger": encoded in a thread), so what it costs on the loop is
+bounded whatever the message holds. It counts the fields the schema declares, not unknown
+fields a caller added, so it sizes the messages this server makes, never a caller's: a
+request's size is the length it arrived with (``received_message_bytes`` for a stream's
+messages). A string or bytes value is copied to be measured (protobuf gives no length
+without the value), so a servicer that knows its reply is large encodes it itself, in a
+worker thread, and ``encode_off_loop`` passes its bytes through.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextvars import ContextVar
 from functools import cache
 from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-MAX_WALKED_ITEMS = 4096
-"""Entries of repeated message, string, bytes and map fields looked at before the answer is
-"may be larger" (a message with more is sized by encoding it, off the event loop)."""
+MAX_WALKED_ITEMS = 512
+"""Fields and entries of repeated and map fields visited before the answer is "may be
+larger" (a reply with more is encoded off the event loop)."""
 
 OFF_LOOP_BYTES = 1024 * 1024
 """Messages that may be larger than this are sized (and encoded) in a worker thread."""
@@ -47,6 +50,10 @@ _LENGTH_DELIMITED = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
 
 Serializer = Callable[[Any], bytes]
 
+received_message_bytes: ContextVar[int] = ContextVar("received_message_bytes", default=-1)
+"""The encoded length of the request message a stream handler took last, as it arrived
+(set by the interceptors' ``decoded_stream`` in the reading task; -1: none)."""
+
 
 class _MayBeLarger(Exception):
     """The walk stopped: the message may be larger than asked about."""
@@ -59,15 +66,6 @@ def size_bound(message: Message, *, above: int) -> int | None:
         return _Walk(above).message(message)
     except _MayBeLarger:
         return None
-
-
-async def encoded_size(message: Message) -> int:
-    """``message``'s size for byte accounting: ``size_bound``'s when the message is small,
-    else its exact ``ByteSize``, counted in a worker thread."""
-    bound = size_bound(message, above=OFF_LOOP_BYTES)
-    if bound is not None:
-        return bound
-    return await asyncio.to_thread(message.ByteSize)
 
 
 async def encode_off_loop(serialize: Serializer, message: Any) -> bytes:
@@ -100,7 +98,9 @@ class _Walk:
 
     def message(self, message: Message) -> int:
         total = 0
-        for field, value in message.ListFields():
+        fields = message.ListFields()
+        self.count(len(fields))
+        for field, value in fields:
             total += self.field(field, value)
         return total
 

@@ -28,7 +28,12 @@ from google.protobuf.message import Message
 from sluice.errors import InvalidInputError
 from sluice.transport.limits import check_strings
 from sluice.transport.rpcs import Rpc, rpc
-from sluice.transport.wire_size import OFF_LOOP_BYTES, Serializer, encode_off_loop
+from sluice.transport.wire_size import (
+    OFF_LOOP_BYTES,
+    Serializer,
+    encode_off_loop,
+    received_message_bytes,
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -171,6 +176,7 @@ async def decoded_stream(
     index = 0
     async for raw in messages:
         index += 1
+        received_message_bytes.set(len(raw))
         yield await decode_off_loop(
             deserialize, raw, call.short_method, index, bound=call.message_bound
         )

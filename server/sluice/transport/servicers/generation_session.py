@@ -31,7 +31,6 @@ from sluice.routing import Router
 from sluice.transport.generation_convert import generate_response, generation_request
 from sluice.transport.servicers.reading import read_failure
 from sluice.transport.status import message_for, status_for
-from sluice.transport.wire_size import encoded_size
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
 
 log = logging.getLogger(__name__)
@@ -193,7 +192,7 @@ class GenerationSession:
         )
         admitted = self._policy.admit_request(
             tenant=self._tenant,
-            request_bytes=await encoded_size(request),
+            request_bytes=request.ByteSize(),
             remaining_s=self._context.time_remaining(),
             model=domain.model,
             version=domain.version,

@@ -48,7 +48,7 @@ from sluice.transport import convert
 from sluice.transport.servicers.decoupled import DecoupledReplies, Reply, error_reply
 from sluice.transport.servicers.reading import read_failure
 from sluice.transport.status import message_for, status_for, trailers_for
-from sluice.transport.wire_size import encoded_size
+from sluice.transport.wire_size import received_message_bytes
 from sluice_api.inference import grpc_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class _Answer:
     """A response (or the error that ends the call) to write, and what it holds until it
     is written: bytes of the stream's window and the request's admission ticket."""
 
-    reply: Reply
+    reply: Reply | bytes  # bytes: a large response, encoded in a worker thread
     size: int = 0
     ticket: Ticket | None = None
 
@@ -136,7 +136,7 @@ class StreamInferSession:
 
     async def run(
         self, requests: AsyncIterator[pb.ModelInferRequest]
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[pb.ModelStreamInferResponse | bytes]:
         reader = asyncio.create_task(self._read(requests))
         drain = asyncio.create_task(self._stop_reading_on_drain(reader))
         orderer = asyncio.create_task(self._order())
@@ -208,8 +208,10 @@ class StreamInferSession:
                 else:
                     served.done(self._window)
 
-    async def _checked(self, reply: Reply) -> pb.ModelStreamInferResponse:
+    async def _checked(self, reply: Reply | bytes) -> pb.ModelStreamInferResponse | bytes:
         """A response to write; an error (``triton_grpc_error`` mode) ends the call."""
+        if isinstance(reply, bytes):
+            return reply
         if isinstance(reply, SluiceError):
             rid = callctx.request_id.get()
             await self._context.abort(
@@ -232,7 +234,9 @@ class StreamInferSession:
         count = 0
         try:
             async for request in requests:
-                size = await encoded_size(request)
+                size = received_message_bytes.get()  # as it came (set by decoded_stream)
+                if size < 0:
+                    size = request.ByteSize()
                 await self._window.acquire(size)
                 await self._slots.acquire()
                 task = asyncio.create_task(self._serve(request, size))
@@ -261,10 +265,12 @@ class StreamInferSession:
                 ),
                 size,
             )
-        response = await convert.encode_response(result)
-        response.parameters["triton_final_response"].bool_param = True
-        answer = pb.ModelStreamInferResponse(infer_response=response)
-        reply_size = await encoded_size(answer)
+        try:  # the ticket is this task's to release until the answer holds it
+            answer = await convert.encoded_stream_reply(result)
+        except BaseException:
+            ticket.release()
+            raise
+        reply_size = len(answer) if isinstance(answer, bytes) else answer.ByteSize()
         self._window.add(reply_size)
         return _Answer(answer, size + reply_size, ticket)
 
