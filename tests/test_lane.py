@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import socket
@@ -24,8 +25,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sluice.logs import Every
 from sluice.tracing import Tracing
-from sluice.workers import shm
+from sluice.workers import lane_client, shm
 from sluice.workers.forward import GrpcForwarder
 from sluice.workers.frames import (
     CALL,
@@ -802,6 +804,7 @@ async def test_a_request_that_cannot_go_into_shared_memory_crosses_the_socket(
     socket_path: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # /dev/shm full (a container's 64 MiB default) or gone: the call is not lost for it.
     running = await start_server()
@@ -809,13 +812,31 @@ async def test_a_request_that_cannot_go_into_shared_memory_crosses_the_socket(
     client = LaneClient(socket_path, shared_min_bytes=1024)
     assert client.shared_min_bytes == 1024
     monkeypatch.setattr(shm, "SHM_DIR", tmp_path / "no-such-dir")
+    monkeypatch.setattr(lane_client, "_SHM_FALLBACKS", Every(60.0))
     try:
         request = mlp_request(rows(5, count=16))
-        over_lane = await client.unary(INFER, request, RID, 30)
-        assert over_lane.code is grpc.StatusCode.OK, over_lane.details
+        with caplog.at_level(logging.WARNING, logger=lane_client.__name__):
+            for _ in range(5):
+                over_lane = await client.unary(INFER, request, RID, 30)
+                assert over_lane.code is grpc.StatusCode.OK, over_lane.details
         assert normal(over_lane) == normal(await over_grpc(running.address, INFER, request))
     finally:
         await client.close()
+    # Said once, not once per request: a caller cannot fill the log with it.
+    said = [r.getMessage() for r in caplog.records if "goes by the socket" in r.getMessage()]
+    assert len(said) == 1, said
+
+
+def test_a_repeated_warning_is_let_through_once_per_interval_with_a_count() -> None:
+    now = [100.0]
+    every = Every(60.0, clock=lambda: now[0])
+    assert every.due() == 0
+    assert [every.due() for _ in range(3)] == [None, None, None]
+    now[0] += 59.9
+    assert every.due() is None
+    now[0] += 0.1
+    assert every.due() == 4
+    assert every.due() is None
 
 
 def test_a_sweep_removes_what_dead_senders_left_and_nothing_else() -> None:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -58,6 +61,28 @@ def fields(**values: str | int | float) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown log field(s): {', '.join(sorted(unknown))}")
     return {_EXTRA_KEY: values}
+
+
+class Every:
+    """Lets a warning that can repeat once per call through at most once per ``interval_s``
+    (a caller who can trigger it at will must not be able to fill the log); the ones held
+    back are counted, for the next one let through to say."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._next = -math.inf
+        self._held = 0
+
+    def due(self) -> int | None:
+        """None while the last warning is recent; else how many were held back since it."""
+        now = self._clock()
+        if now < self._next:
+            self._held += 1
+            return None
+        self._next = now + self._interval_s
+        held, self._held = self._held, 0
+        return held
 
 
 class JsonFormatter(logging.Formatter):

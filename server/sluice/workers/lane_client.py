@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 
+from sluice.logs import Every
 from sluice.workers import shm
 from sluice.workers.frames import (
     CANCEL,
@@ -33,6 +34,8 @@ from sluice.workers.lane_settings import LaneSettings
 from sluice.workers.outbox import Outbox
 
 log = logging.getLogger(__name__)
+#: A full /dev/shm is said once a minute, however many requests it turns to the socket.
+_SHM_FALLBACKS = Every(60.0)
 
 
 class LaneClient:
@@ -243,7 +246,13 @@ class _ClientConnection(asyncio.BufferedProtocol):
             try:
                 name = shm.write(call.request)
             except OSError as exc:  # /dev/shm full or gone: the socket still carries it
-                log.warning("engine lane: a request goes by the socket: %s", exc)
+                if (held := _SHM_FALLBACKS.due()) is not None:
+                    log.warning(
+                        "engine lane: a request goes by the socket: %s (%d more since the "
+                        "last such warning)",
+                        exc,
+                        held,
+                    )
             else:
                 self._shared.append((sent, name))
                 return call_frame(call_id, call, shared=name)
