@@ -179,8 +179,11 @@ async def create_server(
 
     Raises ConfigError when the TLS files do not load."""
     tracing = tracing or Tracing.off()
-    tls = settings.tls.enabled and listen is None
-    certificates = CertificateFiles(settings.tls) if tls else None
+    # Loaded here behind transport processes too (which serve them): files that do not load
+    # are the same clear error, before any process starts, however many workers there are.
+    certificates = CertificateFiles(settings.tls) if settings.tls.enabled else None
+    if listen is not None:
+        certificates = None
     admin = AdminAccess.from_settings(settings)
     core = build_core(
         settings,
@@ -337,6 +340,12 @@ def server_options(settings: Settings, *, private: bool = False) -> list[tuple[s
         # A second server on a busy port must fail, not silently share it.
         ("grpc.so_reuseport", 0),
     ]
+    if private:
+        # On the transports' socket, bandwidth-delay probing only grows each stream's
+        # receive window (to megabytes): a relayed stream whose reader has stopped (its
+        # window full) would still pull that much more into the engine. The default window
+        # (64 KiB) is plenty over a Unix socket.
+        options += [("grpc.http2.bdp_probe", 0)]
     if settings.max_connection_age_s is not None and not private:
         options += [
             ("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),

@@ -150,7 +150,10 @@ async def relay_stream(
             await context.write(message)
     except grpc.aio.AioRpcError:
         pass  # the status is read below, as for a call that ended cleanly
-    except asyncio.CancelledError:
+    except BaseException:
+        # The caller is gone: cancelled, or its stream broke under a write (grpc raises
+        # ExecuteBatchError then, not CancelledError). The engine's call ends with it, or
+        # it would hold its admission and stream window until its deadline.
         call.cancel()
         raise
     code = await call.code()

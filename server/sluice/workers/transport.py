@@ -32,6 +32,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from sluice import logs
+from sluice.errors import ConfigError
 from sluice.settings import TLSSettings, TracingSettings
 from sluice.tracing import UNTRACED, Tracing, outgoing_context
 from sluice.transport import identity
@@ -267,6 +268,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     logs.configure(config.log_level, config.log_format)  # type: ignore[arg-type]
     try:
         return asyncio.run(serve(config))
+    except ConfigError as exc:  # e.g. certificate files changed since the engine read them
+        log.error("transport %d cannot start: %s", config.index, exc)
+        return 1
     except (OSError, RuntimeError) as exc:
         log.error(
             "transport %d cannot listen on %s:%d: %s", config.index, config.host, config.port, exc
