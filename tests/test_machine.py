@@ -19,18 +19,21 @@ AFFINITY = len(os.sched_getaffinity(0))
 CHOSEN = re.compile(r"workers (\d+), chosen from the machine \((\d+) usable cores\)")
 
 
-def cgroup_v2(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "cpu.max"
-    path.write_text(text)
-    return path
+def cgroups(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A cgroup tree under ``tmp_path`` (``files``: path -> text) and a /proc/self/cgroup."""
+    root = tmp_path / "cgroup"
+    root.mkdir(parents=True)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    membership = tmp_path / "proc-self-cgroup"
+    membership.write_text(proc)
+    return root, membership
 
 
-def cgroup_v1(tmp_path: Path, quota: str, period: str) -> Path:
-    folder = tmp_path / "cpu"
-    folder.mkdir()
-    (folder / "cpu.cfs_quota_us").write_text(quota)
-    (folder / "cpu.cfs_period_us").write_text(period)
-    return folder
+def cores(tmp_path: Path, proc: str, files: dict[str, str]) -> int:
+    root, membership = cgroups(tmp_path, proc, files)
+    return usable_cores(cgroup_root=root, proc_cgroup=membership)
 
 
 @pytest.mark.parametrize(
@@ -40,9 +43,32 @@ def cgroup_v1(tmp_path: Path, quota: str, period: str) -> Path:
 def test_a_cgroup_v2_quota_caps_the_usable_cores(
     tmp_path: Path, text: str, quota: int | None
 ) -> None:
-    missing = tmp_path / "no-v1"
-    cores = usable_cores(cgroup_v2=cgroup_v2(tmp_path, text), cgroup_v1=missing)
-    assert cores == (AFFINITY if quota is None else min(AFFINITY, quota))
+    # A container with its own cgroup namespace: its cgroup is the root it sees.
+    found = cores(tmp_path, "0::/\n", {"cpu.max": text})
+    assert found == (AFFINITY if quota is None else min(AFFINITY, quota))
+
+
+def test_a_quota_on_any_cgroup_above_the_process_counts(tmp_path: Path) -> None:
+    """A service's own cgroup, a pod's parent cgroup: the lowest quota on the way up."""
+    files = {
+        "kubepods/cpu.max": "100000 100000\n",
+        "kubepods/pod1/cpu.max": "max 100000\n",
+        "kubepods/pod1/app/cgroup.procs": "",
+    }
+    assert cores(tmp_path / "a", "0::/kubepods/pod1/app\n", files) == 1
+    service = {"system.slice/sluice.service/cpu.max": "100000 100000\n"}
+    assert cores(tmp_path / "b", "0::/system.slice/sluice.service\n", service) == 1
+    # A path from another cgroup namespace (not in this tree): the root alone is read.
+    assert cores(tmp_path / "c", "0::/elsewhere\n", {"cpu.max": "100000 100000\n"}) == 1
+
+
+def test_a_v2_max_is_no_quota_whatever_v1_files_say(tmp_path: Path) -> None:
+    files = {
+        "cpu.max": "max 100000\n",
+        "cpu/cpu.cfs_quota_us": "50000",
+        "cpu/cpu.cfs_period_us": "100000",
+    }
+    assert cores(tmp_path, "0::/\n", files) == AFFINITY
 
 
 @pytest.mark.parametrize(
@@ -51,16 +77,19 @@ def test_a_cgroup_v2_quota_caps_the_usable_cores(
 def test_a_cgroup_v1_quota_caps_the_usable_cores(
     tmp_path: Path, quota: str, period: str, expected: int | None
 ) -> None:
-    folder = cgroup_v1(tmp_path, quota, period)
-    cores = usable_cores(cgroup_v2=tmp_path / "none", cgroup_v1=folder)
-    assert cores == (AFFINITY if expected is None else min(AFFINITY, expected))
+    files = {
+        "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": quota,
+        "cpu,cpuacct/docker/abc/cpu.cfs_period_us": period,
+    }
+    found = cores(tmp_path, "4:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n", files)
+    assert found == (AFFINITY if expected is None else min(AFFINITY, expected))
 
 
 def test_unreadable_or_odd_cgroup_files_leave_the_affinity(tmp_path: Path) -> None:
-    odd = cgroup_v2(tmp_path, "a lot\n")
-    assert usable_cores(cgroup_v2=odd, cgroup_v1=tmp_path / "none") == AFFINITY
-    zero = cgroup_v1(tmp_path, "0", "0")
-    assert usable_cores(cgroup_v2=tmp_path / "none", cgroup_v1=zero) == AFFINITY
+    assert cores(tmp_path / "a", "0::/\n", {"cpu.max": "a lot\n"}) == AFFINITY
+    zero = {"cpu/cpu.cfs_quota_us": "0", "cpu/cpu.cfs_period_us": "0"}
+    assert cores(tmp_path / "b", "2:cpu:/\n", zero) == AFFINITY
+    assert usable_cores(cgroup_root=tmp_path / "none", proc_cgroup=tmp_path / "none") == AFFINITY
 
 
 @pytest.mark.parametrize(
@@ -84,7 +113,8 @@ async def test_sluice_serve_chooses_its_workers_from_the_cores_it_may_use(
     async with serve_process(command=command, cwd=tmp_path, unset=["SLUICE_WORKERS"]) as server:
         chosen = await server.wait_for(CHOSEN.pattern)
         await server.wait_for("ready: serving")
-        assert (int(chosen.group(1)), int(chosen.group(2))) == (default_workers(cpus), cpus)
+        usable = min(cpus, usable_cores())  # a container's CPU quota may allow fewer
+        assert (int(chosen.group(1)), int(chosen.group(2))) == (default_workers(usable), usable)
         assert await server.stop() == 0
     transports = "transport process" in server.log
-    assert transports == (cpus > 1), server.log
+    assert transports == (default_workers(min(cpus, usable_cores())) > 1), server.log

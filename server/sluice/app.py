@@ -49,7 +49,7 @@ def set_torch_threads(settings: Settings) -> None:
         return
     import torch
 
-    threads = settings.executor.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+    threads = settings.executor.torch_threads or max(1, usable_cores() - 1)
     torch.set_num_threads(threads)
     log.info("torch uses %d intra-op thread(s)", threads)
 

@@ -30,16 +30,16 @@ one engine's event loop (interceptors, routing, batching: about twice a transpor
 per call, docs/workers.md), so past a few transports the engine is the limit and more of
 them only take cores from the models; four leave room for TLS, which the transports pay."""
 
-_CGROUP_V2_CPU = Path("/sys/fs/cgroup/cpu.max")
-_CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 
 
-def usable_cores(*, cgroup_v2: Path = _CGROUP_V2_CPU, cgroup_v1: Path = _CGROUP_V1_CPU) -> int:
-    """The CPUs this process may use: those it may run on, or its container's CPU quota
-    (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``) if lower,
-    rounded up; at least 1."""
+def usable_cores(*, cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
+    """The CPUs this process may use: those it may run on, or the CPU quota of its cgroup
+    or of any cgroup above it, if lower (cgroup v2 ``cpu.max``; v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``), rounded up; at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    quota = _cpu_quota(cgroup_v2, cgroup_v1)
+    quota = _cpu_quota(cgroup_root, _memberships(proc_cgroup))
     if quota is not None:
         cores = min(cores or quota, quota)
     return max(1, cores or 1)
@@ -52,17 +52,66 @@ def default_workers(cores: int | None = None) -> int:
     return 1 if cores <= 1 else min(cores, MAX_DEFAULT_WORKERS)
 
 
-def _cpu_quota(cgroup_v2: Path, cgroup_v1: Path) -> int | None:
-    """Whole CPUs the container's quota allows (rounded up), or None without a quota."""
+def _memberships(proc_cgroup: Path) -> dict[str, str]:
+    """The process's cgroup path per hierarchy: ``""`` for v2's unified one, a v1
+    hierarchy's controllers (``cpu,cpuacct``) for the others."""
     try:
-        fields = cgroup_v2.read_text().split()
+        lines = proc_cgroup.read_text().splitlines()
     except OSError:
-        fields = []
-    if len(fields) == 2 and fields[0] != "max":
-        return _whole_cpus(fields[0], fields[1])
+        return {}
+    found = {}
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        found[controllers] = path
+    return found
+
+
+def _cpu_quota(root: Path, memberships: dict[str, str]) -> int | None:
+    """The lowest quota on the way from the process's cgroup up to the root, in whole CPUs;
+    None without any. A cgroup path that is not under ``root`` (another cgroup namespace)
+    leaves the root alone to read."""
+    quotas = [
+        quota
+        for folder in _upwards(root, memberships.get("", "/"))
+        if (quota := _v2_quota(folder / "cpu.max")) is not None
+    ]
+    for controllers, path in memberships.items():
+        if "cpu" in controllers.split(","):
+            for mount in (root / controllers, root / "cpu"):
+                quotas += [
+                    quota
+                    for folder in _upwards(mount, path)
+                    if (quota := _v1_quota(folder)) is not None
+                ]
+    return min(quotas, default=None)
+
+
+def _upwards(mount: Path, path: str) -> list[Path]:
+    """``mount/path`` and each folder above it up to ``mount`` (just ``mount`` when the
+    path is not there)."""
+    leaf = mount / path.strip("/")
+    if not leaf.is_dir():
+        return [mount]
+    folders = [leaf]
+    while folders[-1] != mount and mount in folders[-1].parents:
+        folders.append(folders[-1].parent)
+    return folders
+
+
+def _v2_quota(path: Path) -> int | None:
     try:
-        quota = (cgroup_v1 / "cpu.cfs_quota_us").read_text().strip()
-        period = (cgroup_v1 / "cpu.cfs_period_us").read_text().strip()
+        fields = path.read_text().split()
+    except OSError:
+        return None
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    return _whole_cpus(fields[0], fields[1])
+
+
+def _v1_quota(folder: Path) -> int | None:
+    try:
+        quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+        period = (folder / "cpu.cfs_period_us").read_text().strip()
     except OSError:
         return None
     return _whole_cpus(quota, period)
