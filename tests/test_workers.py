@@ -615,6 +615,36 @@ async def test_a_busy_port_is_a_clear_error_and_exit_1(tmp_path: Path) -> None:
     assert "Traceback" not in server.log
 
 
+async def test_a_second_server_on_the_same_port_is_refused_not_let_share_it(
+    tmp_path: Path,
+) -> None:
+    """Transports bind with SO_REUSEPORT, which would let a second server of the same user
+    start on the port and take some of the first one's connections: it is refused at start,
+    naming the first, and the first serves on."""
+    repository = echo_repository(tmp_path / "models")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ("--model-repository", repository, *WORKERS, "--grpc-port", str(port))
+    async with serve_process(*args) as first:
+        await first.wait_for("ready: serving")
+        async with serve_process(*args) as second:
+            status = await second.finish(60)
+        assert status == 1, second.log
+        taken = f"port {port} is served by another sluice serve on this machine (pid "
+        assert taken + f"{first.proc.pid};" in second.log, second.log
+        assert "Traceback" not in second.log
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert checked.status == health_pb2.HealthCheckResponse.SERVING
+        assert await first.stop() == 0
+    # Once the first has stopped, the port is free for the next one.
+    async with serve_process(*args) as third:
+        await third.wait_for("ready: serving")
+        assert await third.stop() == 0
+
+
 class _GatedLoads(FakeFactory):
     """The fake backend, whose loads wait (in their thread) while ``closed`` is set."""
 

@@ -27,6 +27,7 @@ from sluice.metrics import Metrics
 from sluice.settings import Settings
 from sluice.workers import shm
 from sluice.workers.lane import LaneServer
+from sluice.workers.port_lock import PortLock
 from sluice.workers.transport import TransportConfig
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Transports:
         #: ``workers`` as the engine resolved it (``app.serve``: chosen from the machine).
         self.count = settings.workers or 1
         self._lane = lane
+        self._port_lock: PortLock | None = None
         self._engine = engine
         self._python = python
         self._metrics = metrics
@@ -96,12 +98,15 @@ class Transports:
         """Start every transport; the public port. ``TransportStartError`` when one cannot
         listen (the others are stopped)."""
         self._sweep(None)  # what transports of a killed server left
+        if self._settings.grpc_port:  # (port 0: the kernel picks a port no one holds)
+            self._port_lock = PortLock.take(self._settings.grpc_port)
         try:
             self.port = await self._spawn(0, self._settings.grpc_port)
             await asyncio.gather(*(self._spawn(i, self.port) for i in range(1, self.count)))
         except BaseException:
             self.begin_stop(0.0)
             await self.wait_stopped(1.0)
+            self._release_port()
             raise
         self._supervisors = [
             asyncio.create_task(self._supervise(i), name=f"sluice-transport-{i}")
@@ -216,8 +221,14 @@ class Transports:
         for proc in self._procs.values():
             self._sweep(proc.pid)
         log.info("transport processes exited")
+        self._release_port()
         if self._lane is not None:  # nothing more can come through it
             await self._lane.close()
+
+    def _release_port(self) -> None:
+        if self._port_lock is not None:
+            self._port_lock.release()
+            self._port_lock = None
 
     def describe(self) -> str:
         return "transport processes in front of one engine process"
