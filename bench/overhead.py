@@ -83,7 +83,7 @@ def committed_tree(work: Path) -> Path | None:
 
 
 def server_for(variant: str, repo: Path, work: Path, base: Path | None, sink_port: int) -> Any:
-    env: dict[str, str] = {}
+    env: dict[str, str] = {"SLUICE_WORKERS": "1"}  # row (c) of bench/run.py: one process
     if variant == "on":
         env.update(
             OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{sink_port}",

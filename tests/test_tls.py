@@ -19,6 +19,7 @@ from sluice.settings import Settings
 from sluice_client import AsyncClient, Client, TLSConfig, Unavailable
 from tests.certs import Certificates, make_certificates
 from tests.conftest import StartServer
+from tests.serve_process import workers_env
 
 SIMPLE = {
     "INPUT0": np.arange(16, dtype=np.int32).reshape(1, 16),
@@ -195,7 +196,7 @@ async def sluice_serve(*args: str, env: dict[str, str] | None = None) -> tuple[i
         *args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "SLUICE_LOG_FORMAT": "text", **(env or {})},
+        env={**os.environ, "SLUICE_LOG_FORMAT": "text", **workers_env(), **(env or {})},
     )
     try:
         _, stderr = await asyncio.wait_for(process.communicate(), 60)

@@ -24,6 +24,7 @@ from sluice.tracing import Tracing
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import StartServer
 from tests.observability.collector import Collector
+from tests.serve_process import workers_env
 from tests.test_routing import simple_request
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -193,7 +194,7 @@ def read_terminal(fd: int, limit_s: float) -> bytes:
 def serve_log(repository: Path, *, terminal: bool, log_format: str | None) -> list[str]:
     """The log lines of a real ``sluice serve`` with nothing to serve (it exits by itself),
     its stderr a pseudo-terminal or a pipe."""
-    env = {k: v for k, v in os.environ.items() if k != "SLUICE_LOG_FORMAT"}
+    env = {k: v for k, v in {**os.environ, **workers_env()}.items() if k != "SLUICE_LOG_FORMAT"}
     if log_format is not None:
         env["SLUICE_LOG_FORMAT"] = log_format
     command = [sys.executable, "-m", "sluice", "serve", "--model-repository", str(repository)]

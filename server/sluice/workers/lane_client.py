@@ -247,12 +247,8 @@ class _ClientConnection(asyncio.BufferedProtocol):
                 name = shm.write(call.request)
             except OSError as exc:  # /dev/shm full or gone: the socket still carries it
                 if (held := _SHM_FALLBACKS.due()) is not None:
-                    log.warning(
-                        "engine lane: a request goes by the socket: %s (%d more since the "
-                        "last such warning)",
-                        exc,
-                        held,
-                    )
+                    more = f" ({held} more since the last such warning)" if held else ""
+                    log.warning("engine lane: a request goes by the socket: %s%s", exc, more)
             else:
                 self._shared.append((sent, name))
                 return call_frame(call_id, call, shared=name)
