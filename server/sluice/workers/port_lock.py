@@ -4,8 +4,10 @@ The transports bind the public port with ``SO_REUSEPORT`` so that they can share
 the kernel lets any other process of the same user bind it the same way: a second
 ``sluice serve --grpc-port P`` would start and take part of the first one's connections
 (a single process fails with "address in use"). The engine therefore holds an exclusive
-``flock`` on a file named after the port, in the temporary directory, while it serves: a
-second server on the port fails at start, naming the first one's pid. Another user's
+``flock`` on a file named after the port and the network namespace (ports are per
+namespace: replicas in namespaces of their own all serve 8001), in the temporary
+directory, while it serves: a second server on the port fails at start, naming the first
+one's pid. Another user's
 server cannot share the port at all (the kernel refuses ``SO_REUSEPORT`` across users), so
 a lock file this user may not open is left to the kernel's check.
 """
@@ -32,7 +34,8 @@ class PortLock:
 
     @classmethod
     def take(cls, port: int, folder: Path | None = None) -> PortLock:
-        path = (folder or Path(tempfile.gettempdir())) / f"sluice-port-{port}.lock"
+        name = f"sluice-port-{_network_namespace()}-{port}.lock"
+        path = (folder or Path(tempfile.gettempdir())) / name
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except PermissionError:  # another user's: the kernel keeps their port from us
@@ -55,3 +58,11 @@ class PortLock:
             with contextlib.suppress(OSError):
                 os.close(self._fd)  # closing the last descriptor releases the lock
             self._fd = None
+
+
+def _network_namespace() -> str:
+    """This process's network namespace (its inode), or "host" where that is not known."""
+    try:
+        return str(os.stat("/proc/self/ns/net").st_ino)
+    except OSError:
+        return "host"
