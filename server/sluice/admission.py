@@ -237,11 +237,20 @@ class AdmissionController:
                 if not self._inflight and not self._streams:
                     return
 
-    def admit(self, tenant: str = "", *, request_bytes: int = 0, priority: int = 0) -> Ticket:
+    def admit(
+        self,
+        tenant: str = "",
+        *,
+        request_bytes: int = 0,
+        priority: int = 0,
+        read_before_drain: bool = False,
+    ) -> Ticket:
         """Admit a call of ``request_bytes`` at ``priority`` or raise; synchronous, so no
-        other call interleaves."""
+        other call interleaves. ``read_before_drain``: a request an open stream had already
+        read (a stream stops reading when the drain begins and answers what it has), so
+        the drain does not refuse it."""
         self._arrived.set()
-        if self._draining:
+        if self._draining and not read_before_drain:
             self._metrics.rejected.labels("draining").inc()
             raise DrainingError(
                 "the server is shutting down and takes no new calls; retry on another replica",

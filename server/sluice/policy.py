@@ -87,11 +87,16 @@ class CallPolicy:
         """The absolute deadline, on the service clock, of a budget starting now."""
         return self._deadlines.deadline(budget_s)
 
-    def admit(self, tenant: str, *, request_bytes: int, priority: int = 0) -> Ticket:
+    def admit(
+        self, tenant: str, *, request_bytes: int, priority: int = 0, in_stream: bool = False
+    ) -> Ticket:
         """Admit one request of ``request_bytes`` at ``priority`` or raise (release the
-        ticket when done)."""
+        ticket when done). ``in_stream``: read by an open stream, which stops reading once
+        the drain begins; what it read before is answered, not refused."""
         with self._tracing.span("sluice.admission", leaf=True):
-            return self._admission.admit(tenant, request_bytes=request_bytes, priority=priority)
+            return self._admission.admit(
+                tenant, request_bytes=request_bytes, priority=priority, read_before_drain=in_stream
+            )
 
     def check_breakers(self, model: str, version: str) -> None:
         """Fail fast when no candidate for the model could take the request now."""
@@ -126,7 +131,7 @@ class CallPolicy:
         releases the ticket once the request's answer is written."""
         budget_s = self.budget_s(remaining_s, timeout_s)
         deadline = self.deadline(budget_s)
-        ticket = self.admit(tenant, request_bytes=request_bytes, priority=priority)
+        ticket = self.admit(tenant, request_bytes=request_bytes, priority=priority, in_stream=True)
         try:
             self.check_breakers(model, version)
         except BaseException:
