@@ -245,10 +245,9 @@ class AdmissionController:
         priority: int = 0,
         read_before_drain: bool = False,
     ) -> Ticket:
-        """Admit a call of ``request_bytes`` at ``priority`` or raise; synchronous, so no
-        other call interleaves. ``read_before_drain``: a request an open stream had already
-        read (a stream stops reading when the drain begins and answers what it has), so
-        the drain does not refuse it."""
+        """Admit a call of ``request_bytes`` at ``priority`` or raise; synchronous, so no other
+        call interleaves. ``read_before_drain``: a request an open stream (which stops
+        reading once the drain begins) had read: the drain does not refuse it."""
         self._arrived.set()
         if self._draining and not read_before_drain:
             self._metrics.rejected.labels("draining").inc()
