@@ -63,9 +63,6 @@ class GrpcForwarder:
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.enable_retries", 0),  # the caller decides whether to retry
-                # No bandwidth probing: a relayed stream's replies wait in the engine, under
-                # its stream window, not in a receive window grown to megabytes here.
-                ("grpc.http2.bdp_probe", 0),
             ],
         )
         self._unary: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
