@@ -100,17 +100,20 @@ def test_workers_is_one_per_core_at_most_four(cores: int, workers: int) -> None:
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is needed")
-@pytest.mark.parametrize("cpus", [1, 2])
+@pytest.mark.parametrize(("cpus", "how"), [(1, "unset"), (2, "unset"), (1, "--workers auto")])
 async def test_sluice_serve_chooses_its_workers_from_the_cores_it_may_use(
-    tmp_path: Path, cpus: int
+    tmp_path: Path, cpus: int, how: str
 ) -> None:
     """With ``workers`` unset, ``sluice serve`` pinned to one core runs one process; on two,
-    two transport processes in front of the engine."""
+    two transport processes in front of the engine. ``--workers auto`` asks for the same
+    choice over a number the environment sets."""
     if cpus > AFFINITY:
         pytest.skip(f"this machine lets the tests use {AFFINITY} core(s)")
     allowed = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0))[:cpus])
     command = ("taskset", "-c", allowed, sys.executable, "-m", "sluice")
-    async with serve_process(command=command, cwd=tmp_path, unset=["SLUICE_WORKERS"]) as server:
+    args, env = ((), {}) if how == "unset" else (("--workers", "auto"), {"SLUICE_WORKERS": "3"})
+    unset = ["SLUICE_WORKERS"] if how == "unset" else []
+    async with serve_process(*args, command=command, cwd=tmp_path, env=env, unset=unset) as server:
         chosen = await server.wait_for(CHOSEN.pattern)
         await server.wait_for("ready: serving")
         usable = min(cpus, usable_cores())  # a container's CPU quota may allow fewer

@@ -26,6 +26,28 @@ def test_flags_beat_environment_beat_file(tmp_path: Path, monkeypatch: pytest.Mo
     assert load_settings(config, grpc_port=7201).grpc_port == 7201
 
 
+def test_workers_auto_asks_for_the_machines_choice_over_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settings file that fixes ``workers`` can be overridden back to the machine's choice
+    (None: ``app.serve`` chooses) from the environment or a flag."""
+    config = tmp_path / "sluice.yaml"
+    config.write_text("workers: 3\n")
+    monkeypatch.delenv("SLUICE_WORKERS", raising=False)
+    assert load_settings(config).workers == 3
+    assert load_settings(config, workers="auto").workers is None
+    assert load_settings(config, workers=2).workers == 2
+    monkeypatch.setenv("SLUICE_WORKERS", "Auto")
+    assert load_settings(config).workers is None
+    assert load_settings(config, workers=2).workers == 2  # the flag beats the environment
+    monkeypatch.setenv("SLUICE_WORKERS", "many")
+    with pytest.raises(ValueError, match="workers"):
+        load_settings(config)
+    monkeypatch.setenv("SLUICE_WORKERS", "0")
+    with pytest.raises(ValueError, match="workers"):
+        load_settings(config)
+
+
 def test_unknown_setting_is_rejected(tmp_path: Path) -> None:
     config = tmp_path / "sluice.yaml"
     config.write_text("grpc_prot: 1\n")

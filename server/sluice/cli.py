@@ -25,9 +25,9 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--config", type=Path, help="YAML settings file (SLUICE_CONFIG)")
     p.add_argument(
         "--workers",
-        type=int,
-        help="transport processes serving the gRPC port in front of one engine "
-        "(SLUICE_WORKERS; default: 1 on one core, else one per usable core, at most 4)",
+        type=_workers,
+        help="transport processes serving the gRPC port in front of one engine, or auto "
+        "(SLUICE_WORKERS; default auto: 1 on one core, else one per usable core, at most 4)",
     )
     tls = p.add_argument_group("TLS (plaintext without a certificate)")
     tls.add_argument(
@@ -55,6 +55,16 @@ def _tls_flags(args: argparse.Namespace) -> dict[str, object] | None:
         "require_client_cert": args.tls_require_client_cert,
     }
     return {key: value for key, value in given.items() if value is not None} or None
+
+
+def _workers(value: str) -> int | str:
+    """``--workers``: a number, or ``auto`` (the machine's choice, over the settings file)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or auto, not {value!r}") from None
 
 
 def _run_serve(args: argparse.Namespace) -> int:

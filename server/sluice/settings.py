@@ -536,7 +536,8 @@ class Settings(BaseSettings):
     socket; see docs/workers.md. None (the default): chosen from the machine when the
     server starts, ``sluice.machine.default_workers``: 1 on one usable core, else one per
     usable core (the CPUs the process may run on, or its container's CPU quota if lower),
-    at most 4."""
+    at most 4. ``auto`` means the same, so the environment or a flag can ask for the
+    machine's choice over a number in the settings file."""
     lane: LaneSettings = LaneSettings()
     """The unary path from the transport processes to the engine (``workers`` above 1)."""
     log_level: str = "INFO"
@@ -570,6 +571,13 @@ class Settings(BaseSettings):
     priority: PrioritySettings = PrioritySettings()
     aliases: dict[str, list[FallbackTarget]] = {}
     """Names clients may call that route to an ordered chain of models (first = primary)."""
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, workers: object) -> object:
+        if isinstance(workers, str) and workers.strip().lower() == "auto":
+            return None
+        return workers
 
     @model_validator(mode="after")
     def _identities_need_mtls(self) -> Settings:
