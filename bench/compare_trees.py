@@ -28,8 +28,10 @@ import run as core  # bench/run.py: model, repository, servers, perf_analyzer
 VARIANTS = ("before", "after")
 
 
-def server_for(variant: str, repo: Path, work: Path, tree: Path) -> core.ServerProcess:
-    server = core.sluice_server(variant, repo, work, {"SLUICE_WORKERS": "1"})  # row (c)
+def server_for(
+    variant: str, repo: Path, work: Path, tree: Path, workers: int = 1
+) -> core.ServerProcess:
+    server = core.sluice_server(variant, repo, work, {"SLUICE_WORKERS": str(workers)})
     if variant == "before":
         server.env["PYTHONPATH"] = os.pathsep.join(
             [str(tree / "server"), str(tree / "clients" / "python")]
@@ -59,6 +61,9 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per variant")
     p.add_argument("--quick", action="store_true", help="short perf_analyzer windows")
+    p.add_argument(
+        "--workers", type=int, default=1, help="SLUICE_WORKERS of both (1: row (c) of run.py)"
+    )
     p.add_argument("--perf-analyzer", help="perf_analyzer binary")
     p.add_argument("--out", type=Path, help="write the JSON result here")
     args = p.parse_args()
@@ -76,7 +81,7 @@ def main() -> int:
         for round_no in range(args.rounds):
             for variant in VARIANTS if round_no % 2 == 0 else VARIANTS[::-1]:
                 core.note(f"round {round_no + 1}: {variant}")
-                server = server_for(variant, repo, work, args.tree.resolve())
+                server = server_for(variant, repo, work, args.tree.resolve(), args.workers)
                 with core.running(server):
                     rows[variant] += core.measure(
                         variant, server, pa, profile, args.concurrency, work, sluice=True

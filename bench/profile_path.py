@@ -292,6 +292,8 @@ def table(results: dict[str, list[dict[str, Any]]], concurrencies: list[int]) ->
 def make_server(name: str, repo: Path, work: Path, tree: Path | None) -> core.ServerProcess:
     if name == "null":
         return core.null_server(work)
+    if name == "engine":  # two transports in front: the engine's loop is the one profiled
+        return core.sluice_server(name, repo, work, {"SLUICE_WORKERS": "2"})
     server = core.sluice_server(name, repo, work, {"SLUICE_WORKERS": "1"})  # the one loop profiled
     if name == "tree" and tree is not None:
         tree = tree.resolve()
@@ -322,8 +324,10 @@ def main() -> int:
         "--servers",
         nargs="+",
         default=["null", "sluice"],
-        choices=["null", "sluice", "tree"],
-        help="tree: Sluice served from --tree",
+        choices=["null", "sluice", "engine", "tree"],
+        help="tree: Sluice served from --tree; engine: Sluice with two transport processes, "
+        "the engine's loop profiled (its calls come by the lane: no grpc, interceptors only "
+        "from the lane's handler chain)",
     )
     p.add_argument("--tree", type=Path, help="another checkout of Sluice (the 'tree' server)")
     p.add_argument(

@@ -153,21 +153,22 @@ OFF_LOOP_BYTES = 1024 * 1024
 """Numeric outputs larger than this (copied twice on the way to the reply) too."""
 
 
-async def encoded_reply(result: InferResult) -> pb.ModelInferResponse | bytes:
-    """A unary call's reply: a large one made and encoded in a worker thread, and given as
-    its bytes (sizing a message on the loop, to decide where to encode it, costs a copy of
-    its largest contents there)."""
+async def encoded_reply(result: InferResult) -> bytes:
+    """A unary call's reply, encoded: a large one made and encoded in a worker thread (sizing
+    a message on the loop, to decide where to encode it, costs a copy of its largest contents
+    there), a small one here (the result says which: sizing the message would cost more
+    than encoding it)."""
     if _heavy(result):
         return await asyncio.to_thread(lambda: infer_response(result).SerializeToString())
-    return infer_response(result)
+    return infer_response(result).SerializeToString()
 
 
-async def encoded_stream_reply(result: InferResult) -> pb.ModelStreamInferResponse | bytes:
+async def encoded_stream_reply(result: InferResult) -> bytes:
     """``encoded_reply`` for ModelStreamInfer: the response in its stream message, marked
     final."""
     if _heavy(result):
         return await asyncio.to_thread(lambda: stream_reply(result).SerializeToString())
-    return stream_reply(result)
+    return stream_reply(result).SerializeToString()
 
 
 def stream_reply(result: InferResult) -> pb.ModelStreamInferResponse:

@@ -83,9 +83,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model_stats=[convert.model_statistics(name, v, stats) for name, v, stats in rows]
         )
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Context
-    ) -> pb.ModelInferResponse | bytes:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> bytes:
         domain = convert.infer_request(request)
         result = await self._router.infer(domain, callctx.call())
         context.set_trailing_metadata(

@@ -270,7 +270,7 @@ class StreamInferSession:
         except BaseException:
             ticket.release()
             raise
-        reply_size = len(answer) if isinstance(answer, bytes) else answer.ByteSize()
+        reply_size = len(answer)
         self._window.add(reply_size)
         return _Answer(answer, size + reply_size, ticket)
 
