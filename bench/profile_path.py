@@ -161,6 +161,67 @@ def thread_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _stat(path: Path) -> tuple[str, int, float] | None:
+    """(comm, ppid, CPU seconds) of a /proc stat file, or None once it is gone."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    comm = text[text.index("(") + 1 : text.rindex(")")]
+    fields = text.rsplit(")", 1)[1].split()
+    return comm, int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_group(comm: str) -> str:
+    """Threads named alike (``sluice-worker_3``, ``sluice-worker_7``) as one group."""
+    return comm.rstrip("0123456789").rstrip("_-") or comm
+
+
+def cpu_by_thread(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the server's threads, by process and thread group: the
+    server's own (``loop`` is its main thread), its children's (the transport processes,
+    all together) and perf_analyzer's, for the CPU each request costs everywhere."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        head = _stat(proc / "stat")
+        if head is None:
+            continue
+        comm, ppid, _ = head
+        if int(proc.name) == pid:
+            who = "server"
+        elif ppid == pid:
+            who = "transports"
+        elif _is_perf_analyzer(proc):
+            who = "perf_analyzer"
+        else:
+            continue
+        for task in (proc / "task").iterdir():
+            stat = _stat(task / "stat")
+            if stat is not None:
+                out[f"{who}: {_thread_label(task.name == proc.name, stat[0], comm)}"] += stat[2]
+    return dict(out)
+
+
+def _is_perf_analyzer(proc: Path) -> bool:
+    """perf_analyzer, run directly or through the private loader that
+    scripts/get_perf_analyzer.sh sets up (its process is named after the loader)."""
+    try:
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name.startswith("perf_analyzer") for arg in argv)
+
+
+def _thread_label(main: bool, comm: str, process_comm: str) -> str:
+    if main:
+        return "loop"
+    if comm == process_comm:  # a Python thread (3.11 names none): executors, to_thread
+        return "python threads"
+    return _thread_group(comm)  # named natively: onnxruntime's pool, grpc's event engine
+
+
 def profile_one(
     server: core.ServerProcess,
     pa: str,
@@ -191,8 +252,14 @@ def profile_one(
     counted = server.name != "null"  # Sluice counts its requests (ModelStatistics)
     stats_before = core.model_statistics(server.address) if counted else None
     cpu_before, wall_before = thread_cpu_s(server.pid), time.monotonic()
+    threads_before = cpu_by_thread(server.pid)
+    if rate == 0:  # CPU counters only: py-spy stops every thread at each sample (ptrace)
+        time.sleep(seconds)
+        raw.write_text("")
     spy = subprocess.run(
-        [
+        ["true"]
+        if rate == 0
+        else [
             str(Path(sys.executable).with_name("py-spy")),
             "record",
             "-p",
@@ -214,6 +281,7 @@ def profile_one(
         text=True,
     )
     cpu_s, wall_s = thread_cpu_s(server.pid) - cpu_before, time.monotonic() - wall_before
+    threads_after = cpu_by_thread(server.pid)
     stats = core.stats_delta(stats_before, core.model_statistics(server.address)) if counted else {}
     loader.join()
     if spy.returncode != 0 or not raw.is_file():
@@ -247,6 +315,12 @@ def profile_one(
             name: round(n * per_sample_us, 1) for name, n in samples["inclusive"].most_common(60)
         },
         "raw": str(raw),
+        # Every thread's CPU per request (py-spy samples only the loop; these are counters).
+        "threads_us": {
+            name: round((spent - threads_before.get(name, 0.0)) * 1e6 / (throughput * wall_s), 1)
+            for name, spent in sorted(threads_after.items())
+            if spent - threads_before.get(name, 0.0) > 0
+        },
     }
 
 
@@ -319,7 +393,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     p.add_argument("--seconds", type=float, default=8.0, help="py-spy sampling per row")
-    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument(
+        "--rate",
+        type=int,
+        default=250,
+        help="py-spy samples per second (0: none, only the CPU each thread used: py-spy stops "
+        "every thread of the process to take a sample, which costs the threads' CPU too)",
+    )
     p.add_argument(
         "--servers",
         nargs="+",
@@ -385,9 +465,14 @@ def main() -> int:
 
 
 def print_functions(results: dict[str, list[dict[str, Any]]], top: int) -> None:
-    """Per row: the leaf functions, and Sluice's functions with what they call."""
+    """Per row: every thread's CPU, the leaf functions, and Sluice's functions with what they
+    call."""
     for name, rows in results.items():
         for r in rows:
+            print(f"\n{name} c={r['concurrency']}: CPU by process and thread (us per request)")
+            for thread, us in sorted(r["threads_us"].items(), key=lambda kv: -kv[1]):
+                print(f"  {us:7.1f}  {thread}")
+            print(f"  {sum(r['threads_us'].values()):7.1f}  in all")
             print(f"\n{name} c={r['concurrency']}: top leaf functions (us per request)")
             for leaf, us in list(r["top_leaves_us"].items())[:top]:
                 print(f"  {us:7.1f}  {leaf}")

@@ -7,8 +7,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import os
+import signal
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -293,3 +297,56 @@ def test_profile_attributes_each_loop_sample_to_the_stage_of_its_deepest_own_fra
         "decode/encode": 1,
     }
     assert samples["inclusive"]["Router.infer (router.py)"] == 2
+
+
+def test_profile_counts_the_cpu_of_the_server_its_children_and_their_threads() -> None:
+    """``cpu_by_thread``: a server process's own threads, and its children's (the transports)
+    summed, from /proc, so a row says what a request costs in every process."""
+    profile = _load("profile_path")
+    busy_child = (
+        "import threading, time\n"
+        "def spin():\n"
+        "    t = time.thread_time()\n"
+        "    while time.thread_time() - t < 0.3: pass\n"
+        "    time.sleep(30)\n"
+        "threading.Thread(target=spin).start()\n"
+        "time.sleep(30)\n"
+    )
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            f"subprocess.Popen([sys.executable, '-c', {busy_child!r}])\n"
+            "time.sleep(30)\n",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        spent: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            spent = profile.cpu_by_thread(parent.pid)
+            if spent.get("transports: python threads", 0.0) >= 0.25:
+                break
+            time.sleep(0.1)
+        assert spent.get("transports: python threads", 0.0) >= 0.25, spent
+        assert "server: loop" in spent and "transports: loop" in spent, spent
+        assert not any(name.startswith("perf_analyzer") for name in spent), spent
+    finally:
+        for pid in _children(parent.pid):
+            os.kill(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(proc.name))
+    return found
