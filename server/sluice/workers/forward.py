@@ -63,6 +63,10 @@ class GrpcForwarder:
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.enable_retries", 0),  # the caller decides whether to retry
+                # Bandwidth probing only grows each stream's receive window (to megabytes):
+                # a relayed stream whose caller has stopped reading would pull that much of
+                # the engine's replies into this process. 64 KiB is plenty over a Unix socket.
+                ("grpc.http2.bdp_probe", 0),
             ],
         )
         self._unary: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
@@ -131,6 +135,66 @@ async def _requests(incoming: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield message
 
 
+_SEND_FAILED = "Internal error from Core"
+"""The status grpc.aio's client puts on a call whose request could not be sent because the
+server had already ended it."""
+STATUS_WAIT_S = 0.25
+"""How long a relay waits for the engine's status to replace that one (it mostly comes in
+milliseconds; now and then grpc never gives it)."""
+LOST_STATUS = (
+    "the engine ended this stream while its requests were still arriving, and its status "
+    "was lost on the way; the requests not answered were not run: resend them"
+)
+
+_Status = tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]
+
+
+class _EngineStatus:
+    """The status the engine ended a relayed call with.
+
+    When the engine ends a stream while its caller is still sending (as every stream does
+    in a drain), the relay's send in flight fails, and grpc.aio's client puts INTERNAL
+    "Internal error from Core" in the call's status: over the engine's own status when that
+    came first (later reads of the call see only INTERNAL), or before it (the engine's then
+    replaces it). Relayed as it reads, the caller would get INTERNAL, not the engine's
+    UNAVAILABLE that tells it to resend what was not answered. So the first status is kept
+    as it is set, and an INTERNAL of a failed send waits for the one that replaces it; if
+    none does, the caller gets UNAVAILABLE (a request the engine did not take was not run,
+    and a stream the engine ends before its caller stops sending is one it refuses to go
+    on with: a drain, a limit)."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall[bytes, bytes]) -> None:
+        self._call = call
+        self._first: _Status | None = None
+        call.add_done_callback(self._done)
+
+    def _done(self, call: Any) -> None:
+        # Called as the status is set: reading it cannot wait (if a grpc ever made it wait,
+        # nothing is kept and ``status`` reads it as it is then).
+        reading = self._read()
+        try:
+            reading.send(None)
+        except StopIteration as read:
+            self._first = self._first or read.value
+        else:
+            reading.close()
+
+    async def _read(self) -> _Status:
+        call = self._call
+        return await call.code(), await call.details() or "", _pairs(await call.trailing_metadata())
+
+    async def status(self) -> _Status:
+        status = self._first or await self._read()
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + STATUS_WAIT_S
+        while status[:2] == (grpc.StatusCode.INTERNAL, _SEND_FAILED):
+            if loop.time() >= give_up_at:
+                return grpc.StatusCode.UNAVAILABLE, LOST_STATUS, ()
+            await asyncio.sleep(0.002)  # the engine's status comes in the next reads
+            status = await self._read()
+        return status
+
+
 async def relay_stream(
     multicallable: grpc.aio.StreamStreamMultiCallable[bytes, bytes],
     incoming: AsyncIterator[bytes],
@@ -142,6 +206,7 @@ async def relay_stream(
     call = multicallable(
         _requests(incoming), metadata=tuple(metadata), timeout=context.time_remaining()
     )
+    ended = _EngineStatus(call)
     try:
         initial = _pairs(await call.initial_metadata())
         if initial:
@@ -156,9 +221,8 @@ async def relay_stream(
         # it would hold its admission and stream window until its deadline.
         call.cancel()
         raise
-    code = await call.code()
-    trailing = _pairs(await call.trailing_metadata())
+    code, details, trailing = await ended.status()
     if code is grpc.StatusCode.OK:
         context.set_trailing_metadata(trailing)
         return
-    await context.abort(code, await call.details() or "", trailing)
+    await context.abort(code, details, trailing)
