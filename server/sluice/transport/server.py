@@ -132,13 +132,17 @@ class SluiceServer:
         self.health.end_watches()
         # Calls cut at the grace's end are writing their UNAVAILABLE: give them a moment.
         closing_s = min(_CLOSE_S, unload_s)
+        closed_by = give_up_at + closing_s
         if self.front is not None:
-            self.front.begin_stop(max(give_up_at - loop.time(), 0.0) + closing_s)
-        await self.grpc_server.stop(max(give_up_at - loop.time(), 0.0) + closing_s)
-        if self.front is not None:
-            # Their calls reach the engine by the lane, not this port: a call the quiet
-            # wait does not count (an admin call) may still run in them, within the grace.
-            await self.front.wait_stopped(max(give_up_at - loop.time(), 0.0) + closing_s)
+            # The transports first. Their calls reach the engine by the lane, not this port:
+            # a call the quiet wait does not count (an admin call) may still run in them,
+            # within the grace. And they relay this port's streams: a stream's last replies
+            # and status may still wait here for the transport to read them (its window
+            # full, behind a slow caller); closing this port first would cut such a stream
+            # with INTERNAL instead of the UNAVAILABLE it ended with.
+            self.front.begin_stop(max(closed_by - loop.time(), 0.0))
+            await self.front.wait_stopped(max(closed_by - loop.time(), 0.0))
+        await self.grpc_server.stop(max(closed_by - loop.time(), 0.0))
         if self.health_server is not None:
             await self.health_server.server.stop(0)
         log.info("calls and streams finished; unloading models")
