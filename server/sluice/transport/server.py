@@ -141,7 +141,8 @@ class SluiceServer:
             # full, behind a slow caller); closing this port first would cut such a stream
             # with INTERNAL instead of the UNAVAILABLE it ended with.
             self.front.begin_stop(max(closed_by - loop.time(), 0.0))
-            await self.front.wait_stopped(max(closed_by - loop.time(), 0.0))
+            # (and a moment more to exit, once their own calls are stopped at that time)
+            await self.front.wait_stopped(max(closed_by - loop.time(), 0.0) + closing_s)
         await self.grpc_server.stop(max(closed_by - loop.time(), 0.0))
         if self.health_server is not None:
             await self.health_server.server.stop(0)
