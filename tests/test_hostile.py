@@ -12,6 +12,7 @@ The server's budgets are set here so that the bounds are meaningful on a small m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -64,15 +65,29 @@ class Server:
     address: str
     log: list[bytes] = field(default_factory=list)
 
-    def status(self, key: str) -> int:
-        """A /proc/<pid>/status value in bytes (VmRSS, VmHWM)."""
-        text = Path(f"/proc/{self.process.pid}/status").read_text()
+    def status(self, key: str, pid: int | None = None) -> int:
+        """A /proc/<pid>/status value in bytes (VmRSS, VmHWM) of the server (the engine, with
+        transports) or of ``pid``."""
+        text = Path(f"/proc/{pid or self.process.pid}/status").read_text()
         match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
         assert match, text
         return int(match.group(1)) * 1024
 
+    def transports(self) -> list[int]:
+        """The pids of the transport processes in front of the engine (none with one
+        process): what they hold is bounded as what the engine holds."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                with contextlib.suppress(OSError):
+                    stat = (proc / "stat").read_text()
+                    if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                        found.append(int(proc.name))
+        return found
+
     def reset_peak(self) -> None:
-        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+        for pid in (self.process.pid, *self.transports()):
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
 
     def log_size(self) -> int:
         return sum(len(line) for line in self.log)
@@ -635,6 +650,7 @@ def test_hostile_input(server: Server, case: Case) -> None:
         stub.ModelInfer(simple(), timeout=30)
         log_before = server.log_size()
         baseline = server.status("VmRSS")
+        transports = {pid: server.status("VmRSS", pid) for pid in server.transports()}
         server.reset_peak()
         fire = case.send(channel)
         if case.watch_health:
@@ -649,6 +665,10 @@ def test_hostile_input(server: Server, case: Case) -> None:
             took = time.perf_counter() - started
             slowest = None
         growth_mb = (server.status("VmHWM") - baseline) / MiB
+        transport_growth_mb = max(
+            ((server.status("VmHWM", pid) - rss) / MiB for pid, rss in transports.items()),
+            default=None,
+        )
         after = stub.ModelInfer(simple(), timeout=30)  # a good call right after
         generated = list(
             gen_grpc.GenerationServiceStub(channel).Generate(generate("Once", max_new_tokens=2))
@@ -656,6 +676,9 @@ def test_hostile_input(server: Server, case: Case) -> None:
     OBSERVED[case.id] = {
         "code": code.name,
         "rss_growth_mb": round(growth_mb, 1),
+        "transport_rss_growth_mb": (
+            None if transport_growth_mb is None else round(transport_growth_mb, 1)
+        ),
         "seconds": round(took, 3),
         "slowest_health_ms": None if slowest is None else round(slowest * 1000, 1),
     }
@@ -663,6 +686,8 @@ def test_hostile_input(server: Server, case: Case) -> None:
     assert code == case.code
     assert after.outputs and generated
     assert growth_mb < case.rss_bound_mb, OBSERVED[case.id]
+    if transport_growth_mb is not None:  # the same bound for the process that took the call
+        assert transport_growth_mb < case.rss_bound_mb, OBSERVED[case.id]
     if slowest is not None:
         assert slowest < HEALTH_BOUND_S, OBSERVED[case.id]
     if case.max_seconds is not None:

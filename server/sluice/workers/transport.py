@@ -169,6 +169,10 @@ class Proxy(grpc.GenericRpcHandler):
                     peer=context.peer(),
                     auth=[(k, v) for k, vs in context.auth_context().items() for v in vs],
                 )
+            # An error reply is given by raising (abort): grpc keeps that exception, whose
+            # frames would keep the request's bytes until the cyclic garbage collector ran
+            # (twelve refused 20 MB calls held 250 MB here).
+            del request
             return await forward.answer_unary(reply, context)
 
         return behavior
