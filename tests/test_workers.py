@@ -131,6 +131,18 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def rss_bytes(pid: int) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
+    assert found is not None, text
+    return int(found.group(1)) * 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -482,6 +494,13 @@ async def test_a_dead_transport_is_restarted_and_none_outlives_a_killed_server(
         text = metrics_text(server)
         assert metric(text, "sluice_transport_restarts_total") == 1
         assert metric(text, "sluice_transport_processes") == 2
+        # Each transport's memory and CPU, the restarted one's from its new process.
+        restarted = next(pid for pid in now if pid != second)
+        for index, pid in (("0", restarted), ("1", second)):
+            resident = metric(text, f'sluice_transport_resident_bytes{{transport="{index}"}}')
+            assert abs(resident - rss_bytes(pid)) < 0.2 * rss_bytes(pid), (index, resident)
+            cpu = metric(text, f'sluice_transport_cpu_seconds_total{{transport="{index}"}}')
+            assert 0 < cpu <= cpu_seconds(pid), (index, cpu)
         server.proc.kill()  # the engine dies without a drain: its transports die with it
         await server.proc.wait()
         await until(lambda: not any(alive(pid) for pid in now), limit_s=10)

@@ -28,6 +28,7 @@ from sluice.settings import Settings
 from sluice.workers import shm
 from sluice.workers.lane import LaneServer
 from sluice.workers.port_lock import PortLock
+from sluice.workers.process_metrics import TransportProcesses
 from sluice.workers.transport import TransportConfig
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,13 @@ class Transports:
         self._python = python
         self._metrics = metrics
         self._procs: dict[int, asyncio.subprocess.Process] = {}
+        metrics.registry.register(TransportProcesses(self._running))
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
         self.port = settings.grpc_port
+
+    def _running(self) -> dict[int, int]:
+        return {i: p.pid for i, p in self._procs.items() if p.returncode is None}
 
     async def start(self) -> int:
         """Start every transport; the public port. ``TransportStartError`` when one cannot
