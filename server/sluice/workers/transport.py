@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -135,11 +135,18 @@ class Proxy(grpc.GenericRpcHandler):
         self._handlers[method] = handler  # known names only: callers cannot grow the table
         return handler
 
-    def _metadata(self, context: Context) -> list[identity.Metadatum]:
+    def _metadata(
+        self,
+        context: Context,
+        peer: str | None = None,
+        auth: Mapping[str, Iterable[bytes]] | None = None,
+    ) -> list[identity.Metadatum]:
+        """What the engine gets as the call's metadata (``peer`` and ``auth``: the caller's
+        address and auth context, when the caller read them already: each is a C call)."""
         forwarded = identity.outgoing(
             context.invocation_metadata() or (),
-            peer=context.peer(),
-            names=identity.certificate_names(context.auth_context()),
+            peer=context.peer() if peer is None else peer,
+            names=identity.certificate_names(context.auth_context() if auth is None else auth),
             transport=self._index,
         )
         if self._tracing.enabled:  # our span is the parent of the engine's
@@ -161,13 +168,14 @@ class Proxy(grpc.GenericRpcHandler):
 
         async def behavior(request: bytes, context: Context) -> bytes:
             with self._span(method, context):
+                peer, auth = context.peer(), context.auth_context()
                 reply = await unary(
                     method,
                     request,
-                    self._metadata(context),
+                    self._metadata(context, peer, auth),
                     context.time_remaining(),
-                    peer=context.peer(),
-                    auth=[(k, v) for k, vs in context.auth_context().items() for v in vs],
+                    peer=peer,
+                    auth=[(k, v) for k, vs in auth.items() for v in vs],
                 )
             # An error reply is given by raising (abort): grpc keeps that exception, whose
             # frames would keep the request's bytes until the cyclic garbage collector ran
