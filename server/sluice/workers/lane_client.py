@@ -5,7 +5,6 @@ calls through it)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -83,7 +82,8 @@ class LaneClient:
                 return _deadline_exceeded()
             except OSError as exc:
                 return _unavailable(f"cannot reach the engine at {self.path}: {exc}")
-        call = CallFrame(method, request, tuple(metadata), None, peer, tuple(auth))
+        timeout_s = None if deadline is None else deadline - loop.time()
+        call = CallFrame(method, request, tuple(metadata), timeout_s, peer, tuple(auth))
         return await connection.call(call, deadline)
 
     async def _connect(self) -> _ClientConnection:
@@ -223,10 +223,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self._next_id = 0 if call_id == MAX_CALL_ID else call_id + 1
         future: asyncio.Future[Reply] = loop.create_future()
         self._pending[call_id] = future
-        timer = None
-        if deadline is not None:
-            call = dataclasses.replace(call, timeout_s=deadline - loop.time())
-            timer = loop.call_at(deadline, self._expire, call_id)
+        timer = None if deadline is None else loop.call_at(deadline, self._expire, call_id)
         outbox.put(*self._frame(call_id, call))
         try:
             return await future

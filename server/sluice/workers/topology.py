@@ -28,7 +28,6 @@ from sluice.settings import Settings
 from sluice.workers import shm
 from sluice.workers.lane import LaneServer
 from sluice.workers.port_lock import PortLock
-from sluice.workers.process_metrics import TransportProcesses
 from sluice.workers.transport import TransportConfig
 
 log = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ class Transports:
         self._python = python
         self._metrics = metrics
         self._procs: dict[int, asyncio.subprocess.Process] = {}
-        metrics.registry.register(TransportProcesses(self._running))
+        metrics.lane.transports.watch(self._running)
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
         self.port = settings.grpc_port
