@@ -21,7 +21,6 @@ from sluice.workers.frames import (
     Buffer,
     CallFrame,
     FrameError,
-    FrameReader,
     Oversize,
     Reply,
     call_frame,
@@ -30,7 +29,7 @@ from sluice.workers.frames import (
     too_large,
 )
 from sluice.workers.lane_settings import LaneSettings
-from sluice.workers.outbox import Outbox
+from sluice.workers.outbox import FramedConnection
 
 log = logging.getLogger(__name__)
 #: A full /dev/shm is said once a minute, however many requests it turns to the socket.
@@ -111,9 +110,9 @@ class LaneClient:
             self._connection = None
 
 
-class _ClientConnection(asyncio.BufferedProtocol):
+class _ClientConnection(FramedConnection):
     def __init__(self, max_reply_bytes: int, max_backlog_bytes: int, shared_min: int) -> None:
-        self._backlog_bytes = max_backlog_bytes
+        super().__init__(max_body_bytes=max_reply_bytes, backlog_bytes=max_backlog_bytes)
         self._shared_min = shared_min
         # Shared files sent and maybe not yet taken, in send order, and each call's place
         # in that order: the engine reads frames in order, so once any call is answered,
@@ -121,22 +120,15 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self._shared: deque[tuple[int, str]] = deque()
         self._order: dict[int, int] = {}
         self._sent = 0
-        self._reader = FrameReader(max_reply_bytes)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._next_id = 0
-        self._transport: asyncio.Transport | None = None
-        self._outbox: Outbox | None = None
         self._writable = asyncio.Event()
         self._writable.set()
         self._lost = asyncio.get_running_loop().create_future()
         self.open = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._outbox = Outbox(
-            transport, backlog_bytes=self._backlog_bytes, on_backlog=self._backlog
-        )
+        super().connection_made(transport)
         self.open = True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -167,17 +159,6 @@ class _ClientConnection(asyncio.BufferedProtocol):
             self._writable.clear()
         else:
             self._writable.set()
-
-    def pause_writing(self) -> None:
-        if self._outbox is not None:
-            self._outbox.pause()
-
-    def resume_writing(self) -> None:
-        if self._outbox is not None:
-            self._outbox.resume()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._reader.buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         for kind, call_id, body in self._reader.feed(nbytes):

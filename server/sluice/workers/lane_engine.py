@@ -25,7 +25,6 @@ from sluice.workers.frames import (
     CANCEL,
     CallFrame,
     FrameError,
-    FrameReader,
     Oversize,
     Reply,
     decode_call,
@@ -33,7 +32,7 @@ from sluice.workers.frames import (
     too_large,
 )
 from sluice.workers.lane_settings import LaneMetrics, LaneSettings
-from sluice.workers.outbox import Outbox
+from sluice.workers.outbox import FramedConnection
 
 log = logging.getLogger(__name__)
 
@@ -116,23 +115,17 @@ class _EngineCall:
             self.task.cancel()
 
 
-class _EngineConnection(asyncio.BufferedProtocol):
+class _EngineConnection(FramedConnection):
     def __init__(self, lane: LaneServer) -> None:
+        super().__init__(
+            max_body_bytes=lane.max_frame_bytes, backlog_bytes=lane.settings.max_backlog_bytes
+        )
         self._lane = lane
-        self._reader = FrameReader(lane.max_frame_bytes)
         self._calls: dict[int, _EngineCall] = {}
-        self._transport: asyncio.Transport | None = None
-        self._outbox: Outbox | None = None
         self._closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._outbox = Outbox(
-            transport,
-            backlog_bytes=self._lane.settings.max_backlog_bytes,
-            on_backlog=self._backlog,
-        )
+        super().connection_made(transport)
         self._lane._connections.add(self)
         self._lane.metrics.connections.inc()
 
@@ -168,17 +161,6 @@ class _EngineConnection(asyncio.BufferedProtocol):
                 self._transport.pause_reading()
             else:
                 self._transport.resume_reading()
-
-    def pause_writing(self) -> None:
-        if self._outbox is not None:
-            self._outbox.pause()
-
-    def resume_writing(self) -> None:
-        if self._outbox is not None:
-            self._outbox.resume()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._reader.buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         for kind, call_id, body in self._reader.feed(nbytes):

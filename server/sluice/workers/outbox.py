@@ -14,13 +14,19 @@ the frame, never copied whole.
 While more than ``backlog_bytes`` wait here, ``on_backlog(True)`` tells the connection to
 stop taking work that would add to them (the engine stops reading calls, the client stops
 sending); ``on_backlog(False)`` once they are down to half.
+
+``FramedConnection`` is what both ends of a lane connection share: frames read into a
+``FrameReader``, written through an ``Outbox`` that follows the transport's flow control.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from collections import deque
 from collections.abc import Callable
+
+from sluice.workers.frames import FrameReader
 
 CHUNK_BYTES = 256 * 1024
 
@@ -95,3 +101,36 @@ class Outbox:
         if self._backlogged and self._pending <= self._backlog_bytes // 2:
             self._backlogged = False
             self._on_backlog(False)
+
+
+class FramedConnection(asyncio.BufferedProtocol, abc.ABC):
+    """A lane connection's reading and writing; each end says what a frame read means
+    (``buffer_updated``) and what a full backlog stops (``_backlog``)."""
+
+    def __init__(self, *, max_body_bytes: int, backlog_bytes: int) -> None:
+        self._reader = FrameReader(max_body_bytes)
+        self._backlog_bytes = backlog_bytes
+        self._transport: asyncio.Transport | None = None
+        self._outbox: Outbox | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._outbox = Outbox(
+            transport, backlog_bytes=self._backlog_bytes, on_backlog=self._backlog
+        )
+
+    @abc.abstractmethod
+    def _backlog(self, full: bool) -> None:
+        """More than the backlog waits to be written (``full``), or it is down to half."""
+
+    def pause_writing(self) -> None:
+        if self._outbox is not None:
+            self._outbox.pause()
+
+    def resume_writing(self) -> None:
+        if self._outbox is not None:
+            self._outbox.resume()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.buffer()
