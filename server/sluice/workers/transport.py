@@ -136,17 +136,14 @@ class Proxy(grpc.GenericRpcHandler):
         return handler
 
     def _metadata(
-        self,
-        context: Context,
-        peer: str | None = None,
-        auth: Mapping[str, Iterable[bytes]] | None = None,
+        self, context: Context, peer: str, auth: Mapping[str, Iterable[bytes]]
     ) -> list[identity.Metadatum]:
         """What the engine gets as the call's metadata (``peer`` and ``auth``: the caller's
-        address and auth context, when the caller read them already: each is a C call)."""
+        address and auth context, read once per call by the caller: each is a C call)."""
         forwarded = identity.outgoing(
             context.invocation_metadata() or (),
-            peer=context.peer() if peer is None else peer,
-            names=identity.certificate_names(context.auth_context() if auth is None else auth),
+            peer=peer,
+            names=identity.certificate_names(auth),
             transport=self._index,
         )
         if self._tracing.enabled:  # our span is the parent of the engine's
@@ -190,9 +187,8 @@ class Proxy(grpc.GenericRpcHandler):
 
         async def behavior(incoming: Any, context: Context) -> None:
             with self._span(method, context):
-                await forward.relay_stream(
-                    multicallable, incoming, context, self._metadata(context)
-                )
+                metadata = self._metadata(context, context.peer(), context.auth_context())
+                await forward.relay_stream(multicallable, incoming, context, metadata)
 
         return behavior
 
