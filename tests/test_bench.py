@@ -23,6 +23,7 @@ import pytest
 
 from sluice_api.inference import grpc_service_pb2 as pb
 from tests.conftest import REPO_ROOT
+from tests.procfs import children
 
 BENCH_DIR = REPO_ROOT / "bench"
 
@@ -333,20 +334,7 @@ def test_profile_counts_the_cpu_of_the_server_its_children_and_their_threads() -
         assert "server: loop" in spent and "transports: loop" in spent, spent
         assert not any(name.startswith("perf_analyzer") for name in spent), spent
     finally:
-        for pid in _children(parent.pid):
+        for pid in children(parent.pid):
             os.kill(pid, signal.SIGKILL)
         parent.kill()
         parent.wait()
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                stat = (proc / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(proc.name))
-    return found

@@ -12,7 +12,6 @@ The server's budgets are set here so that the bounds are meaningful on a small m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -40,6 +39,7 @@ from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
 from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
 from tests.models import write_fanout, write_identity
+from tests.procfs import children, status_bytes
 from tests.serve_process import workers_env
 
 MiB = 1024 * 1024
@@ -68,22 +68,12 @@ class Server:
     def status(self, key: str, pid: int | None = None) -> int:
         """A /proc/<pid>/status value in bytes (VmRSS, VmHWM) of the server (the engine, with
         transports) or of ``pid``."""
-        text = Path(f"/proc/{pid or self.process.pid}/status").read_text()
-        match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
-        assert match, text
-        return int(match.group(1)) * 1024
+        return status_bytes(key, pid or self.process.pid)
 
     def transports(self) -> list[int]:
         """The pids of the transport processes in front of the engine (none with one
         process): what they hold is bounded as what the engine holds."""
-        found = []
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
-                with contextlib.suppress(OSError):
-                    stat = (proc / "stat").read_text()
-                    if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
-                        found.append(int(proc.name))
-        return found
+        return children(self.process.pid)
 
     def reset_peak(self) -> None:
         for pid in (self.process.pid, *self.transports()):

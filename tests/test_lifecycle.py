@@ -21,6 +21,7 @@ from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_client.aio import AsyncClient
 from sluice_client.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from tests.conftest import RunningServer, StartServer
+from tests.procfs import status_bytes
 from tests.test_cli import sluice
 from tests.test_drain import start_process
 
@@ -374,13 +375,6 @@ async def test_admin_calls_need_the_configured_token(
 # -- memory -------------------------------------------------------------------------------
 
 
-def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 async def test_memory_returns_after_load_unload_cycles(lifecycle_server: RunningServer) -> None:
     service = lifecycle_server.service
     sizes = []
@@ -389,7 +383,7 @@ async def test_memory_returns_after_load_unload_cycles(lifecycle_server: Running
             await service.unload(name, who="test", reason="cycle")
             await service.load(name, who="test", reason="cycle")
         gc.collect()
-        sizes.append(_rss_bytes())
+        sizes.append(status_bytes("VmRSS"))
     growth = (sizes[-1] - sizes[0]) / sizes[0]
     assert growth < 0.05, f"RSS grew {growth:.1%} over 20 cycles: {sizes}"
 
