@@ -38,7 +38,7 @@ from sluice.transport.identity import (
 )
 from sluice.workers import shm
 from sluice.workers.lane import LaneServer
-from sluice.workers.topology import EngineSocket, Transports
+from sluice.workers.topology import EngineSocket, Transports, transport_environment
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_api.sluice.v1 import generation_service_pb2 as gen
@@ -51,6 +51,7 @@ from tests.conftest import StartServer
 from tests.fakes import Behaviour, FakeFactory, fake_repository
 from tests.models import write_identity
 from tests.observability.collector import Collector
+from tests.procfs import alive, children, cpu_seconds, environment, status_bytes
 from tests.serve_process import ServeProcess, serve_process
 
 WORKERS = ("--workers", "2")
@@ -122,33 +123,6 @@ def metric(text: str, name: str) -> float:
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert found is not None, f"{name} not in the metrics"
     return float(found.group(1))
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-def rss_bytes(pid: int) -> int:
-    text = Path(f"/proc/{pid}/status").read_text()
-    found = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
-    assert found is not None, text
-    return int(found.group(1)) * 1024
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 async def until(condition: object, limit_s: float = 30.0) -> None:
@@ -463,11 +437,25 @@ async def test_sigterm_drains_through_every_transport_and_exits_0(tmp_path: Path
         assert not any(alive(pid) for pid in transports)
 
 
+def test_transports_start_with_malloc_settings_that_hand_large_buffers_back() -> None:
+    ours = "glibc.malloc.mmap_threshold=4194304"
+    assert transport_environment({"PATH": "/bin"}) == {
+        "PATH": "/bin",
+        "MALLOC_ARENA_MAX": "2",
+        "GLIBC_TUNABLES": ours,
+    }
+    operators = {"MALLOC_ARENA_MAX": "8", "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}
+    assert transport_environment(operators) == operators
+    others = transport_environment({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
+    assert others["GLIBC_TUNABLES"] == f"glibc.malloc.tcache_count=0:{ours}"
+
+
 async def test_a_dead_transport_is_restarted_and_none_outlives_a_killed_server(
     tmp_path: Path,
 ) -> None:
     repository = echo_repository(tmp_path / "models")
-    async with serve_process("--model-repository", repository, *WORKERS) as server:
+    env = {"MALLOC_ARENA_MAX": "3"}  # the operator's choice, which the transports keep
+    async with serve_process("--model-repository", repository, *WORKERS, env=env) as server:
         address = await ready(server)
         first, second = children(server.proc.pid)
         # Large requests the transports had written to shared memory, never read.
@@ -483,6 +471,10 @@ async def test_a_dead_transport_is_restarted_and_none_outlives_a_killed_server(
         kept.unlink()
         now = children(server.proc.pid)
         assert len(now) == 2 and second in now and first not in now
+        for pid in now:  # the restarted one too: glibc's malloc hands large buffers back
+            started_with = environment(pid)
+            assert started_with["MALLOC_ARENA_MAX"] == "3"
+            assert started_with["GLIBC_TUNABLES"] == "glibc.malloc.mmap_threshold=4194304"
         async with channels(address) as chans:
             replies = await asyncio.gather(
                 *(
@@ -498,7 +490,8 @@ async def test_a_dead_transport_is_restarted_and_none_outlives_a_killed_server(
         restarted = next(pid for pid in now if pid != second)
         for index, pid in (("0", restarted), ("1", second)):
             resident = metric(text, f'sluice_transport_resident_bytes{{transport="{index}"}}')
-            assert abs(resident - rss_bytes(pid)) < 0.2 * rss_bytes(pid), (index, resident)
+            rss = status_bytes("VmRSS", pid)
+            assert abs(resident - rss) < 0.2 * rss, (index, resident, rss)
             cpu = metric(text, f'sluice_transport_cpu_seconds_total{{transport="{index}"}}')
             assert 0 < cpu <= cpu_seconds(pid), (index, cpu)
         server.proc.kill()  # the engine dies without a drain: its transports die with it
