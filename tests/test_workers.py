@@ -450,6 +450,26 @@ def test_transports_start_with_malloc_settings_that_hand_large_buffers_back() ->
     assert others["GLIBC_TUNABLES"] == f"glibc.malloc.tcache_count=0:{ours}"
 
 
+async def test_event_loop_asyncio_runs_the_engine_and_every_transport_on_asyncios_loop(
+    tmp_path: Path,
+) -> None:
+    repository = echo_repository(tmp_path / "models")
+    env = {"SLUICE_EVENT_LOOP": "asyncio"}
+    async with serve_process("--model-repository", repository, *WORKERS, env=env) as server:
+        address = await ready(server)
+        await server.wait_for("event loop: asyncio")
+        for index in (0, 1):
+            await server.wait_for(rf"transport {index} serving \S+ \(asyncio\)")
+        async with channels(address) as chans:
+            replies = await asyncio.gather(
+                *(
+                    pb_grpc.GRPCInferenceServiceStub(c).ModelInfer(echo_request(2.0), timeout=30)
+                    for c in chans
+                )
+            )
+        assert [echoed(r) for r in replies] == [2.0] * CHANNELS
+
+
 async def test_a_dead_transport_is_restarted_and_none_outlives_a_killed_server(
     tmp_path: Path,
 ) -> None:
@@ -457,6 +477,9 @@ async def test_a_dead_transport_is_restarted_and_none_outlives_a_killed_server(
     env = {"MALLOC_ARENA_MAX": "3"}  # the operator's choice, which the transports keep
     async with serve_process("--model-repository", repository, *WORKERS, env=env) as server:
         address = await ready(server)
+        await server.wait_for("event loop: uvloop")  # the default, in every process
+        for index in (0, 1):
+            await server.wait_for(rf"transport {index} serving \S+ \(uvloop\)")
         first, second = children(server.proc.pid)
         # Large requests the transports had written to shared memory, never read.
         left = shm.SHM_DIR / f"sluice-lane-{first}-{'a' * 32}"

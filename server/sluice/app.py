@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sluice.errors import ConfigError
+from sluice.eventloop import loop_factory, loop_name
 from sluice.loader import freeze_heap
 from sluice.machine import default_workers, usable_cores
 from sluice.metrics import Metrics
@@ -260,8 +261,9 @@ def run(settings: Settings) -> int:
     in a backend would keep the process alive after the drain. Here the workers are not
     waited for; if any thread is still busy at the end, the process exits at once.
     """
-    loop = asyncio.new_event_loop()
+    loop = loop_factory(settings.event_loop)()
     asyncio.set_event_loop(loop)
+    log.info("event loop: %s", loop_name(loop))
     workers = ThreadPoolExecutor(thread_name_prefix="sluice-worker")
     loop.set_default_executor(workers)
     try:

@@ -540,6 +540,10 @@ class Settings(BaseSettings):
     machine's choice over a number in the settings file."""
     lane: LaneSettings = LaneSettings()
     """The unary path from the transport processes to the engine (``workers`` above 1)."""
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """The event loop of the server's processes (the engine and every transport): auto,
+    uvloop where it is installed, else asyncio's; uvloop, refused at start without it;
+    asyncio, the standard one (``sluice.eventloop``)."""
     log_level: str = "INFO"
     """Log level name."""
     log_format: Literal["auto", "json", "text"] = "auto"

@@ -25,6 +25,7 @@ import abc
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 from sluice.workers.frames import FrameReader
 
@@ -114,7 +115,8 @@ class FramedConnection(asyncio.BufferedProtocol, abc.ABC):
         self._outbox: Outbox | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport (any loop's: uvloop's do not derive from asyncio.Transport).
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         self._outbox = Outbox(
             transport, backlog_bytes=self._backlog_bytes, on_backlog=self._backlog

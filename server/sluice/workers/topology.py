@@ -165,6 +165,7 @@ class Transports:
             tracing=s.tracing.model_dump(mode="json"),
             log_level=s.log_level,
             log_format=s.log_format,
+            event_loop=s.event_loop,
         )
 
     async def _spawn(self, index: int, port: int) -> int:

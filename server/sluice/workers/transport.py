@@ -26,13 +26,14 @@ import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from sluice import logs
 from sluice.errors import ConfigError
+from sluice.eventloop import EventLoopChoice, loop_factory, loop_name
 from sluice.settings import TLSSettings, TracingSettings
 from sluice.tracing import UNTRACED, Tracing, outgoing_context
 from sluice.transport import identity
@@ -71,6 +72,7 @@ class TransportConfig:
     tracing: dict[str, Any] = field(default_factory=dict)
     log_level: str = "INFO"
     log_format: str = "auto"
+    event_loop: str = "auto"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str)
@@ -231,7 +233,13 @@ async def serve(config: TransportConfig) -> int:
         port = server.add_insecure_port(address)
     await server.start()
     print(f"port {port}", flush=True)
-    log.info("transport %d serving %s:%d", config.index, config.host, port)
+    log.info(
+        "transport %d serving %s:%d (%s)",
+        config.index,
+        config.host,
+        port,
+        loop_name(asyncio.get_running_loop()),
+    )
     grace_s = await _wait_for_stop()
     await server.stop(grace_s)
     await lane.close()
@@ -275,7 +283,9 @@ def main(argv: Iterable[str] | None = None) -> int:
         signal.signal(signum, signal.SIG_IGN)
     logs.configure(config.log_level, config.log_format)  # type: ignore[arg-type]
     try:
-        return asyncio.run(serve(config))
+        factory = loop_factory(cast(EventLoopChoice, config.event_loop))
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(serve(config))
     except ConfigError as exc:  # e.g. certificate files changed since the engine read them
         log.error("transport %d cannot start: %s", config.index, exc)
         return 1
