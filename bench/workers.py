@@ -7,6 +7,7 @@ gives the median of the rounds per server and concurrency, and the ratio 2 / 1.
 
     python bench/workers.py                 # 3 rounds at c = 1, 8, 32 (about 5 minutes)
     python bench/workers.py --quick         # 1 round, short windows (a smoke run)
+    python bench/workers.py --event-loops asyncio uvloop   # one setting apart: the loop
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workers", type=int, default=2, help="the second server's workers")
     parser.add_argument(
+        "--event-loops",
+        nargs=2,
+        choices=("auto", "uvloop", "asyncio"),
+        metavar=("FIRST", "SECOND"),
+        help="compare two event loops (setting event_loop), both servers with --workers",
+    )
+    parser.add_argument(
         "--stability",
         type=int,
         default=None,
@@ -46,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = core.QUICK if args.quick else core.FULL
     rounds = args.rounds or (1 if args.quick else 3)
     pa = core.find_perf_analyzer(args.perf_analyzer)
-    names = {"workers-1": "1", f"workers-{args.workers}": str(args.workers)}
+    names = servers_compared(args.workers, args.event_loops)
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {n: {} for n in names}
     with tempfile.TemporaryDirectory(prefix="sluice-bench-workers-") as tmp:
         work = Path(tmp)
@@ -54,8 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         core.build_model(model_file)
         repository = core.make_repository(work / "repo", model_file, "onnx", max_batch_size=64)
         servers = {
-            name: core.sluice_server(name, repository, work, {"SLUICE_WORKERS": count})
-            for name, count in names.items()
+            name: core.sluice_server(name, repository, work, env) for name, env in names.items()
         }
         try:
             for server in servers.values():
@@ -86,6 +93,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(runs, indent=2, default=str))
     return 0
+
+
+def servers_compared(workers: int, loops: Sequence[str] | None) -> dict[str, dict[str, str]]:
+    """The two servers, by name: their settings (environment) differ in one thing only."""
+    if loops:
+        first, second = loops
+        if first == second:
+            raise SystemExit("--event-loops: name two different loops")
+        return {loop: {"SLUICE_WORKERS": str(workers), "SLUICE_EVENT_LOOP": loop} for loop in loops}
+    second = {"SLUICE_WORKERS": str(workers)}
+    return {"workers-1": {"SLUICE_WORKERS": "1"}, f"workers-{workers}": second}
 
 
 def cpu_s(pid: int | None) -> dict[str, float]:
@@ -132,27 +150,39 @@ def _cpu(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def _processes(cpu: dict[str, float]) -> str:
+    """``engine + transports`` microseconds (the engine alone for one process)."""
+    engine, transports = cpu.get("engine", 0.0), cpu.get("transports", 0.0)
+    return f"{engine:.0f} + {transports:.0f}" if transports else f"{engine:.0f}"
+
+
 def table(runs: dict[str, dict[int, list[dict[str, Any]]]], cs: Sequence[int], rounds: int) -> str:
     base, other = list(runs)
     lines = [
         f"medians of {rounds} interleaved round(s); throughput in inferences/s, p50 in us",
         "",
-        f"| c | {base} inf/s | {other} inf/s | ratio | {base} p50 | {other} p50 | stable runs "
-        f"| CPU us/inference {base} | {other}: engine + transports |",
+        f"| c | {base} inf/s | {other} inf/s | ratio (each round) | {base} p50 | {other} p50 "
+        f"| stable runs | CPU us/inference, engine + transports: {base} | {other} |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cs:
         a, b = _median(runs[base][c], "throughput"), _median(runs[other][c], "throughput")
         pa, pb = _median(runs[base][c], "p50_us"), _median(runs[other][c], "p50_us")
         ratio = f"{b / a:.2f}" if a and b else "n/a"
+        pairs = zip(runs[base][c], runs[other][c], strict=False)
+        each = [
+            f"{y['throughput'] / x['throughput']:.2f}"
+            for x, y in pairs
+            if x.get("throughput") and y.get("throughput")
+        ]
         stable = "/".join(
             str(sum(r.get("throughput") is not None for r in runs[n][c])) for n in (base, other)
         )
         cpu_a, cpu_b = _cpu(runs[base][c]), _cpu(runs[other][c])
         lines.append(
-            f"| {c} | {a or 0:.0f} | {b or 0:.0f} | {ratio} | {pa or 0:.0f} | {pb or 0:.0f} "
-            f"| {stable} | {cpu_a.get('engine', 0):.0f} "
-            f"| {cpu_b.get('engine', 0):.0f} + {cpu_b.get('transports', 0):.0f} |"
+            f"| {c} | {a or 0:.0f} | {b or 0:.0f} | {ratio} ({', '.join(each)}) "
+            f"| {pa or 0:.0f} | {pb or 0:.0f} | {stable} | {_processes(cpu_a)} "
+            f"| {_processes(cpu_b)} |"
         )
     return "\n".join(lines)
 

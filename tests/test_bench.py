@@ -338,3 +338,32 @@ def test_profile_counts_the_cpu_of_the_server_its_children_and_their_threads() -
             os.kill(pid, signal.SIGKILL)
         parent.kill()
         parent.wait()
+
+
+def test_workers_bench_compares_two_servers_one_setting_apart() -> None:
+    """bench/workers.py: workers 1 against N, or two event loops with the same workers; the
+    table gives medians, the ratio and each round's ratio, and each server's CPU."""
+    workers = _load("workers")
+    assert workers.servers_compared(2, None) == {
+        "workers-1": {"SLUICE_WORKERS": "1"},
+        "workers-2": {"SLUICE_WORKERS": "2"},
+    }
+    loops = workers.servers_compared(3, ["asyncio", "uvloop"])
+    assert loops == {
+        "asyncio": {"SLUICE_WORKERS": "3", "SLUICE_EVENT_LOOP": "asyncio"},
+        "uvloop": {"SLUICE_WORKERS": "3", "SLUICE_EVENT_LOOP": "uvloop"},
+    }
+    with pytest.raises(SystemExit):
+        workers.servers_compared(2, ["uvloop", "uvloop"])
+
+    def run(throughput: float, engine: float, transports: float) -> dict[str, object]:
+        cpu = {"engine": engine, "transports": transports}
+        return {"throughput": throughput, "p50_us": 1000.0, "cpu_us_per_inference": cpu}
+
+    runs = {
+        "asyncio": {32: [run(1000, 400, 300), run(1200, 420, 310)]},
+        "uvloop": {32: [run(1100, 350, 250), run(1500, 360, 260)]},
+    }
+    row = workers.table(runs, [32], 2).splitlines()[-1]
+    assert row.startswith("| 32 | 1100 | 1300 | 1.18 (1.10, 1.25) |"), row
+    assert row.endswith("| 2/2 | 410 + 305 | 355 + 255 |"), row
