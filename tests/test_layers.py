@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
         "sluice.files",
         "sluice.machine",
         "sluice.threads",
+        "sluice.eventloop",
         "sluice.stats",
         "sluice.domain",
         "sluice.priority",
