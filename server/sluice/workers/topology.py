@@ -27,6 +27,7 @@ from pathlib import Path
 from sluice.metrics import Metrics
 from sluice.settings import Settings
 from sluice.workers import shm
+from sluice.workers.child import Child
 from sluice.workers.lane import LaneServer
 from sluice.workers.port_lock import PortLock
 from sluice.workers.transport import TransportConfig
@@ -117,7 +118,7 @@ class Transports:
         self._engine = engine
         self._python = python
         self._metrics = metrics
-        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._procs: dict[int, Child] = {}
         metrics.lane.transports.watch(self._running)
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -170,17 +171,9 @@ class Transports:
 
     async def _spawn(self, index: int, port: int) -> int:
         """Start transport ``index`` on ``port``; the port it listens on."""
-        proc = await asyncio.create_subprocess_exec(
-            self._python,
-            "-m",
-            "sluice.workers.transport",
-            self._config(index, port).to_json(),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=transport_environment(os.environ),
-        )
+        argv = (self._python, "-m", "sluice.workers.transport", self._config(index, port).to_json())
+        proc = await Child.start(argv, transport_environment(os.environ))
         self._procs[index] = proc
-        assert proc.stdout is not None
         try:
             async with asyncio.timeout(START_LIMIT_S):
                 line = await proc.stdout.readline()
@@ -232,9 +225,7 @@ class Transports:
         """Tell every transport to stop: no new calls, those in flight get ``grace_s``."""
         self._stopping = True
         for proc in self._procs.values():
-            if proc.returncode is None and proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    proc.stdin.write(f"stop {grace_s:.3f}\n".encode())
+            proc.write(f"stop {grace_s:.3f}\n")
 
     async def wait_stopped(self, limit_s: float) -> None:
         """Wait for the transports to exit; kill any still running after ``limit_s``."""

@@ -1,0 +1,85 @@
+"""A transport process as the engine starts and watches it, on any event loop.
+
+It is started by ``subprocess.Popen`` (which uses vfork or posix_spawn: no fork handlers
+run in the engine, whose grpc threads are busy) rather than the loop's own subprocess
+support: uvloop's forks, and grpc's fork handlers then print a line of their own ("Other
+threads are currently calling into gRPC, skipping fork() handlers") into the engine's
+JSON log. Its stdout is read through the loop; its exit is seen through a pidfd, so it is
+reaped as soon as it ends, whether or not anyone waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+
+
+class Child:
+    """One started process: its pid, exit status once ended, stdout lines, stdin lines."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], stdout: asyncio.StreamReader) -> None:
+        self._popen = popen
+        self.stdout = stdout
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def start(cls, argv: Sequence[str], env: Mapping[str, str]) -> Child:
+        # On the loop, as asyncio's own subprocess support does: vfork and exec take about
+        # a millisecond, and the loop must know the process before anything else runs.
+        popen = subprocess.Popen(  # noqa: ASYNC220
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(env), bufsize=0
+        )
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        assert popen.stdout is not None
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stdout)
+        child = cls(popen, reader)
+        child._watch(loop)
+        return child
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    def write(self, line: str) -> None:
+        """One line to its stdin (ignored once it has gone)."""
+        if self._popen.stdin is not None and self.returncode is None:
+            with contextlib.suppress(OSError):
+                self._popen.stdin.write(line.encode())
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._popen.kill()
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # no pidfd here: a thread waits instead
+            task = loop.create_task(asyncio.to_thread(self._popen.wait))
+            task.add_done_callback(lambda done: self._ended(done.result()))
+            return
+
+        def readable() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self._ended(self._popen.wait())  # it has exited: this reaps it at once
+
+        loop.add_reader(pidfd, readable)
+
+    def _ended(self, status: int) -> None:
+        if self._popen.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._popen.stdin.close()
+        if not self._exited.done():
+            self._exited.set_result(status)
