@@ -20,9 +20,15 @@ from collections.abc import Mapping, Sequence
 class Child:
     """One started process: its pid, exit status once ended, stdout lines, stdin lines."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], stdout: asyncio.StreamReader) -> None:
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        stdout: asyncio.StreamReader,
+        pipe: asyncio.BaseTransport,
+    ) -> None:
         self._popen = popen
         self.stdout = stdout
+        self._pipe = pipe
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     @classmethod
@@ -35,8 +41,10 @@ class Child:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         assert popen.stdout is not None
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stdout)
-        child = cls(popen, reader)
+        pipe, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), popen.stdout
+        )
+        child = cls(popen, reader, pipe)
         child._watch(loop)
         return child
 
@@ -78,6 +86,8 @@ class Child:
         loop.add_reader(pidfd, readable)
 
     def _ended(self, status: int) -> None:
+        """It exited: its pipes are closed (a loop cannot close with them open)."""
+        self._pipe.close()
         if self._popen.stdin is not None:
             with contextlib.suppress(OSError):
                 self._popen.stdin.close()
