@@ -19,9 +19,11 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import run as core  # bench/run.py: model, repository, servers, perf_analyzer
+
+from sluice.eventloop import EventLoopChoice
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -33,7 +35,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--event-loops",
         nargs=2,
-        choices=("auto", "uvloop", "asyncio"),
+        choices=get_args(EventLoopChoice),
         metavar=("FIRST", "SECOND"),
         help="compare two event loops (setting event_loop), both servers with --workers",
     )

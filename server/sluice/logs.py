@@ -17,11 +17,12 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from opentelemetry import trace
 
 from sluice import callctx
+from sluice.settings import LogFormat
 
 #: The optional per-record fields a call site may set (through ``fields``).
 FIELDS = (
@@ -124,7 +125,7 @@ class TextFormatter(logging.Formatter):
         return f"{line} [request {request_id}]" if request_id else line
 
 
-def configure(level: str, log_format: Literal["auto", "json", "text"]) -> None:
+def configure(level: str, log_format: LogFormat) -> None:
     """Send the root logger's records to stderr in ``log_format`` (called once, in ``main``);
     ``auto`` is text for a person at a terminal and JSON for a log collector."""
     if log_format == "auto":

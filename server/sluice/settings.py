@@ -18,6 +18,12 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from sluice.eventloop import EventLoopChoice
+
+LogFormat = Literal["auto", "json", "text"]
+"""``json``: one JSON object per line; ``text``: plain lines for a person; ``auto``: text
+at a terminal, else JSON (``sluice.logs.configure``)."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
@@ -540,13 +546,13 @@ class Settings(BaseSettings):
     machine's choice over a number in the settings file."""
     lane: LaneSettings = LaneSettings()
     """The unary path from the transport processes to the engine (``workers`` above 1)."""
-    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    event_loop: EventLoopChoice = "auto"
     """The event loop of the server's processes (the engine and every transport): auto,
     uvloop where it is installed, else asyncio's; uvloop, refused at start without it;
     asyncio, the standard one (``sluice.eventloop``)."""
     log_level: str = "INFO"
     """Log level name."""
-    log_format: Literal["auto", "json", "text"] = "auto"
+    log_format: LogFormat = "auto"
     """``json``: one JSON object per line (timestamp, level, request and trace ids, model,
     version, backend, outcome); ``text``: plain lines for a person; ``auto``: text when
     stderr is a terminal, else JSON."""

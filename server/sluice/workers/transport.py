@@ -26,7 +26,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2
 from sluice import logs
 from sluice.errors import ConfigError
 from sluice.eventloop import EventLoopChoice, loop_factory, loop_name
-from sluice.settings import TLSSettings, TracingSettings
+from sluice.settings import LogFormat, TLSSettings, TracingSettings
 from sluice.tracing import UNTRACED, Tracing, outgoing_context
 from sluice.transport import identity
 from sluice.transport.tls import CertificateFiles
@@ -71,8 +71,8 @@ class TransportConfig:
     tls: dict[str, Any] = field(default_factory=dict)
     tracing: dict[str, Any] = field(default_factory=dict)
     log_level: str = "INFO"
-    log_format: str = "auto"
-    event_loop: str = "auto"
+    log_format: LogFormat = "auto"
+    event_loop: EventLoopChoice = "auto"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str)
@@ -281,9 +281,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     _die_with_parent(config.parent_pid)
     for signum in (signal.SIGTERM, signal.SIGINT):  # the engine drains, then stops us
         signal.signal(signum, signal.SIG_IGN)
-    logs.configure(config.log_level, config.log_format)  # type: ignore[arg-type]
+    logs.configure(config.log_level, config.log_format)
     try:
-        factory = loop_factory(cast(EventLoopChoice, config.event_loop))
+        factory = loop_factory(config.event_loop)
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(serve(config))
     except ConfigError as exc:  # e.g. certificate files changed since the engine read them
