@@ -83,8 +83,12 @@ STAGE_OF_PATH: tuple[tuple[str, str | None], ...] = (
 DECODE_FUNCTIONS = ("decode_message", "decode_off_loop", "encode_off_loop", "CallInfo.decode")
 IDLE_LEAVES = ("EpollSelector.select (", "PollSelector.select (", "SelectSelector.select (")
 CALLBACK = "Handle._run ("
-"""The frame that runs one event-loop callback: frames above it are the loop itself (and
-the server's start-up code that called ``asyncio.run``)."""
+"""The frame that runs one event-loop callback on asyncio's own loop: frames above it are
+the loop itself (and the server's start-up code that called ``asyncio.run``)."""
+LOOP_ENTRIES = (("Runner.run", "/asyncio/runners.py"), ("run", "/sluice/app.py"))
+"""The frames that call ``run_until_complete`` (``asyncio.Runner``: a transport; ``app.run``:
+the server). uvloop runs its callbacks from C, with no Python frame between: on that loop a
+callback's frames are those below the last of these."""
 
 
 def frame_parts(frame: str) -> tuple[str, str]:
@@ -93,9 +97,15 @@ def frame_parts(frame: str) -> tuple[str, str]:
     return func, where.rsplit(":", 1)[0]
 
 
+def _enters_loop(func: str, path: str) -> bool:
+    return any(func == name and path.endswith(end) for name, end in LOOP_ENTRIES)
+
+
 def callback_frames(stack: list[str]) -> list[str]:
     """The frames of the event-loop callback a sample is in (none: the loop itself)."""
     starts = [i for i, frame in enumerate(stack) if frame.startswith(CALLBACK)]
+    if not starts:  # uvloop
+        starts = [i for i, frame in enumerate(stack) if _enters_loop(*frame_parts(frame))]
     return stack[starts[-1] + 1 :] if starts else []
 
 

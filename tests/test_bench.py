@@ -300,6 +300,37 @@ def test_profile_attributes_each_loop_sample_to_the_stage_of_its_deepest_own_fra
     assert samples["inclusive"]["Router.infer (router.py)"] == 2
 
 
+def test_profile_finds_the_callbacks_of_uvloop_below_the_runner(tmp_path: Path) -> None:
+    """uvloop runs callbacks from C: no ``Handle._run`` frame; a callback's frames are those
+    below ``asyncio.Runner``'s (a transport) or ``app.run``'s (the server), and the frames
+    that start the loop decide nothing."""
+    profile = _load("profile_path")
+    srv = "/repo/server/sluice"
+    loop = (
+        f"<module> ({srv}/__main__.py:4);main ({srv}/cli.py:90)"
+        ";Runner.run (/py/asyncio/runners.py:118)"
+    )
+    raw = tmp_path / "samples.raw"
+    raw.write_text(
+        "\n".join(
+            [
+                f"thread (7): MainThread;{loop} 2",  # the loop's own work, from C
+                f"thread (7): MainThread;<module> ({srv}/__main__.py:4)"
+                f";run ({srv}/app.py:270);DataPlane.infer ({srv}/dataplane/plane.py:2) 1",
+                f"thread (7): MainThread;{loop};_EngineConnection._run"
+                f" ({srv}/workers/lane_engine.py:3);Router.infer ({srv}/routing/router.py:5) 3",
+                f"thread (7): MainThread;{loop}"
+                f";DynamicBatcher._execute ({srv}/batching/dynamic.py:1) 4",
+            ]
+        )
+        + "\n"
+    )
+    samples = profile.read_samples(raw, 7)
+    assert dict(samples["stages"]) == {"grpc": 2, "routing": 4, "batcher": 4}
+    assert samples["inclusive"]["Router.infer (router.py)"] == 3
+    assert "main (cli.py)" not in samples["inclusive"]
+
+
 def test_profile_counts_the_cpu_of_the_server_its_children_and_their_threads() -> None:
     """``cpu_by_thread``: a server process's own threads, and its children's (the transports)
     summed, from /proc, so a row says what a request costs in every process."""
