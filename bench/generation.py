@@ -8,7 +8,12 @@ generations back to back for a fixed number of requests. Reported per concurrenc
 
 * aggregate tokens/s (tokens received / wall time of the run),
 * time to first token (TTFT) p50 / p99: request sent -> first chunk received,
-* time per output token (TPOT) p50 / p99: (last chunk - first chunk) / (tokens - 1).
+* time per output token (TPOT) p50 / p99: (last chunk - first chunk) / (tokens - 1),
+* where the CPU goes, in us per token received (from ``/proc``): the server's event loop
+  (its main thread), its busiest other thread (the generation engine's: forward passes,
+  sampling, detokenizing), its other threads together, and this process (the client);
+  and how busy the whole machine was (a machine far from busy with the engine thread on
+  CPU most of a step's time says the engine thread is the limit, not the cores).
 
 Prompts rotate through a fixed list; sampling at temperature 0.8 with a per-request seed;
 output lengths spread evenly over 32..96 tokens (mean 64).
@@ -31,6 +36,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -47,6 +53,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = REPO_ROOT / "server" / "sluice" / "example_models" / "tiny_llama" / "1"
 RESULTS = REPO_ROOT / "bench" / "results"
 LISTENING = re.compile(r"gRPC listening on [^:]+:(?P<port>\d+)")
+CPU_COLUMNS = ("event loop", "engine thread", "other server threads", "client")
 
 PROMPTS = [
     "Once upon a time",
@@ -105,7 +112,8 @@ def write_large_model(repository: Path) -> str:
 
 
 @contextlib.contextmanager
-def server(repository: Path, device: str, log_path: Path) -> Iterator[str]:
+def server(repository: Path, device: str, log_path: Path) -> Iterator[tuple[str, int]]:
+    """A ``sluice serve`` subprocess: its address and pid."""
     env = dict(os.environ)
     env.update(
         SLUICE_DRAIN_GRACE_S="2",
@@ -131,7 +139,7 @@ def server(repository: Path, device: str, log_path: Path) -> Iterator[str]:
             if "ready:" in (text := log_path.read_text()):
                 match = LISTENING.search(text)
                 port = int(match.group("port")) if match else None
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -152,6 +160,55 @@ class Run:
     ttft_p99_ms: float
     tpot_p50_ms: float
     tpot_p99_ms: float
+    cpu_us_per_token: dict[str, float] | None = None
+    machine_busy_pct: float | None = None
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process ``pid``, by thread id."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    threads: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            threads[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return threads
+
+
+def cpu_split(
+    pid: int, before: dict[int, float], after: dict[int, float], client_s: float, tokens: int
+) -> dict[str, float]:
+    """us of CPU per token: the server's main thread (the event loop), its busiest other
+    thread over the run (the generation engine's), its other threads, and the client."""
+    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop = used.pop(pid, 0.0)
+    engine = max(used.values(), default=0.0)
+    per_token = 1e6 / max(tokens, 1)
+    return {
+        "event loop": round(loop * per_token),
+        "engine thread": round(engine * per_token),
+        "other server threads": round((sum(used.values()) - engine) * per_token),
+        "client": round(client_s * per_token),
+    }
+
+
+def machine_busy_pct(before: list[int], after: list[int]) -> float | None:
+    """Share of the machine's CPU time that was not idle between two ``/proc/stat`` cpu
+    lines (user, nice, system, idle, iowait, ...)."""
+    total = sum(after) - sum(before)
+    if total <= 0:
+        return None
+    idle = (after[3] + after[4]) - (before[3] + before[4])
+    return round(100 * (1 - idle / total), 1)
+
+
+def _machine_ticks() -> list[int]:
+    return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+
+
+def _self_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def output_length(index: int, mean: int) -> int:
@@ -168,8 +225,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def measure(
-    address: str, model: str, *, concurrency: int, requests: int, max_new_tokens: int
+    address: str,
+    model: str,
+    *,
+    concurrency: int,
+    requests: int,
+    max_new_tokens: int,
+    server_pid: int | None = None,
 ) -> Run:
+    """One run; with ``server_pid``, also where the CPU went while it ran (after the
+    warm-up: ``cpu_us_per_token``, ``machine_busy_pct``)."""
     from sluice_api.sluice.v1 import generation_service_pb2 as gen
     from sluice_api.sluice.v1 import generation_service_pb2_grpc as gen_grpc
 
@@ -209,9 +274,17 @@ async def measure(
         await stub.Generate(
             gen.GenerateRequest(model_name=model, prompt="Hi", parameters=gen.SamplingParameters())
         ).read()
+        threads0 = thread_cpu_s(server_pid) if server_pid is not None else {}
+        ticks0, client0 = _machine_ticks(), _self_cpu_s()
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
+        cpu, busy = None, None
+        if server_pid is not None:
+            cpu = cpu_split(
+                server_pid, threads0, thread_cpu_s(server_pid), _self_cpu_s() - client0, tokens
+            )
+            busy = machine_busy_pct(ticks0, _machine_ticks())
     return Run(
         model=model,
         concurrency=concurrency,
@@ -223,6 +296,8 @@ async def measure(
         ttft_p99_ms=round(percentile(ttft, 0.99) * 1000, 2),
         tpot_p50_ms=round(percentile(tpot, 0.5) * 1000, 2),
         tpot_p99_ms=round(percentile(tpot, 0.99) * 1000, 2),
+        cpu_us_per_token=cpu,
+        machine_busy_pct=busy,
     )
 
 
@@ -253,7 +328,19 @@ def report(runs: list[Run]) -> str:
         f"| {r.ttft_p99_ms} | {r.tpot_p50_ms} | {r.tpot_p99_ms} |"
         for r in runs
     ]
-    return "\n".join([header, *rows, "", *verdict(runs)])
+    cpu_header = (
+        "| model | streams | us CPU per token: event loop | engine thread | other server "
+        "threads | client | machine busy % |\n|---|---|---|---|---|---|---|"
+    )
+    cpu_rows = [
+        f"| {r.model} | {r.concurrency} | "
+        + " | ".join(str(r.cpu_us_per_token.get(k, "")) for k in CPU_COLUMNS)
+        + f" | {r.machine_busy_pct} |"
+        for r in runs
+        if r.cpu_us_per_token
+    ]
+    cpu = [cpu_header, *cpu_rows, ""] if cpu_rows else []
+    return "\n".join([header, *rows, "", *cpu, *verdict(runs)])
 
 
 def main() -> int:
@@ -267,7 +354,7 @@ def main() -> int:
         repository = Path(tmp) / "models"
         shutil.copytree(TINY.parent, repository / "tiny_llama")
         models = ["tiny_llama"] if args.quick else ["tiny_llama", write_large_model(repository)]
-        with server(repository, args.device, Path(tmp) / "server.log") as address:
+        with server(repository, args.device, Path(tmp) / "server.log") as (address, pid):
             for model in models:
                 for concurrency in (1, 4, 16, 32):
                     requests = max(8, concurrency * (2 if args.quick else 4))
@@ -279,6 +366,7 @@ def main() -> int:
                             concurrency=concurrency,
                             requests=requests,
                             max_new_tokens=args.max_new_tokens,
+                            server_pid=pid,
                         )
                     )
                     note(f"  {run}")

@@ -199,6 +199,8 @@ def test_null_server_serves_the_conv_shapes_and_the_check_catches_wrong_answers(
 
     spec = bench_run.conv_spec(conv_file)
     with bench_run.running(bench_run.null_server(tmp_path, spec)) as server:
+        # On the loop Sluice serves on by default, so the ceiling is measured alike.
+        assert "event loop: uvloop" in server.log_path.read_text()
         with grpc.insecure_channel(server.address) as channel:
             meta = bench_run._stub(channel).ModelMetadata(pb.ModelMetadataRequest(name="conv"))
         assert [(t.name, list(t.shape)) for t in meta.inputs] == [
@@ -398,3 +400,26 @@ def test_workers_bench_compares_two_servers_one_setting_apart() -> None:
     row = workers.table(runs, [32], 2).splitlines()[-1]
     assert row.startswith("| 32 | 1100 | 1300 | 1.18 (1.10, 1.25) |"), row
     assert row.endswith("| 2/2 | 410 + 305 | 355 + 255 |"), row
+
+
+def test_generation_bench_splits_cpu_per_token_by_thread_and_machine_busy() -> None:
+    """bench/generation.py: the server's main thread is the event loop, its busiest other
+    thread the engine's; /proc is read for real (this process's threads)."""
+    generation = _load("generation")
+    pid = os.getpid()
+    before = {pid: 1.0, pid + 1: 2.0, pid + 2: 0.5}
+    after = {pid: 1.2, pid + 1: 2.6, pid + 2: 0.6, pid + 3: 0.1}  # a thread started meanwhile
+    split = generation.cpu_split(pid, before, after, client_s=0.05, tokens=1000)
+    assert split == {
+        "event loop": 200,
+        "engine thread": 600,
+        "other server threads": 200,
+        "client": 50,
+    }
+    assert generation.machine_busy_pct([10, 0, 10, 70, 10], [40, 0, 20, 100, 20]) == 50.0
+    assert generation.machine_busy_pct([1, 0, 1, 1, 1], [1, 0, 1, 1, 1]) is None
+    threads = generation.thread_cpu_s(pid)
+    assert pid in threads and all(seconds >= 0 for seconds in threads.values())
+    run = generation.Run("m", 16, 32, 2000, 1.0, 2000.0, 10.0, 20.0, 4.0, 5.0, split, 40.0)
+    text = generation.report([run])
+    assert "| m | 16 | 200 | 600 | 200 | 50 | 40.0 |" in text
