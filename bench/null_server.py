@@ -17,10 +17,13 @@ It implements just enough of the Open Inference Protocol v2 (Triton flavour) for
 It uses Sluice's generated stubs (``sluice_api.inference``) and the same grpc.aio server
 options as Sluice, but no interceptors, batcher, executor or thread hop, so whatever
 throughput it reaches is the most a Python grpc.aio server can do on this machine with
-the same client. Like Sluice, it logs ``gRPC listening on HOST:PORT`` (at INFO, on
-stderr) once the port is bound; ``--port 0`` picks a free port.
+the same client. It runs on the event loop Sluice runs on by default (``--event-loop
+auto``: uvloop where installed, as Sluice's ``event_loop`` setting; ``asyncio`` keeps the
+standard loop, as every run before 2026-12-07 did), and logs which (``event loop:
+uvloop``). Like Sluice, it logs ``gRPC listening on HOST:PORT`` (at INFO, on stderr) once
+the port is bound; ``--port 0`` picks a free port.
 
-    python bench/null_server.py --port 0
+    python bench/null_server.py --port 0 [--event-loop auto|uvloop|asyncio]
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ import logging
 import math
 import signal
 import sys
-from typing import Any
+from typing import Any, get_args
 
 import grpc
 
+from sluice.eventloop import EventLoopChoice, loop_factory, loop_name
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.inference import grpc_service_pb2_grpc as pb_grpc
 from sluice_api.inference import model_config_pb2 as mc
@@ -204,11 +208,20 @@ def main(argv: list[str] | None = None) -> int:
         help="an FP32 output, as --input",
     )
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument(
+        "--event-loop",
+        choices=get_args(EventLoopChoice),
+        default="auto",
+        help="the loop to serve on, as Sluice's event_loop setting (default: auto, uvloop "
+        "where installed)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return asyncio.run(serve(args))
+    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+        log.info("event loop: %s", loop_name(runner.get_loop()))
+        return runner.run(serve(args))
 
 
 if __name__ == "__main__":
