@@ -4,6 +4,7 @@ and a clear refusal when uvloop is asked for and missing."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 import pytest
@@ -39,6 +40,18 @@ def test_without_uvloop_auto_falls_back_and_uvloop_is_refused(
     assert _made_by("auto") == "asyncio"
     with pytest.raises(ConfigError, match="uvloop is not installed"):
         loop_factory("uvloop")
+
+
+def test_the_server_refuses_to_start_without_uvloop_when_asked_for_it_with_a_log_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sluice import app
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    monkeypatch.setenv("SLUICE_EVENT_LOOP", "uvloop")
+    with caplog.at_level(logging.ERROR, logger="sluice.app"):
+        assert app.run(load_settings()) == 1
+    assert "cannot start: event_loop is uvloop, but uvloop is not installed" in caplog.text
 
 
 def test_the_setting_defaults_to_auto_and_takes_only_known_loops(

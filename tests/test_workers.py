@@ -481,6 +481,8 @@ async def test_a_dead_transport_is_restarted_and_none_outlives_a_killed_server(
         for index in (0, 1):
             await server.wait_for(rf"transport {index} serving \S+ \(uvloop\)")
         first, second = children(server.proc.pid)
+        for pid in (first, second):  # stdout, once the port is told, is the log
+            assert os.readlink(f"/proc/{pid}/fd/1") == os.readlink(f"/proc/{pid}/fd/2")
         # Large requests the transports had written to shared memory, never read.
         left = shm.SHM_DIR / f"sluice-lane-{first}-{'a' * 32}"
         kept = shm.SHM_DIR / f"sluice-lane-{second}-{'b' * 32}"

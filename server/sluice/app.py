@@ -261,7 +261,12 @@ def run(settings: Settings) -> int:
     in a backend would keep the process alive after the drain. Here the workers are not
     waited for; if any thread is still busy at the end, the process exits at once.
     """
-    loop = loop_factory(settings.event_loop)()
+    try:
+        factory = loop_factory(settings.event_loop)
+    except ConfigError as exc:  # uvloop asked for and missing: a log line, not a traceback
+        log.error("cannot start: %s", exc.message)
+        return 1
+    loop = factory()
     asyncio.set_event_loop(loop)
     log.info("event loop: %s", loop_name(loop))
     workers = ThreadPoolExecutor(thread_name_prefix="sluice-worker")

@@ -5,7 +5,10 @@ run in the engine, whose grpc threads are busy) rather than the loop's own subpr
 support: uvloop's forks, and grpc's fork handlers then print a line of their own ("Other
 threads are currently calling into gRPC, skipping fork() handlers") into the engine's
 JSON log. Its stdout is read through the loop; its exit is seen through a pidfd, so it is
-reaped as soon as it ends, whether or not anyone waits for it.
+reaped as soon as it ends, whether or not anyone waits for it. Where there is no pidfd
+(kernels before 5.3, sandboxes that refuse ``pidfd_open``), a thread of its own waits for
+it: never one of the loop's default executor, whose threads the server needs for its calls
+(a long-lived child would hold one for its whole life).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import asyncio
 import contextlib
 import os
 import subprocess
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 
 
 class Child:
@@ -41,9 +45,17 @@ class Child:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         assert popen.stdout is not None
-        pipe, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), popen.stdout
-        )
+        try:
+            pipe, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), popen.stdout
+            )
+        except BaseException:  # cancelled (the server is stopping) or no pipe: nobody
+            popen.kill()  # would ever watch it, so it must not live on
+            for pipe_end in (popen.stdin, popen.stdout):
+                if pipe_end is not None:
+                    pipe_end.close()
+            _wait_in_thread(popen, lambda status: None)
+            raise
         child = cls(popen, reader, pipe)
         child._watch(loop)
         return child
@@ -73,9 +85,13 @@ class Child:
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             pidfd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):  # no pidfd here: a thread waits instead
-            task = loop.create_task(asyncio.to_thread(self._popen.wait))
-            task.add_done_callback(lambda done: self._ended(done.result()))
+        except (AttributeError, OSError):  # no pidfd here: a thread of its own waits instead
+
+            def ended(status: int) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                    loop.call_soon_threadsafe(self._ended, status)
+
+            _wait_in_thread(self._popen, ended)
             return
 
         def readable() -> None:
@@ -93,3 +109,10 @@ class Child:
                 self._popen.stdin.close()
         if not self._exited.done():
             self._exited.set_result(status)
+
+
+def _wait_in_thread(popen: subprocess.Popen[bytes], then: Callable[[int], None]) -> None:
+    """Reap ``popen`` on a daemon thread of its own and hand ``then`` its exit status."""
+    threading.Thread(
+        target=lambda: then(popen.wait()), name=f"sluice-reap-{popen.pid}", daemon=True
+    ).start()

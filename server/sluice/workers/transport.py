@@ -233,6 +233,10 @@ async def serve(config: TransportConfig) -> int:
         port = server.add_insecure_port(address)
     await server.start()
     print(f"port {port}", flush=True)
+    # The engine reads only that line: anything written to stdout later (a stray print, a
+    # library's message) goes to the log instead, never into a pipe nobody drains, where
+    # it would block this process once the pipe is full.
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     log.info(
         "transport %d serving %s:%d (%s)",
         config.index,
