@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
+import run as core  # bench/run.py: /proc readers shared by the benchmarks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = REPO_ROOT / "server" / "sluice" / "example_models" / "tiny_llama" / "1"
@@ -166,13 +167,11 @@ class Run:
 
 def thread_cpu_s(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) of each thread of process ``pid``, by thread id."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    threads: dict[int, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            threads[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
-    return threads
+    threads = {
+        int(task.name): core.stat_cpu_s(task / "stat")
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    }
+    return {tid: seconds for tid, seconds in threads.items() if seconds is not None}
 
 
 def cpu_split(
@@ -190,20 +189,6 @@ def cpu_split(
         "other server threads": round((sum(used.values()) - engine) * per_token),
         "client": round(client_s * per_token),
     }
-
-
-def machine_busy_pct(before: list[int], after: list[int]) -> float | None:
-    """Share of the machine's CPU time that was not idle between two ``/proc/stat`` cpu
-    lines (user, nice, system, idle, iowait, ...)."""
-    total = sum(after) - sum(before)
-    if total <= 0:
-        return None
-    idle = (after[3] + after[4]) - (before[3] + before[4])
-    return round(100 * (1 - idle / total), 1)
-
-
-def _machine_ticks() -> list[int]:
-    return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
 
 
 def _self_cpu_s() -> float:
@@ -275,7 +260,7 @@ async def measure(
             gen.GenerateRequest(model_name=model, prompt="Hi", parameters=gen.SamplingParameters())
         ).read()
         threads0 = thread_cpu_s(server_pid) if server_pid is not None else {}
-        ticks0, client0 = _machine_ticks(), _self_cpu_s()
+        ticks0, client0 = core._cpu_times(), _self_cpu_s()
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
@@ -284,7 +269,7 @@ async def measure(
             cpu = cpu_split(
                 server_pid, threads0, thread_cpu_s(server_pid), _self_cpu_s() - client0, tokens
             )
-            busy = machine_busy_pct(ticks0, _machine_ticks())
+            busy = core.machine_busy_pct(ticks0, core._cpu_times())
     return Run(
         model=model,
         concurrency=concurrency,

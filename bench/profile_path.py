@@ -167,8 +167,10 @@ def read_samples(raw: Path, pid: int) -> dict[str, Any]:
 
 def thread_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of the process's main thread (the event loop)."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    seconds = core.stat_cpu_s(Path(f"/proc/{pid}/task/{pid}/stat"))
+    if seconds is None:
+        raise RuntimeError(f"process {pid} is gone")
+    return seconds
 
 
 def _stat(path: Path) -> tuple[str, int, float] | None:

@@ -176,13 +176,28 @@ def _cpu_times() -> dict[str, int]:
     return {name: int(value) for name, value in zip(names, first[1:], strict=False)}
 
 
-def _proc_cpu_s(pid: int) -> float | None:
-    """utime + stime of a process in seconds."""
+def stat_cpu_s(stat: Path) -> float | None:
+    """utime + stime in seconds from a ``/proc`` stat file (a process's or, under
+    ``task/``, a thread's); None once it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat.read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu_s(pid: int) -> float | None:
+    """utime + stime of a process in seconds."""
+    return stat_cpu_s(Path(f"/proc/{pid}/stat"))
+
+
+def machine_busy_pct(before: dict[str, int], after: dict[str, int]) -> float | None:
+    """Share of the machine's CPU time that was not idle between two ``_cpu_times``."""
+    total = sum(after.values()) - sum(before.values())
+    if not before or not after or total <= 0:
+        return None
+    idle = (after["idle"] + after.get("iowait", 0)) - (before["idle"] + before.get("iowait", 0))
+    return round(100 * (1 - idle / total), 1)
 
 
 def _children_cpu_s() -> float:
@@ -219,16 +234,13 @@ class CpuWindow:
                 out["server_cores"] = round((now - self.server0) / wall, 2)
         out["client_cores"] = round((_children_cpu_s() - self.children0) / wall, 2)
         stat1 = _cpu_times()
-        if self.stat0 and stat1:
+        busy = machine_busy_pct(self.stat0, stat1)
+        if busy is not None:
             total = sum(stat1.values()) - sum(self.stat0.values())
-            if total > 0:
-                idle = (stat1["idle"] + stat1.get("iowait", 0)) - (
-                    self.stat0["idle"] + self.stat0.get("iowait", 0)
-                )
-                out["machine_busy_pct"] = round(100 * (1 - idle / total), 1)
-                out["steal_pct"] = round(
-                    100 * (stat1.get("steal", 0) - self.stat0.get("steal", 0)) / total, 1
-                )
+            out["machine_busy_pct"] = busy
+            out["steal_pct"] = round(
+                100 * (stat1.get("steal", 0) - self.stat0.get("steal", 0)) / total, 1
+            )
         return out
 
 

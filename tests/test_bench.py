@@ -416,8 +416,10 @@ def test_generation_bench_splits_cpu_per_token_by_thread_and_machine_busy() -> N
         "other server threads": 200,
         "client": 50,
     }
-    assert generation.machine_busy_pct([10, 0, 10, 70, 10], [40, 0, 20, 100, 20]) == 50.0
-    assert generation.machine_busy_pct([1, 0, 1, 1, 1], [1, 0, 1, 1, 1]) is None
+    before = {"user": 10, "nice": 0, "system": 10, "idle": 70, "iowait": 10}
+    after = {"user": 40, "nice": 0, "system": 20, "idle": 100, "iowait": 20}
+    assert generation.core.machine_busy_pct(before, after) == 50.0
+    assert generation.core.machine_busy_pct(before, before) is None
     threads = generation.thread_cpu_s(pid)
     assert pid in threads and all(seconds >= 0 for seconds in threads.values())
     run = generation.Run("m", 16, 32, 2000, 1.0, 2000.0, 10.0, 20.0, 4.0, 5.0, split, 40.0)

@@ -58,12 +58,19 @@ def test_a_child_is_started_read_told_to_stop_killed_and_reaped(loop: str) -> No
         runner.run(_lifecycle())
 
 
-def test_without_a_pidfd_a_thread_waits_for_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_pidfd(pid: int) -> int:
+@pytest.fixture
+def no_pidfd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``os.pidfd_open`` fails, as on kernels before 5.3 or in a sandbox that refuses it."""
+
+    def refused(pid: int) -> int:
         raise OSError("no pidfd here")
 
-    opener: Callable[[int], int] = no_pidfd
+    opener: Callable[[int], int] = refused
     monkeypatch.setattr(os, "pidfd_open", opener)
+
+
+@pytest.mark.usefixtures("no_pidfd")
+def test_without_a_pidfd_a_thread_waits_for_the_child() -> None:
     with asyncio.Runner(loop_factory=loop_factory("uvloop")) as runner:
         runner.run(_lifecycle())
 
@@ -86,17 +93,11 @@ async def _children_leave_the_default_executor_free() -> None:
         assert await asyncio.wait_for(sleeper.wait(), 30) == -signal.SIGKILL
 
 
-def test_without_a_pidfd_the_waiting_threads_are_not_the_loops_executor(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.mark.usefixtures("no_pidfd")
+def test_without_a_pidfd_the_waiting_threads_are_not_the_loops_executor() -> None:
     """Three children with no pidfd, a default executor of one thread: the executor stays
     free for the server's calls, and every child is still reaped."""
 
-    def no_pidfd(pid: int) -> int:
-        raise OSError("no pidfd here")
-
-    opener: Callable[[int], int] = no_pidfd
-    monkeypatch.setattr(os, "pidfd_open", opener)
     with asyncio.Runner(loop_factory=loop_factory("uvloop")) as runner:
         runner.run(_children_leave_the_default_executor_free())
 
