@@ -36,7 +36,8 @@ from sluice.transport.identity import (
     forwarded_names,
     outgoing,
 )
-from sluice.workers import shm
+from sluice.workers import shm, topology
+from sluice.workers.child import Child
 from sluice.workers.lane import LaneServer
 from sluice.workers.topology import EngineSocket, Transports, transport_environment
 from sluice_api.inference import grpc_service_pb2 as pb
@@ -753,6 +754,44 @@ async def test_a_transport_that_cannot_be_started_again_is_retried_and_the_stop_
         restarts = "sluice_transport_restarts_total"
         await until(lambda: running.metrics.registry.get_sample_value(restarts) == 1)
         await asyncio.sleep(0.5)  # past the first restart's delay: its start fails
+        assert all(not task.done() for task in transports._supervisors)
+    finally:
+        await transports.wait_stopped(5)
+        engine.remove()
+
+
+async def test_a_restart_that_fails_in_an_unexpected_way_is_retried_not_given_up(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever goes wrong while starting a transport again (not only a failed start or an
+    # interpreter that cannot be run), its supervisor logs it and tries again: the
+    # transport comes back instead of the server serving on fewer processes from then on.
+    running = await start_server()
+    engine = EngineSocket.create()
+    transports = Transports(running.settings, engine, running.metrics)
+    monkeypatch.setattr(topology, "RESTART_DELAYS_S", (0.1, 0.2))
+    real_start = Child.start
+    refused: list[int] = []
+
+    async def start_once_broken(argv: list[str], env: dict[str, str]) -> Child:
+        if not refused:
+            refused.append(1)
+            raise RuntimeError("an error no one planned for")
+        return await real_start(argv, env)
+
+    try:
+        await transports.start()
+        first = transports._procs[0].pid
+        monkeypatch.setattr(Child, "start", start_once_broken)
+        os.kill(first, signal.SIGKILL)
+        await until(
+            lambda: (
+                len(transports._running()) == transports.count
+                and first not in transports._running().values()
+            ),
+            limit_s=30,
+        )
+        assert refused == [1]
         assert all(not task.done() for task in transports._supervisors)
     finally:
         await transports.wait_stopped(5)

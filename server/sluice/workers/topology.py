@@ -218,6 +218,13 @@ class Transports:
                 except (TransportStartError, OSError) as exc:  # OSError: cannot even exec
                     log.error("%s; trying again in %.1fs", exc, RESTART_DELAYS_S[-1])
                     await asyncio.sleep(RESTART_DELAYS_S[-1])
+                except Exception:  # whatever it was, the transport must not stay down
+                    log.exception(
+                        "transport process %d could not be started again; trying again in %.1fs",
+                        index,
+                        RESTART_DELAYS_S[-1],
+                    )
+                    await asyncio.sleep(RESTART_DELAYS_S[-1])
             if self._stopping:
                 return
 
