@@ -340,8 +340,10 @@ class GenerationSettings(_Section):
     default_max_new_tokens: int = Field(16, ge=1)
     """``max_new_tokens`` of a request that leaves it at 0."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights and key/value cache type (half types halve memory; on CPU float32 is the
-    fastest)."""
+    """Weights and key/value cache type. Half types halve memory; on a CPU with bfloat16
+    instructions (AVX512-BF16, AMX) ``bfloat16`` also generates faster, most of all with
+    many streams (bench/README.md, "Token generation"). Tokens differ from float32's where
+    rounding tips a choice."""
 
 
 class TracingSettings(_Section):

@@ -4,6 +4,7 @@ get exactly the tokens they get alone."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from sluice.errors import ConfigError, InvalidInputError
 from sluice.generation.causal_lm import CausalLM
+from sluice.generation.kv_cache import attention
 from tests.generation.random_models import CONFIGS, write_random_model
 
 PROMPTS = [[5, 9, 2], list(range(20, 31)), [7] * 6, list(range(40, 98)), [1, 2, 3, 4, 5, 6, 7, 8]]
@@ -195,3 +197,52 @@ def test_a_step_that_fails_gives_back_the_joining_sequences_rows(random_lm: Caus
     assert caches == []
     cache.release()
     assert random_lm.live_sequences == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (8, 2)])
+def test_half_type_decode_attention_matches_a_float64_reference(
+    dtype: torch.dtype, heads: int, kv_heads: int
+) -> None:
+    # A decode step's attention in a half type (its own path: see ``attention``), with
+    # query heads sharing key/value heads and rows of different lengths (row i sees its
+    # first ``lengths[i]`` positions; the rest is whatever a row holds past its end).
+    generator = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    batch, total, head_dim = 3, 40, 16
+    q = torch.randn(batch, heads, 1, head_dim, generator=generator)
+    keys = torch.randn(batch, kv_heads, total, head_dim, generator=generator)
+    values = torch.randn(batch, kv_heads, total, head_dim, generator=generator)
+    lengths = torch.tensor([40, 7, 23])
+    seen = torch.arange(total)[None, None, None, :] < lengths[:, None, None, None]
+    bias = torch.zeros(batch, 1, 1, total).masked_fill_(~seen, -math.inf)
+
+    got = attention(q.to(dtype), keys.to(dtype), values.to(dtype), bias.to(dtype))
+
+    share = heads // kv_heads
+    k64, v64 = (x.double().repeat_interleave(share, dim=1) for x in (keys, values))
+    scores = q.double() @ k64.transpose(-1, -2) / math.sqrt(head_dim) + bias.double()
+    expected = torch.softmax(scores, dim=-1) @ v64
+    assert got.dtype == dtype and got.shape == (batch, heads, 1, head_dim)
+    tolerance = 0.03 if dtype == torch.bfloat16 else 0.004
+    torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_type_model_decodes_the_logits_of_its_float32_twin(
+    random_model_dir: Path, dtype: torch.dtype
+) -> None:
+    # ``generation.dtype`` bfloat16 / float16: the same weights, rounded, give the float32
+    # model's logits to within the type's precision, step after step, three sequences
+    # of different lengths decoding together.
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], list(range(30, 45))]
+    steps = {}
+    for kind in (torch.float32, dtype):
+        lm = CausalLM.load(random_model_dir, dtype=kind)
+        caches = [lm.prefill(prompt)[1] for prompt in prompts]
+        steps[kind] = torch.stack([lm.decode([(7, cache) for cache in caches]) for _ in range(6)])
+        for cache in caches:
+            cache.release()
+    reference = steps[torch.float32]
+    scale = float(reference.abs().max())
+    tolerance = (0.05 if dtype == torch.bfloat16 else 0.01) * scale
+    torch.testing.assert_close(steps[dtype].float(), reference, atol=tolerance, rtol=0)
