@@ -113,13 +113,16 @@ def write_large_model(repository: Path) -> str:
 
 
 @contextlib.contextmanager
-def server(repository: Path, device: str, log_path: Path) -> Iterator[tuple[str, int]]:
+def server(
+    repository: Path, device: str, log_path: Path, *, dtype: str = "float32"
+) -> Iterator[tuple[str, int]]:
     """A ``sluice serve`` subprocess: its address and pid."""
     env = dict(os.environ)
     env.update(
         SLUICE_DRAIN_GRACE_S="2",
         SLUICE_LOG_LEVEL="INFO",
         SLUICE_EXECUTOR__USE_CUDA="true" if device == "cuda" else "false",
+        SLUICE_GENERATION__DTYPE=dtype,
         SLUICE_PROBE__INTERVAL_S="0",
         PYTHONUNBUFFERED="1",
     )
@@ -333,13 +336,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, fewer requests")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the server's generation.dtype (weights and key/value cache)",
+    )
     args = parser.parse_args()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="sluice-genbench-") as tmp:
         repository = Path(tmp) / "models"
         shutil.copytree(TINY.parent, repository / "tiny_llama")
         models = ["tiny_llama"] if args.quick else ["tiny_llama", write_large_model(repository)]
-        with server(repository, args.device, Path(tmp) / "server.log") as (address, pid):
+        log_path = Path(tmp) / "server.log"
+        with server(repository, args.device, log_path, dtype=args.dtype) as (address, pid):
             for model in models:
                 for concurrency in (1, 4, 16, 32):
                     requests = max(8, concurrency * (2 if args.quick else 4))
@@ -359,7 +369,12 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"generation-{stamp}.json"
-    meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "device": args.device}
+    meta = {
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "device": args.device,
+        "dtype": args.dtype,
+    }
     out.write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in runs]}, indent=2))
     print(report(runs))
     note(f"wrote {out}")
