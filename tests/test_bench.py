@@ -425,3 +425,40 @@ def test_generation_bench_splits_cpu_per_token_by_thread_and_machine_busy() -> N
     run = generation.Run("m", 16, 32, 2000, 1.0, 2000.0, 10.0, 20.0, 4.0, 5.0, split, 40.0)
     text = generation.report([run])
     assert "| m | 16 | 200 | 600 | 200 | 50 | 40.0 |" in text
+
+
+def test_generation_bench_counts_the_tokens_while_every_stream_ran_apart_from_the_tail() -> None:
+    """bench/generation.py: besides tokens/s over the whole run, the rate from the start to
+    the moment the first stream had no request left (after it, fewer streams run), and
+    the 16 / 1 verdict on both."""
+    generation = _load("generation")
+    arrivals = [(10.0, 1), (10.5, 4), (11.0, 2), (11.0001, 8), (12.0, 5)]
+    assert generation.steady_rate(arrivals, 10.0, 11.0) == 7.0  # 1 + 4 + 2 over 1 s
+    assert generation.steady_rate(arrivals, 10.0, 12.0) == 10.0
+    assert generation.steady_rate(arrivals, 11.0, 11.0) == 0.0
+
+    def run(streams: int, tokens_per_s: float, steady: float, ttft: float) -> object:
+        return generation.Run(
+            "m",
+            streams,
+            64,
+            1000,
+            10.0,
+            tokens_per_s,
+            ttft,
+            1.0,
+            1.0,
+            1.0,
+            steady_tokens_per_s=steady,
+            steady_s=7.5,
+        )
+
+    lines = generation.verdict([run(1, 100.0, 100.0, 10.0), run(16, 550.0, 640.0, 31.0)])
+    assert lines == [
+        "- m: tokens/s at 16 streams = 5.50x single stream (target >= 6x: MISSED) (6.40x while"
+        " all 16 streamed, 7.5 of 10.0 s: met); TTFT p50 at 16 = 3.10x single (target <= 3x:"
+        " MISSED)"
+    ]
+    assert "| m | 16 | 64 | 550.0 | 640.0 | 31.0 |" in generation.report(
+        [run(16, 550.0, 640.0, 31.0)]
+    )
