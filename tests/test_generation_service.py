@@ -13,12 +13,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from sluice.app import EXAMPLE_REPOSITORY
 from sluice.generation.causal_lm import CausalLM
 from sluice.generation.generate import generate
 from sluice.generation.sampling import SamplingParams
-from sluice.generation.scheduler import SchedulerStats
+from sluice.generation.scheduler import ContinuousBatcher, SchedulerStats
 from sluice.generation.tokenizer import Tokenizer
 from sluice.prober import HealthProber
 from sluice_api.inference import grpc_service_pb2 as pb
@@ -540,3 +541,23 @@ async def test_a_stream_message_longer_than_any_prompt_ends_the_stream_undecoded
     assert not [r for r in responses if r.request_id == "huge"]
     ended = [r for r in responses if r.request_id == "ok" and r.chunk.finish_reason]
     assert len(ended) == 1, responses
+
+
+async def test_generation_dtype_bfloat16_serves_what_the_bfloat16_model_generates_alone(
+    start_server: StartServer,
+) -> None:
+    # ``generation.dtype: bfloat16`` reaches the model (weights and key/value cache), and a
+    # stream over the wire carries exactly what the model in that type generates alone
+    # (its decode steps take the half-type attention path).
+    server = await start_server(generation={"dtype": "bfloat16"})
+    engine = server.service.get("tiny_llama", healthy=False).engine
+    assert isinstance(engine, ContinuousBatcher)
+    assert {p.dtype for p in engine.lm._module.parameters()} == {torch.bfloat16}
+    lm, tokenizer = CausalLM.load(TINY, dtype=torch.bfloat16), Tokenizer.load(TINY)
+    alone = generate(lm, tokenizer, tokenizer.encode(PROMPT), SamplingParams(max_new_tokens=40))
+    expected = [chunk.token_id for chunk in alone]
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = gen_grpc.GenerationServiceStub(channel)
+        chunks = await collect(stub.Generate(request(max_new_tokens=40)))
+    assert [token for chunk in chunks for token in chunk.token_ids] == expected
+    assert len(expected) == 40
