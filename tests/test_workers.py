@@ -764,25 +764,32 @@ async def test_a_restart_that_fails_in_an_unexpected_way_is_retried_not_given_up
     start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Whatever goes wrong while starting a transport again (not only a failed start or an
-    # interpreter that cannot be run), its supervisor logs it and tries again: the
-    # transport comes back instead of the server serving on fewer processes from then on.
+    # interpreter that cannot be run: here, reading its first line fails), its supervisor
+    # logs it and tries again: the transport comes back instead of the server serving on
+    # fewer processes from then on, and the process of the failed try is ended, not left
+    # running untracked.
     running = await start_server()
     engine = EngineSocket.create()
     transports = Transports(running.settings, engine, running.metrics)
     monkeypatch.setattr(topology, "RESTART_DELAYS_S", (0.1, 0.2))
     real_start = Child.start
-    refused: list[int] = []
+    broken: list[Child] = []
 
-    async def start_once_broken(argv: list[str], env: dict[str, str]) -> Child:
-        if not refused:
-            refused.append(1)
-            raise RuntimeError("an error no one planned for")
-        return await real_start(argv, env)
+    async def start_and_fail_reading_once(argv: list[str], env: dict[str, str]) -> Child:
+        child = await real_start(argv, env)
+        if not broken:
+            broken.append(child)
+
+            async def readline() -> bytes:
+                raise ValueError("Separator is found, but chunk is longer than limit")
+
+            monkeypatch.setattr(child.stdout, "readline", readline)
+        return child
 
     try:
         await transports.start()
         first = transports._procs[0].pid
-        monkeypatch.setattr(Child, "start", start_once_broken)
+        monkeypatch.setattr(Child, "start", start_and_fail_reading_once)
         os.kill(first, signal.SIGKILL)
         await until(
             lambda: (
@@ -791,8 +798,13 @@ async def test_a_restart_that_fails_in_an_unexpected_way_is_retried_not_given_up
             ),
             limit_s=30,
         )
-        assert refused == [1]
+        assert len(broken) == 1
+        async with asyncio.timeout(10):
+            assert await broken[0].wait() == -signal.SIGKILL
+        assert broken[0].pid not in transports._running().values()
         assert all(not task.done() for task in transports._supervisors)
     finally:
+        for child in broken:
+            child.kill()
         await transports.wait_stopped(5)
         engine.remove()

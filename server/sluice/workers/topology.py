@@ -180,6 +180,9 @@ class Transports:
         except TimeoutError:
             proc.kill()
             line = b""
+        except BaseException:  # cancelled, or a line too long to read: a process whose port
+            proc.kill()  # is unknown must not live on untracked (a retry replaces it here)
+            raise
         command, _, value = line.decode(errors="replace").strip().partition(" ")
         if command != "port" or not value.isdigit():
             status = await proc.wait()
