@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sluice.errors import ConfigError, InvalidInputError
+from sluice.generation import kv_cache
 from sluice.generation.causal_lm import CausalLM
 from sluice.generation.kv_cache import attention
 from tests.generation.random_models import CONFIGS, write_random_model
@@ -201,18 +202,23 @@ def test_a_step_that_fails_gives_back_the_joining_sequences_rows(random_lm: Caus
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (8, 2)])
+@pytest.mark.parametrize("total", [40, 600], ids=["small", "large"])
 def test_half_type_decode_attention_matches_a_float64_reference(
-    dtype: torch.dtype, heads: int, kv_heads: int
+    dtype: torch.dtype, heads: int, kv_heads: int, total: int
 ) -> None:
-    # A decode step's attention in a half type (its own path: see ``attention``), with
-    # query heads sharing key/value heads and rows of different lengths (row i sees its
-    # first ``lengths[i]`` positions; the rest is whatever a row holds past its end).
+    # A decode step's attention in a half type, below and above the size from which it
+    # takes its own two products (``attention``), with query heads sharing key/value heads,
+    # rows of different lengths (row i sees its first ``lengths[i]`` positions; the rest is
+    # whatever a row holds past its end), and keys and values read as the cache holds them
+    # (a slice of its rows and positions, not contiguous).
+    batch, head_dim = 3, 16
+    products = batch * total * heads * head_dim
+    assert (products >= kv_cache.HALF_DECODE_PRODUCTS_MIN) == (total == 600)
     generator = torch.Generator().manual_seed(heads * 10 + kv_heads)
-    batch, total, head_dim = 3, 40, 16
-    q = torch.randn(batch, heads, 1, head_dim, generator=generator)
-    keys = torch.randn(batch, kv_heads, total, head_dim, generator=generator)
-    values = torch.randn(batch, kv_heads, total, head_dim, generator=generator)
-    lengths = torch.tensor([40, 7, 23])
+    q = torch.randn(batch, 1, heads, head_dim, generator=generator).transpose(1, 2)
+    cache = torch.randn(2, batch + 2, kv_heads, total + 64, head_dim, generator=generator)
+    keys, values = cache[0, 1 : batch + 1, :, :total], cache[1, 1 : batch + 1, :, :total]
+    lengths = torch.tensor([total, 7, total // 2])
     seen = torch.arange(total)[None, None, None, :] < lengths[:, None, None, None]
     bias = torch.zeros(batch, 1, 1, total).masked_fill_(~seen, -math.inf)
 
@@ -227,22 +233,35 @@ def test_half_type_decode_attention_matches_a_float64_reference(
     torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=0)
 
 
+@pytest.fixture(params=["sdpa", "products"])
+def half_attention(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Half-type decode steps of the small random models on either attention path."""
+    if request.param == "products":
+        monkeypatch.setattr(kv_cache, "HALF_DECODE_PRODUCTS_MIN", 0)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_half_type_model_decodes_the_logits_of_its_float32_twin(
-    random_model_dir: Path, dtype: torch.dtype
+def test_a_half_type_model_gives_the_logits_of_its_float32_twin(
+    random_model_dir: Path, dtype: torch.dtype, half_attention: str
 ) -> None:
     # ``generation.dtype`` bfloat16 / float16: the same weights, rounded, give the float32
-    # model's logits to within the type's precision, step after step, three sequences
-    # of different lengths decoding together.
+    # model's logits to within the type's precision: sequences of different lengths
+    # decoding together step after step, then a step where two of them decode while two
+    # new prompts join (decode tokens and prompts packed in one pass).
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6], list(range(30, 45))]
-    steps = {}
+    joining = [[8, 8, 1], list(range(50, 60))]
+    results = {}
     for kind in (torch.float32, dtype):
         lm = CausalLM.load(random_model_dir, dtype=kind)
         caches = [lm.prefill(prompt)[1] for prompt in prompts]
-        steps[kind] = torch.stack([lm.decode([(7, cache) for cache in caches]) for _ in range(6)])
-        for cache in caches:
+        steps = [lm.decode([(7, cache) for cache in caches]) for _ in range(6)]
+        decoded, prefilled, joined = lm.step([(2, caches[2]), (4, caches[0])], joining)
+        steps += [decoded, prefilled]
+        for cache in [*caches, *joined]:
             cache.release()
-    reference = steps[torch.float32]
+        results[kind] = torch.cat(steps)
+    reference = results[torch.float32]
     scale = float(reference.abs().max())
     tolerance = (0.05 if dtype == torch.bfloat16 else 0.01) * scale
-    torch.testing.assert_close(steps[dtype].float(), reference, atol=tolerance, rtol=0)
+    torch.testing.assert_close(results[dtype].float(), reference, atol=tolerance, rtol=0)

@@ -40,6 +40,13 @@ CAPACITY_STEP = 64
 SHRINK_FACTOR = 4
 """Storage this many times larger than the live sequences need is halved."""
 
+HALF_DECODE_PRODUCTS_MIN = 1 << 16
+"""Sequences x positions x heads x head_dim from which a half-type decode step's attention
+on a CPU takes two matrix products rather than ``scaled_dot_product_attention``
+(``attention``): below it, the products' fixed cost is more than what they save (one
+thread: 8 heads of 64, 1 sequence of 40 positions: 32 us against 58; of 160: 114 against
+68)."""
+
 
 class SequenceCache:
     """One sequence's place in a ``KVCachePool``: valid from its prefill until released."""
@@ -123,24 +130,30 @@ def attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:
     new_tokens, total]``) added to the scores; query heads share key/value heads in
     consecutive groups (head ``h`` reads key/value head ``h // (heads // kv_heads)``).
 
-    A decode step in a half type (one new token per sequence, ``bfloat16`` or ``float16``)
-    takes two matrix products with each key/value head's queries side by side, the softmax
-    in float32: PyTorch's CPU ``scaled_dot_product_attention`` is slow for half-type
-    decoding (``bfloat16``, 16 sequences of 160 positions, one thread: 1.9 ms against
-    0.16 ms, 12x; 600 positions: 8.0 against 0.57 ms), while for float32 and for prompts it
-    is as fast as this or faster, so those keep it.
+    A decode step on a CPU in a half type (one new token per sequence, ``bfloat16`` or
+    ``float16``) takes two matrix products instead, each key/value head's queries side by
+    side, the softmax in float32: PyTorch's CPU ``scaled_dot_product_attention`` is slow
+    for half-type decoding (bench/README.md, "Token generation": 3 to 7 times slower on
+    the cache's rows). Float32, prompts, small steps (``HALF_DECODE_PRODUCTS_MIN``) and
+    every step on a GPU (where it has fused half-type kernels) keep it. A row with every
+    position masked would give NaN here (zeros there); a decode token always sees its own
+    position.
     """
     batch, heads, new_tokens, head_dim = q.shape
-    if q.dtype == torch.float32 or new_tokens != 1:
+    total = keys.shape[2]
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    small = batch * total * heads * head_dim < HALF_DECODE_PRODUCTS_MIN
+    if not half or new_tokens != 1 or q.device.type != "cpu" or small:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=True)
     kv_heads = keys.shape[1]
     share = heads // kv_heads
-    grouped = q.reshape(batch, kv_heads, share * new_tokens, head_dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(head_dim**-0.5)
-    scores = scores.view(batch, kv_heads, share, new_tokens, -1).add_(bias[:, :, None])
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(weights.view(batch, kv_heads, share * new_tokens, -1), values)
-    return out.view(batch, heads, new_tokens, head_dim)
+    # Scaled before the product (a float16 dot product could pass 65504 unscaled); keys
+    # times queries, not queries times keys transposed: the keys are rows of the cache,
+    # not contiguous, and this order reads them as they lie (2 to 3 times faster).
+    grouped = q.reshape(batch, kv_heads, share, head_dim) * head_dim**-0.5
+    scores = torch.matmul(keys, grouped.transpose(-1, -2)).transpose(-1, -2)
+    weights = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, values).view(batch, heads, new_tokens, head_dim)
 
 
 @dataclass(frozen=True, slots=True)
