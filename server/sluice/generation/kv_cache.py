@@ -133,7 +133,7 @@ def attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:
     A decode step on a CPU in a half type (one new token per sequence, ``bfloat16`` or
     ``float16``) takes two matrix products instead, each key/value head's queries side by
     side, the softmax in float32: PyTorch's CPU ``scaled_dot_product_attention`` is slow
-    for half-type decoding (bench/README.md, "Token generation": 3 to 7 times slower on
+    for half-type decoding (bench/README.md, "Token generation": 2 to 7 times slower on
     the cache's rows). Float32, prompts, small steps (``HALF_DECODE_PRODUCTS_MIN``) and
     every step on a GPU (where it has fused half-type kernels) keep it. A row with every
     position masked would give NaN here (zeros there); a decode token always sees its own
