@@ -32,7 +32,14 @@ from sluice.executors.registry import BackendRegistry
 from sluice.generation.engine import GenerationEngine, SchedulerLimits
 from sluice.metrics import Metrics
 from sluice.priority import Priorities
-from sluice.repository import ModelConfig, ModelSpec, resolve_batching, resolve_io
+from sluice.repository import (
+    ModelConfig,
+    ModelSpec,
+    check_generation,
+    generation_settings,
+    resolve_batching,
+    resolve_io,
+)
 from sluice.settings import Settings
 from sluice.stats import ModelStats
 from sluice.tensors import probe_inputs
@@ -119,7 +126,7 @@ class VersionLoader:
             settings=self._settings.executor,
             declared_inputs=config.declared("inputs"),
             declared_outputs=config.declared("outputs"),
-            generation=self._settings.generation,
+            generation=generation_settings(self._settings.generation, config.generation),
             compile=config.torch_compile,
         )
         load_started = self._clock()
@@ -133,6 +140,7 @@ class VersionLoader:
             where, generates = model_dir / "config.yaml", bool(engine)
             check_degraded(config.degraded, spec.io, where=where, generates=generates)
             check_response_cache(config.response_cache, where=where, generates=generates)
+            check_generation(config.generation, where=where, generates=generates)
         except ConfigError:
             await executor.close()
             raise

@@ -26,7 +26,12 @@ from sluice.answer_config import DegradedConfig, ResponseCacheConfig, known_data
 from sluice.errors import ConfigError
 from sluice.executors.base import DeclaredTensor, FaultConfig
 from sluice.executors.capabilities import forceable
-from sluice.settings import BatchingSettings, FallbackTarget
+from sluice.settings import (
+    BatchingSettings,
+    FallbackTarget,
+    GenerationDtype,
+    GenerationSettings,
+)
 from sluice.tensors import IOSpec, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -111,6 +116,32 @@ class ShadowConfig(_Strict):
         return self
 
 
+class GenerationModelConfig(_Strict):
+    """``generation:`` in a generation model's config.yaml: its own choices, where they
+    differ from the server's ``generation`` settings."""
+
+    dtype: GenerationDtype | None = None
+    """This model's weights and key/value cache type (default: ``generation.dtype``)."""
+
+
+def generation_settings(
+    server: GenerationSettings, model: GenerationModelConfig | None
+) -> GenerationSettings:
+    """The generation settings one model loads with: the server's, with its own choices."""
+    if model is None or model.dtype is None:
+        return server
+    return server.model_copy(update={"dtype": model.dtype})
+
+
+def check_generation(model: GenerationModelConfig | None, *, where: Path, generates: bool) -> None:
+    """``ConfigError`` when a tensor model's config has ``generation:`` choices."""
+    if model is not None and not generates:
+        raise ConfigError(
+            f"{where}: field 'generation': this is not a generation model; 'generation' "
+            "choices (dtype) apply to causal language models only"
+        )
+
+
 class ModelConfig(_Strict):
     backend: str | None = None
     """Force a backend (onnxruntime, pytorch, tensorrt) or one rung of the capability ladder
@@ -139,6 +170,8 @@ class ModelConfig(_Strict):
     """Injected faults (tests, game days)."""
     shadow: ShadowConfig | None = None
     """Mirror a sample of this model's calls to another model or version and compare."""
+    generation: GenerationModelConfig | None = None
+    """A generation model's own generation choices (a tensor model may not have them)."""
 
     @field_validator("backend")
     @classmethod

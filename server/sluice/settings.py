@@ -324,6 +324,10 @@ class CacheSettings(_Section):
     """With ``redis_url``: how long a shared answer lives in Redis."""
 
 
+GenerationDtype = Literal["float32", "bfloat16", "float16"]
+"""What a generation model's weights and key/value cache are stored and computed in."""
+
+
 class GenerationSettings(_Section):
     """Continuous batching of token generation (per model version)."""
 
@@ -339,8 +343,9 @@ class GenerationSettings(_Section):
     cache and resumes when the reader catches up) so nothing buffers without bound."""
     default_max_new_tokens: int = Field(16, ge=1)
     """``max_new_tokens`` of a request that leaves it at 0."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights and key/value cache type. Half types halve memory. On a CPU with bfloat16
+    dtype: GenerationDtype = "float32"
+    """Weights and key/value cache type (a model's config.yaml may set its own:
+    ``generation: {dtype: ...}``). Half types halve memory. On a CPU with bfloat16
     instructions (AVX512-BF16, AMX), ``bfloat16`` generated a 23-million-parameter model
     faster than float32 (1.4x to 1.7x at 16 streams) and a 0.5-million one about half as
     fast (bench/README.md, "Token generation"). Tokens differ from float32's where
