@@ -78,3 +78,27 @@ async def test_generations_on_a_tensor_model_is_a_load_error(
     says = "field 'response_cache.generations': only a generation model's generations"
     assert any(says in reason for reason in reasons), reasons
     assert not server.service.is_ready("simple")
+
+
+async def test_a_generation_cached_in_one_dtype_is_not_replayed_after_a_reload_in_another(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # The model's type is part of its cached answers' key: its tokens differ from one type
+    # to another, so a reload with another ``generation.dtype`` runs the model again (and
+    # caches under the new key) rather than replaying what the old type generated.
+    repository = repository_with(tmp_path, cached_llama=CACHED)
+    server = await start_server(repository=repository)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = gen_grpc.GenerationServiceStub(channel)  # type: ignore[no-untyped-call]
+        greedy = request(model="cached_llama", max_new_tokens=6)
+        await generate(stub, greedy)
+        _, trailers = await generate(stub, greedy)
+        assert trailers["sluice-cache"] == "hit"
+        config = repository / "cached_llama" / "config.yaml"
+        config.write_text(f"{CACHED['config']}generation: {{dtype: bfloat16}}\n")
+        await server.service.load("cached_llama")
+        _, trailers = await generate(stub, greedy)
+        assert "sluice-cache" not in trailers
+        assert stats(server, "cached_llama").prefills == 1  # the reloaded model ran
+        _, trailers = await generate(stub, greedy)
+        assert trailers["sluice-cache"] == "hit"

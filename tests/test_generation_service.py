@@ -563,35 +563,39 @@ async def test_generation_dtype_bfloat16_serves_what_the_bfloat16_model_generate
     assert len(expected) == 40
 
 
+@pytest.mark.parametrize(
+    "server_dtype, model_dtype", [("float32", "bfloat16"), ("bfloat16", "float32")]
+)
 async def test_a_models_own_generation_dtype_overrides_the_servers(
-    start_server: StartServer, tmp_path: Path
+    start_server: StartServer, tmp_path: Path, server_dtype: str, model_dtype: str
 ) -> None:
-    # ``generation: {dtype: bfloat16}`` in one model's config.yaml: that model runs in
-    # bfloat16 (and streams what the bfloat16 model generates alone), the server's other
-    # generation model in the server's float32; on a tensor model the field is a load
-    # error naming it.
+    # ``generation: {dtype: ...}`` in one model's config.yaml: that model runs in its own
+    # type (and streams what the model in that type generates alone), the server's other
+    # generation model in the server's; on a tensor model the field is a load error
+    # naming it.
     repository = repository_with(
-        tmp_path, half_llama={"config": "generation:\n  dtype: bfloat16\n"}
+        tmp_path, own_llama={"config": f"generation:\n  dtype: {model_dtype}\n"}
     )
-    (repository / "simple" / "config.yaml").write_text("generation: {dtype: bfloat16}\n")
-    server = await start_server(repository=repository)
+    (repository / "simple" / "config.yaml").write_text(f"generation: {{dtype: {model_dtype}}}\n")
+    server = await start_server(repository=repository, generation={"dtype": server_dtype})
+    types = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
     def weights(model: str) -> set[torch.dtype]:
         engine = server.service.get(model, healthy=False).engine
         assert isinstance(engine, ContinuousBatcher)
         return {p.dtype for p in engine.lm._module.parameters()}
 
-    assert weights("half_llama") == {torch.bfloat16}
-    assert weights("tiny_llama") == {torch.float32}
-    lm, tokenizer = CausalLM.load(TINY, dtype=torch.bfloat16), Tokenizer.load(TINY)
+    assert weights("own_llama") == {types[model_dtype]}
+    assert weights("tiny_llama") == {types[server_dtype]}
+    lm, tokenizer = CausalLM.load(TINY, dtype=types[model_dtype]), Tokenizer.load(TINY)
     alone = generate(lm, tokenizer, tokenizer.encode(PROMPT), SamplingParams(max_new_tokens=24))
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = gen_grpc.GenerationServiceStub(channel)
-        chunks = await collect(stub.Generate(request(model="half_llama", max_new_tokens=24)))
+        chunks = await collect(stub.Generate(request(model="own_llama", max_new_tokens=24)))
     assert [token for chunk in chunks for token in chunk.token_ids] == [
         chunk.token_id for chunk in alone
     ]
     reasons = [row.reason for row in server.service.index() if row.name == "simple"]
-    says = "field 'generation': this is not a generation model"
+    says = "field 'generation.dtype': this is not a generation model"
     assert any(says in reason for reason in reasons), reasons
     assert not server.service.is_ready("simple")

@@ -208,6 +208,11 @@ class VersionLoader:
             ),
             auto_configured=config.inputs is None,
             decoupled=decoupled,
+            dtype=(
+                generation_settings(self._settings.generation, config.generation).dtype
+                if decoupled
+                else ""
+            ),
             response_cache=(
                 config.response_cache.enabled
                 and not decoupled

@@ -134,11 +134,11 @@ def generation_settings(
 
 
 def check_generation(model: GenerationModelConfig | None, *, where: Path, generates: bool) -> None:
-    """``ConfigError`` when a tensor model's config has ``generation:`` choices."""
-    if model is not None and not generates:
+    """``ConfigError`` when a tensor model's config chooses a generation ``dtype``."""
+    if model is not None and model.dtype is not None and not generates:
         raise ConfigError(
-            f"{where}: field 'generation': this is not a generation model; 'generation' "
-            "choices (dtype) apply to causal language models only"
+            f"{where}: field 'generation.dtype': this is not a generation model (a causal "
+            "language model); its type comes from its file: remove the field"
         )
 
 
@@ -217,6 +217,9 @@ class ModelSpec:
     decoupled: bool = False
     #: Repeated calls are answered from the response cache (``response_cache.enabled``).
     response_cache: bool = False
+    #: What a generation model's weights and key/value cache are in (its config's
+    #: ``generation.dtype``, else the server's); empty for a tensor model.
+    dtype: str = ""
 
 
 def read_config(model_dir: Path) -> ModelConfig:

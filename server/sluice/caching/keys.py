@@ -47,11 +47,14 @@ class CacheKey:
 
 
 def version_identity(spec: ModelSpec, *, content: bool = False) -> bytes:
-    """The loaded version as the key names it: model, version, backend, and every file of
-    its folder by relative path and either size and modification time, or (``content``,
-    for keys that replicas share) a digest of its bytes. Computed once per loaded version
+    """The loaded version as the key names it: model, version, backend, a generation
+    model's dtype (its tokens differ from one type to another), and every file of its
+    folder by relative path and either size and modification time, or (``content``, for
+    keys that replicas share) a digest of its bytes. Computed once per loaded version
     (``content`` reads every file: in a worker thread)."""
     parts = [spec.name, spec.version, spec.backend, spec.backend_rung]
+    if spec.dtype:  # (a tensor model's key is what it was)
+        parts.append(f"dtype {spec.dtype}")
     folder = spec.path.parent if spec.path.is_file() else spec.path
     try:
         files = sorted(path for path in folder.rglob("*") if path.is_file())
