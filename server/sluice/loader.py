@@ -136,7 +136,15 @@ class VersionLoader:
         )
         executor, engine = self._start(executor, candidate, config, f"{name}/{version}")
         try:
-            spec = self._spec(name, version, config, executor, candidate, decoupled=bool(engine))
+            spec = self._spec(
+                name,
+                version,
+                config,
+                executor,
+                candidate,
+                decoupled=bool(engine),
+                dtype=options.generation.dtype,
+            )
             where, generates = model_dir / "config.yaml", bool(engine)
             check_degraded(config.degraded, spec.io, where=where, generates=generates)
             check_response_cache(config.response_cache, where=where, generates=generates)
@@ -181,8 +189,10 @@ class VersionLoader:
         candidate: Candidate,
         *,
         decoupled: bool,
+        dtype: str,
     ) -> ModelSpec:
-        """What the version serves: the config checked against the executor's tensors."""
+        """What the version serves: the config checked against the executor's tensors
+        (``dtype``: the generation type it was loaded with, kept for a generation model)."""
         io = resolve_io(
             config,
             tuple(executor.inputs),
@@ -208,11 +218,7 @@ class VersionLoader:
             ),
             auto_configured=config.inputs is None,
             decoupled=decoupled,
-            dtype=(
-                generation_settings(self._settings.generation, config.generation).dtype
-                if decoupled
-                else ""
-            ),
+            dtype=dtype if decoupled else "",
             response_cache=(
                 config.response_cache.enabled
                 and not decoupled

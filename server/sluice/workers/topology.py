@@ -218,15 +218,16 @@ class Transports:
                     await self._spawn(index, self.port)
                     log.info("transport process %d serves again", index)
                     break
-                except (TransportStartError, OSError) as exc:  # OSError: cannot even exec
-                    log.error("%s; trying again in %.1fs", exc, RESTART_DELAYS_S[-1])
-                    await asyncio.sleep(RESTART_DELAYS_S[-1])
-                except Exception:  # whatever it was, the transport must not stay down
-                    log.exception(
-                        "transport process %d could not be started again; trying again in %.1fs",
-                        index,
-                        RESTART_DELAYS_S[-1],
-                    )
+                except Exception as exc:  # whatever it was, the transport must not stay down
+                    if isinstance(exc, (TransportStartError, OSError)):  # OSError: no exec
+                        log.error("%s; trying again in %.1fs", exc, RESTART_DELAYS_S[-1])
+                    else:
+                        log.exception(
+                            "transport process %d could not be started again; trying again "
+                            "in %.1fs",
+                            index,
+                            RESTART_DELAYS_S[-1],
+                        )
                     await asyncio.sleep(RESTART_DELAYS_S[-1])
             if self._stopping:
                 return
