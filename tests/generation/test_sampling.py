@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sluice.errors import InvalidInputError
-from sluice.generation.sampling import SamplingParams, TokenSampler
+from sluice.generation.sampling import SamplingParams, TokenSampler, _inverse_cdf, sample_many
 from sluice.generation.stopping import StopSequences
 
 VOCAB = 50
@@ -43,6 +43,76 @@ def test_top_k_and_top_p_limit_the_candidates() -> None:
     assert top_k == top_p == {0, 1}
     everything = set(draw(SamplingParams(temperature=1.0, seed=1), [logits] * 400))
     assert everything == {0, 1, 2, 3}
+
+
+def test_draws_follow_each_rows_own_distribution_in_a_batch() -> None:
+    """Two rows of one step, each with its own distribution (one token of each filtered
+    out): 6,000 seeded draws of each land on every token as often as its probability
+    says, within 2 points, and never on a filtered one."""
+    wanted = [
+        torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]),
+        torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4]),
+    ]
+    logits = torch.log(torch.stack(wanted))
+    samplers = [
+        TokenSampler(
+            SamplingParams(temperature=1.0, seed=seed), prompt_ids=[], vocab_size=5, device="cpu"
+        )
+        for seed in (11, 12)
+    ]
+    counts = torch.zeros(2, 5)
+    draws = 6000
+    for _ in range(draws):
+        for row, token in enumerate(sample_many(samplers, logits)):
+            counts[row, token] += 1
+    assert counts[0, 4] == counts[1, 0] == 0
+    assert torch.allclose(counts / draws, torch.stack(wanted), atol=0.02), counts / draws
+
+
+def test_a_batched_step_draws_what_each_sequence_draws_alone() -> None:
+    """Batching changes no token: a step of eight samplers (greedy, top-k, top-p and plain
+    draws mixed) picks what each sampler picks from its own row alone."""
+    generator = torch.Generator().manual_seed(5)
+    steps = [torch.randn(8, VOCAB, generator=generator) for _ in range(30)]
+    kinds = [
+        SamplingParams(temperature=0.8, seed=1),
+        SamplingParams(),
+        SamplingParams(temperature=1.3, top_k=5, seed=2),
+        SamplingParams(temperature=0.7, top_p=0.9, seed=3),
+        SamplingParams(temperature=1.0, repetition_penalty=1.3, seed=4),
+        SamplingParams(temperature=0.5, seed=5),
+        SamplingParams(temperature=2.0, seed=6),
+        SamplingParams(temperature=1.0, top_k=3, top_p=0.8, seed=7),
+    ]
+
+    def samplers() -> list[TokenSampler]:
+        return [TokenSampler(p, prompt_ids=[1, 2], vocab_size=VOCAB, device="cpu") for p in kinds]
+
+    together, alone = samplers(), samplers()
+    batched = [sample_many(together, logits) for logits in steps]
+    one_by_one = [[s.sample(row) for s, row in zip(alone, logits, strict=True)] for logits in steps]
+    assert batched == one_by_one
+    assert len({tuple(step) for step in batched}) > 1  # the draws moved
+
+
+def test_the_ends_of_the_unit_interval_choose_likely_tokens() -> None:
+    """u = 0 picks the first likely token and u just below 1 the last, never a filtered
+    token around them; a row of NaN logits gets some token of the vocabulary and leaves
+    the other rows' tokens as they were."""
+    inf = float("inf")
+    scores = torch.tensor(
+        [[-inf, -inf, 1.0, 2.0, -inf], [-inf, 0.5, 0.5, -inf, -inf], [0.0] * 5],
+        dtype=torch.float32,
+    )
+    below_one = 1 - 2**-53
+    assert _inverse_cdf(scores, [0.0, 0.0, 0.0]).tolist() == [2, 1, 0]
+    assert _inverse_cdf(scores, [below_one, below_one, below_one]).tolist() == [3, 2, 4]
+    assert _inverse_cdf(scores, [0.4, 0.4, 0.5]).tolist() == [3, 1, 2]
+    broken = scores.clone()
+    broken[1] = float("nan")
+    tokens = _inverse_cdf(broken, [0.4, 0.4, 0.5]).tolist()
+    assert tokens[0] == 3 and tokens[2] == 2
+    assert 0 <= tokens[1] < 5
 
 
 def test_repetition_penalty_covers_the_prompt_and_the_output() -> None:

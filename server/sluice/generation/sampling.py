@@ -1,18 +1,23 @@
 """How a request's next token is chosen, and when its generation stops.
 
 The order matches Hugging Face's ``generate``: repetition penalty, then (unless greedy)
-temperature, top-k, top-p, and a draw from the request's own seeded ``torch.Generator``,
-so a request with a seed gets the same tokens from the same logits every time.
+temperature, top-k, top-p, and a draw from the request's own seeded generator, so a request
+with a seed gets the same tokens from the same logits every time.
 
-The draw is an exponential race: the token maximising ``p / E`` with ``E ~ Exp(1)`` drawn
-per token is distributed exactly as ``p``. Each request draws its own noise from its own
-generator, and the arithmetic runs for all the sequences of a decode step at once
-(``sample_many``), so batching changes neither the tokens nor what a seed means.
+The draw inverts the cumulative distribution: one uniform number ``u`` per token, and the
+token is the first whose cumulative probability exceeds ``u`` times the total. Each request
+draws ``u`` from its own ``random.Random`` (seeded with the request's ``seed``, or from the
+operating system's entropy without one), and the arithmetic runs for all the sequences of a
+decode step at once (``sample_many``), so batching changes neither the tokens nor what a
+seed means. One number per token costs the same at any vocabulary size; the exponential race
+this replaced drew one number per vocabulary entry per token (about 660 us per sequence and
+token at 32,000 entries on this project's CPU).
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 
 import torch
@@ -28,11 +33,8 @@ class TokenSampler:
         self, params: SamplingParams, *, prompt_ids: Sequence[int], vocab_size: int, device: str
     ) -> None:
         self._params = params
-        self._generator = torch.Generator(device=device)
-        if params.seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(params.seed)
+        # No seed: random.Random seeds itself from the operating system's entropy.
+        self._random = random.Random(params.seed)
         self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         self._seen[torch.tensor(prompt_ids, dtype=torch.long, device=device)] = True
 
@@ -57,9 +59,9 @@ class TokenSampler:
             scores = _keep_top_p(scores, self._params.top_p)
         return scores
 
-    def _draw(self, noise: Tensor) -> None:
-        """Fill ``noise`` (one row) with this request's next exponential draws."""
-        noise.exponential_(generator=self._generator)
+    def _uniform(self) -> float:
+        """This request's next uniform number in [0, 1)."""
+        return self._random.random()
 
     def _remember(self, token: int) -> None:
         if self._params.repetition_penalty != 1:
@@ -87,15 +89,28 @@ def sample_many(samplers: Sequence[TokenSampler], logits: Tensor) -> list[int]:
             scaled = torch.stack(
                 [samplers[i]._filtered(row) for i, row in zip(drawn, scaled, strict=True)]
             )
-        probabilities = torch.softmax(scaled, dim=-1)
-        noise = torch.empty_like(probabilities)
-        for row, i in enumerate(drawn):
-            samplers[i]._draw(noise[row])
-        for i, token in zip(drawn, (probabilities / noise).argmax(dim=-1).tolist(), strict=True):
+        uniforms = [samplers[i]._uniform() for i in drawn]
+        for i, token in zip(drawn, _inverse_cdf(scaled, uniforms).tolist(), strict=True):
             tokens[i] = token
     for sampler, token in zip(samplers, tokens, strict=True):
         sampler._remember(token)
     return tokens
+
+
+def _inverse_cdf(scores: Tensor, uniforms: Sequence[float]) -> Tensor:
+    """Row ``i``'s token for the uniform number ``uniforms[i]`` in [0, 1): the first whose
+    cumulative probability (summed in float64) exceeds ``uniforms[i]`` times the row's
+    total.
+
+    A token of probability zero (filtered out, or too unlikely for a float) adds nothing to
+    the sum and so is never chosen, the tokens after the last likely one included: ``u``
+    times the total, rounded, stays below the total for every ``u`` below 1. Rows are summed
+    apart, so a row of NaN logits (a broken model) yields some token of the vocabulary for
+    its own sequence and changes no other row's."""
+    cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1, dtype=torch.float64)
+    uniform = torch.tensor(uniforms, dtype=torch.float64, device=scores.device)[:, None]
+    chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
+    return chosen.clamp_(max=scores.shape[-1] - 1)[:, 0]
 
 
 def _penalize_repeats(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:
