@@ -574,7 +574,10 @@ async def test_a_models_own_generation_dtype_overrides_the_servers(
     # generation model in the server's; on a tensor model the field is a load error
     # naming it.
     repository = repository_with(
-        tmp_path, own_llama={"config": f"generation:\n  dtype: {model_dtype}\n"}
+        tmp_path,
+        own_llama={"config": f"generation:\n  dtype: {model_dtype}\n"},
+        short_llama={"config": "generation:\n  dtype: bf16\n"},
+        misspelt_llama={"config": "generation:\n  dtyp: bfloat16\n"},
     )
     (repository / "simple" / "config.yaml").write_text(f"generation: {{dtype: {model_dtype}}}\n")
     server = await start_server(repository=repository, generation={"dtype": server_dtype})
@@ -599,3 +602,12 @@ async def test_a_models_own_generation_dtype_overrides_the_servers(
     says = "field 'generation.dtype': this is not a generation model"
     assert any(says in reason for reason in reasons), reasons
     assert not server.service.is_ready("simple")
+    # A value or a key the setting does not have: the model is not served (rather than run
+    # in the server's type), and its reason names the file, the field and what it takes.
+    for model, says in [
+        ("short_llama", "field 'generation.dtype': Input should be 'float32', 'bfloat16' or"),
+        ("misspelt_llama", "field 'generation.dtyp': Extra inputs are not permitted"),
+    ]:
+        reasons = [row.reason for row in server.service.index() if row.name == model]
+        assert any(f"{model}/config.yaml: {says}" in reason for reason in reasons), reasons
+        assert not server.service.is_ready(model)
