@@ -462,3 +462,23 @@ def test_generation_bench_counts_the_tokens_while_every_stream_ran_apart_from_th
     assert "| m | 16 | 64 | 550.0 | 640.0 | 31.0 |" in generation.report(
         [run(16, 550.0, 640.0, 31.0)]
     )
+
+
+def test_sampling_bench_times_two_trees_in_one_run_and_tables_the_ratio() -> None:
+    """bench/sampling.py: another checkout's sampler loads beside this tree's (here, this
+    tree again), both are timed for every vocabulary and row count, and the table shows
+    each median and the first over the second."""
+    bench = _load("sampling")
+    other = bench.load_sampler(REPO_ROOT)
+    assert other is not bench.sampling and other.sample_many is not bench.sampling.sample_many
+    results = bench.measure({"before": other, "this tree": bench.sampling}, [50], [1, 3], 2)
+    assert sorted(results) == [
+        (name, 50, rows) for name in ("before", "this tree") for rows in (1, 3)
+    ]
+    assert all(len(times) == 2 and min(times) > 0 for times in results.values())
+    made = {("before", 50, 1): [30.0, 50.0], ("after", 50, 1): [20.0, 20.0]}
+    assert bench.table(made, ["before", "after"], [50], [1]).splitlines() == [
+        "| vocabulary | sequences | before us per step | after us per step | before / after |",
+        "|---|---|---|---|---|",
+        "| 50 | 1 | 40 | 20 | 2.0x |",
+    ]
