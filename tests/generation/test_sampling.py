@@ -97,8 +97,7 @@ def test_a_batched_step_draws_what_each_sequence_draws_alone() -> None:
 
 def test_the_ends_of_the_unit_interval_choose_likely_tokens() -> None:
     """u = 0 picks the first likely token and u just below 1 the last, never a filtered
-    token around them; a row of NaN logits gets some token of the vocabulary and leaves
-    the other rows' tokens as they were."""
+    token around them, also in a row whose float32 probabilities sum to less than 1."""
     inf = float("inf")
     scores = torch.tensor(
         [[-inf, -inf, 1.0, 2.0, -inf], [-inf, 0.5, 0.5, -inf, -inf], [0.0] * 5],
@@ -108,11 +107,62 @@ def test_the_ends_of_the_unit_interval_choose_likely_tokens() -> None:
     assert _inverse_cdf(scores, [0.0, 0.0, 0.0]).tolist() == [2, 1, 0]
     assert _inverse_cdf(scores, [below_one, below_one, below_one]).tolist() == [3, 2, 4]
     assert _inverse_cdf(scores, [0.4, 0.4, 0.5]).tolist() == [3, 1, 2]
-    broken = scores.clone()
-    broken[1] = float("nan")
-    tokens = _inverse_cdf(broken, [0.4, 0.4, 0.5]).tolist()
-    assert tokens[0] == 3 and tokens[2] == 2
-    assert 0 <= tokens[1] < 5
+    short = torch.tensor([[-0.5663175, 0.37311465, -0.8919953, -1.5091077, -inf]])
+    assert torch.softmax(short, dim=-1).double().sum() < 1
+    assert _inverse_cdf(short, [below_one]).tolist() == [3]
+
+
+def test_an_unlikely_token_keeps_its_own_share_of_the_draws() -> None:
+    """A token of probability 1e-9 between two likely ones is chosen for the points of its
+    own narrow interval (summed in float32, the interval would vanish)."""
+    scores = torch.tensor([[0.0, -20.0, 0.0]])
+    cdf = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)[0]
+    middle = float((cdf[0] + cdf[1]) / 2 / cdf[-1])
+    assert _inverse_cdf(scores, [middle]).tolist() == [1]
+
+
+def test_a_row_with_no_finite_distribution_takes_its_highest_score_alone() -> None:
+    """An infinite score (a model that overflowed) or a temperature so small that dividing
+    by it overflows: the highest-scoring token, the limit of a vanishing temperature; NaN
+    scores count as lowest. The other rows of the step keep their own draws."""
+    inf, nan = float("inf"), float("nan")
+    scores = torch.tensor(
+        [
+            [1.0, inf, 2.0, -inf, 0.0],
+            [nan, 1.0, 3.0, nan, 2.0],
+            [nan] * 5,
+            [0.0, 0.0, 0.0, 0.0, 5.0],
+        ]
+    )
+    assert _inverse_cdf(scores, [0.3, 0.3, 0.3, 0.5]).tolist() == [1, 2, 0, 4]
+    logits = torch.tensor([[30.0, 29.0, -5.0, 10.0]])
+    for temperature in (1e-37, 1e-40, 1e-45):
+        sampler = TokenSampler(
+            SamplingParams(temperature=temperature, seed=1),
+            prompt_ids=[],
+            vocab_size=4,
+            device="cpu",
+        )
+        assert [sample_many([sampler], logits)[0] for _ in range(5)] == [0] * 5, temperature
+
+
+def test_temperature_shapes_the_draws_and_unseeded_samplers_differ() -> None:
+    """Temperature 0.25 turns probabilities 0.8 / 0.2 into 0.8^4 / 0.2^4 (normalised);
+    two samplers without a seed draw differently."""
+    logits = torch.log(torch.tensor([[0.8, 0.2]]))
+    sampler = TokenSampler(
+        SamplingParams(temperature=0.25, seed=1), prompt_ids=[], vocab_size=2, device="cpu"
+    )
+    share = sum(sample_many([sampler], logits)[0] for _ in range(4000)) / 4000
+    assert abs(share - 0.2**4 / (0.8**4 + 0.2**4)) < 0.01
+    flat = torch.zeros(1, 1000)
+    first, second = (
+        TokenSampler(SamplingParams(temperature=1.0), prompt_ids=[], vocab_size=1000, device="cpu")
+        for _ in range(2)
+    )
+    assert [sample_many([first], flat) for _ in range(5)] != [
+        sample_many([second], flat) for _ in range(5)
+    ]
 
 
 def test_repetition_penalty_covers_the_prompt_and_the_output() -> None:

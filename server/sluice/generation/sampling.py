@@ -9,9 +9,11 @@ token is the first whose cumulative probability exceeds ``u`` times the total. E
 draws ``u`` from its own ``random.Random`` (seeded with the request's ``seed``, or from the
 operating system's entropy without one), and the arithmetic runs for all the sequences of a
 decode step at once (``sample_many``), so batching changes neither the tokens nor what a
-seed means. One number per token costs the same at any vocabulary size; the exponential race
-this replaced drew one number per vocabulary entry per token (about 660 us per sequence and
-token at 32,000 entries on this project's CPU).
+seed means (on a GPU the logits themselves may differ in their last bits with the batch, as
+matrix kernels do). The exponential race this replaced drew one number per vocabulary entry
+per token, one torch call per sequence (about 660 us per sequence and token at 32,000
+entries on this project's CPU); what is left to grow with the vocabulary is one softmax and
+one sum over the step's rows (bench/README.md, "Sampling").
 """
 
 from __future__ import annotations
@@ -104,13 +106,22 @@ def _inverse_cdf(scores: Tensor, uniforms: Sequence[float]) -> Tensor:
 
     A token of probability zero (filtered out, or too unlikely for a float) adds nothing to
     the sum and so is never chosen, the tokens after the last likely one included: ``u``
-    times the total, rounded, stays below the total for every ``u`` below 1. Rows are summed
-    apart, so a row of NaN logits (a broken model) yields some token of the vocabulary for
-    its own sequence and changes no other row's."""
+    times the total, rounded, stays below the total for every ``u`` below 1.
+
+    A row with no finite distribution (an infinite score, from a temperature so small that
+    dividing by it overflows or from a model that overflowed; NaN from a broken model)
+    takes its highest score instead, the limit of a vanishing temperature. Rows are summed
+    apart, so such a row changes no other row's token.
+    """
     cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
     uniform = torch.tensor(uniforms, dtype=torch.float64, device=scores.device)[:, None]
-    chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
-    return chosen.clamp_(max=scores.shape[-1] - 1)[:, 0]
+    chosen = torch.searchsorted(cdf, uniform * total, right=True)[:, 0]
+    broken = ~torch.isfinite(total[:, 0])
+    if bool(broken.any()):
+        highest = scores.nan_to_num(nan=-math.inf).argmax(dim=-1)
+        chosen = torch.where(broken, highest, chosen)
+    return chosen
 
 
 def _penalize_repeats(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:
