@@ -574,6 +574,21 @@ CASES = [
         IA,
         5,
     ),
+    # Temperature 1e-40 passes validation and overflows the scores it divides: the stream
+    # samples the top token (tests/generation/test_sampling.py) and ends OK. It runs, so
+    # its bound is a generation's (the process's first sampled draw maps torch's kernels).
+    Case(
+        "temperature 1e-40",
+        _stream(GENERATE, lambda: generate("Once", max_new_tokens=8, temperature=1e-40, seed=1)),
+        OK,
+        16,
+    ),
+    Case(
+        "seed 2^64-1",
+        _stream(GENERATE, lambda: generate("Once", temperature=0.8, seed=2**64 - 1)),
+        IA,
+        5,
+    ),
     Case("100k inputs", _unary(INFER, _many_inputs), IA, 60, watch_health=True),
     # (Parsing 100k map entries holds the GIL in protobuf's C code for ~0.1 s: refused
     # right after parsing, but not checked against the health bound.)

@@ -17,9 +17,15 @@ def logits_sequence(count: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(VOCAB, generator=generator) for _ in range(count)]
 
 
+def sampler(
+    params: SamplingParams, *, vocab: int = VOCAB, prompt_ids: list[int] | None = None
+) -> TokenSampler:
+    return TokenSampler(params, prompt_ids=prompt_ids or [], vocab_size=vocab, device="cpu")
+
+
 def draw(params: SamplingParams, logits: list[torch.Tensor]) -> list[int]:
-    sampler = TokenSampler(params, prompt_ids=[], vocab_size=VOCAB, device="cpu")
-    return [sampler.sample(row) for row in logits]
+    chooser = sampler(params)
+    return [chooser.sample(row) for row in logits]
 
 
 def test_seeded_draws_repeat_and_seeds_differ() -> None:
@@ -54,12 +60,7 @@ def test_draws_follow_each_rows_own_distribution_in_a_batch() -> None:
         torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4]),
     ]
     logits = torch.log(torch.stack(wanted))
-    samplers = [
-        TokenSampler(
-            SamplingParams(temperature=1.0, seed=seed), prompt_ids=[], vocab_size=5, device="cpu"
-        )
-        for seed in (11, 12)
-    ]
+    samplers = [sampler(SamplingParams(temperature=1.0, seed=seed), vocab=5) for seed in (11, 12)]
     counts = torch.zeros(2, 5)
     draws = 6000
     for _ in range(draws):
@@ -86,7 +87,7 @@ def test_a_batched_step_draws_what_each_sequence_draws_alone() -> None:
     ]
 
     def samplers() -> list[TokenSampler]:
-        return [TokenSampler(p, prompt_ids=[1, 2], vocab_size=VOCAB, device="cpu") for p in kinds]
+        return [sampler(p, prompt_ids=[1, 2]) for p in kinds]
 
     together, alone = samplers(), samplers()
     batched = [sample_many(together, logits) for logits in steps]
@@ -137,29 +138,19 @@ def test_a_row_with_no_finite_distribution_takes_its_highest_score_alone() -> No
     assert _inverse_cdf(scores, [0.3, 0.3, 0.3, 0.5]).tolist() == [1, 2, 0, 4]
     logits = torch.tensor([[30.0, 29.0, -5.0, 10.0]])
     for temperature in (1e-37, 1e-40, 1e-45):
-        sampler = TokenSampler(
-            SamplingParams(temperature=temperature, seed=1),
-            prompt_ids=[],
-            vocab_size=4,
-            device="cpu",
-        )
-        assert [sample_many([sampler], logits)[0] for _ in range(5)] == [0] * 5, temperature
+        chooser = sampler(SamplingParams(temperature=temperature, seed=1), vocab=4)
+        assert [sample_many([chooser], logits)[0] for _ in range(5)] == [0] * 5, temperature
 
 
 def test_temperature_shapes_the_draws_and_unseeded_samplers_differ() -> None:
     """Temperature 0.25 turns probabilities 0.8 / 0.2 into 0.8^4 / 0.2^4 (normalised);
     two samplers without a seed draw differently."""
     logits = torch.log(torch.tensor([[0.8, 0.2]]))
-    sampler = TokenSampler(
-        SamplingParams(temperature=0.25, seed=1), prompt_ids=[], vocab_size=2, device="cpu"
-    )
-    share = sum(sample_many([sampler], logits)[0] for _ in range(4000)) / 4000
+    chooser = sampler(SamplingParams(temperature=0.25, seed=1), vocab=2)
+    share = sum(sample_many([chooser], logits)[0] for _ in range(4000)) / 4000
     assert abs(share - 0.2**4 / (0.8**4 + 0.2**4)) < 0.01
     flat = torch.zeros(1, 1000)
-    first, second = (
-        TokenSampler(SamplingParams(temperature=1.0), prompt_ids=[], vocab_size=1000, device="cpu")
-        for _ in range(2)
-    )
+    first, second = (sampler(SamplingParams(temperature=1.0), vocab=1000) for _ in range(2))
     assert [sample_many([first], flat) for _ in range(5)] != [
         sample_many([second], flat) for _ in range(5)
     ]
@@ -169,8 +160,8 @@ def test_repetition_penalty_covers_the_prompt_and_the_output() -> None:
     logits = torch.zeros(VOCAB)
     logits[:3] = torch.tensor([2.0, 1.9, 1.8])
     params = SamplingParams(repetition_penalty=1.2)
-    sampler = TokenSampler(params, prompt_ids=[0], vocab_size=VOCAB, device="cpu")
-    assert [sampler.sample(logits) for _ in range(3)] == [1, 2, 0]
+    chooser = sampler(params, prompt_ids=[0])
+    assert [chooser.sample(logits) for _ in range(3)] == [1, 2, 0]
 
 
 @pytest.mark.parametrize(
