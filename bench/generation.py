@@ -50,6 +50,8 @@ from pathlib import Path
 import grpc
 import run as core  # bench/run.py: /proc readers shared by the benchmarks
 
+from sluice.machine import default_workers
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = REPO_ROOT / "server" / "sluice" / "example_models" / "tiny_llama" / "1"
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -114,9 +116,15 @@ def write_large_model(repository: Path) -> str:
 
 @contextlib.contextmanager
 def server(
-    repository: Path, device: str, log_path: Path, *, dtype: str = "float32"
+    repository: Path,
+    device: str,
+    log_path: Path,
+    *,
+    dtype: str = "float32",
+    workers: int | None = 1,
 ) -> Iterator[tuple[str, int]]:
-    """A ``sluice serve`` subprocess: its address and pid."""
+    """A ``sluice serve`` subprocess: its address and the engine's pid. ``workers`` None:
+    as ``sluice serve`` chooses from the machine (docs/workers.md)."""
     env = dict(os.environ)
     env.update(
         SLUICE_DRAIN_GRACE_S="2",
@@ -126,9 +134,9 @@ def server(
         SLUICE_PROBE__INTERVAL_S="0",
         PYTHONUNBUFFERED="1",
     )
-    # One process, as in the published runs, unless SLUICE_WORKERS says otherwise (unset,
-    # `sluice serve` chooses from the machine: docs/workers.md).
-    env.setdefault("SLUICE_WORKERS", "1")
+    env.pop("SLUICE_WORKERS", None)
+    if workers is not None:
+        env["SLUICE_WORKERS"] = str(workers)
     command = [sys.executable, "-m", "sluice", "serve", "--model-repository", str(repository)]
     command += ["--grpc-port", "0", "--metrics-port", "0"]
     with log_path.open("w") as log:
@@ -370,6 +378,13 @@ def main() -> int:
         default="float32",
         help="the server's generation.dtype (weights and key/value cache)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="the server's --workers (default: as `sluice serve` chooses from the machine; "
+        "runs before 2026-12-07 night used 1)",
+    )
     args = parser.parse_args()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="sluice-genbench-") as tmp:
@@ -377,7 +392,10 @@ def main() -> int:
         shutil.copytree(TINY.parent, repository / "tiny_llama")
         models = ["tiny_llama"] if args.quick else ["tiny_llama", write_large_model(repository)]
         log_path = Path(tmp) / "server.log"
-        with server(repository, args.device, log_path, dtype=args.dtype) as (address, pid):
+        with server(repository, args.device, log_path, dtype=args.dtype, workers=args.workers) as (
+            address,
+            pid,
+        ):
             for model in models:
                 for concurrency in (1, 4, 16, 32):
                     requests = max(8, concurrency * (2 if args.quick else 4))
@@ -402,6 +420,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "device": args.device,
         "dtype": args.dtype,
+        "workers": args.workers if args.workers is not None else default_workers(),
     }
     out.write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in runs]}, indent=2))
     print(report(runs))

@@ -8,6 +8,7 @@ Each test compares the lane with grpc on the same running server: calls carry a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -23,31 +24,41 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
+from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry, Counter
 
 from sluice.logs import Every
 from sluice.tracing import Tracing
 from sluice.workers import lane_client, shm
+from sluice.workers.context import LaneContext
 from sluice.workers.forward import GrpcForwarder
 from sluice.workers.frames import (
     CALL,
     CANCEL,
     HEAD,
+    MESSAGE,
     REPLY,
     CallFrame,
+    FrameError,
     FrameReader,
     Oversize,
     Reply,
+    credit_frame,
     decode_call,
+    decode_credit,
+    decode_headers,
     decode_reply,
     encode_call,
     encode_reply,
     frame,
+    headers_frame,
 )
 from sluice.workers.lane import LaneClient, LaneMetrics, LaneServer, LaneSettings
+from sluice.workers.lane_stream import LaneStream, Window
 from sluice.workers.outbox import Outbox
 from sluice.workers.transport import Proxy
 from sluice_api.inference import grpc_service_pb2 as pb
+from sluice_api.sluice.v1 import generation_service_pb2 as gen
 from sluice_api.sluice.v1 import model_service_pb2 as models_pb
 from tests.certs import ADMIN_CN, Certificates
 from tests.conftest import REPO_ROOT, RunningServer, StartServer
@@ -167,10 +178,12 @@ def sample(running: RunningServer, name: str, **labels: str) -> float:
     return running.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait (yielding to the server) until ``condition`` holds; the test's timeout bounds it."""
-    while not condition():
-        await asyncio.sleep(0.005)
+async def until(condition: Callable[[], bool], within_s: float = 60.0) -> None:
+    """Wait (yielding to the server) until ``condition`` holds; a test fails rather than
+    hangs when it never does."""
+    async with asyncio.timeout(within_s):
+        while not condition():
+            await asyncio.sleep(0.005)
 
 
 def rows(seed: int, count: int = 1) -> np.ndarray:
@@ -312,7 +325,7 @@ async def test_bad_input_and_unknown_models_fail_with_grpcs_status_and_details(
         assert over_lane.code is grpc.StatusCode.UNIMPLEMENTED
     streaming = await client.unary("/inference.GRPCInferenceService/ModelStreamInfer", b"", RID)
     assert streaming.code is grpc.StatusCode.UNIMPLEMENTED
-    assert "unary calls only" in streaming.details
+    assert "takes a stream of requests" in streaming.details
 
 
 def shared_files() -> list[str]:
@@ -620,10 +633,11 @@ async def test_a_transport_process_that_dies_cancels_its_calls_in_the_engine(
 
 @pytest.fixture
 async def public_port(client: LaneClient) -> AsyncIterator[str]:
-    streams = GrpcForwarder("unix:/nonexistent", max_message_bytes=1024)  # unary calls only
+    # Calls that stream requests are not served here (none of these tests makes one).
+    streams = GrpcForwarder("unix:/nonexistent", max_message_bytes=1024)
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(
-        (Proxy(unary=client, streams=streams, index=0, tracing=Tracing.off()),)
+        (Proxy(unary=client, streams=streams, index=0, tracing=Tracing.off(), responses=client),)
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -864,3 +878,247 @@ def test_a_sweep_removes_what_dead_senders_left_and_nothing_else() -> None:
     finally:
         for name in names.values():
             (shm.SHM_DIR / name).unlink(missing_ok=True)
+
+
+# Calls whose responses stream (Generate, health Watch): MESSAGE frames within a window.
+
+GENERATE = "/sluice.v1.GenerationService/Generate"
+WATCH = "/grpc.health.v1.Health/Watch"
+
+
+def generate_request(max_new_tokens: int, prompt: str = "hello there") -> bytes:
+    return gen.GenerateRequest(
+        model_name="tiny_llama",
+        prompt=prompt,
+        parameters=gen.SamplingParameters(max_new_tokens=max_new_tokens, temperature=0.0),
+    ).SerializeToString()
+
+
+async def read_all(stream: LaneStream) -> tuple[list[bytes], Reply]:
+    """A stream's responses, taken as a transport takes them, and its status."""
+    responses: list[bytes] = []
+    while not isinstance(item := await asyncio.wait_for(stream.next(), 30), Reply):
+        assert isinstance(item, bytes)  # nothing here sends initial metadata
+        responses.append(item)
+        stream.taken(len(item))
+    return responses, item
+
+
+async def generate_over_grpc(address: str, request: bytes) -> tuple[list[bytes], Reply]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_stream(GENERATE)(request, metadata=RID, timeout=60)
+        responses: list[bytes] = []
+        with contextlib.suppress(grpc.aio.AioRpcError):  # the status is read below
+            responses.extend([response async for response in call])
+        return responses, Reply(
+            await call.code(),
+            await call.details() or "",
+            None,
+            tuple(await call.initial_metadata() or ()),
+            tuple(await call.trailing_metadata() or ()),
+        )
+
+
+def held_bytes(stream: LaneStream) -> int:
+    return sum(len(item) for item in stream._items if isinstance(item, bytes))
+
+
+def tokens(responses: list[bytes]) -> int:
+    return sum(len(gen.GenerateResponse.FromString(r).token_ids) for r in responses)
+
+
+def test_headers_and_credit_frames_round_trip() -> None:
+    metadata = (("x-one", "1"), ("x-two-bin", b"\x00\xff"))
+    body = headers_frame(5, metadata)[HEAD.size :]
+    assert decode_headers(body) == metadata
+    assert decode_headers(headers_frame(5, ())[HEAD.size :]) == ()
+    assert decode_credit(credit_frame(5, 70_000)[HEAD.size :]) == 70_000
+    with pytest.raises(FrameError):
+        decode_headers(body[:-1])
+    with pytest.raises(FrameError):
+        decode_credit(b"\x01\x00")
+
+
+async def test_a_streaming_context_sends_its_headers_once_before_its_first_response() -> None:
+    sent: list[object] = []
+
+    class Recording:
+        def headers(self, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+            sent.append(("headers", metadata))
+
+        async def message(self, data: bytes) -> None:
+            sent.append(data)
+
+    context = LaneContext((), deadline=None)
+    with pytest.raises(grpc.aio.UsageError):
+        await context.write(b"unary")  # a unary call has no stream
+    context.stream_to(Recording(), None)
+    await context.send_initial_metadata((("x-first", "1"),))
+    await context.write(b"one")
+    await context.write(b"two")
+    assert sent == [("headers", (("x-first", "1"),)), b"one", b"two"]
+    assert context.initial == ()  # sent already: not again with the status
+    with pytest.raises(grpc.aio.UsageError):
+        await context.send_initial_metadata((("x-again", "2"),))
+    # Without explicit initial metadata, none is sent; a serializer encodes what is written.
+    sent.clear()
+    quiet = LaneContext((), deadline=None)
+    quiet.stream_to(Recording(), lambda message: message.SerializeToString())
+    await quiet.write(gen.GenerateResponse(text="hi"))
+    assert sent == [gen.GenerateResponse(text="hi").SerializeToString()]
+
+
+async def test_a_window_holds_responses_until_credit_and_refuses_oversize_ones() -> None:
+    sent: list[tuple[bytes | bytearray | memoryview, ...]] = []
+    waits = Counter("waits", "", registry=CollectorRegistry())
+    context = LaneContext((), deadline=None)
+    window = Window(
+        lambda *pieces: sent.append(pieces),
+        3,
+        context,
+        limit=100,
+        max_message_bytes=60,
+        waits=waits,
+    )
+    await window.message(b"a" * 50)
+    await window.message(b"b" * 50)  # 118 bytes ahead with their heads: the window is full
+    third = asyncio.ensure_future(window.message(b"c" * 10))
+    await asyncio.sleep(0.01)
+    assert not third.done() and len(sent) == 2 and waits._value.get() == 1
+    window.credit(10)  # 108 ahead: still full
+    await asyncio.sleep(0.01)
+    assert not third.done()
+    window.credit(59)  # 49 ahead
+    await asyncio.wait_for(third, 5)
+    assert [b"".join(bytes(p) for p in pieces)[HEAD.size :] for pieces in sent] == [
+        b"a" * 50,
+        b"b" * 50,
+        b"c" * 10,
+    ]
+    assert {HEAD.unpack_from(pieces[0])[1:] for pieces in sent} == {(MESSAGE, 3)}
+    with pytest.raises(grpc.aio.AbortError):
+        await window.message(b"x" * 61)
+    assert context.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max (61 vs. 60)" in context.details()
+    assert len(sent) == 3
+
+
+async def test_generate_streams_over_the_lane_as_over_grpc(
+    server: RunningServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    await start_lane(server)
+    request = generate_request(24)
+    responses, reply = await read_all(await client.stream(GENERATE, request, RID, 60))
+    expected, expected_reply = await generate_over_grpc(server.address, request)
+    assert reply.code is grpc.StatusCode.OK
+    assert responses == expected and tokens(responses) >= 1
+    assert normal(reply) == normal(expected_reply)
+    # A request the servicer refuses ends with grpc's status and details, and no response.
+    bad = gen.GenerateRequest(model_name="no-such-model", prompt="x").SerializeToString()
+    refused, refused_reply = await read_all(await client.stream(GENERATE, bad, RID, 60))
+    grpc_refused, grpc_reply = await generate_over_grpc(server.address, bad)
+    assert refused == grpc_refused == []
+    assert refused_reply.code is grpc.StatusCode.NOT_FOUND
+    assert normal(refused_reply) == normal(grpc_reply)
+    await until(lambda: sample(server, "sluice_lane_calls") == 0)
+
+
+async def test_a_stream_whose_caller_stops_reading_waits_within_its_window(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    running = await start_server()
+    window = 1024
+    lane = await start_lane(running, stream_window_bytes=window)
+    client.stream_window_bytes = window
+    request = generate_request(200, prompt="a")
+    expected, _ = await generate_over_grpc(running.address, request)
+    assert sum(len(r) + HEAD.size for r in expected) > 2 * window  # the window must fill
+    stream = await client.stream(GENERATE, request, RID, 60)
+    await until(lambda: sample(running, "sluice_lane_stream_waits_total") >= 1, within_s=20)
+    await asyncio.sleep(0.05)  # nothing more arrives while the caller does not read
+    largest = max(len(r) for r in expected)
+    assert 0 < held_bytes(stream) <= window + largest
+    assert lane.metrics.stream_window_bytes._value.get() == window
+    # Read, and it goes on to the end: nothing was lost on the way.
+    responses, reply = await read_all(stream)
+    assert reply.code is grpc.StatusCode.OK
+    assert responses == expected
+    await until(lambda: sample(running, "sluice_lane_calls") == 0)
+
+
+async def test_a_cancelled_stream_ends_its_generation_in_the_engine(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    running = await start_server()
+    await start_lane(running, stream_window_bytes=1024)
+    client.stream_window_bytes = 1024
+    stream = await client.stream(GENERATE, generate_request(200, prompt="a"), RID, 60)
+    assert isinstance(await stream.next(), bytes)
+    stream.cancel()
+    await until(lambda: sample(running, "sluice_lane_calls") == 0)
+    await until(
+        lambda: (
+            sample(
+                running,
+                "sluice_requests_total",
+                method="Generate",
+                model="tiny_llama",
+                code="CANCELLED",
+            )
+            == 1
+        )
+    )
+    # Calling a streaming method as unary is a transport's bug: it gets UNAVAILABLE and
+    # the engine's call is cancelled, not left waiting for credit.
+    wrong = await client.unary(GENERATE, generate_request(200, prompt="a"), RID, 60)
+    assert wrong.code is grpc.StatusCode.UNAVAILABLE and "unary call" in wrong.details
+    await until(lambda: sample(running, "sluice_lane_calls") == 0)
+
+
+async def test_a_stream_cut_when_the_engine_goes_away_ends_unavailable_never_ok(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    running = await start_server()
+    lane = await start_lane(running, stream_window_bytes=1024)
+    client.stream_window_bytes = 1024
+    stream = await client.stream(GENERATE, generate_request(200, prompt="a"), RID, 60)
+    await until(lambda: sample(running, "sluice_lane_stream_waits_total") >= 1)
+    await lane.close()
+    responses, reply = await read_all(stream)
+    assert responses  # those already sent are delivered, then the status says it was cut
+    assert reply.code is grpc.StatusCode.UNAVAILABLE
+    assert "closed before the call finished" in reply.details
+
+
+async def test_health_watch_streams_over_the_lane_until_its_caller_leaves(
+    server: RunningServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    await start_lane(server)
+    stream = await client.stream(WATCH, health_pb2.HealthCheckRequest().SerializeToString())
+    first = await stream.next()
+    assert isinstance(first, bytes)
+    status = health_pb2.HealthCheckResponse.FromString(first).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert sample(server, "sluice_lane_calls") == 1
+    stream.cancel()
+    await until(lambda: sample(server, "sluice_lane_calls") == 0)
+
+
+async def test_generate_through_a_forwarding_port_and_its_deadline(
+    start_server: StartServer, start_lane: StartLane, public_port: str
+) -> None:
+    running = await start_server()
+    await start_lane(running)
+    request = generate_request(16)
+    forwarded, forwarded_reply = await generate_over_grpc(public_port, request)
+    expected, expected_reply = await generate_over_grpc(running.address, request)
+    assert forwarded == expected and forwarded_reply.code is grpc.StatusCode.OK
+    assert normal(forwarded_reply) == normal(expected_reply)
+    # A deadline the generation cannot meet ends it DEADLINE_EXCEEDED, here and in the engine.
+    async with grpc.aio.insecure_channel(public_port) as channel:
+        call = channel.unary_stream(GENERATE)(generate_request(200), timeout=0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            async for _ in call:
+                await asyncio.sleep(0.01)  # a slow reader
+    assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    await until(lambda: sample(running, "sluice_lane_calls") == 0)

@@ -47,6 +47,16 @@ class LaneMetrics:
             "The lane's limit on calls running per connection.",
             registry=registry,
         )
+        self.stream_window_bytes = Gauge(
+            "sluice_lane_stream_window_bytes",
+            "Response bytes a streaming lane call may send ahead of what its caller read.",
+            registry=registry,
+        )
+        self.stream_waits = Counter(
+            "sluice_lane_stream_waits",
+            "Times a streaming lane call waited for its caller to read (a full window).",
+            registry=registry,
+        )
         #: Each transport's memory and CPU (``watch`` gives it the running transports).
         self.transports = TransportProcesses()
         registry.register(self.transports)

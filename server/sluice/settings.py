@@ -496,6 +496,10 @@ class LaneSettings(BaseModel):
     """Reply bytes waiting for a connection's peer to read them beyond which the engine
     reads no more calls from it (until half have gone); the client likewise stops sending
     calls while this many call bytes wait."""
+    stream_window_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    """Response bytes of one streaming call (``Generate``) the engine sends ahead of what
+    its transport has written to the caller: a caller that stops reading holds at most
+    this much (plus one message) in its transport, and its generation waits."""
 
 
 class Settings(BaseSettings):

@@ -1,23 +1,34 @@
 """The servicer context of a call that came through the engine lane.
 
-It behaves as grpc.aio's own does for a unary call, so the interceptors and servicers run
-unchanged: ``abort`` records the status and raises ``grpc.aio.AbortError`` (its trailers
-replace those set before, unless it gives none), ``code()`` is None until a status is set,
-``time_remaining`` counts down the deadline the transport forwarded, and ``peer`` /
-``auth_context`` are the caller's as the public port saw them.
+It behaves as grpc.aio's own does for a unary call, or a call whose responses stream (its
+``write`` sends each response to the transport through the call's ``Sink``), so the
+interceptors and servicers run unchanged: ``abort`` records the status and raises
+``grpc.aio.AbortError`` (its trailers replace those set before, unless it gives none),
+``code()`` is None until a status is set, ``time_remaining`` counts down the deadline the
+transport forwarded, and ``peer`` / ``auth_context`` are the caller's as the public port saw
+them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 
 from sluice.workers.frames import Metadata
 
 DoneCallback = Callable[[Any], None]
+
+
+class Sink(Protocol):
+    """Where a streaming call's initial metadata and responses go (the engine's side of
+    the lane); ``message`` returns once the response may be followed by another."""
+
+    def headers(self, metadata: Metadata) -> None: ...
+
+    async def message(self, data: bytes) -> None: ...
 
 
 class LaneContext(grpc.aio.ServicerContext[bytes, bytes]):
@@ -28,9 +39,12 @@ class LaneContext(grpc.aio.ServicerContext[bytes, bytes]):
         "_deadline",
         "_details",
         "_done",
+        "_headers_sent",
         "_initial",
         "_metadata",
         "_peer",
+        "_serialize",
+        "_sink",
         "_trailing",
         "aborted",
         "cancelled_by_caller",
@@ -53,6 +67,9 @@ class LaneContext(grpc.aio.ServicerContext[bytes, bytes]):
         self._details = ""
         self._trailing: Metadata = ()
         self._initial: Metadata | None = None
+        self._sink: Sink | None = None
+        self._serialize: Callable[[Any], bytes] | None = None
+        self._headers_sent = False
         self._callbacks: list[DoneCallback] = []
         self._done = False
         self.aborted = False
@@ -129,10 +146,19 @@ class LaneContext(grpc.aio.ServicerContext[bytes, bytes]):
         if self._initial is not None:
             raise grpc.aio.UsageError("Send initial metadata failed: already sent")
         self._initial = tuple(initial_metadata)
+        if self._sink is not None:
+            self._send_headers(self._sink)
 
     @property
     def initial(self) -> Metadata:
-        return self._initial or ()
+        """The initial metadata still to be sent with the call's status (a stream's went
+        ahead of its first response)."""
+        return () if self._headers_sent else self._initial or ()
+
+    def _send_headers(self, sink: Sink) -> None:
+        self._headers_sent = True
+        if self._initial:
+            sink.headers(self._initial)
 
     def set_compression(self, compression: grpc.Compression) -> None:
         """The lane does not compress; there is nothing to set."""
@@ -160,9 +186,23 @@ class LaneContext(grpc.aio.ServicerContext[bytes, bytes]):
         for callback in callbacks:
             callback(self)
 
-    # Unary calls only: no messages to read or write.
-    async def read(self) -> NoReturn:
-        raise grpc.aio.UsageError("the engine lane serves unary calls: there is no stream")
+    # Responses: a stream's go to its sink; there are never requests to read (the lane
+    # carries calls with one request).
+    def stream_to(self, sink: Sink, serialize: Callable[[Any], bytes] | None) -> None:
+        """The call's responses stream: ``write`` encodes them with ``serialize`` (the
+        handler's; None: they are bytes already) and sends them to ``sink``."""
+        self._sink = sink
+        self._serialize = serialize
 
-    async def write(self, message: bytes) -> NoReturn:
-        raise grpc.aio.UsageError("the engine lane serves unary calls: there is no stream")
+    async def read(self) -> NoReturn:
+        raise grpc.aio.UsageError("the engine lane carries one request per call: none to read")
+
+    async def write(self, message: Any) -> None:
+        sink = self._sink
+        if sink is None:
+            raise grpc.aio.UsageError("a unary call has no stream to write to")
+        if self._serialize is not None:
+            message = self._serialize(message)
+        if not self._headers_sent:
+            self._send_headers(sink)
+        await sink.message(bytes(message))

@@ -7,6 +7,14 @@ variable parts in order, then the message bytes (whatever is left of the body)::
     CALL    (transport -> engine)  CALL_HEAD  method peer metadata... auth... request
     CANCEL  (transport -> engine)  empty: stop the call (its caller went away)
     REPLY   (engine -> transport)  REPLY_HEAD details initial... trailing... response
+    HEADERS (engine -> transport)  COUNT initial...: a stream's initial metadata
+    MESSAGE (engine -> transport)  one of a stream's responses
+    CREDIT  (transport -> engine)  COUNT: response bytes of a stream the caller has taken
+
+A call to a method whose responses stream (one request, any number of responses) is a
+CALL like any other; its responses come as MESSAGE frames (after a HEADERS frame, when it
+has initial metadata) and its status as the REPLY that ends it. The engine sends no more
+than a window of response bytes the transport has not yet given back with CREDIT.
 
 A metadata entry is ``ENTRY`` (binary value?, key length, value length), the key, the
 value; binary values (keys ending in ``-bin``) stay bytes, others are UTF-8 text. An
@@ -29,6 +37,8 @@ CALL_HEAD = struct.Struct("<dHHHH")
 entry counts."""
 REPLY_HEAD = struct.Struct("<BBIHH")
 """status code, has a response (0/1), details length, initial and trailing entry counts."""
+COUNT = struct.Struct("<I")
+"""An entry count (HEADERS) or a number of bytes (CREDIT)."""
 ENTRY = struct.Struct("<BHI")
 
 CALL = 1
@@ -36,6 +46,9 @@ CANCEL = 2
 REPLY = 3
 CALL_SHARED = 4
 """A CALL whose request is in shared memory: the message bytes are its name (``shm``)."""
+HEADERS = 5
+MESSAGE = 6
+CREDIT = 7
 
 MAX_CALL_ID = 2**32 - 1
 
@@ -179,6 +192,31 @@ def decode_reply(body: bytes | bytearray) -> Reply:
         initial_metadata=initial,
         trailing_metadata=trailing,
     )
+
+
+def headers_frame(call_id: int, metadata: Metadata) -> bytes:
+    return frame(HEADERS, call_id, COUNT.pack(len(metadata)), *_entries(metadata))
+
+
+def decode_headers(body: bytes | bytearray) -> Metadata:
+    try:
+        (count,) = COUNT.unpack_from(body)
+        metadata, at = _read_entries(body, COUNT.size, count)
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise FrameError(f"a headers frame that cannot be read: {exc}") from exc
+    if at != len(body):
+        raise FrameError("a headers frame whose length does not match its entries")
+    return metadata
+
+
+def credit_frame(call_id: int, nbytes: int) -> bytes:
+    return frame(CREDIT, call_id, COUNT.pack(nbytes))
+
+
+def decode_credit(body: bytes | bytearray) -> int:
+    if len(body) != COUNT.size:
+        raise FrameError(f"a credit frame of {len(body)} bytes")
+    return int(COUNT.unpack(body)[0])
 
 
 def _entries(entries: Sequence[tuple[str, str | bytes]]) -> Iterable[bytes]:

@@ -1,4 +1,4 @@
-"""The engine lane: unary calls from the transport workers to the engine over a Unix socket.
+"""The engine lane: calls from the transport workers to the engine over a Unix socket.
 
 ``sluice serve --workers N`` runs N transport processes on the public port and one engine
 process with the models. A transport worker forwards each unary call (its method, request
@@ -8,6 +8,11 @@ engine's own grpc server runs (``transport.server.MethodTable``: the interceptor
 the servicer) with a ``LaneContext``, and sends back the status, details, metadata and
 response bytes a grpc call would have given. A call costs the engine one small frame each
 way instead of a full grpc call.
+
+A call whose responses stream (one request: ``Generate``, health ``Watch``) is the same
+call frame; its responses come back as MESSAGE frames and its status as the REPLY that ends
+it, no more than ``LaneSettings.stream_window_bytes`` of responses ahead of what the
+transport has written to its caller (``LaneClient.stream``; ``frames`` has the format).
 
 Many calls share one connection (frames carry a call id), each in its own task. A caller
 that goes away sends a cancel frame and its call's task is cancelled, as grpc cancels a

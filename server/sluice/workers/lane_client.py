@@ -1,6 +1,6 @@
-"""The transport's side of the lane (``sluice.workers.lane``): unary calls to the engine
-over one multiplexed connection (``workers.transport.Proxy`` sends its public port's unary
-calls through it)."""
+"""The transport's side of the lane (``sluice.workers.lane``): calls to the engine over one
+multiplexed connection (``workers.transport.Proxy`` sends its public port's unary calls and
+calls whose responses stream through it)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from sluice.logs import Every
 from sluice.workers import shm
 from sluice.workers.frames import (
     CANCEL,
+    HEADERS,
     MAX_CALL_ID,
+    MESSAGE,
     REPLY,
     Buffer,
     CallFrame,
@@ -24,11 +26,14 @@ from sluice.workers.frames import (
     Oversize,
     Reply,
     call_frame,
+    credit_frame,
+    decode_headers,
     decode_reply,
     frame,
     too_large,
 )
 from sluice.workers.lane_settings import LaneSettings
+from sluice.workers.lane_stream import LaneStream
 from sluice.workers.outbox import FramedConnection
 
 log = logging.getLogger(__name__)
@@ -47,10 +52,14 @@ class LaneClient:
         max_reply_bytes: int = 2**31,
         max_backlog_bytes: int = LaneSettings().max_backlog_bytes,
         shared_min_bytes: int = LaneSettings().shared_min_bytes,
+        stream_window_bytes: int = LaneSettings().stream_window_bytes,
     ) -> None:
         self.path = str(path)
         self.max_reply_bytes = max_reply_bytes
         self.max_backlog_bytes = max_backlog_bytes
+        #: The engine's window for a stream's responses (``LaneSettings``): this side gives
+        #: back credit each time half of it has been taken.
+        self.stream_window_bytes = stream_window_bytes
         #: Requests this large or larger go through shared memory (0: never).
         self.shared_min_bytes = shared_min_bytes if shm.available() else 0
         self._connection: _ClientConnection | None = None
@@ -71,6 +80,36 @@ class LaneClient:
         same deadline (its deadline hook says so in the engine's metrics and logs)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        connection = await self._ready(deadline)
+        if isinstance(connection, Reply):
+            return connection
+        timeout_s = None if deadline is None else deadline - loop.time()
+        call = CallFrame(method, request, tuple(metadata), timeout_s, peer, tuple(auth))
+        return await connection.call(call, deadline)
+
+    async def stream(
+        self,
+        method: str,
+        request: bytes,
+        metadata: Sequence[tuple[str, str | bytes]] = (),
+        timeout: float | None = None,  # noqa: ASYNC109 (grpc's call signature)
+        *,
+        peer: str = "",
+        auth: Sequence[tuple[str, bytes]] = (),
+    ) -> LaneStream:
+        """Call ``method``, whose responses stream: read them with ``LaneStream.next``. The
+        engine ends the call at its deadline; ``LaneStream.cancel`` ends it sooner."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        connection = await self._ready(deadline)
+        if isinstance(connection, Reply):
+            return LaneStream.ended(connection)
+        timeout_s = None if deadline is None else deadline - loop.time()
+        call = CallFrame(method, request, tuple(metadata), timeout_s, peer, tuple(auth))
+        return connection.stream(call, self.stream_window_bytes // 2)
+
+    async def _ready(self, deadline: float | None) -> _ClientConnection | Reply:
+        """The connection, open and taking calls; or why there is none by ``deadline``."""
         connection = self._connection
         if connection is None or not connection.ready:
             try:
@@ -81,9 +120,7 @@ class LaneClient:
                 return _deadline_exceeded()
             except OSError as exc:
                 return _unavailable(f"cannot reach the engine at {self.path}: {exc}")
-        timeout_s = None if deadline is None else deadline - loop.time()
-        call = CallFrame(method, request, tuple(metadata), timeout_s, peer, tuple(auth))
-        return await connection.call(call, deadline)
+        return connection
 
     async def _connect(self) -> _ClientConnection:
         connection = self._connection
@@ -121,6 +158,7 @@ class _ClientConnection(FramedConnection):
         self._order: dict[int, int] = {}
         self._sent = 0
         self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._streams: dict[int, LaneStream] = {}
         self._next_id = 0
         self._writable = asyncio.Event()
         self._writable.set()
@@ -146,6 +184,9 @@ class _ClientConnection(FramedConnection):
             if not future.done():
                 future.set_result(lost)
         self._pending.clear()
+        for stream in self._streams.values():  # after the responses already read
+            stream.end(lost)
+        self._streams.clear()
         for _, name in self._shared:  # the engine may not have read these frames
             shm.remove(name)
         self._shared.clear()
@@ -165,11 +206,19 @@ class _ClientConnection(FramedConnection):
             sent = self._order.pop(call_id, None)
             while sent is not None and self._shared and self._shared[0][0] <= sent:
                 self._shared.popleft()
+            stream = self._streams.get(call_id)
+            if stream is not None:
+                if not self._to_stream(stream, kind, body):
+                    del self._streams[call_id]
+                continue
             future = self._pending.pop(call_id, None)
             if future is None or future.done():
                 continue  # a call its caller gave up on
-            if kind != REPLY:
-                future.set_result(_unavailable(f"engine lane: a frame of unknown kind {kind}"))
+            if kind != REPLY:  # e.g. a stream's response: its call is not unary; end it
+                future.set_result(
+                    _unavailable(f"engine lane: a frame of kind {kind} for a unary call")
+                )
+                self._put_frame(frame(CANCEL, call_id))
             elif isinstance(body, Oversize):
                 future.set_result(
                     Reply(
@@ -182,6 +231,63 @@ class _ClientConnection(FramedConnection):
                 )
             else:
                 future.set_result(_reply(body))
+
+    def _to_stream(self, stream: LaneStream, kind: int, body: bytes | bytearray | Oversize) -> bool:
+        """Give ``stream`` what a frame carries; False once that ended it."""
+        if isinstance(body, Oversize):  # over the limit the engine keeps to: end the call
+            too_big = too_large(body.size, self._reader.max_body_bytes)
+            stream.end(Reply(grpc.StatusCode.RESOURCE_EXHAUSTED, too_big, None, (), ()))
+            self._put_frame(frame(CANCEL, stream.call_id))
+            return False
+        if kind == MESSAGE:
+            stream.add(body)
+            return True
+        if kind == HEADERS:
+            try:
+                stream.add(decode_headers(body))
+            except FrameError as exc:
+                stream.end(_unavailable(f"engine lane: {exc}"))
+                self._put_frame(frame(CANCEL, stream.call_id))
+                return False
+            return True
+        if kind == REPLY:
+            stream.end(_reply(body))
+        else:
+            stream.end(_unavailable(f"engine lane: a frame of unknown kind {kind}"))
+            self._put_frame(frame(CANCEL, stream.call_id))
+        return False
+
+    def _put_frame(self, *pieces: Buffer) -> None:
+        if self._transport is not None and self._outbox is not None:
+            self._outbox.put(*pieces)
+
+    def _new_id(self) -> int:
+        call_id = self._next_id
+        while call_id in self._pending or call_id in self._streams:  # after 2**32 calls
+            call_id = 0 if call_id == MAX_CALL_ID else call_id + 1
+        self._next_id = 0 if call_id == MAX_CALL_ID else call_id + 1
+        return call_id
+
+    def stream(self, call: CallFrame, credit_every: int) -> LaneStream:
+        if self._transport is None or self._outbox is None:
+            return LaneStream.ended(_unavailable("the connection to the engine closed"))
+        call_id = self._new_id()
+        stream = LaneStream(self, call_id, credit_every)
+        self._streams[call_id] = stream
+        self._outbox.put(*self._frame(call_id, call))
+        return stream
+
+    def forget(self, stream: LaneStream, *, cancel: bool) -> None:
+        """``stream``'s caller is done with it: a call still running is cancelled."""
+        if self._streams.get(stream.call_id) is stream:
+            del self._streams[stream.call_id]
+            self._order.pop(stream.call_id, None)  # no answer will come
+            if cancel:
+                self._put_frame(frame(CANCEL, stream.call_id))
+
+    def credit(self, call_id: int, nbytes: int) -> None:
+        if call_id in self._streams:
+            self._put_frame(credit_frame(call_id, nbytes))
 
     @property
     def ready(self) -> bool:
@@ -198,10 +304,7 @@ class _ClientConnection(FramedConnection):
         if self._transport is None or outbox is None:
             return _unavailable("the connection to the engine closed")
         loop = asyncio.get_running_loop()
-        call_id = self._next_id
-        while call_id in self._pending:  # only after 2**32 calls, with one still running
-            call_id = 0 if call_id == MAX_CALL_ID else call_id + 1
-        self._next_id = 0 if call_id == MAX_CALL_ID else call_id + 1
+        call_id = self._new_id()
         future: asyncio.Future[Reply] = loop.create_future()
         self._pending[call_id] = future
         timer = None if deadline is None else loop.call_at(deadline, self._expire, call_id)

@@ -1,5 +1,6 @@
 """The engine's side of the lane (``sluice.workers.lane``): serves calls from transport
-connections through the server's own handler chain."""
+connections through the server's own handler chain, unary ones and those whose responses
+stream (each response a MESSAGE frame, within the call's window: ``_Window``)."""
 
 from __future__ import annotations
 
@@ -23,15 +24,19 @@ from sluice.workers.frames import (
     CALL,
     CALL_SHARED,
     CANCEL,
+    CREDIT,
+    Buffer,
     CallFrame,
     FrameError,
     Oversize,
     Reply,
     decode_call,
+    decode_credit,
     reply_frame,
     too_large,
 )
 from sluice.workers.lane_settings import LaneMetrics, LaneSettings
+from sluice.workers.lane_stream import Window, run_streamed
 from sluice.workers.outbox import FramedConnection
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,7 @@ class LaneServer:
         self.max_frame_bytes = max_message_bytes + self.settings.max_metadata_bytes
         self.metrics = metrics or LaneMetrics(CollectorRegistry())
         self.metrics.max_calls_per_connection.set(self.settings.max_calls_per_connection)
+        self.metrics.stream_window_bytes.set(self.settings.stream_window_bytes)
         self._methods = methods
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._server: asyncio.Server | None = None
@@ -101,13 +107,14 @@ class LaneServer:
 
 
 class _EngineCall:
-    __slots__ = ("context", "expired", "task", "timer")
+    __slots__ = ("context", "expired", "task", "timer", "window")
 
     def __init__(self, context: LaneContext) -> None:
         self.context = context
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.expired = False
+        self.window: Window | None = None
 
     def expire(self) -> None:
         self.expired = True
@@ -171,6 +178,18 @@ class _EngineConnection(FramedConnection):
                 if call is not None and call.task is not None:
                     call.context.cancelled_by_caller = True
                     call.task.cancel()
+            elif kind == CREDIT:
+                call = self._calls.get(call_id)
+                try:
+                    credit = decode_credit(body) if not isinstance(body, Oversize) else -1
+                except FrameError:
+                    credit = -1
+                if credit < 0:
+                    log.warning("engine lane: a credit frame that cannot be read; closing")
+                    self.close()
+                    return
+                if call is not None and call.window is not None:  # else: the call ended
+                    call.window.credit(credit)
             else:
                 log.warning("engine lane: a frame of unknown kind %d; closing", kind)
                 self.close()
@@ -248,7 +267,7 @@ class _EngineConnection(FramedConnection):
         context = running.context
         reply: Reply | None
         try:
-            reply = await self._run(method, request, context)
+            reply = await self._run(method, request, running, call_id)
         except asyncio.CancelledError:
             # As grpc: the handler saw a cancellation. A caller that went away gets nothing;
             # one whose deadline passed gets DEADLINE_EXCEEDED.
@@ -276,16 +295,30 @@ class _EngineConnection(FramedConnection):
             running.timer.cancel()
         running.context.finish()
 
-    async def _run(self, method: str, request: _Box, context: LaneContext) -> Reply:
+    async def _run(self, method: str, request: _Box, running: _EngineCall, call_id: int) -> Reply:
+        context = running.context
         handler = await self._lane.handler(method)
         if handler is None:
             return _status(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
-        if handler.request_streaming or handler.response_streaming:
+        if handler.request_streaming:
             return _status(
                 grpc.StatusCode.UNIMPLEMENTED,
-                f"{method} streams; the engine lane carries unary calls only",
+                f"{method} takes a stream of requests; the engine lane carries calls with one",
             )
+        if handler.response_streaming:
+            running.window = Window(
+                self.put,
+                call_id,
+                context,
+                limit=self._lane.settings.stream_window_bytes,
+                max_message_bytes=self._lane.max_message_bytes,
+                waits=self._lane.metrics.stream_waits,
+            )
+            context.stream_to(running.window, handler.response_serializer)
         try:
+            if handler.response_streaming:
+                await run_streamed(handler, request, context)
+                return self._ended(context, None)
             response = await _unary(handler, request, context)
         except grpc.aio.AbortError:
             return self._ended(context, None)
@@ -317,8 +350,12 @@ class _EngineConnection(FramedConnection):
         )
 
     def _send(self, call_id: int, reply: Reply) -> None:
+        self.put(*reply_frame(call_id, reply))
+
+    def put(self, *pieces: Buffer) -> None:
+        """One frame to the transport (dropped once the connection is gone)."""
         if self._transport is not None and self._outbox is not None:
-            self._outbox.put(*reply_frame(call_id, reply))
+            self._outbox.put(*pieces)
 
 
 async def _unary(

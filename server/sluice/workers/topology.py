@@ -156,6 +156,7 @@ class Transports:
             lane_shared_min_bytes=s.lane.shared_min_bytes,
             lane_max_backlog_bytes=s.lane.max_backlog_bytes,
             lane_max_metadata_bytes=s.lane.max_metadata_bytes,
+            lane_stream_window_bytes=s.lane.stream_window_bytes,
             host=s.host,
             port=port,
             parent_pid=os.getpid(),

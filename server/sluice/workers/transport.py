@@ -3,11 +3,13 @@
 Started by the engine (``topology``) as ``python -m sluice.workers.transport <config>``, a
 fresh interpreter. It binds ``host:port`` with ``SO_REUSEPORT`` (the first transport binds
 the configured port, possibly 0; the others bind the port it got), terminates TLS there, and
-forwards each call as raw bytes: unary calls through a ``forward.UnaryForwarder``, all other
-shapes through ``forward.relay_stream``. The caller's metadata, deadline and cancellation go
-to the engine; the engine's status, details and metadata come back unchanged. Its only
-additions are the caller's identity (``identity``) and, when tracing is on, a
-``sluice.transport`` span the engine's server span is a child of.
+forwards each call as raw bytes: unary calls through a ``forward.UnaryForwarder``, calls
+with one request and streamed responses (``Generate``, health ``Watch``) through the engine
+lane (``LaneClient.stream``), the other shapes through ``forward.relay_stream``. The
+caller's metadata, deadline and cancellation go to the engine; the engine's status, details
+and metadata come back unchanged. Its only additions are the caller's identity
+(``identity``) and, when tracing is on, a ``sluice.transport`` span the engine's server span
+is a child of.
 
 Control is over pipes: it writes ``port <n>`` on stdout once it listens, and stops when its
 stdin says ``stop <grace_s>`` (finishing the calls in flight within the grace) or closes
@@ -39,6 +41,7 @@ from sluice.tracing import UNTRACED, Tracing, outgoing_context
 from sluice.transport import identity
 from sluice.transport.tls import CertificateFiles
 from sluice.workers import forward
+from sluice.workers.frames import Reply
 from sluice.workers.lane_client import LaneClient
 from sluice_api.inference import grpc_service_pb2 as pb
 from sluice_api.sluice.v1 import generation_service_pb2 as gen_pb
@@ -56,12 +59,13 @@ class TransportConfig:
 
     index: int
     engine: str
-    """The engine's address (``unix:<path>``): streaming calls."""
+    """The engine's address (``unix:<path>``): calls that stream requests."""
     lane: str
-    """The engine lane's socket path: unary calls."""
+    """The engine lane's socket path: the other calls."""
     lane_shared_min_bytes: int
     lane_max_backlog_bytes: int
     lane_max_metadata_bytes: int
+    lane_stream_window_bytes: int
     host: str
     port: int
     parent_pid: int
@@ -89,12 +93,19 @@ _REFLECTION = (
 """The reflection services' methods: relayed to the engine, which serves them."""
 
 
-def _methods() -> dict[str, bool]:
-    """Every method of the services Sluice serves, and whether it is unary-unary."""
+UNARY = "unary"
+RESPONSES = "responses"
+"""One request, a stream of responses."""
+STREAMS = "streams"
+"""A stream of requests (and any responses)."""
+
+
+def _methods() -> dict[str, str]:
+    """Every method of the services Sluice serves, and its shape."""
     files = (pb.DESCRIPTOR, gen_pb.DESCRIPTOR, models_pb.DESCRIPTOR, health_pb2.DESCRIPTOR)
     return {
-        f"/{service.full_name}/{method.name}": not (
-            method.client_streaming or method.server_streaming
+        f"/{service.full_name}/{method.name}": (
+            STREAMS if method.client_streaming else RESPONSES if method.server_streaming else UNARY
         )
         for file in files
         for service in file.services_by_name.values()
@@ -103,7 +114,9 @@ def _methods() -> dict[str, bool]:
 
 
 class Proxy(grpc.GenericRpcHandler):
-    """Forwards every method: unary ones as ``Reply``s, the rest as relayed streams."""
+    """Forwards every method: unary ones as ``Reply``s, those with one request and streamed
+    responses over ``responses`` (when given: else relayed like the rest), the rest as
+    relayed streams."""
 
     def __init__(
         self,
@@ -112,9 +125,11 @@ class Proxy(grpc.GenericRpcHandler):
         streams: forward.GrpcForwarder,
         index: int,
         tracing: Tracing,
+        responses: LaneClient | None = None,
     ) -> None:
         self._unary_hop = unary
         self._streams = streams
+        self._responses = responses
         self._index = index
         self._tracing = tracing
         self._methods = _methods()
@@ -127,11 +142,15 @@ class Proxy(grpc.GenericRpcHandler):
         handler = self._handlers.get(method)
         if handler is not None:
             return handler
-        unary = self._methods.get(method)
-        if unary is None and not method.startswith(_REFLECTION):
+        shape = self._methods.get(method)
+        if shape is None and not method.startswith(_REFLECTION):
             return None  # no service has it: grpc answers UNIMPLEMENTED, as the engine would
-        if unary:
+        if shape == UNARY:
             handler = grpc.unary_unary_rpc_method_handler(self._unary(method))
+        elif shape == RESPONSES and self._responses is not None:
+            handler = grpc.unary_stream_rpc_method_handler(
+                self._responses_of(method, self._responses)
+            )
         else:  # a stream, or reflection (its descriptors are the engine's)
             handler = grpc.stream_stream_rpc_method_handler(self._stream(method))
         self._handlers[method] = handler  # known names only: callers cannot grow the table
@@ -184,6 +203,39 @@ class Proxy(grpc.GenericRpcHandler):
 
         return behavior
 
+    def _responses_of(self, method: str, lane: LaneClient) -> Callable[[bytes, Context], Any]:
+        async def behavior(request: bytes, context: Context) -> None:
+            with self._span(method, context):
+                peer, auth = context.peer(), context.auth_context()
+                stream = await lane.stream(
+                    method,
+                    request,
+                    self._metadata(context, peer, auth),
+                    context.time_remaining(),
+                    peer=peer,
+                    auth=[(k, v) for k, vs in auth.items() for v in vs],
+                )
+                del request
+                try:
+                    while not isinstance(item := await stream.next(), Reply):
+                        if isinstance(item, bytes):
+                            await context.write(item)
+                            stream.taken(len(item))
+                        else:
+                            await context.send_initial_metadata(item)
+                finally:
+                    # The caller went away (the task is cancelled, or a write failed):
+                    # the engine's call ends with it. After the status, this forgets it.
+                    stream.cancel()
+            if item.initial_metadata:
+                await context.send_initial_metadata(item.initial_metadata)
+            if item.code is grpc.StatusCode.OK:
+                context.set_trailing_metadata(item.trailing_metadata)
+                return
+            await context.abort(item.code, item.details, item.trailing_metadata)
+
+        return behavior
+
     def _stream(self, method: str) -> Callable[[Any, Context], Any]:
         multicallable = self._streams.stream(method)
 
@@ -221,9 +273,12 @@ async def serve(config: TransportConfig) -> int:
         max_reply_bytes=config.max_message_bytes + config.lane_max_metadata_bytes,
         max_backlog_bytes=config.lane_max_backlog_bytes,
         shared_min_bytes=config.lane_shared_min_bytes,
+        stream_window_bytes=config.lane_stream_window_bytes,
     )
     server = grpc.aio.server(options=_options(config))
-    proxy = Proxy(unary=lane, streams=forwarder, index=config.index, tracing=tracing)
+    proxy = Proxy(
+        unary=lane, streams=forwarder, index=config.index, tracing=tracing, responses=lane
+    )
     server.add_generic_rpc_handlers((proxy,))
     tls = TLSSettings(**config.tls)
     address = _address(config.host, config.port)
