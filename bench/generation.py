@@ -56,7 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = REPO_ROOT / "server" / "sluice" / "example_models" / "tiny_llama" / "1"
 RESULTS = REPO_ROOT / "bench" / "results"
 LISTENING = re.compile(r"gRPC listening on [^:]+:(?P<port>\d+)")
-CPU_COLUMNS = ("event loop", "engine thread", "other server threads", "client")
+CPU_COLUMNS = ("event loop", "engine thread", "other server threads", "transports", "client")
 
 PROMPTS = [
     "Once upon a time",
@@ -121,10 +121,11 @@ def server(
     log_path: Path,
     *,
     dtype: str = "float32",
-    workers: int | None = 1,
+    workers: int | None = None,
 ) -> Iterator[tuple[str, int]]:
     """A ``sluice serve`` subprocess: its address and the engine's pid. ``workers`` None:
-    as ``sluice serve`` chooses from the machine (docs/workers.md)."""
+    ``SLUICE_WORKERS`` when set, else as ``sluice serve`` chooses from the machine
+    (docs/workers.md)."""
     env = dict(os.environ)
     env.update(
         SLUICE_DRAIN_GRACE_S="2",
@@ -134,7 +135,6 @@ def server(
         SLUICE_PROBE__INTERVAL_S="0",
         PYTHONUNBUFFERED="1",
     )
-    env.pop("SLUICE_WORKERS", None)
     if workers is not None:
         env["SLUICE_WORKERS"] = str(workers)
     command = [sys.executable, "-m", "sluice", "serve", "--model-repository", str(repository)]
@@ -190,11 +190,29 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
     return {tid: seconds for tid, seconds in threads.items() if seconds is not None}
 
 
+def children_cpu_s(pid: int) -> float:
+    """CPU seconds of the child processes of ``pid`` (the transports, with ``--workers``
+    above 1)."""
+    children = {
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    }
+    seconds = (core.stat_cpu_s(Path(f"/proc/{child}/stat")) for child in children)
+    return sum(s for s in seconds if s is not None)
+
+
 def cpu_split(
-    pid: int, before: dict[int, float], after: dict[int, float], client_s: float, tokens: int
+    pid: int,
+    before: dict[int, float],
+    after: dict[int, float],
+    client_s: float,
+    tokens: int,
+    transports_s: float = 0.0,
 ) -> dict[str, float]:
     """us of CPU per token: the server's main thread (the event loop), its busiest other
-    thread over the run (the generation engine's), its other threads, and the client."""
+    thread over the run (the generation engine's), its other threads, the transport
+    processes (``transports_s``), and the client."""
     used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
     loop = used.pop(pid, 0.0)
     engine = max(used.values(), default=0.0)
@@ -203,6 +221,7 @@ def cpu_split(
         "event loop": round(loop * per_token),
         "engine thread": round(engine * per_token),
         "other server threads": round((sum(used.values()) - engine) * per_token),
+        "transports": round(transports_s * per_token),
         "client": round(client_s * per_token),
     }
 
@@ -287,6 +306,7 @@ async def measure(
             gen.GenerateRequest(model_name=model, prompt="Hi", parameters=gen.SamplingParameters())
         ).read()
         threads0 = thread_cpu_s(server_pid) if server_pid is not None else {}
+        children0 = children_cpu_s(server_pid) if server_pid is not None else 0.0
         ticks0, client0 = core._cpu_times(), _self_cpu_s()
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -296,7 +316,12 @@ async def measure(
         cpu, busy = None, None
         if server_pid is not None:
             cpu = cpu_split(
-                server_pid, threads0, thread_cpu_s(server_pid), _self_cpu_s() - client0, tokens
+                server_pid,
+                threads0,
+                thread_cpu_s(server_pid),
+                _self_cpu_s() - client0,
+                tokens,
+                children_cpu_s(server_pid) - children0,
             )
             busy = core.machine_busy_pct(ticks0, core._cpu_times())
     return Run(
@@ -354,7 +379,7 @@ def report(runs: list[Run]) -> str:
     ]
     cpu_header = (
         "| model | streams | us CPU per token: event loop | engine thread | other server "
-        "threads | client | machine busy % |\n|---|---|---|---|---|---|---|"
+        "threads | transports | client | machine busy % |\n|---|---|---|---|---|---|---|---|"
     )
     cpu_rows = [
         f"| {r.model} | {r.concurrency} | "
@@ -382,8 +407,8 @@ def main() -> int:
         "--workers",
         type=int,
         default=None,
-        help="the server's --workers (default: as `sluice serve` chooses from the machine; "
-        "runs before 2026-12-07 night used 1)",
+        help="the server's --workers (default: SLUICE_WORKERS when set, else as `sluice "
+        "serve` chooses from the machine; the runs published before 2026-12-07 night used 1)",
     )
     args = parser.parse_args()
     runs: list[Run] = []
@@ -420,7 +445,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "device": args.device,
         "dtype": args.dtype,
-        "workers": args.workers if args.workers is not None else default_workers(),
+        "workers": args.workers or int(os.environ.get("SLUICE_WORKERS") or default_workers()),
     }
     out.write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in runs]}, indent=2))
     print(report(runs))

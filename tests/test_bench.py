@@ -409,11 +409,12 @@ def test_generation_bench_splits_cpu_per_token_by_thread_and_machine_busy() -> N
     pid = os.getpid()
     before = {pid: 1.0, pid + 1: 2.0, pid + 2: 0.5}
     after = {pid: 1.2, pid + 1: 2.6, pid + 2: 0.6, pid + 3: 0.1}  # a thread started meanwhile
-    split = generation.cpu_split(pid, before, after, client_s=0.05, tokens=1000)
+    split = generation.cpu_split(pid, before, after, client_s=0.05, tokens=1000, transports_s=0.3)
     assert split == {
         "event loop": 200,
         "engine thread": 600,
         "other server threads": 200,
+        "transports": 300,
         "client": 50,
     }
     before = {"user": 10, "nice": 0, "system": 10, "idle": 70, "iowait": 10}
@@ -424,7 +425,17 @@ def test_generation_bench_splits_cpu_per_token_by_thread_and_machine_busy() -> N
     assert pid in threads and all(seconds >= 0 for seconds in threads.values())
     run = generation.Run("m", 16, 32, 2000, 1.0, 2000.0, 10.0, 20.0, 4.0, 5.0, split, 40.0)
     text = generation.report([run])
-    assert "| m | 16 | 200 | 600 | 200 | 50 | 40.0 |" in text
+    assert "| m | 16 | 200 | 600 | 200 | 300 | 50 | 40.0 |" in text
+    # The transports are the server's child processes: one started here is counted.
+    busy = "sum(range(3_000_000)); input()"
+    with subprocess.Popen([sys.executable, "-c", busy], stdin=subprocess.PIPE) as child:
+        try:
+            deadline = time.monotonic() + 30
+            while generation.children_cpu_s(pid) < 0.01 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert generation.children_cpu_s(pid) >= 0.01
+        finally:
+            child.kill()
 
 
 def test_generation_bench_counts_the_tokens_while_every_stream_ran_apart_from_the_tail() -> None:

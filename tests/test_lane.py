@@ -960,6 +960,12 @@ async def test_a_streaming_context_sends_its_headers_once_before_its_first_respo
     assert context.initial == ()  # sent already: not again with the status
     with pytest.raises(grpc.aio.UsageError):
         await context.send_initial_metadata((("x-again", "2"),))
+    # As grpc: once a response went (with or without metadata), none can follow it.
+    late = LaneContext((), deadline=None)
+    late.stream_to(Recording(), None)
+    await late.write(b"first")
+    with pytest.raises(grpc.aio.UsageError):
+        await late.send_initial_metadata((("x-late", "1"),))
     # Without explicit initial metadata, none is sent; a serializer encodes what is written.
     sent.clear()
     quiet = LaneContext((), deadline=None)
@@ -996,11 +1002,19 @@ async def test_a_window_holds_responses_until_credit_and_refuses_oversize_ones()
         b"c" * 10,
     ]
     assert {HEAD.unpack_from(pieces[0])[1:] for pieces in sent} == {(MESSAGE, 3)}
+    # Two writers waiting on a full window both go on once there is room.
+    await window.message(b"d" * 60)
+    waiting = [asyncio.ensure_future(window.message(bytes([i]) * 10)) for i in range(2)]
+    await asyncio.sleep(0.01)
+    assert not any(task.done() for task in waiting)
+    window.credit(1000)
+    await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert len(sent) == 6
     with pytest.raises(grpc.aio.AbortError):
         await window.message(b"x" * 61)
     assert context.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max (61 vs. 60)" in context.details()
-    assert len(sent) == 3
+    assert len(sent) == 6
 
 
 async def test_generate_streams_over_the_lane_as_over_grpc(
@@ -1068,10 +1082,13 @@ async def test_a_cancelled_stream_ends_its_generation_in_the_engine(
             == 1
         )
     )
-    # Calling a streaming method as unary is a transport's bug: it gets UNAVAILABLE and
-    # the engine's call is cancelled, not left waiting for credit.
+    # A call made in the other shape is a transport's bug: refused, and nothing runs.
     wrong = await client.unary(GENERATE, generate_request(200, prompt="a"), RID, 60)
-    assert wrong.code is grpc.StatusCode.UNAVAILABLE and "unary call" in wrong.details
+    assert wrong.code is grpc.StatusCode.INTERNAL
+    assert "streams its responses; it was called unary" in wrong.details
+    live = await read_all(await client.stream(LIVE, pb.ServerLiveRequest().SerializeToString()))
+    assert live[0] == [] and live[1].code is grpc.StatusCode.INTERNAL
+    assert "is unary; it was called with streamed responses" in live[1].details
     await until(lambda: sample(running, "sluice_lane_calls") == 0)
 
 
@@ -1114,7 +1131,8 @@ async def test_generate_through_a_forwarding_port_and_its_deadline(
     expected, expected_reply = await generate_over_grpc(running.address, request)
     assert forwarded == expected and forwarded_reply.code is grpc.StatusCode.OK
     assert normal(forwarded_reply) == normal(expected_reply)
-    # A deadline the generation cannot meet ends it DEADLINE_EXCEEDED, here and in the engine.
+    # A deadline the generation cannot meet ends it DEADLINE_EXCEEDED, here and in the
+    # engine (which ends it itself: the transport sends no cancel past the deadline).
     async with grpc.aio.insecure_channel(public_port) as channel:
         call = channel.unary_stream(GENERATE)(generate_request(200), timeout=0.05)
         with pytest.raises(grpc.aio.AioRpcError) as late:
@@ -1122,3 +1140,50 @@ async def test_generate_through_a_forwarding_port_and_its_deadline(
                 await asyncio.sleep(0.01)  # a slow reader
     assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     await until(lambda: sample(running, "sluice_lane_calls") == 0)
+
+    def ended(code: str) -> float:
+        return sample(
+            running, "sluice_requests_total", method="Generate", model="tiny_llama", code=code
+        )
+
+    assert (ended("DEADLINE_EXCEEDED"), ended("CANCELLED")) == (1, 0)
+
+
+async def test_a_generation_longer_than_its_window_through_a_forwarding_port(
+    start_server: StartServer, start_lane: StartLane, client: LaneClient, public_port: str
+) -> None:
+    """The forwarding port gives credit as it writes: a generation many windows long ends
+    whole and OK (without credit it would wait at the first window until its deadline)."""
+    running = await start_server()
+    await start_lane(running)
+    client.stream_window_bytes = 1024
+    request = generate_request(200, prompt="a")
+    expected, expected_reply = await generate_over_grpc(running.address, request)
+    assert sum(len(r) + HEAD.size for r in expected) > 4 * 1024
+    forwarded, reply = await generate_over_grpc(public_port, request)
+    assert reply.code is grpc.StatusCode.OK
+    assert forwarded == expected
+    assert normal(reply) == normal(expected_reply)
+    await until(lambda: sample(running, "sluice_lane_calls") == 0)
+
+
+async def test_streams_have_their_own_limit_and_leave_unary_calls_their_room(
+    server: RunningServer, start_lane: StartLane, client: LaneClient
+) -> None:
+    await start_lane(server, max_streams_per_connection=2, max_calls_per_connection=1)
+    watch = health_pb2.HealthCheckRequest().SerializeToString()
+    watches = [await client.stream(WATCH, watch) for _ in range(2)]
+    for stream in watches:
+        assert isinstance(await stream.next(), bytes)
+    assert sample(server, "sluice_lane_streams") == 2
+    refused = await read_all(await client.stream(WATCH, watch))
+    assert refused[1].code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "running 2 streams" in refused[1].details
+    assert "max_streams_per_connection" in refused[1].details
+    assert sample(server, "sluice_lane_refused_total", reason="streams") == 1
+    # The unary calls' room is their own: two open watches take none of it.
+    assert (await client.unary(LIVE, b"", RID, 30)).code is grpc.StatusCode.OK
+    for stream in watches:
+        stream.cancel()
+    await until(lambda: sample(server, "sluice_lane_streams") == 0)
+    assert sample(server, "sluice_lane_calls") == 0

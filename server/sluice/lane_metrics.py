@@ -37,14 +37,25 @@ class LaneMetrics:
         )
         self.refused = Counter(
             "sluice_lane_refused",
-            "Lane calls refused before they ran, by reason (calls: over the per-connection "
-            "limit; frame: over the frame size limit; malformed: unreadable frame).",
+            "Lane calls refused before they ran, by reason (calls, streams: over the "
+            "per-connection limit; frame: over the frame size limit; malformed: unreadable "
+            "frame).",
             ["reason"],
             registry=registry,
         )
         self.max_calls_per_connection = Gauge(
             "sluice_lane_max_calls_per_connection",
             "The lane's limit on calls running per connection.",
+            registry=registry,
+        )
+        self.streams = Gauge(
+            "sluice_lane_streams",
+            "Calls with streamed responses running in the engine through the lane.",
+            registry=registry,
+        )
+        self.max_streams_per_connection = Gauge(
+            "sluice_lane_max_streams_per_connection",
+            "The lane's limit on calls with streamed responses running per connection.",
             registry=registry,
         )
         self.stream_window_bytes = Gauge(

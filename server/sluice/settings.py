@@ -480,8 +480,13 @@ class LaneSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_calls_per_connection: int = Field(4096, ge=1)
-    """Calls one transport connection may have running in the engine at once; more are
-    refused with RESOURCE_EXHAUSTED (admission sheds long before this in normal use)."""
+    """Unary calls one transport connection may have running in the engine at once; more
+    are refused with RESOURCE_EXHAUSTED (admission sheds long before this in normal use)."""
+    max_streams_per_connection: int = Field(4096, ge=1)
+    """Calls with streamed responses (``Generate``, health ``Watch``) one transport
+    connection may have running in the engine at once, counted apart from the unary calls
+    (a watch never ends, and they must not take the unary calls' room); more are refused
+    with RESOURCE_EXHAUSTED."""
     max_metadata_bytes: int = Field(64 * 1024, ge=1024)
     """Bytes a call frame may carry beyond its message (method, metadata, identity); with
     the server's ``max_message_bytes``, the largest frame the engine reads."""
@@ -497,9 +502,11 @@ class LaneSettings(BaseModel):
     reads no more calls from it (until half have gone); the client likewise stops sending
     calls while this many call bytes wait."""
     stream_window_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
-    """Response bytes of one streaming call (``Generate``) the engine sends ahead of what
-    its transport has written to the caller: a caller that stops reading holds at most
-    this much (plus one message) in its transport, and its generation waits."""
+    """Response bytes of one call with streamed responses (``Generate``) the engine sends
+    beyond what its transport has handed on to the caller's grpc stream (each message
+    counted with its 9-byte frame head): a caller that stops reading holds at most this
+    much (plus one message) in its transport, on top of what grpc's own flow control to
+    the caller takes in, and then its generation waits."""
 
 
 class Settings(BaseSettings):

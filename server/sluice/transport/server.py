@@ -136,10 +136,10 @@ class SluiceServer:
         if self.front is not None:
             # The transports first. Their calls reach the engine by the lane, not this port:
             # a call the quiet wait does not count (an admin call) may still run in them,
-            # within the grace. And they relay this port's streams: a stream's last replies
-            # and status may still wait here for the transport to read them (its window
-            # full, behind a slow caller); closing this port first would cut such a stream
-            # with INTERNAL instead of the UNAVAILABLE it ended with.
+            # within the grace. And they relay this port's request streams: a stream's last
+            # replies and status may still wait here for the transport to read them (its
+            # window full, behind a slow caller); closing this port first would cut such a
+            # stream with INTERNAL instead of the UNAVAILABLE it ended with.
             self.front.begin_stop(max(closed_by - loop.time(), 0.0))
             # (and a moment more to exit, once their own calls are stopped at that time)
             await self.front.wait_stopped(max(closed_by - loop.time(), 0.0) + closing_s)

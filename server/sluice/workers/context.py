@@ -143,7 +143,7 @@ class LaneContext(grpc.aio.ServicerContext[bytes, bytes]):
         return self._trailing
 
     async def send_initial_metadata(self, initial_metadata: Any) -> None:
-        if self._initial is not None:
+        if self._initial is not None or self._headers_sent:
             raise grpc.aio.UsageError("Send initial metadata failed: already sent")
         self._initial = tuple(initial_metadata)
         if self._sink is not None:

@@ -121,13 +121,26 @@ class GrpcForwarder:
 
 async def answer_unary(reply: Reply, context: Context) -> bytes:
     """Give the caller ``reply`` exactly as the engine gave it."""
+    await _conclude(reply, context, ok=reply.response is not None)
+    assert reply.response is not None  # else ``_conclude`` raised
+    return reply.response
+
+
+async def answer_stream(reply: Reply, context: Context) -> None:
+    """End a call whose responses streamed (they were written) with ``reply``'s status,
+    exactly as the engine gave it."""
+    await _conclude(reply, context, ok=True)
+
+
+async def _conclude(reply: Reply, context: Context, *, ok: bool) -> None:
+    """``reply``'s initial metadata, then its trailers when it is OK (and ``ok``), else its
+    status (by raising, as ``context.abort`` does)."""
     if reply.initial_metadata:
         await context.send_initial_metadata(reply.initial_metadata)
-    if reply.code is grpc.StatusCode.OK and reply.response is not None:
+    if ok and reply.code is grpc.StatusCode.OK:
         context.set_trailing_metadata(reply.trailing_metadata)
-        return reply.response
+        return
     await context.abort(reply.code, reply.details, reply.trailing_metadata)
-    raise AssertionError("abort returns only by raising")  # pragma: no cover
 
 
 async def _requests(incoming: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -12,9 +12,12 @@ variable parts in order, then the message bytes (whatever is left of the body)::
     CREDIT  (transport -> engine)  COUNT: response bytes of a stream the caller has taken
 
 A call to a method whose responses stream (one request, any number of responses) is a
-CALL like any other; its responses come as MESSAGE frames (after a HEADERS frame, when it
-has initial metadata) and its status as the REPLY that ends it. The engine sends no more
-than a window of response bytes the transport has not yet given back with CREDIT.
+CALL whose head gives a window (0 for a unary call); its responses come as MESSAGE frames
+(after a HEADERS frame, when it has initial metadata) and its status as the REPLY that ends
+it. The engine sends no more than that window of response bytes (each message counted with
+its frame head) beyond what the transport has given back with CREDIT; the transport gives
+credit each time half the window has gone on to its caller, so the two sides cannot
+disagree about it.
 
 A metadata entry is ``ENTRY`` (binary value?, key length, value length), the key, the
 value; binary values (keys ending in ``-bin``) stay bytes, others are UTF-8 text. An
@@ -32,9 +35,9 @@ import grpc
 
 HEAD = struct.Struct("<IBI")
 """body length (u32), kind (u8), call id (u32)."""
-CALL_HEAD = struct.Struct("<dHHHH")
+CALL_HEAD = struct.Struct("<dHHHHI")
 """timeout in seconds (f64, NaN: none), method, peer (byte lengths), metadata and auth
-entry counts."""
+entry counts, and the window of a call whose responses stream (0: a unary call)."""
 REPLY_HEAD = struct.Struct("<BBIHH")
 """status code, has a response (0/1), details length, initial and trailing entry counts."""
 COUNT = struct.Struct("<I")
@@ -78,6 +81,9 @@ class CallFrame:
     """The caller's address as the public port saw it (``ipv4:10.0.0.7:51234``)."""
     auth: tuple[tuple[str, bytes], ...] = ()
     """The caller's ``auth_context`` properties (TLS identity), one entry per value."""
+    window: int = 0
+    """A call whose responses stream: how many response bytes the engine may send beyond
+    those the transport has given credit for. 0: a unary call."""
 
 
 Buffer = bytes | bytearray | memoryview
@@ -103,7 +109,9 @@ def call_frame(call_id: int, call: CallFrame, shared: str | None = None) -> tupl
     method = call.method.encode()
     peer = call.peer.encode()
     timeout = math.nan if call.timeout_s is None else call.timeout_s
-    head = CALL_HEAD.pack(timeout, len(method), len(peer), len(call.metadata), len(call.auth))
+    head = CALL_HEAD.pack(
+        timeout, len(method), len(peer), len(call.metadata), len(call.auth), call.window
+    )
     parts = (head, method, peer, *_entries(call.metadata), *_entries(call.auth))
     if shared is not None:
         return framed(CALL_SHARED, call_id, parts, shared.encode())
@@ -116,7 +124,7 @@ def encode_call(call_id: int, call: CallFrame) -> bytes:
 
 def decode_call(body: bytes | bytearray) -> CallFrame:
     try:
-        timeout, method_len, peer_len, n_metadata, n_auth = CALL_HEAD.unpack_from(body)
+        timeout, method_len, peer_len, n_metadata, n_auth, window = CALL_HEAD.unpack_from(body)
         at = CALL_HEAD.size
         method = bytes(body[at : at + method_len]).decode()
         at += method_len
@@ -137,6 +145,7 @@ def decode_call(body: bytes | bytearray) -> CallFrame:
         timeout_s=None if math.isnan(timeout) else timeout,
         peer=peer,
         auth=tuple((key, v if isinstance(v, bytes) else v.encode()) for key, v in auth),
+        window=window,
     )
 
 

@@ -9,10 +9,11 @@ the servicer) with a ``LaneContext``, and sends back the status, details, metada
 response bytes a grpc call would have given. A call costs the engine one small frame each
 way instead of a full grpc call.
 
-A call whose responses stream (one request: ``Generate``, health ``Watch``) is the same
-call frame; its responses come back as MESSAGE frames and its status as the REPLY that ends
-it, no more than ``LaneSettings.stream_window_bytes`` of responses ahead of what the
-transport has written to its caller (``LaneClient.stream``; ``frames`` has the format).
+A call whose responses stream (one request: ``Generate``, health ``Watch``) is a call
+frame that names its window (``LaneSettings.stream_window_bytes``); its responses come back
+as MESSAGE frames and its status as the REPLY that ends it, no more than the window of
+response bytes ahead of what the transport has handed on to its caller
+(``LaneClient.stream``, ``lane_stream``; ``frames`` has the format).
 
 Many calls share one connection (frames carry a call id), each in its own task. A caller
 that goes away sends a cancel frame and its call's task is cancelled, as grpc cancels a
@@ -20,13 +21,15 @@ handler; a closed connection cancels all of its calls. A call past its deadline 
 answered DEADLINE_EXCEEDED by the client and ended in the engine by its deadline hook
 (a backstop cancels it ``deadline_grace_s`` later). Everything is bounded: a frame by the
 server's message limit plus a metadata allowance, the calls of one connection by
-``LaneSettings.max_calls_per_connection`` (more are refused with RESOURCE_EXHAUSTED), and
+``LaneSettings.max_calls_per_connection`` and its streams, apart, by
+``max_streams_per_connection`` (more are refused with RESOURCE_EXHAUSTED), and
 what waits to be written by ``max_backlog_bytes`` (a connection whose peer does not read
 stops being read). Requests of ``shared_min_bytes`` or more cross in shared memory
 (``workers.shm``).
 
 Parts: ``frames`` (the wire format), ``outbox`` (ordered, batched, chunked writes),
-``context`` (the servicer context), ``lane_engine``, ``lane_client``, ``lane_settings``.
+``context`` (the servicer context), ``lane_engine``, ``lane_run`` (how the engine runs a
+call's handler), ``lane_client``, ``lane_stream``, ``lane_settings``.
 bench/README.md ("Engine lane") has what a call costs the engine each way.
 """
 

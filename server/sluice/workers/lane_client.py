@@ -42,8 +42,9 @@ _SHM_FALLBACKS = Every(60.0)
 
 
 class LaneClient:
-    """The transport's side: unary calls to the engine over one multiplexed connection,
-    opened on first use and again after the engine restarts."""
+    """The transport's side: calls to the engine (``unary``, and ``stream`` for those with
+    streamed responses) over one multiplexed connection, opened on first use and again
+    after the engine restarts."""
 
     def __init__(
         self,
@@ -57,8 +58,8 @@ class LaneClient:
         self.path = str(path)
         self.max_reply_bytes = max_reply_bytes
         self.max_backlog_bytes = max_backlog_bytes
-        #: The engine's window for a stream's responses (``LaneSettings``): this side gives
-        #: back credit each time half of it has been taken.
+        #: The window each call with streamed responses asks the engine to keep to (its
+        #: CALL frame carries it): credit goes back each time half of it has been taken.
         self.stream_window_bytes = stream_window_bytes
         #: Requests this large or larger go through shared memory (0: never).
         self.shared_min_bytes = shared_min_bytes if shm.available() else 0
@@ -105,8 +106,9 @@ class LaneClient:
         if isinstance(connection, Reply):
             return LaneStream.ended(connection)
         timeout_s = None if deadline is None else deadline - loop.time()
-        call = CallFrame(method, request, tuple(metadata), timeout_s, peer, tuple(auth))
-        return connection.stream(call, self.stream_window_bytes // 2)
+        window = self.stream_window_bytes
+        call = CallFrame(method, request, tuple(metadata), timeout_s, peer, tuple(auth), window)
+        return connection.stream(call)
 
     async def _ready(self, deadline: float | None) -> _ClientConnection | Reply:
         """The connection, open and taking calls; or why there is none by ``deadline``."""
@@ -218,7 +220,7 @@ class _ClientConnection(FramedConnection):
                 future.set_result(
                     _unavailable(f"engine lane: a frame of kind {kind} for a unary call")
                 )
-                self._put_frame(frame(CANCEL, call_id))
+                self.put(frame(CANCEL, call_id))
             elif isinstance(body, Oversize):
                 future.set_result(
                     Reply(
@@ -237,7 +239,7 @@ class _ClientConnection(FramedConnection):
         if isinstance(body, Oversize):  # over the limit the engine keeps to: end the call
             too_big = too_large(body.size, self._reader.max_body_bytes)
             stream.end(Reply(grpc.StatusCode.RESOURCE_EXHAUSTED, too_big, None, (), ()))
-            self._put_frame(frame(CANCEL, stream.call_id))
+            self.put(frame(CANCEL, stream.call_id))
             return False
         if kind == MESSAGE:
             stream.add(body)
@@ -247,19 +249,18 @@ class _ClientConnection(FramedConnection):
                 stream.add(decode_headers(body))
             except FrameError as exc:
                 stream.end(_unavailable(f"engine lane: {exc}"))
-                self._put_frame(frame(CANCEL, stream.call_id))
+                self.put(frame(CANCEL, stream.call_id))
                 return False
             return True
         if kind == REPLY:
-            stream.end(_reply(body))
+            reply = _reply(body)
+            if reply.response is not None:  # a unary answer: never end a stream OK without it
+                reply = _unavailable("engine lane: a unary reply to a call with streamed responses")
+            stream.end(reply)
         else:
             stream.end(_unavailable(f"engine lane: a frame of unknown kind {kind}"))
-            self._put_frame(frame(CANCEL, stream.call_id))
+            self.put(frame(CANCEL, stream.call_id))
         return False
-
-    def _put_frame(self, *pieces: Buffer) -> None:
-        if self._transport is not None and self._outbox is not None:
-            self._outbox.put(*pieces)
 
     def _new_id(self) -> int:
         call_id = self._next_id
@@ -268,11 +269,11 @@ class _ClientConnection(FramedConnection):
         self._next_id = 0 if call_id == MAX_CALL_ID else call_id + 1
         return call_id
 
-    def stream(self, call: CallFrame, credit_every: int) -> LaneStream:
+    def stream(self, call: CallFrame) -> LaneStream:
         if self._transport is None or self._outbox is None:
             return LaneStream.ended(_unavailable("the connection to the engine closed"))
         call_id = self._new_id()
-        stream = LaneStream(self, call_id, credit_every)
+        stream = LaneStream(self, call_id, max(call.window // 2, 1))
         self._streams[call_id] = stream
         self._outbox.put(*self._frame(call_id, call))
         return stream
@@ -283,11 +284,11 @@ class _ClientConnection(FramedConnection):
             del self._streams[stream.call_id]
             self._order.pop(stream.call_id, None)  # no answer will come
             if cancel:
-                self._put_frame(frame(CANCEL, stream.call_id))
+                self.put(frame(CANCEL, stream.call_id))
 
     def credit(self, call_id: int, nbytes: int) -> None:
         if call_id in self._streams:
-            self._put_frame(credit_frame(call_id, nbytes))
+            self.put(credit_frame(call_id, nbytes))
 
     @property
     def ready(self) -> bool:

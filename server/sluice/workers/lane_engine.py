@@ -1,13 +1,12 @@
 """The engine's side of the lane (``sluice.workers.lane``): serves calls from transport
 connections through the server's own handler chain, unary ones and those whose responses
-stream (each response a MESSAGE frame, within the call's window: ``_Window``)."""
+stream (each response a MESSAGE frame, within the call's window: ``lane_stream.Window``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-import inspect
 import logging
 import os
 import time
@@ -25,7 +24,6 @@ from sluice.workers.frames import (
     CALL_SHARED,
     CANCEL,
     CREDIT,
-    Buffer,
     CallFrame,
     FrameError,
     Oversize,
@@ -35,14 +33,12 @@ from sluice.workers.frames import (
     reply_frame,
     too_large,
 )
+from sluice.workers.lane_run import Box, run_streamed, run_unary
 from sluice.workers.lane_settings import LaneMetrics, LaneSettings
-from sluice.workers.lane_stream import Window, run_streamed
+from sluice.workers.lane_stream import Window
 from sluice.workers.outbox import FramedConnection
 
 log = logging.getLogger(__name__)
-
-_Box = list[bytes | memoryview]
-"""A call's request, in a list its handler empties (so only the handler holds it)."""
 
 
 class LaneServer:
@@ -61,6 +57,7 @@ class LaneServer:
         self.max_frame_bytes = max_message_bytes + self.settings.max_metadata_bytes
         self.metrics = metrics or LaneMetrics(CollectorRegistry())
         self.metrics.max_calls_per_connection.set(self.settings.max_calls_per_connection)
+        self.metrics.max_streams_per_connection.set(self.settings.max_streams_per_connection)
         self.metrics.stream_window_bytes.set(self.settings.stream_window_bytes)
         self._methods = methods
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -107,10 +104,12 @@ class LaneServer:
 
 
 class _EngineCall:
-    __slots__ = ("context", "expired", "task", "timer", "window")
+    __slots__ = ("context", "expired", "streamed", "task", "timer", "window")
 
-    def __init__(self, context: LaneContext) -> None:
+    def __init__(self, context: LaneContext, streamed: int) -> None:
         self.context = context
+        self.streamed = streamed
+        """The window of a call whose responses stream (0: a unary call)."""
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.expired = False
@@ -129,6 +128,8 @@ class _EngineConnection(FramedConnection):
         )
         self._lane = lane
         self._calls: dict[int, _EngineCall] = {}
+        self._streams = 0
+        """How many of ``_calls`` stream their responses."""
         self._closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -179,21 +180,28 @@ class _EngineConnection(FramedConnection):
                     call.context.cancelled_by_caller = True
                     call.task.cancel()
             elif kind == CREDIT:
-                call = self._calls.get(call_id)
-                try:
-                    credit = decode_credit(body) if not isinstance(body, Oversize) else -1
-                except FrameError:
-                    credit = -1
-                if credit < 0:
-                    log.warning("engine lane: a credit frame that cannot be read; closing")
-                    self.close()
+                if not self._credit(call_id, body):
                     return
-                if call is not None and call.window is not None:  # else: the call ended
-                    call.window.credit(credit)
             else:
                 log.warning("engine lane: a frame of unknown kind %d; closing", kind)
                 self.close()
                 return
+
+    def _credit(self, call_id: int, body: bytes | bytearray | Oversize) -> bool:
+        """Give a stream the credit a frame carries; False (and the connection closes) when
+        the frame cannot be read."""
+        try:
+            if isinstance(body, Oversize):
+                raise FrameError(f"a credit frame of {body.size} bytes")
+            credit = decode_credit(body)
+        except FrameError as exc:
+            log.warning("engine lane: %s; closing", exc)
+            self.close()
+            return False
+        call = self._calls.get(call_id)
+        if call is not None and call.window is not None:  # else: the call has ended
+            call.window.credit(credit)
+        return True
 
     def _start(self, call_id: int, body: bytes | bytearray | Oversize, *, shared: bool) -> None:
         lane = self._lane
@@ -204,19 +212,28 @@ class _EngineConnection(FramedConnection):
         call = self._read(call_id, body, shared=shared)
         if call is None:
             return
-        if len(self._calls) >= lane.settings.max_calls_per_connection:
-            lane.metrics.refused.labels("calls").inc()
+        if call.window:  # streams are counted apart: a watch never ends
+            running_now, kind = self._streams, "streams"
+            limit = lane.settings.max_streams_per_connection
+        else:
+            running_now, kind = len(self._calls) - self._streams, "calls"
+            limit = lane.settings.max_calls_per_connection
+        if running_now >= limit:
+            lane.metrics.refused.labels(kind).inc()
             self._refuse(
                 call_id,
-                f"the engine is running {len(self._calls)} calls from this transport "
-                f"connection, its limit (lane max_calls_per_connection); retry shortly",
+                f"the engine is running {running_now} {kind} from this transport connection, "
+                f"its limit (lane max_{kind}_per_connection); retry shortly",
             )
             return
         deadline = None if call.timeout_s is None else time.monotonic() + call.timeout_s
         context = LaneContext(call.metadata, deadline=deadline, peer=call.peer, auth=call.auth)
-        running = _EngineCall(context)
+        running = _EngineCall(context, call.window)
         self._calls[call_id] = running
         lane.metrics.calls.inc()
+        if call.window:
+            self._streams += 1
+            lane.metrics.streams.inc()
         # The request travels in a box the handler empties: once the interceptors have
         # decoded it, nothing here keeps its bytes alive for the rest of the call.
         request = [call.request]
@@ -263,7 +280,7 @@ class _EngineConnection(FramedConnection):
     def _refuse(self, call_id: int, details: str) -> None:
         self._send(call_id, _status(grpc.StatusCode.RESOURCE_EXHAUSTED, details))
 
-    async def _serve(self, call_id: int, method: str, request: _Box, running: _EngineCall) -> None:
+    async def _serve(self, call_id: int, method: str, request: Box, running: _EngineCall) -> None:
         context = running.context
         reply: Reply | None
         try:
@@ -291,11 +308,14 @@ class _EngineConnection(FramedConnection):
             return
         del self._calls[call_id]
         self._lane.metrics.calls.dec()
+        if running.streamed:
+            self._streams -= 1
+            self._lane.metrics.streams.dec()
         if running.timer is not None:
             running.timer.cancel()
         running.context.finish()
 
-    async def _run(self, method: str, request: _Box, running: _EngineCall, call_id: int) -> Reply:
+    async def _run(self, method: str, request: Box, running: _EngineCall, call_id: int) -> Reply:
         context = running.context
         handler = await self._lane.handler(method)
         if handler is None:
@@ -305,12 +325,18 @@ class _EngineConnection(FramedConnection):
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"{method} takes a stream of requests; the engine lane carries calls with one",
             )
+        if handler.response_streaming != bool(running.streamed):  # a transport's bug
+            shape = "streams its responses" if handler.response_streaming else "is unary"
+            made = "unary" if handler.response_streaming else "with streamed responses"
+            return _status(
+                grpc.StatusCode.INTERNAL, f"engine lane: {method} {shape}; it was called {made}"
+            )
         if handler.response_streaming:
             running.window = Window(
                 self.put,
                 call_id,
                 context,
-                limit=self._lane.settings.stream_window_bytes,
+                limit=running.streamed,
                 max_message_bytes=self._lane.max_message_bytes,
                 waits=self._lane.metrics.stream_waits,
             )
@@ -319,7 +345,7 @@ class _EngineConnection(FramedConnection):
             if handler.response_streaming:
                 await run_streamed(handler, request, context)
                 return self._ended(context, None)
-            response = await _unary(handler, request, context)
+            response = await run_unary(handler, request, context)
         except grpc.aio.AbortError:
             return self._ended(context, None)
         except Exception as exc:  # what grpc's server answers for an exception it is given
@@ -351,30 +377,6 @@ class _EngineConnection(FramedConnection):
 
     def _send(self, call_id: int, reply: Reply) -> None:
         self.put(*reply_frame(call_id, reply))
-
-    def put(self, *pieces: Buffer) -> None:
-        """One frame to the transport (dropped once the connection is gone)."""
-        if self._transport is not None and self._outbox is not None:
-            self._outbox.put(*pieces)
-
-
-async def _unary(
-    handler: grpc.RpcMethodHandler[Any, Any], request: _Box, context: LaneContext
-) -> bytes:
-    """The handler's response bytes (the interceptors' handlers take and give bytes; a
-    bare servicer handler's messages are decoded and encoded here)."""
-    message: Any = request.pop()
-    if handler.request_deserializer is not None:
-        message = handler.request_deserializer(bytes(message))
-    behaviour: Any = handler.unary_unary
-    result = behaviour(message, context)
-    del message  # the handler holds the request now, and lets it go once decoded
-    response = await result if inspect.isawaitable(result) else result
-    if handler.response_serializer is not None:
-        response = handler.response_serializer(response)
-    if not isinstance(response, bytes | bytearray | memoryview):
-        raise TypeError(f"the handler's response is {type(response).__name__}, not bytes")
-    return bytes(response)
 
 
 def _status(code: grpc.StatusCode, details: str) -> Reply:

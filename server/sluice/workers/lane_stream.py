@@ -1,15 +1,14 @@
 """Calls whose responses stream over the engine lane (``sluice.workers.lane``): the engine
-side's ``Window`` (each response a MESSAGE frame, within the call's window) and
-``run_streamed``; the transport side's ``LaneStream`` (the responses as they arrive, and the
-CREDIT that lets the engine send more)."""
+side's ``Window`` (each response a MESSAGE frame, within the call's window); the transport
+side's ``LaneStream`` (the responses as they arrive, and the CREDIT that lets the engine
+send more)."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, TypeAlias
+from typing import Protocol, TypeAlias
 
 import grpc
 from prometheus_client import Counter
@@ -33,7 +32,7 @@ class Window:
         "_limit",
         "_max_message",
         "_put",
-        "_waiter",
+        "_room",
         "_waits",
     )
 
@@ -54,7 +53,8 @@ class Window:
         self._max_message = max_message_bytes
         self._waits = waits
         self._ahead = 0
-        self._waiter: asyncio.Future[None] | None = None
+        self._room = asyncio.Event()
+        self._room.set()
 
     def headers(self, metadata: Metadata) -> None:
         self._put(headers_frame(self._call_id, metadata))
@@ -67,42 +67,15 @@ class Window:
             )
         while self._ahead >= self._limit:
             self._waits.inc()
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            self._room.clear()
+            await self._room.wait()
         self._put(*framed(MESSAGE, self._call_id, (), data))
         self._ahead += len(data) + HEAD.size
 
     def credit(self, nbytes: int) -> None:
         self._ahead = max(self._ahead - nbytes, 0)
-        if self._waiter is not None and not self._waiter.done() and self._ahead < self._limit:
-            self._waiter.set_result(None)
-
-
-async def run_streamed(
-    handler: grpc.RpcMethodHandler[Any, Any],
-    request: list[bytes | memoryview],
-    context: LaneContext,
-) -> None:
-    """Run a handler whose responses stream: it writes them through ``context.write``, or
-    is a generator driven here, each of its responses written the same way (the context
-    encodes them with the handler's serializer, as grpc does)."""
-    message: Any = request.pop()
-    if handler.request_deserializer is not None:
-        message = handler.request_deserializer(bytes(message))
-    behaviour: Any = handler.unary_stream
-    result = behaviour(message, context)
-    del message
-    if inspect.isasyncgen(result):
-        try:
-            async for response in result:
-                await context.write(response)
-        finally:
-            await result.aclose()
-    elif inspect.isawaitable(result):
-        await result
+        if self._ahead < self._limit:
+            self._room.set()
 
 
 # The transport's side.
@@ -176,9 +149,10 @@ class LaneStream:
             self._connection.credit(self.call_id, self._untold)
             self._untold = 0
 
-    def cancel(self) -> None:
-        """Done with the call: the engine stops it unless it has ended."""
+    def cancel(self, *, tell_engine: bool = True) -> None:
+        """Done with the call: the engine stops it unless it has ended (or, without
+        ``tell_engine``, it is left to end at its deadline)."""
         if self._connection is not None:
-            self._connection.forget(self, cancel=not self.done)
+            self._connection.forget(self, cancel=tell_engine and not self.done)
             self._connection = None
         self._items.clear()

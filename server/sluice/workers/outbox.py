@@ -122,6 +122,11 @@ class FramedConnection(asyncio.BufferedProtocol, abc.ABC):
             transport, backlog_bytes=self._backlog_bytes, on_backlog=self._backlog
         )
 
+    def put(self, *pieces: bytes | bytearray | memoryview) -> None:
+        """One frame to the peer, in pieces (dropped once the connection is gone)."""
+        if self._transport is not None and self._outbox is not None:
+            self._outbox.put(*pieces)
+
     @abc.abstractmethod
     def _backlog(self, full: bool) -> None:
         """More than the backlog waits to be written (``full``), or it is down to half."""

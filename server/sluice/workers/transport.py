@@ -224,15 +224,13 @@ class Proxy(grpc.GenericRpcHandler):
                         else:
                             await context.send_initial_metadata(item)
                 finally:
-                    # The caller went away (the task is cancelled, or a write failed):
-                    # the engine's call ends with it. After the status, this forgets it.
-                    stream.cancel()
-            if item.initial_metadata:
-                await context.send_initial_metadata(item.initial_metadata)
-            if item.code is grpc.StatusCode.OK:
-                context.set_trailing_metadata(item.trailing_metadata)
-                return
-            await context.abort(item.code, item.details, item.trailing_metadata)
+                    # The caller went away (the task is cancelled, or a write failed): the
+                    # engine's call ends with it. Past the deadline the engine ends it
+                    # itself, as DEADLINE_EXCEEDED (as for unary calls). After the status,
+                    # this only forgets it.
+                    left = context.time_remaining()
+                    stream.cancel(tell_engine=left is None or left > 0)
+            await forward.answer_stream(item, context)
 
         return behavior
 
