@@ -86,6 +86,10 @@ class TransportConfig:
         return cls(**json.loads(text))
 
 
+_AT_THE_DEADLINE_S = 0.005
+"""A stream cancelled with less than this left was cancelled by its deadline (grpc gives no
+reason): the engine ends it at the same deadline, and records it as such."""
+
 _REFLECTION = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
@@ -225,11 +229,11 @@ class Proxy(grpc.GenericRpcHandler):
                             await context.send_initial_metadata(item)
                 finally:
                     # The caller went away (the task is cancelled, or a write failed): the
-                    # engine's call ends with it. Past the deadline the engine ends it
-                    # itself, as DEADLINE_EXCEEDED (as for unary calls). After the status,
-                    # this only forgets it.
+                    # engine's call ends with it. At the deadline the engine ends it itself,
+                    # as DEADLINE_EXCEEDED (as for unary calls; its deadline is this one
+                    # plus the hop). After the status, this only forgets it.
                     left = context.time_remaining()
-                    stream.cancel(tell_engine=left is None or left > 0)
+                    stream.cancel(tell_engine=left is None or left > _AT_THE_DEADLINE_S)
             await forward.answer_stream(item, context)
 
         return behavior
