@@ -79,13 +79,11 @@ class LaneClient:
         """Call ``method``. A cancelled caller's call is cancelled in the engine too; one
         past its deadline ends DEADLINE_EXCEEDED here and is ended by the engine at the
         same deadline (its deadline hook says so in the engine's metrics and logs)."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = _deadline(timeout)
         connection = await self._ready(deadline)
         if isinstance(connection, Reply):
             return connection
-        timeout_s = None if deadline is None else deadline - loop.time()
-        call = CallFrame(method, request, tuple(metadata), timeout_s, peer, tuple(auth))
+        call = CallFrame(method, request, tuple(metadata), _left(deadline), peer, tuple(auth))
         return await connection.call(call, deadline)
 
     async def stream(
@@ -100,18 +98,19 @@ class LaneClient:
     ) -> LaneStream:
         """Call ``method``, whose responses stream: read them with ``LaneStream.next``. The
         engine ends the call at its deadline; ``LaneStream.cancel`` ends it sooner."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = _deadline(timeout)
         connection = await self._ready(deadline)
         if isinstance(connection, Reply):
             return LaneStream.ended(connection)
-        timeout_s = None if deadline is None else deadline - loop.time()
         window = self.stream_window_bytes
-        call = CallFrame(method, request, tuple(metadata), timeout_s, peer, tuple(auth), window)
+        call = CallFrame(
+            method, request, tuple(metadata), _left(deadline), peer, tuple(auth), window
+        )
         return connection.stream(call)
 
     async def _ready(self, deadline: float | None) -> _ClientConnection | Reply:
-        """The connection, open and taking calls; or why there is none by ``deadline``."""
+        """The connection, open and taking calls; or why there is none by ``deadline``
+        (on the loop's clock)."""
         connection = self._connection
         if connection is None or not connection.ready:
             try:
@@ -347,6 +346,16 @@ class _ClientConnection(FramedConnection):
         if self._transport is not None:
             self._transport.close()
             await self._lost
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """A call's deadline on the running loop's clock (None: none)."""
+    return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+
+def _left(deadline: float | None) -> float | None:
+    """What is left of ``deadline`` now, for the engine to keep to."""
+    return None if deadline is None else deadline - asyncio.get_running_loop().time()
 
 
 def _reply(body: bytes | bytearray) -> Reply:

@@ -176,6 +176,13 @@ class Proxy(grpc.GenericRpcHandler):
             forwarded.extend(outgoing_context().items())
         return forwarded
 
+    def _caller(self, context: Context) -> tuple[list[identity.Metadatum], dict[str, Any]]:
+        """A lane call's metadata, and who called (``peer`` and ``auth``: the caller's
+        address and its auth context's properties, one entry per value)."""
+        peer, auth = context.peer(), context.auth_context()
+        flat = [(k, v) for k, vs in auth.items() for v in vs]
+        return self._metadata(context, peer, auth), {"peer": peer, "auth": flat}
+
     def _span(self, method: str, context: Context) -> Any:
         if not self._tracing.enabled or method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return UNTRACED
@@ -190,15 +197,8 @@ class Proxy(grpc.GenericRpcHandler):
 
         async def behavior(request: bytes, context: Context) -> bytes:
             with self._span(method, context):
-                peer, auth = context.peer(), context.auth_context()
-                reply = await unary(
-                    method,
-                    request,
-                    self._metadata(context, peer, auth),
-                    context.time_remaining(),
-                    peer=peer,
-                    auth=[(k, v) for k, vs in auth.items() for v in vs],
-                )
+                metadata, caller = self._caller(context)
+                reply = await unary(method, request, metadata, context.time_remaining(), **caller)
             # An error reply is given by raising (abort): grpc keeps that exception, whose
             # frames would keep the request's bytes until the cyclic garbage collector ran
             # (twelve refused 20 MB calls held 250 MB here).
@@ -210,14 +210,9 @@ class Proxy(grpc.GenericRpcHandler):
     def _responses_of(self, method: str, lane: LaneClient) -> Callable[[bytes, Context], Any]:
         async def behavior(request: bytes, context: Context) -> None:
             with self._span(method, context):
-                peer, auth = context.peer(), context.auth_context()
+                metadata, caller = self._caller(context)
                 stream = await lane.stream(
-                    method,
-                    request,
-                    self._metadata(context, peer, auth),
-                    context.time_remaining(),
-                    peer=peer,
-                    auth=[(k, v) for k, vs in auth.items() for v in vs],
+                    method, request, metadata, context.time_remaining(), **caller
                 )
                 del request
                 try:
